@@ -1,0 +1,79 @@
+"""Domain and address normalisation: A-labels, case, IPv6 /64 keys.
+
+Domains are compared and looked up in their A-label form whichever form
+the client or the tenant directory used (SPEC §3), and lower-cased; local
+parts are kept as sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+import idna
+
+
+class BadDomain(ValueError):
+    pass
+
+
+@lru_cache(maxsize=65536)
+def to_alabel(domain: str) -> str:
+    """``"Zażółć.PL"`` → ``"xn--za-6ja4f8n1l.pl"``; raises BadDomain when not a domain."""
+    name = domain.strip().rstrip(".")
+    if not name:
+        raise BadDomain(domain)
+    if name.isascii():
+        lowered = name.lower()
+        if all(_ascii_label_ok(label) for label in lowered.split(".")):
+            return lowered
+    try:
+        return idna.encode(name, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError):
+        raise BadDomain(domain) from None
+
+
+def _ascii_label_ok(label: str) -> bool:
+    return 0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label)
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """``"Jan@Kowalski.PL"`` → ``("Jan", "kowalski.pl")``; BadDomain when there is no domain."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        raise BadDomain(address)
+    return local, to_alabel(domain)
+
+
+def normalise_address(address: str) -> str:
+    local, domain = split_address(address)
+    return f"{local}@{domain}"
+
+
+def client_key(ip: str) -> str:
+    """The address a client is counted under: IPv4 as is, IPv6 by its /64 prefix.
+
+    An IPv4-mapped IPv6 address is an IPv4 client; a host can rotate through a
+    whole /64, so every address in one counts as one client.
+    """
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        network = ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
+        return str(network)
+    return str(address)
+
+
+def plain_ip(ip: str) -> str:
+    """The peer address with an IPv4-mapped IPv6 form turned back into IPv4."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

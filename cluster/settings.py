@@ -1,0 +1,389 @@
+"""The validated, immutable configuration snapshot (SPEC §5).
+
+``load_settings(path)`` reads the TOML file, applies every default and
+returns a frozen :class:`Settings`; anything wrong raises
+:class:`~cluster.validate.ConfigError` naming the file, the key and the value.
+The tenant directory is a separate file with its own loader
+(:mod:`cluster.tenants`), because it is reloaded live.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.validate import ConfigError, Section, read_duration
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    window: float
+    max: int
+
+
+DEFAULT_LIMITS = (Limit(60.0, 250), Limit(3600.0, 1000), Limit(43200.0, 10000))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    hostname: str
+    listen: tuple[tuple[str, int], ...]
+    listen_tls: tuple[tuple[str, int], ...]
+    tls_cert: Path | None
+    tls_key: Path | None
+    require_tls_for_auth: bool
+    proxy_protocol: bool
+    proxy_networks: tuple[Network, ...]
+    proxy_timeout: float
+    trusted_networks: tuple[Network, ...]
+    max_message_size: int
+    max_recipients: int
+    workers: int
+    drain_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    request_timeout: float
+    runtime_dir: Path
+    coordinator: str
+    bind: str
+    curve_secret_key: Path | None
+    curve_public_keys: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    max_failures: int
+    failure_window: float
+
+
+@dataclass(frozen=True, slots=True)
+class GeoipSettings:
+    database: Path | None
+    default_countries: frozenset[str]
+    unknown: str
+
+
+@dataclass(frozen=True, slots=True)
+class BounceSettings:
+    window: float
+    min_messages: int
+    max_ratio: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpamSettings:
+    backend: str
+    rspamd_spam_actions: tuple[str, ...]
+    url: str
+    grace: int
+    window: float
+    on_error: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    nameservers: tuple[str, ...]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    mode: str
+    smarthost: str
+    port: int
+    spool: Path
+    retry: tuple[float, ...]
+    max_queue_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    path: Path
+    server: ServerSettings
+    tenants_file: Path
+    cluster: ClusterSettings
+    metrics_listen: tuple[str, int] | None
+    auth: AuthSettings
+    geoip: GeoipSettings
+    limits: tuple[Limit, ...]
+    bounce: BounceSettings
+    spam: SpamSettings
+    dns: DnsSettings
+    log_file: Path | None
+    delivery: DeliverySettings
+    raw: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
+
+
+def load_settings(path: str | Path) -> Settings:
+    path = Path(path).absolute()
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(path, "(file)", "cannot be read: no such file", show_value=False) from None
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
+                          show_value=False) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "(file)", f"is not valid TOML: {exc}", show_value=False) from None
+    return parse_settings(path, data)
+
+
+def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
+    top = Section(path, "", data)
+    base = path.parent
+    settings = Settings(
+        path=path,
+        server=_server(Section(path, "server", top.raw("server")), base),
+        tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base),
+        cluster=_cluster(Section(path, "cluster", top.raw("cluster")), path),
+        metrics_listen=_metrics(Section(path, "metrics", top.raw("metrics"))),
+        auth=_auth(Section(path, "auth", top.raw("auth"))),
+        geoip=_geoip(Section(path, "geoip", top.raw("geoip")), base),
+        limits=read_limits(path, "limits", top.raw("limits"), DEFAULT_LIMITS),
+        bounce=_bounce(Section(path, "bounce", top.raw("bounce"))),
+        spam=_spam(Section(path, "spam", top.raw("spam"))),
+        dns=_dns(Section(path, "dns", top.raw("dns"))),
+        log_file=_log(Section(path, "log", top.raw("log")), base),
+        delivery=_delivery(Section(path, "delivery", top.raw("delivery")), base),
+        raw=data,
+    )
+    top.reject_unknown()
+    return settings
+
+
+def read_limits(file: Path, key: str, value: Any, default: tuple[Limit, ...]) -> tuple[Limit, ...]:
+    """A ``[[limits]]`` array (or an inline ``limits = [...]`` of a tenant)."""
+    if value is None:
+        return default
+    if not isinstance(value, list):
+        raise ConfigError(file, key, "must be a list of {window, max} tables", value)
+    limits = []
+    for index, item in enumerate(value):
+        section = Section(file, f"{key}[{index}]", item)
+        for name in ("window", "max"):
+            if not section.has(name):
+                raise section.error(name, "is required", show_value=False)
+        window = read_duration(section, "window", section.raw("window"))
+        maximum = section.integer("max", -1, minimum=0)
+        section.reject_unknown()
+        limits.append(Limit(window, maximum))
+    windows = [limit.window for limit in limits]
+    if len(set(windows)) != len(windows):
+        raise ConfigError(file, key, "lists the same window twice", value)
+    return tuple(limits)
+
+
+def _server(s: Section, base: Path) -> ServerSettings:
+    listen_tls = s.endpoints("listen_tls", [])
+    cert = s.path("tls_cert", "", base)
+    key = s.path("tls_key", "", base)
+    if listen_tls and cert is None:
+        raise s.error("listen_tls", "needs server.tls_cert", list(s.raw("listen_tls")))
+    if (cert is None) != (key is None):
+        raise s.error("tls_key" if key is None else "tls_cert",
+                      "must be set together with server.tls_cert and server.tls_key",
+                      s.raw("tls_key") if key is None else s.raw("tls_cert"))
+    proxy_protocol = s.boolean("proxy_protocol", False)
+    proxy_networks = s.networks("proxy_networks")
+    if proxy_protocol and not proxy_networks:
+        raise s.error("proxy_networks", "must list the load balancers when proxy_protocol is on",
+                      [])
+    settings = ServerSettings(
+        hostname=s.string("hostname", socket.getfqdn()) or socket.getfqdn(),
+        listen=s.endpoints("listen", ["0.0.0.0:587"]),
+        listen_tls=listen_tls,
+        tls_cert=cert,
+        tls_key=key,
+        require_tls_for_auth=s.boolean("require_tls_for_auth", True),
+        proxy_protocol=proxy_protocol,
+        proxy_networks=proxy_networks,
+        proxy_timeout=s.duration("proxy_timeout", "5s"),
+        trusted_networks=s.networks("trusted_networks"),
+        max_message_size=s.integer("max_message_size", 36700160, minimum=1),
+        max_recipients=s.integer("max_recipients", 100, minimum=1),
+        workers=s.integer("workers", 0, minimum=0),
+        drain_timeout=s.duration("drain_timeout", "10s", allow_zero=True),
+    )
+    if not settings.listen and not settings.listen_tls:
+        raise s.error("listen", "no listening address: set server.listen or server.listen_tls", [])
+    s.reject_unknown()
+    return settings
+
+
+def _tenants_file(s: Section, base: Path) -> Path:
+    value = s.raw("file")
+    if value is None or value == "":
+        raise s.error("file", "is required: the tenant directory", show_value=value is not None)
+    path = s.path("file", "", base)
+    assert path is not None
+    s.reject_unknown()
+    return path
+
+
+def _cluster(s: Section, config_path: Path) -> ClusterSettings:
+    runtime = s.string("runtime_dir", "")
+    if runtime:
+        runtime_dir = Path(runtime)
+        if not runtime_dir.is_absolute():
+            runtime_dir = config_path.parent / runtime_dir
+    else:
+        runtime_dir = default_runtime_dir(config_path)
+    coordinator = s.string("coordinator", "")
+    if coordinator and not coordinator.startswith("tcp://"):
+        raise s.error("coordinator", 'must be "" or "tcp://HOST:PORT"', coordinator)
+    bind = s.string("bind", "")
+    if bind and not bind.startswith("tcp://"):
+        raise s.error("bind", 'must be "" or "tcp://ADDRESS:PORT"', bind)
+    secret = s.path("curve_secret_key", "", config_path.parent)
+    if (bind or coordinator) and secret is None:
+        raise s.error("curve_secret_key", "is required when cluster.bind or cluster.coordinator "
+                      "uses tcp://", "")
+    settings = ClusterSettings(
+        request_timeout=s.duration("request_timeout", "500ms"),
+        runtime_dir=runtime_dir,
+        coordinator=coordinator,
+        bind=bind,
+        curve_secret_key=secret,
+        curve_public_keys=s.path("curve_public_keys", "", config_path.parent),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def default_runtime_dir(config_path: Path) -> Path:
+    """A short per-configuration folder: ipc:// paths must stay under ~107 bytes."""
+    import hashlib
+
+    digest = hashlib.blake2b(str(config_path).encode(), digest_size=6).hexdigest()
+    root = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+    if len(str(root)) > 40:
+        root = Path("/tmp")
+    return root / f"sendguard-{digest}"
+
+
+def _metrics(s: Section) -> tuple[str, int] | None:
+    value = s.string("listen", "")
+    s.reject_unknown()
+    if not value:
+        return None
+    from cluster.validate import read_endpoint
+
+    return read_endpoint(s, "listen", value)
+
+
+def _auth(s: Section) -> AuthSettings:
+    settings = AuthSettings(
+        max_failures=s.integer("max_failures", 10, minimum=1),
+        failure_window=s.duration("failure_window", "10m"),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def _geoip(s: Section, base: Path) -> GeoipSettings:
+    countries = s.strings("default_countries", ["PL"])
+    for code in countries:
+        if not is_country_code(code):
+            raise s.error("default_countries", "must list two-letter country codes like \"PL\"",
+                          code)
+    settings = GeoipSettings(
+        database=s.path("database", "", base),
+        default_countries=frozenset(c.upper() for c in countries),
+        unknown=s.choice("unknown", "allow", ("allow", "reject")),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def is_country_code(code: object) -> bool:
+    return isinstance(code, str) and len(code) == 2 and code.isascii() and code.isalpha()
+
+
+def _bounce(s: Section) -> BounceSettings:
+    settings = BounceSettings(
+        window=s.duration("window", "1h"),
+        min_messages=s.integer("min_messages", 100, minimum=1),
+        max_ratio=s.number("max_ratio", 0.5, 0.0, 1.0),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def _spam(s: Section) -> SpamSettings:
+    backend = s.choice("backend", "builtin", ("builtin", "rspamd", "spamd"))
+    url = s.string("url", "")
+    if backend != "builtin" and not url:
+        raise s.error("url", f"is required with spam.backend = \"{backend}\"", url)
+    settings = SpamSettings(
+        backend=backend,
+        rspamd_spam_actions=s.strings("rspamd_spam_actions", ["reject"]),
+        url=url,
+        grace=s.integer("grace", 3, minimum=0),
+        window=s.duration("window", "1h"),
+        on_error=s.choice("on_error", "tempfail", ("tempfail", "accept")),
+        timeout=s.duration("timeout", "10s"),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def _dns(s: Section) -> DnsSettings:
+    nameservers = s.strings("nameservers", [])
+    for item in nameservers:
+        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+        try:
+            ipaddress.ip_address(host.strip("[]") if host else item)
+            if port and not 0 < int(port) < 65536:
+                raise ValueError
+        except ValueError:
+            raise s.error("nameservers", 'must list addresses like "127.0.0.1" or '
+                          '"127.0.0.1:5353"', item) from None
+    settings = DnsSettings(nameservers=nameservers, timeout=s.duration("timeout", "5s"))
+    s.reject_unknown()
+    return settings
+
+
+def _log(s: Section, base: Path) -> Path | None:
+    path = s.path("file", "", base)
+    s.reject_unknown()
+    return path
+
+
+def _delivery(s: Section, base: Path) -> DeliverySettings:
+    mode = s.choice("mode", "mx", ("mx", "smarthost"))
+    smarthost = s.string("smarthost", "")
+    if mode == "smarthost":
+        host, _, port = smarthost.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise s.error("smarthost", 'must be "HOST:PORT" with delivery.mode = "smarthost"',
+                          smarthost)
+    retry_raw = s.raw("retry", ["1m", "5m", "15m", "1h", "4h"])
+    if not isinstance(retry_raw, list) or not retry_raw:
+        raise s.error("retry", "must be a non-empty list of durations", retry_raw)
+    retry = tuple(read_duration(s, "retry", item) for item in retry_raw)
+    spool = s.path("spool", "/var/spool/sendguard", base)
+    if spool is None:
+        raise s.error("spool", "must name a folder", "")
+    settings = DeliverySettings(
+        mode=mode,
+        smarthost=smarthost,
+        port=s.integer("port", 25, minimum=1),
+        spool=spool,
+        retry=retry,
+        max_queue_time=s.duration("max_queue_time", "5d"),
+    )
+    if settings.port > 65535:
+        raise s.error("port", "must be a TCP port (1-65535)", settings.port)
+    s.reject_unknown()
+    return settings

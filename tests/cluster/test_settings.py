@@ -1,0 +1,234 @@
+"""Configuration loading: every default, and the exact message for each kind of bad file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.settings import DEFAULT_LIMITS, Limit, load_settings
+from cluster.tenants import load_tenants
+from cluster.validate import ConfigError, parse_duration
+
+MINIMAL = '[tenants]\nfile = "tenants.toml"\n'
+
+
+def write(folder: Path, text: str, name: str = "sendguard.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    return str(caught.value)
+
+
+def tenants_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_tenants(path)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("500ms", 0.5), ("2s", 2.0), ("1m", 60.0), ("12h", 43200.0), ("5d", 432000.0),
+])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["2", "1.5s", "2 s", "s", "-1s", "1w", "", "1m30s"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL))
+    server = settings.server
+    assert server.listen == (("0.0.0.0", 587),)
+    assert server.listen_tls == ()
+    assert server.require_tls_for_auth is True
+    assert server.proxy_protocol is False
+    assert server.proxy_timeout == 5.0
+    assert server.max_message_size == 36700160
+    assert server.max_recipients == 100
+    assert server.workers == 0
+    assert server.drain_timeout == 10.0
+    assert settings.tenants_file == tmp_path / "tenants.toml"
+    assert settings.cluster.request_timeout == 0.5
+    assert settings.cluster.coordinator == ""
+    assert len(str(settings.cluster.runtime_dir)) < 60
+    assert settings.metrics_listen is None
+    assert settings.auth.max_failures == 10
+    assert settings.auth.failure_window == 600.0
+    assert settings.geoip.database is None
+    assert settings.geoip.default_countries == frozenset({"PL"})
+    assert settings.geoip.unknown == "allow"
+    assert settings.limits == DEFAULT_LIMITS == (
+        Limit(60.0, 250), Limit(3600.0, 1000), Limit(43200.0, 10000))
+    assert (settings.bounce.window, settings.bounce.min_messages, settings.bounce.max_ratio) == (
+        3600.0, 100, 0.5)
+    spam = settings.spam
+    assert (spam.backend, spam.rspamd_spam_actions, spam.url, spam.grace, spam.window,
+            spam.on_error, spam.timeout) == ("builtin", ("reject",), "", 3, 3600.0, "tempfail",
+                                             10.0)
+    assert settings.dns.nameservers == () and settings.dns.timeout == 5.0
+    assert settings.log_file is None
+    delivery = settings.delivery
+    assert (delivery.mode, delivery.smarthost, delivery.port) == ("mx", "", 25)
+    assert delivery.spool == Path("/var/spool/sendguard")
+    assert delivery.retry == (60.0, 300.0, 900.0, 3600.0, 14400.0)
+    assert delivery.max_queue_time == 432000.0
+
+
+def test_relative_paths_follow_the_config_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + '[server]\ntls_cert = "c.pem"\ntls_key = "/k.pem"\n'
+                 '[geoip]\ndatabase = "geo/c.mmdb"\n[delivery]\nspool = "q"\n')
+    settings = load_settings(path)
+    assert settings.server.tls_cert == tmp_path / "c.pem"
+    assert settings.server.tls_key == Path("/k.pem")
+    assert settings.geoip.database == tmp_path / "geo/c.mmdb"
+    assert settings.delivery.spool == tmp_path / "q"
+
+
+def test_limits_list(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + '[[limits]]\nwindow = "2s"\nmax = 3\n')
+    assert load_settings(path).limits == (Limit(2.0, 3),)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[server]\nmax_recipients = "ten"\n',
+     'server.max_recipients: must be a whole number (got "ten")'),
+    ('[server]\nmax_recipients = 0\n', "server.max_recipients: must be at least 1 (got 0)"),
+    ('[server]\ndrain_timeout = "10"\n',
+     'server.drain_timeout: must be a duration like "500ms", "2s", "1m", "12h" or "5d" '
+     '(got "10")'),
+    ('[server]\nlisten = ["0.0.0.0"]\n',
+     'server.listen: must be "ADDRESS:PORT" like "0.0.0.0:587" (got "0.0.0.0")'),
+    ('[server]\nlisten_tls = ["0.0.0.0:465"]\n',
+     'server.listen_tls: needs server.tls_cert (got ["0.0.0.0:465"])'),
+    ('[server]\ntrusted_networks = ["10.0.0.0/33"]\n',
+     'server.trusted_networks: is not a network like 10.0.0.0/8 (got "10.0.0.0/33")'),
+    ('[server]\nrequire_tls_for_auth = "yes"\n',
+     'server.require_tls_for_auth: must be true or false (got "yes")'),
+    ('[server]\nproxy_protocol = true\n',
+     "server.proxy_networks: must list the load balancers when proxy_protocol is on (got [])"),
+    ('[server]\nhostnme = "x"\n', 'server.hostnme: is not a known setting (got "x")'),
+    ('[geoip]\nunknown = "maybe"\n',
+     'geoip.unknown: must be one of allow, reject (got "maybe")'),
+    ('[geoip]\ndefault_countries = ["Poland"]\n',
+     'geoip.default_countries: must list two-letter country codes like "PL" (got "Poland")'),
+    ('[bounce]\nmax_ratio = 1.5\n', "bounce.max_ratio: must be between 0.0 and 1.0 (got 1.5)"),
+    ('[spam]\nbackend = "clamav"\n',
+     'spam.backend: must be one of builtin, rspamd, spamd (got "clamav")'),
+    ('[spam]\nbackend = "rspamd"\n',
+     'spam.url: is required with spam.backend = "rspamd" (got "")'),
+    ('[spam]\non_error = "ignore"\n',
+     'spam.on_error: must be one of tempfail, accept (got "ignore")'),
+    ('[dns]\nnameservers = ["dns.google"]\n',
+     'dns.nameservers: must list addresses like "127.0.0.1" or "127.0.0.1:5353" '
+     '(got "dns.google")'),
+    ('[delivery]\nmode = "smarthost"\n',
+     'delivery.smarthost: must be "HOST:PORT" with delivery.mode = "smarthost" (got "")'),
+    ('[delivery]\nretry = ["1m", "soon"]\n',
+     'delivery.retry: must be a duration like "500ms", "2s", "1m", "12h" or "5d" (got "soon")'),
+    ('[[limits]]\nwindow = "1m"\nmax = -5\n', "limits[0].max: must be at least 0 (got -5)"),
+    ('[[limits]]\nwindow = "1 minute"\nmax = 5\n',
+     'limits[0].window: must be a duration like "500ms", "2s", "1m", "12h" or "5d" '
+     '(got "1 minute")'),
+    ('[[limits]]\nwindow = "1m"\nmax = 5\n[[limits]]\nwindow = "1m"\nmax = 6\n',
+     "limits: lists the same window twice (got [{window = \"1m\", max = 5}, "
+     "{window = \"1m\", max = 6}])"),
+    ('[cluster]\ncoordinator = "10.0.0.1:7700"\n',
+     'cluster.coordinator: must be "" or "tcp://HOST:PORT" (got "10.0.0.1:7700")'),
+    ('[metrics]\nlisten = "9464"\n',
+     'metrics.listen: must be "ADDRESS:PORT" like "0.0.0.0:587" (got "9464")'),
+    ('[sever]\nhostname = "x"\n', 'sever: is not a known setting (got {hostname = "x"})'),
+])
+def test_bad_settings(tmp_path: Path, body: str, message: str) -> None:
+    path = write(tmp_path, MINIMAL + body)
+    assert error_of(path) == f"{path}: {message}"
+
+
+def test_tenants_file_is_required(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\n")
+    assert error_of(path) == f"{path}: tenants.file: is required: the tenant directory"
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\n")
+    assert error_of(path).startswith(f"{path}: (file): is not valid TOML: ")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert error_of(path) == f"{path}: (file): cannot be read: no such file"
+
+
+TENANT = '[domains."kowalski.pl"]\n[accounts."jan@kowalski.pl"]\npassword = "{PLAIN}x"\n'
+
+
+def test_tenants(tmp_path: Path) -> None:
+    path = write(tmp_path, TENANT + '[domains."Zażółć.PL"]\naliases = ["Kowalski.COM.pl"]\n'
+                 'countries = ["pl", "DE"]\nlimits = [{window = "1h", max = 2}]\n'
+                 '[accounts."Ewa@ZAŻÓŁĆ.pl"]\npassword = "{PLAIN}y"\n'
+                 'limits = [{window = "1m", max = 1}]\n', "tenants.toml")
+    tenants = load_tenants(path)
+    domain = tenants.domain("xn--za-6ja4f8n1l.pl")
+    assert domain is not None
+    assert domain.aliases == frozenset({"kowalski.com.pl"})
+    assert domain.countries == frozenset({"PL", "DE"})
+    ewa = tenants.account("Ewa@zażółć.pl")
+    assert ewa is not None and ewa.user == "Ewa@xn--za-6ja4f8n1l.pl"
+    assert tenants.limits(ewa, DEFAULT_LIMITS) == (Limit(60.0, 1),)
+    jan = tenants.account("jan@KOWALSKI.pl")
+    assert jan is not None
+    assert tenants.limits(jan, DEFAULT_LIMITS) == DEFAULT_LIMITS
+    assert tenants.countries(jan, frozenset({"PL"})) == frozenset({"PL"})
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[accounts."ewa@nowak.pl"]\npassword = "{PLAIN}x"\n',
+     'accounts."ewa@nowak.pl": its domain is not listed under [domains."nowak.pl"] '
+     '(got "ewa@nowak.pl")'),
+    ('[accounts."nobody"]\npassword = "{PLAIN}x"\n',
+     'accounts."nobody": is not an address like user@domain (got "nobody")'),
+    ('[accounts."ewa@kowalski.pl"]\n',
+     'accounts."ewa@kowalski.pl".password: is required'),
+    ('[accounts."ewa@kowalski.pl"]\npassword = "{MD5}abc"\n',
+     'accounts."ewa@kowalski.pl".password: unknown password scheme {MD5}; supported schemes: '
+     'ARGON2ID, ARGON2I, BLF-CRYPT, SHA512-CRYPT, PLAIN (got "{MD5}...")'),
+    ('[domains."nowak.pl"]\ncountries = ["POL"]\n',
+     'domains."nowak.pl".countries: must list two-letter country codes like "PL" (got "POL")'),
+    ('[domains."nowak.pl"]\nlimits = [{window = "1h"}]\n',
+     'domains."nowak.pl".limits[0].max: is required'),
+    ('[domains."nowak.pl"]\nalias = ["x.pl"]\n',
+     'domains."nowak.pl".alias: is not a known setting (got ["x.pl"])'),
+])
+def test_bad_tenants(tmp_path: Path, body: str, message: str) -> None:
+    path = write(tmp_path, TENANT + body, "tenants.toml")
+    assert tenants_error(path) == f"{path}: {message}"
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + '[server]\nmax_recipients = "ten"\n')
+    write(tmp_path, TENANT, "tenants.toml")
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "run", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == f'{path}: server.max_recipients: must be a whole number (got "ten")\n'
+
+
+def test_cli_bad_tenant_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    tenants = write(tmp_path, TENANT + '[accounts."ewa@nowak.pl"]\npassword = "{PLAIN}x"\n',
+                    "tenants.toml")
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "check-config", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == (f'{tenants}: accounts."ewa@nowak.pl": its domain is not listed '
+                             f'under [domains."nowak.pl"] (got "ewa@nowak.pl")\n')

@@ -1,0 +1,484 @@
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from cluster.counting import Op, Outcome
+from worker.counters import SLOTS, CounterShard, TrailingWindow
+
+# A multiple of every bucket width used below (1 s, 5 s, 60 s, 720 s), so
+# that bucket boundaries in the assertions are easy to read.
+T0 = 1_000_080.0
+
+MINUTE, HOUR, HALF_DAY = 60.0, 3600.0, 43200.0
+DEFAULT_LIMITS = ((MINUTE, 250), (HOUR, 1000), (HALF_DAY, 10000))
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def msg_ops(key: str, limits=DEFAULT_LIMITS, amount: int = 1) -> list[Op]:
+    return [Op(key, "msg", window, limit, amount) for window, limit in limits]
+
+
+def count(shard: CounterShard, key: str, series: str, window: float) -> int:
+    for row in shard.snapshot(key):
+        if row["series"] == series and row["window"] == window:
+            return row["count"]
+    return 0
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def shard(clock: Clock) -> CounterShard:
+    return CounterShard(clock=clock)
+
+
+# -- limits -----------------------------------------------------------------
+
+
+def test_reserves_admit_exactly_the_limit(shard: CounterShard, clock: Clock) -> None:
+    admitted = 0
+    for i in range(400):
+        clock.advance(0.1)  # crosses bucket boundaries along the way
+        outcome = shard.reserve(f"r{i}", msg_ops("ip:127.0.0.5"))
+        if outcome.ok:
+            admitted += 1
+            assert shard.confirm(f"r{i}")
+        else:
+            assert outcome.denied == 0
+            assert outcome.counts == (250, 250, 250)
+    assert admitted == 250
+    assert count(shard, "ip:127.0.0.5", "msg", MINUTE) == 250
+
+
+def test_open_reservations_count_against_the_limit(shard: CounterShard) -> None:
+    # Racing sessions all reserve before any of them confirms.
+    outcomes = [shard.reserve(f"r{i}", msg_ops("acct:jan@kowalski.pl")) for i in range(300)]
+    assert sum(o.ok for o in outcomes) == 250
+
+
+def test_longer_window_binds_once_the_short_one_slides(shard: CounterShard, clock: Clock) -> None:
+    limits = ((MINUTE, 5), (HOUR, 8))
+    for _ in range(5):
+        assert shard.add(msg_ops("ip:a", limits)).ok
+    assert shard.check(msg_ops("ip:a", limits)) == Outcome(False, (5, 5), 0)
+    clock.advance(61)
+    for _ in range(3):
+        assert shard.add(msg_ops("ip:a", limits)).ok
+    assert shard.check(msg_ops("ip:a", limits)) == Outcome(False, (3, 8), 1)
+
+
+def test_multi_op_reserve_is_all_or_nothing(shard: CounterShard) -> None:
+    shard.add([Op("acct:jan@kowalski.pl", "msg", MINUTE, None, 3)])
+    ops = [Op("ip:127.0.0.5", "msg", MINUTE, 10), Op("acct:jan@kowalski.pl", "msg", MINUTE, 3)]
+    outcome = shard.reserve("r1", ops)
+    assert outcome == Outcome(False, (0, 3), 1)
+    assert count(shard, "ip:127.0.0.5", "msg", MINUTE) == 0
+    assert count(shard, "acct:jan@kowalski.pl", "msg", MINUTE) == 3
+    assert not shard.confirm("r1")
+
+
+def test_same_counter_twice_in_one_decision_must_fit_together(shard: CounterShard) -> None:
+    shard.add([Op("ip:a", "msg", MINUTE, None, 4)])
+    op = Op("ip:a", "msg", MINUTE, 5)
+    assert shard.check([op]).ok
+    assert shard.reserve("r1", [op, op]) == Outcome(False, (4, 4), 1)
+    assert count(shard, "ip:a", "msg", MINUTE) == 4
+
+
+def test_add_counts_unconditionally_and_reports_counts_before(shard: CounterShard) -> None:
+    fail = [Op("auth-fail:127.0.0.5", "fail", 300.0, 2)]
+    assert shard.add(fail) == Outcome(True, (0,), None)
+    assert shard.add(fail) == Outcome(True, (1,), None)
+    assert shard.add(fail) == Outcome(False, (2,), 0)
+    assert count(shard, "auth-fail:127.0.0.5", "fail", 300.0) == 3
+
+
+def test_check_counts_nothing_and_creates_no_key(shard: CounterShard) -> None:
+    assert shard.check(msg_ops("ip:a")) == Outcome(True, (0, 0, 0), None)
+    assert len(shard) == 0
+    assert list(shard.keys()) == []
+
+
+def test_negative_amount_is_refused_outside_mark(shard: CounterShard) -> None:
+    with pytest.raises(ValueError, match="negative amount"):
+        shard.reserve("r1", [Op("ip:a", "msg", MINUTE, 5, -1)])
+    with pytest.raises(ValueError, match="negative amount"):
+        shard.add([Op("ip:a", "msg", MINUTE, None, -1)])
+
+
+# -- reservations -----------------------------------------------------------
+
+
+def test_reserve_is_idempotent_on_rid(shard: CounterShard) -> None:
+    first = shard.reserve("r1", msg_ops("ip:a"))
+    assert shard.reserve("r1", msg_ops("ip:a")) is first
+    assert count(shard, "ip:a", "msg", MINUTE) == 1
+    assert shard.confirm("r1")
+    # A late duplicate after confirm still gets the first answer, and a
+    # retried confirm is not mistaken for an unknown reservation.
+    assert shard.reserve("r1", msg_ops("ip:a")) is first
+    assert shard.confirm("r1")
+    assert count(shard, "ip:a", "msg", MINUTE) == 1
+
+
+def test_denied_reserve_is_idempotent_too(shard: CounterShard) -> None:
+    op = Op("ip:a", "msg", MINUTE, 1)
+    assert shard.reserve("r1", [op]).ok
+    denied = shard.reserve("r2", [op])
+    assert not denied.ok
+    assert shard.release("r1")
+    assert shard.reserve("r2", [op]) is denied
+    assert count(shard, "ip:a", "msg", MINUTE) == 0
+
+
+def test_release_restores_exactly(shard: CounterShard, clock: Clock) -> None:
+    shard.add(msg_ops("ip:a"))
+    clock.advance(30)  # the reservation lands in a later bucket
+    ops = msg_ops("ip:a") + msg_ops("acct:jan@kowalski.pl")
+    assert shard.reserve("r1", ops) == Outcome(True, (1, 1, 1, 0, 0, 0), None)
+    clock.advance(10)
+    assert shard.release("r1")
+    assert shard.release("r1")  # a retry subtracts nothing more
+    assert [r["count"] for r in shard.snapshot("ip:a")] == [1, 1, 1]
+    assert [r["count"] for r in shard.snapshot("acct:jan@kowalski.pl")] == [0, 0, 0]
+    assert not shard.confirm("r1")
+
+
+def test_confirmed_reservation_cannot_be_released(shard: CounterShard, clock: Clock) -> None:
+    shard.reserve("r1", msg_ops("ip:a"))
+    assert shard.confirm("r1")
+    assert not shard.release("r1")
+    clock.advance(121)
+    assert shard.expire() == 1  # the record goes, the count stays
+    assert count(shard, "ip:a", "msg", HOUR) == 1
+
+
+def test_unknown_rid(shard: CounterShard) -> None:
+    assert not shard.confirm("nope")
+    assert not shard.release("nope")
+
+
+def test_unconfirmed_reservation_expires(shard: CounterShard, clock: Clock) -> None:
+    shard.reserve("r1", msg_ops("ip:a"), ttl=10)
+    clock.advance(9.9)
+    assert shard.expire() == 0
+    assert count(shard, "ip:a", "msg", MINUTE) == 1
+    clock.advance(0.1)
+    assert shard.expire() == 1
+    assert count(shard, "ip:a", "msg", MINUTE) == 0
+    assert not shard.confirm("r1")
+
+
+def test_expired_reservation_is_released_without_expire_call(
+    shard: CounterShard, clock: Clock
+) -> None:
+    shard.reserve("r1", msg_ops("ip:a"), ttl=10)
+    clock.advance(11)
+    assert not shard.confirm("r1")
+    assert count(shard, "ip:a", "msg", MINUTE) == 0
+    # After expiry the rid is free again: a new reserve counts anew.
+    assert shard.reserve("r1", msg_ops("ip:a")).ok
+    assert count(shard, "ip:a", "msg", MINUTE) == 1
+
+
+def test_expired_reservations_are_released_by_other_calls(
+    shard: CounterShard, clock: Clock
+) -> None:
+    for i in range(5):
+        shard.reserve(f"r{i}", msg_ops("ip:a"), ttl=10)
+    clock.advance(11)
+    assert shard.check(msg_ops("ip:a")).counts == (0, 0, 0)
+
+
+# -- windows ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1.0, 60.0, 300.0, 3600.0, 43200.0, 86400.0 * 7])
+def test_bucket_width_is_at_most_a_sixtieth(window: float) -> None:
+    assert TrailingWindow(window).width <= window / 60
+    assert SLOTS >= 60
+
+
+@pytest.mark.parametrize("window", [MINUTE, HOUR, HALF_DAY])
+def test_count_falls_off_after_the_window_not_before(
+    shard: CounterShard, clock: Clock, window: float
+) -> None:
+    width = window / SLOTS
+    clock.advance(width / 2)  # mid-bucket
+    shard.add([Op("ip:a", "msg", window, None)])
+    event = clock.t
+    clock.t = event + window - 0.001
+    assert count(shard, "ip:a", "msg", window) == 1
+    # Conservative: still counted until its bucket's end is a window old.
+    clock.t = event + window + width / 2 - 0.001
+    assert count(shard, "ip:a", "msg", window) == 1
+    clock.t = event + window + width / 2
+    assert count(shard, "ip:a", "msg", window) == 0
+
+
+def test_count_stays_within_one_bucket_of_the_exact_count(clock: Clock) -> None:
+    rng = random.Random(7)
+    window = 600.0
+    width = window / SLOTS
+    shard = CounterShard(clock=clock)
+    events: list[float] = []
+    for _ in range(5000):
+        clock.advance(rng.expovariate(1 / 1.5))
+        if rng.random() < 0.6:
+            shard.add([Op("ip:a", "msg", window, None)])
+            events.append(clock.t)
+        now = clock.t
+        counted = shard.check([Op("ip:a", "msg", window, None, 0)]).counts[0]
+        exact = sum(1 for t in events if t > now - window)
+        generous = sum(1 for t in events if t > now - window - width)
+        assert exact <= counted <= generous
+
+
+def test_clock_stepping_back_never_forgets_counts(shard: CounterShard, clock: Clock) -> None:
+    shard.add([Op("ip:a", "msg", MINUTE, None)])
+    clock.advance(59)
+    clock.t = T0 - 3600
+    assert count(shard, "ip:a", "msg", MINUTE) == 1
+    clock.t = T0 + 61
+    assert count(shard, "ip:a", "msg", MINUTE) == 0
+
+
+def test_snapshot_reports_when_the_oldest_bucket_clears(shard: CounterShard, clock: Clock) -> None:
+    fail = [Op("auth-fail:127.0.0.5", "fail", 300.0, 5)]
+    for _ in range(3):
+        shard.add(fail)
+        clock.advance(10)
+    assert shard.snapshot("auth-fail:127.0.0.5") == [
+        {"series": "fail", "window": 300.0, "count": 3, "clears_at": T0 + 305.0}
+    ]
+    clock.t = T0 + 305.0
+    assert shard.snapshot("auth-fail:127.0.0.5")[0]["count"] == 2
+    assert shard.snapshot("ip:unknown") == []
+
+
+# -- mark -------------------------------------------------------------------
+
+
+def test_mark_flags_and_unflags_in_the_acceptance_bucket(shard: CounterShard, clock: Clock) -> None:
+    accepted_at = clock.t + 5
+    clock.t = accepted_at
+    shard.add([Op("bounce:127.0.0.5", "acc", HOUR, None)])
+    clock.advance(1800)
+    bad = Op("bounce:127.0.0.5", "bad", HOUR, None, 1, at=accepted_at)
+    shard.mark([bad])
+    row = {r["series"]: r for r in shard.snapshot("bounce:127.0.0.5")}["bad"]
+    # Counted with the acceptance, and clears with it.
+    assert row["count"] == 1
+    assert row["clears_at"] == T0 + HOUR + 60
+    clock.t = T0 + HOUR + 60 - 0.001
+    assert count(shard, "bounce:127.0.0.5", "bad", HOUR) == 1
+    clock.t = T0 + HOUR + 60
+    assert count(shard, "bounce:127.0.0.5", "bad", HOUR) == 0
+
+
+def test_negative_mark_never_goes_below_zero(shard: CounterShard, clock: Clock) -> None:
+    flag = Op("bounce:127.0.0.5", "bad", HOUR, None, 1, at=clock.t)
+    unflag = Op("bounce:127.0.0.5", "bad", HOUR, None, -1, at=clock.t)
+    clock.advance(600)
+    shard.mark([flag])
+    shard.mark([unflag])
+    shard.mark([unflag])
+    assert count(shard, "bounce:127.0.0.5", "bad", HOUR) == 0
+    shard.mark([flag])
+    assert count(shard, "bounce:127.0.0.5", "bad", HOUR) == 1
+
+
+def test_mark_outside_the_window_is_ignored(shard: CounterShard, clock: Clock) -> None:
+    long_ago = clock.t
+    clock.advance(HOUR + 120)
+    shard.mark([Op("bounce:127.0.0.5", "bad", HOUR, None, 1, at=long_ago)])
+    shard.mark([Op("bounce:127.0.0.6", "bad", HOUR, None, -1)])
+    assert len(shard) == 0
+
+
+# -- memory -----------------------------------------------------------------
+
+
+def test_dead_keys_are_evicted_without_an_expire_call(shard: CounterShard, clock: Clock) -> None:
+    for i in range(10_000):
+        shard.add(msg_ops(f"ip:10.0.{i // 256}.{i % 256}", ((MINUTE, 250),)))
+    assert len(shard) == 10_000
+    clock.advance(MINUTE + 2)
+    for i in range(1_000):
+        shard.reserve(f"r{i}", msg_ops("ip:hot", ((MINUTE, 5000),)))
+        shard.confirm(f"r{i}")
+    assert list(shard.keys()) == ["ip:hot"]
+
+
+def test_memory_stays_bounded_under_churn(shard: CounterShard, clock: Clock) -> None:
+    # 100 new keys a second, each seen once, never an expire() call: what
+    # is kept is about one window's worth of keys.
+    peak = 0
+    for i in range(30_000):
+        clock.advance(0.01)
+        shard.add([Op(f"ip:{i}", "msg", MINUTE, 250)])
+        peak = max(peak, len(shard))
+    assert peak <= 100 * (MINUTE + 2)
+
+
+def test_expire_evicts_dead_keys_and_reservations(shard: CounterShard, clock: Clock) -> None:
+    for i in range(1_000):
+        shard.reserve(f"r{i}", [Op(f"ip:{i}", "msg", MINUTE, 250)], ttl=30)
+    clock.advance(MINUTE + 2)
+    assert shard.expire() == 2_000  # 1,000 reservations and 1,000 keys
+    assert len(shard) == 0
+    assert shard.expire() == 0
+    assert not shard.release("r0")
+
+
+def test_long_window_keeps_key_alive(shard: CounterShard, clock: Clock) -> None:
+    shard.add([Op("acct:a", "msg", MINUTE, None), Op("acct:a", "msg", HALF_DAY, None)])
+    clock.advance(HOUR)
+    assert shard.expire() == 0
+    assert [(r["window"], r["count"]) for r in shard.snapshot("acct:a")] == [
+        (MINUTE, 0),
+        (HALF_DAY, 1),
+    ]
+    clock.advance(HALF_DAY)
+    assert shard.expire() == 1
+    assert len(shard) == 0
+
+
+# -- export / import --------------------------------------------------------
+
+
+def _wire(data: object) -> object:
+    return msgpack.unpackb(msgpack.packb(data), strict_map_key=False)
+
+
+def _state(shard: CounterShard) -> dict[str, list[dict]]:
+    return {key: shard.snapshot(key) for key in sorted(shard.keys())}
+
+
+def test_export_import_round_trip(clock: Clock) -> None:
+    a = CounterShard(clock=clock)
+    a.add(msg_ops("ip:a"))
+    clock.advance(90)
+    a.add(msg_ops("ip:a") + msg_ops("acct:b"))
+    a.mark([Op("bounce:a", "bad", HOUR, None, 2, at=T0)])
+    confirmed = a.reserve("done", msg_ops("ip:a"))
+    a.confirm("done")
+    pending = a.reserve("open", msg_ops("ip:a") + msg_ops("acct:b"))
+
+    b = CounterShard(clock=clock)
+    b.import_(_wire(a.export()))
+    assert _state(b) == _state(a)
+    b.import_(_wire(a.export()))  # a replay counts nothing twice
+    assert _state(b) == _state(a)
+
+    assert b.reserve("done", msg_ops("ip:a")) == confirmed
+    assert b.reserve("open", msg_ops("ip:a")) == pending
+    assert b.confirm("done")
+    assert b.release("open")
+    assert count(b, "ip:a", "msg", HOUR) == 3
+    assert count(b, "acct:b", "msg", HOUR) == 1
+
+
+def test_import_takes_the_larger_bucket(clock: Clock) -> None:
+    a, b = CounterShard(clock=clock), CounterShard(clock=clock)
+    a.add([Op("ip:a", "msg", HOUR, None, 3)])
+    b.add([Op("ip:a", "msg", HOUR, None, 5)])
+    clock.advance(120)
+    b.add([Op("ip:a", "msg", HOUR, None, 2)])
+    b.import_(a.export())
+    assert count(b, "ip:a", "msg", HOUR) == 7
+
+
+def test_export_of_some_keys(clock: Clock) -> None:
+    a = CounterShard(clock=clock)
+    a.reserve("r1", msg_ops("ip:a") + msg_ops("acct:b"))
+    a.add(msg_ops("ip:c"))
+    b = CounterShard(clock=clock)
+    b.import_(_wire(a.export(["ip:a"])))
+    assert list(b.keys()) == ["ip:a"]
+    assert b.release("r1")
+    assert count(b, "ip:a", "msg", MINUTE) == 0
+    assert len(b) == 1
+
+
+def test_import_of_a_finished_reservation_finishes_it_here(clock: Clock) -> None:
+    a = CounterShard(clock=clock)
+    a.reserve("r1", msg_ops("ip:a"))
+    b = CounterShard(clock=clock)
+    b.import_(a.export())
+    assert a.release("r1")
+    b.import_(a.export())
+    assert count(b, "ip:a", "msg", MINUTE) == 0
+    assert not b.confirm("r1")
+
+
+def test_import_skips_what_has_aged_out(clock: Clock) -> None:
+    a = CounterShard(clock=clock)
+    a.reserve("r1", [Op("ip:a", "msg", MINUTE, None)], ttl=10)
+    data = a.export()
+    clock.advance(MINUTE + 2)
+    b = CounterShard(clock=clock)
+    b.import_(data)
+    assert len(b) == 0
+    assert not b.release("r1")
+
+
+def test_import_rejects_an_unknown_version(shard: CounterShard) -> None:
+    with pytest.raises(ValueError, match="version 99"):
+        shard.import_([99, [], []])
+
+
+# -- wire -------------------------------------------------------------------
+
+
+def test_op_and_outcome_wire_round_trip() -> None:
+    ops = [
+        Op("ip:127.0.0.5", "msg", 60.0, 250),
+        Op("acct:jan@kowalski.pl", "msg", 43200.0, None, 0),
+        Op("bounce:2001:db8::/64", "bad", 3600.0, None, -1, at=1234.5),
+        Op("acct:zażółć@xn--z-uga.pl", "msg", 60, 1),
+    ]
+    for op in ops:
+        assert Op.from_wire(_wire(op.to_wire())) == op
+    outcomes = [Outcome(True, (1, 2, 3), None), Outcome(False, (250,), 0), Outcome(True, (), None)]
+    for outcome in outcomes:
+        assert Outcome.from_wire(_wire(outcome.to_wire())) == outcome
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["ip:a", "msg", 60.0, 250, 1],
+        ["ip:a", "msg", "60", 250, 1, None],
+        ["ip:a", "msg", 60.0, 2.5, 1, None],
+        ["ip:a", "msg", 0.0, 250, 1, None],
+        ["ip:a", None, 60.0, 250, 1, None],
+        ["ip:a", "msg", 60.0, 250, True, None],
+        {"key": "ip:a"},
+    ],
+)
+def test_op_from_wire_rejects_malformed(data: object) -> None:
+    with pytest.raises(ValueError):
+        Op.from_wire(data)
+
+
+@pytest.mark.parametrize("data", [[True, [1], 1], [True, ["1"], None], [True, [1]]])
+def test_outcome_from_wire_rejects_malformed(data: object) -> None:
+    with pytest.raises(ValueError):
+        Outcome.from_wire(data)

@@ -1,0 +1,50 @@
+"""How the policy engine reaches counters: one awaitable call per decision.
+
+:class:`LocalCounters` answers from this process's own shard (one worker, or
+keys this worker owns). The cluster's routed client has the same methods and
+raises :class:`CounterUnavailable` when an owner does not answer in time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from cluster.counting import Op, Outcome
+from worker.counters.shard import CounterShard
+
+
+class CounterUnavailable(Exception):
+    """The owner of a key could not be reached in time."""
+
+
+class CounterClient(Protocol):
+    async def check(self, ops: Sequence[Op]) -> Outcome: ...
+    async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome: ...
+    async def confirm(self, rid: str) -> None: ...
+    async def release(self, rid: str) -> None: ...
+    async def add(self, ops: Sequence[Op]) -> Outcome: ...
+    async def mark(self, ops: Sequence[Op]) -> None: ...
+
+
+class LocalCounters:
+    def __init__(self, shard: CounterShard) -> None:
+        self.shard = shard
+
+    async def check(self, ops: Sequence[Op]) -> Outcome:
+        return self.shard.check(ops)
+
+    async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
+        return self.shard.reserve(rid, ops)
+
+    async def confirm(self, rid: str) -> None:
+        self.shard.confirm(rid)
+
+    async def release(self, rid: str) -> None:
+        self.shard.release(rid)
+
+    async def add(self, ops: Sequence[Op]) -> Outcome:
+        return self.shard.add(ops)
+
+    async def mark(self, ops: Sequence[Op]) -> None:
+        self.shard.mark(ops)

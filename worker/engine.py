@@ -1,0 +1,262 @@
+"""The policy engine: the decisions of one SMTP session, stage by stage.
+
+The SMTP handler calls one method per protocol stage; each returns a
+:class:`Verdict` whose reply goes to the client unchanged, and logs one
+structured line. Counter-based policies share one counter request per
+decision (one ``check`` at MAIL, one ``reserve`` at the end of DATA).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cluster.counting import Op, Outcome
+from cluster.logjson import log_event
+from cluster.passwords import PasswordSchemeError
+from worker import replies
+from worker.auth import PasswordVerifier
+from worker.counters.client import CounterClient, CounterUnavailable
+from worker.policies import CONTINUE, Action, Client, Verdict, reject, tempfail
+from worker.policies.auth_throttle import AuthThrottlePolicy
+from worker.policies.bounce_ratio import BounceRatioPolicy
+from worker.policies.geoip import GeoipPolicy
+from worker.policies.rate_limit import RateLimitPolicy
+from worker.policies.recipient_domain import RecipientDomainPolicy
+from worker.policies.sender_domain import SenderDomainPolicy
+from worker.policies.spam_grace import SpamGracePolicy
+from worker.snapshot import Snapshot
+from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, SpamScanner
+from worker.spool import Spool, SpoolWriteError, new_queue_id
+from worker.spool.record import SpoolRecord
+from worker.submission import prepare_message
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """What the client sent for one message, as the engine needs it at end of DATA."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    verdict: Verdict
+    queue_id: str | None = None
+
+
+class PolicyEngine:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        counters: CounterClient,
+        verifier: PasswordVerifier,
+        recipient_domain: RecipientDomainPolicy,
+        scanner: Callable[[], SpamScanner],
+        spool: Spool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.snapshot = snapshot
+        self.counters = counters
+        self.verifier = verifier
+        self.scanner = scanner
+        self.spool = spool
+        self.clock = clock
+        self.auth_throttle = AuthThrottlePolicy()
+        self.sender_domain = SenderDomainPolicy()
+        self.geoip = GeoipPolicy()
+        self.bounce_ratio = BounceRatioPolicy()
+        self.rate_limit = RateLimitPolicy()
+        self.recipient_domain = recipient_domain
+        self.spam_grace = SpamGracePolicy()
+
+    # -- AUTH ---------------------------------------------------------------
+
+    async def auth_allowed(self, client: Client) -> Verdict:
+        """Before the credentials are read: is this address locked out?"""
+        snapshot = self.snapshot()
+        ops = self.auth_throttle.ops(snapshot, client)
+        if not ops:
+            return CONTINUE
+        try:
+            outcome = await self.counters.check(ops)
+        except CounterUnavailable as exc:
+            return self._log(client, "AUTH", _counter_tempfail(client, self.auth_throttle.name,
+                                                               exc))
+        verdict = self.auth_throttle.judge(client, ops, outcome.counts)
+        if not verdict.ok:
+            self._log(client, "AUTH", verdict)
+        return verdict
+
+    async def authenticate(self, client: Client, user: str, password: str) -> Verdict:
+        snapshot = self.snapshot()
+        account = snapshot.tenants.account(user)
+        ok = False
+        if account is not None:
+            try:
+                ok = await self.verifier.verify(account.user, account.password, password)
+            except PasswordSchemeError as exc:
+                log_event("bad_password_hash", logging.ERROR, sid=client.sid,
+                          account=account.user, error=str(exc))
+        if ok:
+            assert account is not None
+            client.account = account
+            return self._log(client, "AUTH", Verdict(Action.CONTINUE, replies.AUTH_OK, "auth"),
+                             account=account.user)
+        failure_ops = self.auth_throttle.failure_ops(snapshot, client)
+        if failure_ops:
+            try:
+                await self.counters.add(failure_ops)
+            except CounterUnavailable as exc:
+                logging.getLogger(__name__).warning("auth failure not counted: %s", exc)
+        return self._log(client, "AUTH",
+                         reject("auth", replies.AUTH_FAILED.format(sid=client.sid),
+                                "unknown user" if account is None else "wrong password"),
+                         account=user)
+
+    # -- MAIL ---------------------------------------------------------------
+
+    async def mail(self, client: Client, sender: str) -> Verdict:
+        snapshot = self.snapshot()
+        for policy in (self.sender_domain, self.geoip):
+            verdict = policy.check(snapshot, client, sender)
+            if not verdict.ok:
+                return self._log(client, "MAIL", verdict, sender=sender)
+        bounce_ops = self.bounce_ratio.ops(snapshot, client)
+        rate_ops = self.rate_limit.ops(snapshot, client)
+        try:
+            outcome = await self.counters.check(bounce_ops + rate_ops)
+        except CounterUnavailable as exc:
+            return self._log(client, "MAIL", _counter_tempfail(client, "counters", exc),
+                             sender=sender)
+        split = len(bounce_ops)
+        verdict = self.bounce_ratio.judge(snapshot, client, bounce_ops, outcome.counts[:split])
+        if verdict.ok:
+            verdict = self.rate_limit.judge(client, rate_ops, outcome.counts[split:])
+        if verdict.ok:
+            verdict = Verdict(Action.CONTINUE, replies.SENDER_OK, "mail")
+        return self._log(client, "MAIL", verdict, sender=sender)
+
+    # -- RCPT ---------------------------------------------------------------
+
+    async def rcpt(self, client: Client, recipient: str) -> Verdict:
+        verdict = await self.recipient_domain.check(client, recipient)
+        if verdict.ok:
+            verdict = Verdict(Action.CONTINUE, replies.RECIPIENT_OK, "rcpt")
+        return self._log(client, "RCPT", verdict, recipient=recipient)
+
+    # -- end of DATA --------------------------------------------------------
+
+    async def data(self, client: Client, transaction: Transaction) -> Acceptance:
+        snapshot = self.snapshot()
+        queue_id = new_queue_id()
+        scan, scan_note = await self._scan(snapshot, client, transaction, queue_id)
+        if isinstance(scan, Verdict):
+            return Acceptance(self._log(client, "DATA", scan, queue_id=queue_id))
+
+        spam_ops = self.spam_grace.ops(snapshot, client) if scan.spam else []
+        ops = (spam_ops + self.rate_limit.ops(snapshot, client)
+               + self.bounce_ratio.accept_ops(snapshot, client))
+        reservation = f"{client.sid}.{queue_id}"
+        try:
+            outcome = await self.counters.reserve(reservation, ops)
+        except CounterUnavailable as exc:
+            return Acceptance(self._log(client, "DATA", _counter_tempfail(client, "counters", exc),
+                                        queue_id=queue_id))
+        if not outcome.ok:
+            verdict = self._refusal(client, ops, outcome, scan, spam_ops)
+            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id,
+                                        score=scan.score))
+
+        record = SpoolRecord.new(
+            queue_id=queue_id,
+            session_id=client.sid,
+            client_ip=client.ip,
+            account=client.account.user if client.account else "",
+            helo=client.helo,
+            mail_from=transaction.mail_from,
+            rcpt_tos=list(transaction.rcpt_tos),
+            received_at=self.clock(),
+            message=prepare_message(transaction.content, snapshot.settings.server.hostname,
+                                    client, queue_id, scan_note),
+        )
+        try:
+            await self.spool.store(record)
+        except SpoolWriteError as exc:
+            await self._release(reservation)
+            verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid), str(exc))
+            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id))
+        try:
+            await self.counters.confirm(reservation)
+        except CounterUnavailable as exc:
+            # The message is durable; an unconfirmed reservation only expires later.
+            logging.getLogger(__name__).warning("reservation %s not confirmed: %s",
+                                                reservation, exc)
+        verdict = Verdict(Action.CONTINUE, replies.QUEUED.format(queue_id=queue_id),
+                          "spam" if scan.spam else "data", "spam within grace" if scan.spam else "")
+        return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, score=scan.score,
+                                    recipients=len(transaction.rcpt_tos),
+                                    size=len(record.message)), queue_id)
+
+    async def _scan(self, snapshot: Snapshot, client: Client, transaction: Transaction,
+                    queue_id: str) -> tuple[ScanResult | Verdict, str]:
+        request = ScanRequest(
+            message=transaction.content,
+            mail_from=transaction.mail_from,
+            rcpt_tos=transaction.rcpt_tos,
+            client_ip=client.ip,
+            helo=client.helo,
+            user=client.account.user if client.account else "",
+            session_id=client.sid,
+        )
+        scanner = self.scanner()
+        try:
+            return await scanner.scan(request), ""
+        except ScannerUnavailable as exc:
+            if snapshot.settings.spam.on_error == "tempfail":
+                return tempfail("spam", replies.SCAN_UNAVAILABLE.format(sid=client.sid),
+                                str(exc)), ""
+            log_event("scan_skipped", logging.WARNING, sid=client.sid, client_ip=client.ip,
+                      policy="spam", reason=str(exc))
+            return ScanResult(False, 0.0, (), scanner.name, "skipped"), f"skipped ({exc})"
+
+    def _refusal(self, client: Client, ops: list[Op], outcome: Outcome, scan: ScanResult,
+                 spam_ops: list[Op]) -> Verdict:
+        detail = ""
+        if outcome.denied is not None:
+            op = ops[outcome.denied]
+            detail = f"{op.key} {op.window:g}s {outcome.counts[outcome.denied]}/{op.max}"
+        if scan.spam and outcome.denied is not None and outcome.denied < len(spam_ops):
+            return self.spam_grace.refusal(client, f"score {scan.score:g}; {detail}")
+        return reject(self.rate_limit.name, replies.POLICY_VIOLATION.format(sid=client.sid),
+                      detail)
+
+    async def _release(self, reservation: str) -> None:
+        try:
+            await self.counters.release(reservation)
+        except CounterUnavailable:
+            pass  # it expires on its owner and is released there
+
+    def _log(self, client: Client, stage: str, verdict: Verdict, **extra: object) -> Verdict:
+        account = extra.pop("account", None) or (client.account.user if client.account else None)
+        log_event(
+            "decision",
+            sid=client.sid,
+            client_ip=client.ip,
+            account=account,
+            stage=stage,
+            policy=verdict.policy or None,
+            verdict=verdict.action.value if verdict.action is not Action.CONTINUE else "accept",
+            reply=verdict.reply or None,
+            detail=verdict.detail or None,
+            **extra,
+        )
+        return verdict
+
+
+def _counter_tempfail(client: Client, policy: str, exc: Exception) -> Verdict:
+    return tempfail(policy, replies.POLICY_TEMPFAIL.format(sid=client.sid), str(exc))

@@ -1,0 +1,43 @@
+"""SPEC §3.4: message rate limits per client address and per account."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cluster.counting import Op
+from cluster.keys import MESSAGES, account_key, ip_key
+from worker import replies
+from worker.policies import CONTINUE, Client, Verdict, reject
+from worker.snapshot import Snapshot
+
+
+class RateLimitPolicy:
+    name = "rate_limit"
+
+    def ops(self, snapshot: Snapshot, client: Client) -> list[Op]:
+        """One op per window and key; each adds the one message being decided."""
+        account = client.account
+        assert account is not None, "runs after AUTH"
+        settings = snapshot.settings
+        ops = []
+        if not client.trusted:
+            key = ip_key(client.key)
+            ops.extend(Op(key, MESSAGES, limit.window, limit.max) for limit in settings.limits)
+        key = account_key(account.user)
+        for limit in snapshot.tenants.limits(account, settings.limits):
+            ops.append(Op(key, MESSAGES, limit.window, limit.max))
+        return ops
+
+    def judge(self, client: Client, ops: Sequence[Op], counts: Sequence[int]) -> Verdict:
+        for op, count in zip(ops, counts, strict=True):
+            if op.max is not None and count + op.amount > op.max:
+                return reject(self.name, replies.POLICY_VIOLATION.format(sid=client.sid),
+                              f"{op.key} {_window(op.window)} {count}/{op.max}")
+        return CONTINUE
+
+
+def _window(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds * 1000)}ms"

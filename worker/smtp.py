@@ -1,0 +1,157 @@
+"""Every change sendguard makes to aiosmtpd's protocol class, in one place.
+
+aiosmtpd 1.4.6 is pinned: these overrides rely on its behaviour, and each
+has a test in ``tests/worker/test_smtp_overrides.py``.
+
+- a session id per connection, in the banner and the replies, kept across
+  STARTTLS (aiosmtpd recreates ``session`` there);
+- SPEC's texts for MAIL before AUTH, for SIZE at MAIL (checked before AUTH,
+  as SPEC orders it) and for too much data after DATA;
+- AUTH PLAIN/LOGIN verified asynchronously (aiosmtpd's authenticator hook is
+  synchronous, and a password hash must never run on the event loop);
+- the per-class scan of ``smtp_*``/``auth_*`` methods done once per class
+  instead of once per connection;
+- graceful shutdown: 421 at once outside a transaction, after the reply to
+  the end of DATA inside one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from cluster.names import client_key, plain_ip
+from cluster.sessionid import new_session_id
+from cluster.logjson import log_event
+from worker import replies
+from worker.policies import Client
+
+if TYPE_CHECKING:
+    from worker.engine import PolicyEngine
+    from worker.sessions import SessionRegistry
+
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
+_TOO_MUCH_DATA = "552 Error: Too much mail data"
+
+
+def _capture_credentials(server: Any, session: Any, envelope: Any, mechanism: str,
+                         auth_data: Any) -> AuthResult:
+    # aiosmtpd decodes PLAIN/LOGIN and hands us the pair; the verdict comes later.
+    return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+
+class GatewaySMTP(SMTP):
+    def __init__(self, handler: Any, *, engine: PolicyEngine, sessions: SessionRegistry,
+                 trusted: Any, **kwargs: Any) -> None:
+        super().__init__(handler, authenticator=_capture_credentials, **kwargs)
+        self.engine = engine
+        self.sessions = sessions
+        self._is_trusted = trusted
+        self.client: Client | None = None
+        self._draining = False
+        self._closing = False
+
+    # -- connection and session id -----------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.client is None:
+            peer = transport.get_extra_info("peername")
+            ip = plain_ip(peer[0]) if peer else "unknown"
+            sid = new_session_id()
+            self.client = Client(sid=sid, ip=ip, key=client_key(ip), trusted=self._is_trusted(ip),
+                                 tls=transport.get_extra_info("sslcontext") is not None)
+            self.__ident__ = replies.BANNER_IDENT.format(sid=sid)
+            self.sessions.add(self)
+            log_event("connect", sid=sid, client_ip=ip, tls=self.client.tls)
+        else:
+            self.client.tls = True  # connection_made again means STARTTLS completed
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.sessions.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def sid(self) -> str:
+        assert self.client is not None
+        return self.client.sid
+
+    # -- replies SPEC words differently -------------------------------------
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        assert self.session is not None
+        if self._auth_required and not self.session.authenticated:
+            reply = replies.AUTH_REQUIRED.format(sid=self.sid)
+            if caller_method == "MAIL":
+                assert self.client is not None
+                log_event("decision", sid=self.sid, client_ip=self.client.ip, stage="MAIL",
+                          policy="auth", verdict="reject", reply=reply)
+            await self.push(reply)
+            return True
+        return False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # SPEC orders a declared SIZE before authentication; aiosmtpd checks AUTH first.
+        if arg and self.data_size_limit and self.session and self.session.host_name:
+            match = _SIZE_PARAM.search(arg)
+            if match and int(match.group(1)) > self.data_size_limit:
+                await self.push(replies.SIZE_EXCEEDED)
+                return
+        await super().smtp_MAIL(arg)
+
+    async def push(self, status: Any) -> None:
+        if status == _TOO_MUCH_DATA:
+            status = replies.SIZE_EXCEEDED
+        await super().push(status)
+        if self._draining and not self._closing and not self._in_transaction():
+            await self._say_goodbye()
+
+    # -- AUTH ------------------------------------------------------------------
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(_, args))
+
+    async def _verify(self, captured: AuthResult) -> AuthResult:
+        if not captured.success:
+            return captured  # aiosmtpd already answered (bad base64, aborted)
+        credentials: LoginPassword = captured.auth_data
+        assert self.client is not None
+        user = credentials.login.decode("utf-8", "replace")
+        password = credentials.password.decode("utf-8", "replace")
+        verdict = await self.engine.authenticate(self.client, user, password)
+        if verdict.ok:
+            return AuthResult(success=True, handled=False, message=verdict.reply,
+                              auth_data=user)
+        return AuthResult(success=False, handled=False, message=verdict.reply)
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def _in_transaction(self) -> bool:
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def begin_drain(self) -> None:
+        """Stop after the current transaction, or now when there is none."""
+        self._draining = True
+        if not self._in_transaction() and self.transport is not None:
+            asyncio.ensure_future(self._say_goodbye())
+
+    async def end_now(self) -> None:
+        """The drain timeout ran out: goodbye even mid-transaction (nothing is acknowledged)."""
+        await self._say_goodbye()
+
+    async def _say_goodbye(self) -> None:
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        try:
+            await super().push(replies.SHUTTING_DOWN.format(sid=self.sid))
+        except (ConnectionError, RuntimeError, AttributeError):
+            pass
+        if self.transport is not None:
+            self.transport.close()

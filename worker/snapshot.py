@@ -1,0 +1,21 @@
+"""The immutable view a worker decides with: settings, tenants, GeoIP database.
+
+A new snapshot is swapped in by reference; a session in flight keeps using
+the one it read, so a reload never tears a decision in half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.settings import Settings
+from cluster.tenants import TenantDirectory
+from worker.geo import CountryDatabase
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    settings: Settings
+    tenants: TenantDirectory
+    geoip: CountryDatabase | None
+    version: int = 0
