@@ -6,10 +6,13 @@ Answers over UDP and TCP on one ephemeral port of 127.0.0.1::
         dns.add_mx("example.com", "mx.example.com", 10, ttl=60)
         resolver = DomainResolver(nameservers=[dns.address])
 
-A name with records of other types gets NOERROR and no data, a name never
-mentioned gets NXDOMAIN; both carry an SOA in the authority section whose TTL
-and MINIMUM are ``negative_ttl`` (RFC 2308). ``queries`` records every question
-received, so a test can assert that a cached answer sent nothing.
+Zone data: ``add_mx``, ``add_null_mx``, ``add_a``, ``add_aaaa``, ``add_txt``;
+failures: ``set_servfail``, ``set_refused``, ``set_timeout`` (never answers);
+``remove`` forgets a name. A name with records of other types gets NOERROR and
+no data, a name never mentioned gets NXDOMAIN; both carry an SOA in the
+authority section whose TTL and MINIMUM are ``negative_ttl`` (RFC 2308).
+``queries`` lists every (name, type) received, in order, so a test can assert
+that a cached answer sent nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class TestDNSServer:
         self._refused: set[str] = set()
         self._silent: set[str] = set()
         self._servers: list[DNSServer] = []
+        self._threads: list[threading.Thread] = []
         self.port = 0
 
     # -- zone data -------------------------------------------------------
@@ -107,9 +111,10 @@ class TestDNSServer:
     # -- answering (runs in the server's threads) ------------------------
 
     def _soa(self, qname: str) -> RR:
-        zone = ".".join(qname.split(".")[-2:]) or "."
+        # The last two labels stand in for the zone; the root has no others.
+        zone = ".".join(qname.split(".")[-2:]) if qname else "."
         times = (1, 3600, 600, 86400, self.negative_ttl)
-        rdata = SOA(f"ns.{zone}", f"hostmaster.{zone}", times)
+        rdata = SOA("ns.test.", "hostmaster.test.", times)
         return RR(zone, QTYPE.SOA, ttl=self.negative_ttl, rdata=rdata)
 
     def _answer(self, request: DNSRecord, qname: str, qtype: str) -> DNSRecord:
@@ -161,15 +166,27 @@ class TestDNSServer:
             raise RuntimeError("no free port for UDP and TCP together")
         self.port = port
         self._servers = [udp, tcp]
-        for server in self._servers:
-            server.start_thread()
+        self._threads = [
+            # A short poll interval: stop() waits up to one interval per server.
+            threading.Thread(
+                target=server.server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"test-dns-{port}",
+                daemon=True,
+            )
+            for server in self._servers
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         for server in self._servers:
             server.stop()
             server.server.server_close()
-            server.thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         self._servers = []
+        self._threads = []
 
     def __enter__(self) -> TestDNSServer:
         self.start()

@@ -39,15 +39,15 @@ alternate_sender = "jan.kowalski@gmail.com"
 password = "{PLAIN}correct horse"
 """
 
-# 127.0.0.0/8 is Poland, with a few addresses elsewhere for the GeoIP policy.
+# 127.0.0.0/16 is Poland, with a few addresses elsewhere for the GeoIP policy.
 COUNTRIES = {
-    "127.0.0.0/8": "PL",
+    "127.0.0.0/16": "PL",
     "127.0.0.42/32": "DE",
     "127.0.0.66/32": "US",
     "127.0.0.77/32": "CN",
     "::1/128": "PL",
 }
-UNKNOWN_IP = "127.0.0.99"  # left out of the database below
+UNKNOWN_IP = "127.9.0.1"  # outside every network of the database below
 MESSAGE = (b"From: Jan <jan@kowalski.pl>\r\nTo: <a@example.org>\r\nSubject: Hello\r\n\r\n"
            b"An ordinary message about the invoice we discussed.\r\n")
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"

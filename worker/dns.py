@@ -238,6 +238,7 @@ class DomainResolver:
         raise DnsPermError(f"{host}: no A or AAAA record")
 
     async def close(self) -> None:
+        """Stop the channel; lookups not answered from the cache then tempfail."""
         if self._closed:
             return
         self._closed = True
@@ -299,6 +300,8 @@ class DomainResolver:
             query.exception()  # retrieved: every waiter may have timed out
 
     async def _query(self, name: str, rrtype: str) -> _RRset:
+        if self._closed:
+            raise DnsTempError("resolver is closed")
         try:
             result = await self._resolver.query_dns(name, rrtype)
         except ares_error.DNSError as exc:

@@ -29,7 +29,7 @@ from worker.policies.sender_domain import SenderDomainPolicy
 from worker.policies.spam_grace import SpamGracePolicy
 from worker.snapshot import Snapshot
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, SpamScanner
-from worker.spool import Spool, SpoolWriteError, new_queue_id
+from worker.spool import BaseSpool, SpoolWriteError, new_queue_id
 from worker.spool.record import SpoolRecord
 from worker.submission import prepare_message
 
@@ -57,7 +57,7 @@ class PolicyEngine:
         verifier: PasswordVerifier,
         recipient_domain: RecipientDomainPolicy,
         scanner: Callable[[], SpamScanner],
-        spool: Spool,
+        spool: BaseSpool,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.snapshot = snapshot
@@ -191,7 +191,9 @@ class PolicyEngine:
             verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid), str(exc))
             return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id))
         try:
-            await self.counters.confirm(reservation)
+            if not await self.counters.confirm(reservation):
+                # It expired while the spool was slow: count the accepted message again.
+                await self.counters.add(ops)
         except CounterUnavailable as exc:
             # The message is durable; an unconfirmed reservation only expires later.
             logging.getLogger(__name__).warning("reservation %s not confirmed: %s",

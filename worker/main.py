@@ -28,7 +28,7 @@ from worker.local_source import LocalSnapshotSource
 from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.server import BootError, SmtpServer
 from worker.spam import make_scanner
-from worker.spool import open_spool
+from worker.spool import Spool
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
@@ -49,7 +49,7 @@ async def build_worker(settings: Settings, name: str = "w0") -> WorkerParts:
     resolver = DomainResolver(settings.dns.nameservers, settings.dns.timeout)
     spam = settings.spam
     scanner = make_scanner(spam.backend, spam.url, spam.timeout, spam.rspamd_spam_actions)
-    spool = open_spool(settings.delivery.spool, name)
+    spool = Spool(settings.delivery.spool, name)
     engine = PolicyEngine(
         snapshot=source.current,
         counters=LocalCounters(shard),

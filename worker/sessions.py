@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,13 @@ class SessionRegistry:
             await asyncio.wait_for(self._empty.wait(), max(0.0, deadline - time.monotonic()))
             return 0
         except TimeoutError:
-            remaining = list(self._open)
-            await asyncio.gather(*(s.end_now() for s in remaining), return_exceptions=True)
-            return len(remaining)
+            pass
+        remaining = list(self._open)
+        await asyncio.gather(*(s.end_now() for s in remaining), return_exceptions=True)
+        # A TLS peer that never answers our close_notify would hold the
+        # connection open: give it a moment, then drop it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._empty.wait(), 1.0)
+        for session in list(self._open):
+            session.abort()
+        return len(remaining)

@@ -145,6 +145,12 @@ class GatewaySMTP(SMTP):
         """The drain timeout ran out: goodbye even mid-transaction (nothing is acknowledged)."""
         await self._say_goodbye()
 
+    def abort(self) -> None:
+        for transport in (self.transport, self._original_transport):
+            if transport is not None:
+                transport.abort()  # type: ignore[attr-defined]
+        self.sessions.discard(self)
+
     async def _say_goodbye(self) -> None:
         if self._closing or self.transport is None:
             return

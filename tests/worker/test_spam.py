@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, make_scanner
-from worker.spam.builtin import BODY_LIMIT, GTUBE, THRESHOLD, BuiltinScanner, classify
+from worker.spam.builtin import (
+    BODY_LIMIT,
+    GTUBE,
+    MAX_DEPTH,
+    THRESHOLD,
+    BuiltinScanner,
+    classify,
+)
 from worker.spam.rspamd import RspamdScanner
 from worker.spam.spamd import SpamdScanner, parse_address
 
@@ -497,6 +504,49 @@ def test_cost_is_bounded_for_a_huge_message() -> None:
     started = time.perf_counter()
     classify(message)
     assert time.perf_counter() - started < 0.05
+
+
+def nested_multipart(depth: int, leaf: bytes) -> bytes:
+    message = b"Subject: nested\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    for level in range(1, depth):
+        message += b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (
+            level - 1,
+            level,
+        )
+    return message + b"--b%d\r\nContent-Type: text/plain\r\n\r\n%s\r\n" % (depth - 1, leaf)
+
+
+def test_text_in_nested_parts_is_read() -> None:
+    assert classify(nested_multipart(4, b"claim your prize")).symbols == ("SPAM_PHRASES",)
+
+
+def test_nesting_is_bounded() -> None:
+    # The stdlib parser raises RecursionError on the deepest; the walker stops at MAX_DEPTH.
+    assert classify(nested_multipart(MAX_DEPTH, b"claim your prize")).symbols == ("SPAM_PHRASES",)
+    assert classify(nested_multipart(MAX_DEPTH + 1, b"claim your prize")).symbols == ()
+    assert classify(nested_multipart(3000, b"claim your prize")).symbols == ()
+
+
+HTML = b"Content-Type: text/html\r\n\r\n"
+HOSTILE = {
+    "deep nesting": nested_multipart(3000, b"x"),
+    "many parts": b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+    + b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" * 3000,
+    "many hidden tags": HTML + b"<p style='display:none'></p>" * 3000,
+    "hiding styles outside tags": HTML + b"<" + b"display:none " * 6000,
+    "many tags": HTML + b"<p style='color:red'>x</p>" * 3000,
+    "many ip urls": b"Subject: x\r\n\r\n" + b"http://10.0.0.1/ " * 4000,
+    "encoded-word subject": b"Subject: " + b"=?a?q?" * 10000 + b"\r\n\r\nx",
+    "long display name": b"From: " + b"a" * 60000 + b"@ <x@y.pl>\r\n\r\nx",
+    "huge To header": b"To: " + b"a@b.pl, " * 8000 + b"\r\n\r\nx",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_input_costs_little(name: str) -> None:
+    started = time.perf_counter()
+    classify(HOSTILE[name])
+    assert time.perf_counter() - started < 0.02
 
 
 async def test_builtin_scanner_uses_classify() -> None:

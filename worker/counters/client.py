@@ -14,6 +14,11 @@ from cluster.counting import Op, Outcome
 from worker.counters.shard import CounterShard
 
 
+# An unconfirmed reservation is released after this long; the gap it covers is
+# one spool write, so anything longer means the confirming worker is gone.
+RESERVATION_TTL = 30.0
+
+
 class CounterUnavailable(Exception):
     """The owner of a key could not be reached in time."""
 
@@ -21,8 +26,8 @@ class CounterUnavailable(Exception):
 class CounterClient(Protocol):
     async def check(self, ops: Sequence[Op]) -> Outcome: ...
     async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome: ...
-    async def confirm(self, rid: str) -> None: ...
-    async def release(self, rid: str) -> None: ...
+    async def confirm(self, rid: str) -> bool: ...
+    async def release(self, rid: str) -> bool: ...
     async def add(self, ops: Sequence[Op]) -> Outcome: ...
     async def mark(self, ops: Sequence[Op]) -> None: ...
 
@@ -35,13 +40,13 @@ class LocalCounters:
         return self.shard.check(ops)
 
     async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
-        return self.shard.reserve(rid, ops)
+        return self.shard.reserve(rid, ops, RESERVATION_TTL)
 
-    async def confirm(self, rid: str) -> None:
-        self.shard.confirm(rid)
+    async def confirm(self, rid: str) -> bool:
+        return self.shard.confirm(rid)
 
-    async def release(self, rid: str) -> None:
-        self.shard.release(rid)
+    async def release(self, rid: str) -> bool:
+        return self.shard.release(rid)
 
     async def add(self, ops: Sequence[Op]) -> Outcome:
         return self.shard.add(ops)

@@ -18,12 +18,14 @@ Everything lives on one filesystem, so every move is a rename.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import errno
 import fcntl
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -98,10 +100,16 @@ class _Lock:
 class BaseSpool(abc.ABC):
     """The interface of a worker's durable message spool.
 
+    The constructor (blocking) creates ``<directory>/<worker>/`` and takes
+    its lock, raising :class:`SpoolLocked` while another process holds it.
     ``load_all`` and ``adopt`` are blocking startup-time calls: run them
-    before the first ``store`` (or while nothing is in flight). ``store``,
-    ``update`` and ``remove`` return only once the change is durable, do
-    their I/O in threads, and raise :class:`SpoolWriteError` on I/O failure.
+    before the first ``store`` (or while nothing is in flight); ``update``
+    and ``remove`` know the records that ``load_all``, ``adopt`` or
+    ``store`` have shown them. ``store``, ``update`` and ``remove`` return
+    only once the change is durable, do their I/O in threads, and raise
+    :class:`SpoolWriteError` on I/O failure; a record that could not be read
+    back raises ValueError before anything is written. Once ``aclose`` has
+    begun they raise :class:`SpoolError`.
     """
 
     def __init__(self, directory: Path, worker: str, *, fsync: bool = True) -> None:
@@ -117,6 +125,9 @@ class BaseSpool(abc.ABC):
         self._make_dirs()
         self._lock = _Lock(self.root / "lock")
         self._closed = False
+        self._closing = False
+        self._ops = 0  # store/update/remove calls not yet returned
+        self._drained: asyncio.Event | None = None
         seqs = [segment_seq(n) for n in os.listdir(self.active)]
         self._next_seq = max((s for s in seqs if s is not None), default=0) + 1
 
@@ -128,7 +139,7 @@ class BaseSpool(abc.ABC):
 
     @abc.abstractmethod
     async def store(self, record: SpoolRecord) -> None:
-        """Queue a new record; returns once it is durable."""
+        """Queue a new record; returns once it is durable (ValueError if already queued)."""
 
     @abc.abstractmethod
     async def update(self, record: SpoolRecord) -> None:
@@ -140,11 +151,27 @@ class BaseSpool(abc.ABC):
 
     @abc.abstractmethod
     def adopt(self, other_worker_dir: Path) -> list[SpoolRecord]:
-        """Take over another (dead) worker's queue; returns the records taken."""
+        """Take over another (dead) worker's queue; returns the records taken.
+
+        ``other_worker_dir`` is ``<spool>/<name>`` on the same filesystem.
+        Its ``active/`` is renamed under our ``adopt/`` in one step while
+        holding its lock (:class:`SpoolLocked` if its owner is alive), so a
+        record is never owned by two workers; a crash mid-merge is finished
+        by the next ``load_all``.
+        """
 
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Wait for writes in flight, then release files, threads and the lock."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release files, threads and the lock now; for when no write is in flight."""
+
+    @property
+    @abc.abstractmethod
+    def group_stats(self) -> tuple[int, int]:
+        """(durable flushes run, operations they covered), for the benchmark."""
 
     async def __aenter__(self) -> BaseSpool:
         return self
@@ -172,8 +199,36 @@ class BaseSpool(abc.ABC):
                 fsync_path(path.parent)
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             raise SpoolError("spool is closed")
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        """Bracket one async operation, so aclose() can wait for all of them."""
+        self._check_open()
+        self._ops += 1
+        try:
+            yield
+        finally:
+            self._ops -= 1
+            if not self._ops and self._drained is not None:
+                self._drained.set()
+
+    async def _quiesce(self) -> None:
+        self._closing = True
+        while self._ops:
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+
+    def _check_idle(self) -> None:
+        self._check_open()
+        if self._ops or self._flushing():
+            raise RuntimeError("load_all()/adopt() while spool writes are in flight")
+
+    def _flushing(self) -> bool:
+        # A caller cancelled mid-store has left _ops, but its write may not
+        # have finished: ask the shape.
+        return False
 
     def _sync_dirs(self, *paths: Path) -> None:
         if self.fsync:

@@ -9,7 +9,10 @@ wait a little for company when the oldest item is younger than that, and
 ``max_batch`` closes it early.
 
 ``flush`` returns one result per item, in order; a result that is an
-exception is raised in that item's waiter only. An item's waiter is woken
+exception is raised in that item's waiter only. ``apply(items, results)``,
+if given, runs on the event loop after each flush and before any waiter
+wakes: while it runs no flush is in flight, and it runs even for items whose
+waiter was cancelled, so in-memory state can track the disk exactly. An item's waiter is woken
 only after a flush that *started after the item was submitted* returns, which
 is the property durability depends on: a directory fsync covers the renames
 that finished before it began, not those that race with it.
@@ -35,10 +38,12 @@ class GroupCommit(Generic[T, R]):
         *,
         max_delay: float = 0.0,
         max_batch: int = 256,
+        apply: Callable[[list[T], Sequence[R | BaseException]], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._flush = flush
+        self._apply = apply
         self._executor = executor
         self._max_delay = max_delay
         self._max_batch = max_batch
@@ -99,6 +104,8 @@ class GroupCommit(Generic[T, R]):
             items = [item for item, _, _ in batch]
             try:
                 results = await loop.run_in_executor(self._executor, self._flush, items)
+                if self._apply is not None:
+                    self._apply(items, results)
             except BaseException as exc:
                 for _, fut, _ in batch:
                     if not fut.done():

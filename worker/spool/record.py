@@ -157,18 +157,18 @@ def _frame(header: dict[str, Any], body: bytes | memoryview) -> bytes:
     return b"".join((head, body, _END, h.hexdigest().encode("ascii"), b"\n"))
 
 
-def _check_record(record: SpoolRecord) -> None:
-    # Refuse to write what decode() would refuse to read back.
-    if not is_queue_id(record.queue_id):
-        raise ValueError(f"bad queue id {record.queue_id!r}")
-    for r in record.recipients:
-        if set(r) != {"rcpt", "status", "last_error"} or r["status"] not in STATUSES:
-            raise ValueError(f"bad recipient state {r!r}")
-
-
 def encode(record: SpoolRecord) -> bytes:
-    """The record as one ``kind = "msg"`` frame."""
-    _check_record(record)
+    """The record as one ``kind = "msg"`` frame.
+
+    Raises ValueError for a record that decode() would refuse: writing it
+    would acknowledge a message only to quarantine it at the next start.
+    """
+    try:
+        numbers = (float(record.received_at), int(record.attempts), float(record.next_attempt))
+    except (TypeError, ValueError):
+        raise ValueError("received_at, attempts and next_attempt must be numbers") from None
+    if not isinstance(record.message, bytes | bytearray | memoryview):
+        raise ValueError("message must be bytes")
     header = {
         "v": FORMAT_VERSION,
         "kind": "msg",
@@ -178,13 +178,20 @@ def encode(record: SpoolRecord) -> bytes:
         "account": record.account,
         "helo": record.helo,
         "mail_from": record.mail_from,
-        "rcpt_tos": list(record.rcpt_tos),
-        "received_at": float(record.received_at),
-        "attempts": int(record.attempts),
-        "next_attempt": float(record.next_attempt),
-        "recipients": [dict(r) for r in record.recipients],
+        "rcpt_tos": list(record.rcpt_tos) if isinstance(record.rcpt_tos, list | tuple) else None,
+        "received_at": numbers[0],
+        "attempts": numbers[1],
+        "next_attempt": numbers[2],
+        "recipients": (
+            [dict(r) if isinstance(r, dict) else r for r in record.recipients]
+            if isinstance(record.recipients, list | tuple)
+            else None
+        ),
         "size": len(record.message),
     }
+    problem = _header_problem(header)
+    if problem is not None:
+        raise ValueError(problem)
     return _frame(header, record.message)
 
 
@@ -198,24 +205,24 @@ def encode_removal(queue_id: str) -> bytes:
 _STR_FIELDS = ("queue_id", "session_id", "client_ip", "account", "helo", "mail_from")
 
 
-def _record_from(header: dict[Any, Any], body: bytes) -> SpoolRecord:
+def _header_problem(header: dict[Any, Any]) -> str | None:
     for name in _STR_FIELDS:
         if not isinstance(header.get(name), str):
-            raise CorruptRecord(f"header field {name} missing or not a string")
+            return f"header field {name} missing or not a string"
     if not is_queue_id(header["queue_id"]):
-        raise CorruptRecord(f"bad queue id {header['queue_id']!r}")
+        return f"bad queue id {header['queue_id']!r}"
     rcpt_tos = header.get("rcpt_tos")
     if not isinstance(rcpt_tos, list) or not all(isinstance(r, str) for r in rcpt_tos):
-        raise CorruptRecord("header field rcpt_tos is not a list of strings")
+        return "header field rcpt_tos is not a list of strings"
     for name in ("received_at", "next_attempt"):
         if not isinstance(header.get(name), float):
-            raise CorruptRecord(f"header field {name} missing or not a float")
+            return f"header field {name} missing or not a float"
     attempts = header.get("attempts")
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
-        raise CorruptRecord("header field attempts is not a count")
+        return "header field attempts is not a count"
     recipients = header.get("recipients")
     if not isinstance(recipients, list):
-        raise CorruptRecord("header field recipients is not a list")
+        return "header field recipients is not a list"
     for r in recipients:
         if (
             not isinstance(r, dict)
@@ -224,7 +231,14 @@ def _record_from(header: dict[Any, Any], body: bytes) -> SpoolRecord:
             or r["status"] not in STATUSES
             or not (r["last_error"] is None or isinstance(r["last_error"], str))
         ):
-            raise CorruptRecord(f"bad recipient state {r!r}")
+            return f"bad recipient state {r!r}"
+    return None
+
+
+def _record_from(header: dict[Any, Any], body: bytes) -> SpoolRecord:
+    problem = _header_problem(header)
+    if problem is not None:
+        raise CorruptRecord(problem)
     return SpoolRecord(
         queue_id=header["queue_id"],
         session_id=header["session_id"],
@@ -232,12 +246,12 @@ def _record_from(header: dict[Any, Any], body: bytes) -> SpoolRecord:
         account=header["account"],
         helo=header["helo"],
         mail_from=header["mail_from"],
-        rcpt_tos=rcpt_tos,
+        rcpt_tos=header["rcpt_tos"],
         message=body,
         received_at=header["received_at"],
-        attempts=attempts,
+        attempts=header["attempts"],
         next_attempt=header["next_attempt"],
-        recipients=recipients,
+        recipients=header["recipients"],
     )
 
 

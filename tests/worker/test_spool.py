@@ -1,0 +1,707 @@
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.spool import (
+    CorruptRecord,
+    FileSpool,
+    SegmentSpool,
+    Spool,
+    SpoolError,
+    SpoolLocked,
+    SpoolRecord,
+    SpoolWriteError,
+    decode,
+    encode,
+    new_queue_id,
+    seglog,
+)
+from worker.spool.base import BaseSpool
+
+SHAPES: dict[str, type[BaseSpool]] = {"file": FileSpool, "segment": SegmentSpool}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make(
+    i: int = 0, size: int = 1024, rcpts: tuple[str, ...] = ("anna@example.com",)
+) -> SpoolRecord:
+    return SpoolRecord.new(
+        session_id="piWs1j0010jifNx01iWsdh",
+        client_ip="192.0.2.10",
+        account="jan@kowalski.pl",
+        helo="laptop.kowalski.pl",
+        mail_from="jan@kowalski.pl",
+        rcpt_tos=list(rcpts),
+        message=(b"Subject: %d\r\n\r\n" % i) + b"x" * size,
+    )
+
+
+@pytest.fixture(params=sorted(SHAPES))
+def shape(request: pytest.FixtureRequest) -> type[BaseSpool]:
+    return SHAPES[request.param]
+
+
+def files(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def run_child(script: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- record format -----------------------------------------------------------------
+
+
+def test_record_round_trip() -> None:
+    rec = make(1, rcpts=("a@example.com", "zażółć@example.pl"))
+    rec.attempts = 3
+    rec.next_attempt = 1234.5
+    rec.recipients[0].update(status="deferred", last_error="451 4.7.1 greylisted")
+    rec.recipients[1].update(status="delivered")
+    data = encode(rec)
+    assert data.startswith(b"sendguard-spool/1\n")
+    assert re.search(rb"END [0-9a-f]{32}\n\Z", data)
+    assert decode(data) == rec
+    assert decode(encode(make(2, size=0))).message == b"Subject: 2\r\n\r\n"
+
+
+def test_record_damage_is_detected() -> None:
+    data = encode(make())
+    for cut in (0, 5, 20, len(data) // 2, len(data) - 10, len(data) - 1):
+        with pytest.raises(CorruptRecord):
+            decode(data[:cut])
+    for pos in range(0, len(data), 7):  # a flipped bit anywhere: magic, header, body, END
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x01
+        with pytest.raises(CorruptRecord):
+            decode(bytes(damaged))
+    with pytest.raises(CorruptRecord, match="after the END marker"):
+        decode(data + b"x")
+    # What decode() would refuse is refused before it is written (and acknowledged).
+    for change in (
+        {"queue_id": "bad-id"},
+        {"helo": None},
+        {"rcpt_tos": None},
+        {"attempts": "x"},
+        {"recipients": [{"rcpt": "a@b.pl", "status": "lost", "last_error": None}]},
+    ):
+        with pytest.raises(ValueError):
+            encode(dataclasses.replace(make(), **change))
+
+
+def test_queue_ids_unique_charset_length_and_time_ordered() -> None:
+    ids = [new_queue_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[A-Za-z0-9]{22}", q) for q in ids)
+    first = new_queue_id()
+    time.sleep(0.002)
+    assert new_queue_id() > first
+
+
+def test_segment_scan_resyncs_after_damage() -> None:
+    frames = [encode(make(i)) for i in range(5)]
+    blob = bytearray(b"".join(frames))
+    start = len(frames[0]) + len(frames[1])
+    blob[start + 30] ^= 0xFF  # inside frame 2's header length / header
+    sc = seglog.scan(bytes(blob))
+    messages = [e.item.message for e in sc.entries if isinstance(e.item, SpoolRecord)]
+    assert messages == [make(i).message for i in (0, 1, 3, 4)]
+    assert sc.bad == [(start, start + len(frames[2]), sc.bad[0][2])]
+
+
+# -- durability and round trip ---------------------------------------------------------
+
+
+def test_default_shape() -> None:
+    assert Spool is SegmentSpool
+
+
+async def test_round_trip_through_a_fresh_instance(tmp_path: Path, shape: type[BaseSpool]) -> None:
+    spool = shape(tmp_path, "w0")
+    assert spool.load_all() == []
+    recs = [make(i) for i in range(10)]
+    for rec in recs:
+        await spool.store(rec)
+    await spool.aclose()
+    again = shape(tmp_path, "w0")
+    try:
+        assert sorted(again.load_all(), key=lambda r: r.queue_id) == sorted(
+            recs, key=lambda r: r.queue_id
+        )
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_store_is_durable_when_it_returns_even_after_kill(tmp_path: Path, name: str) -> None:
+    # The child stores, then dies at once like kill -9: no close, no flush.
+    out = run_child(
+        """
+        import asyncio, json, os, sys
+        from pathlib import Path
+        from worker.spool import FileSpool, SegmentSpool, SpoolRecord
+        cls = {"file": FileSpool, "segment": SegmentSpool}[sys.argv[2]]
+        async def main():
+            spool = cls(Path(sys.argv[1]), "w0")
+            spool.load_all()
+            rec = SpoolRecord.new(session_id="s", client_ip="192.0.2.1", account="a@b.pl",
+                                  helo="h", mail_from="a@b.pl", rcpt_tos=["c@d.pl"],
+                                  message=b"hello\\r\\n")
+            await spool.store(rec)
+            print(json.dumps({"queue_id": rec.queue_id}), flush=True)
+            os._exit(0)
+        asyncio.run(main())
+        """,
+        str(tmp_path),
+        name,
+    )
+    spool = SHAPES[name](tmp_path, "w0")
+    try:
+        assert [r.queue_id for r in spool.load_all()] == [out["queue_id"]]
+    finally:
+        spool.close()
+
+
+async def test_file_store_returns_after_file_and_directory_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = FileSpool(tmp_path, "w0")
+    spool.load_all()
+    events: list[tuple[str, object]] = []
+    real_fdatasync, real_fsync, real_rename = os.fdatasync, os.fsync, os.rename
+    active_fd = spool._active_fd
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        events.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("dirsync" if fd == active_fd else "fsync", fd))
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        real_rename(src, dst)
+        events.append(("rename", Path(str(dst)).name))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+
+    async def store(rec: SpoolRecord) -> None:
+        await spool.store(rec)
+        events.append(("returned", rec.queue_id))
+
+    recs = [make(i) for i in range(40)]
+    await asyncio.gather(*(store(r) for r in recs))
+    await spool.aclose()
+    for rec in recs:
+        i_sync = next(
+            i
+            for i, (k, v) in enumerate(events)
+            if k == "fdatasync" and f"/incoming/{rec.queue_id}." in str(v)
+        )
+        i_rename = events.index(("rename", rec.queue_id))
+        i_ret = events.index(("returned", rec.queue_id))
+        assert i_sync < i_rename < i_ret
+        assert any(k == "dirsync" for k, _ in events[i_rename:i_ret])
+
+
+async def test_segment_store_returns_after_its_bytes_are_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = SegmentSpool(tmp_path, "w0", segment_bytes=20_000)
+    spool.load_all()
+    synced: set[str] = set()
+    premature: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        data = Path(os.readlink(f"/proc/self/fd/{fd}")).read_bytes()
+        for e in seglog.scan(data).entries:
+            synced.add(e.item.queue_id)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    async def store(rec: SpoolRecord) -> None:
+        await spool.store(rec)
+        if rec.queue_id not in synced:
+            premature.append(rec.queue_id)
+
+    await asyncio.gather(*(store(make(i)) for i in range(100)))
+    await spool.aclose()
+    assert premature == []
+    assert len([n for n in files(tmp_path / "w0" / "active") if n.startswith("segment-")]) > 1
+
+
+async def test_200_concurrent_stores_all_land(tmp_path: Path, shape: type[BaseSpool]) -> None:
+    spool = shape(tmp_path, "w0")
+    spool.load_all()
+    recs = [make(i, size=random.randrange(0, 5000)) for i in range(200)]
+    await asyncio.gather(*(spool.store(r) for r in recs))
+    flushes, items = spool.group_stats
+    assert items >= 200 and flushes < 200  # durability was shared
+    await spool.aclose()
+    again = shape(tmp_path, "w0")
+    try:
+        got = {r.queue_id: r for r in again.load_all()}
+        assert got == {r.queue_id: r for r in recs}
+    finally:
+        again.close()
+
+
+async def test_a_bad_record_fails_alone(tmp_path: Path, shape: type[BaseSpool]) -> None:
+    spool = shape(tmp_path, "w0")
+    spool.load_all()
+    good = [make(i) for i in range(6)]
+    bad = dataclasses.replace(make(9), helo=None)  # type: ignore[arg-type]
+    batch = [*good[:3], bad, *good[3:]]
+    results = await asyncio.gather(*(spool.store(r) for r in batch), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType"] * 3 + ["ValueError"] + [
+        "NoneType"
+    ] * 3
+    await spool.aclose()
+    again = shape(tmp_path, "w0")
+    try:
+        assert again.load_all() == good
+        assert files(tmp_path / "w0" / "corrupt") == []
+    finally:
+        again.close()
+
+
+async def test_aclose_waits_for_operations_in_flight(
+    tmp_path: Path, shape: type[BaseSpool]
+) -> None:
+    spool = shape(tmp_path, "w0")
+    spool.load_all()
+    recs = [make(i) for i in range(60)]
+    for rec in recs[:30]:
+        await spool.store(rec)
+    tasks = [asyncio.create_task(spool.remove(r.queue_id)) for r in recs[:30]]
+    tasks += [asyncio.create_task(spool.store(r)) for r in recs[30:]]
+    await asyncio.sleep(0)
+    await spool.aclose()
+    assert all(t.done() and t.exception() is None for t in tasks)
+    with pytest.raises(SpoolError):
+        await spool.store(make(99))
+    again = shape(tmp_path, "w0")
+    try:
+        assert again.load_all() == recs[30:]
+    finally:
+        again.close()
+
+
+# -- corruption ------------------------------------------------------------------------
+
+
+async def test_file_spool_quarantines_truncated_and_flipped(tmp_path: Path) -> None:
+    spool = FileSpool(tmp_path, "w0")
+    spool.load_all()
+    good, flipped, truncated = make(1), make(2), make(3)
+    for rec in (good, flipped, truncated):
+        await spool.store(rec)
+    await spool.aclose()
+    active, corrupt = tmp_path / "w0" / "active", tmp_path / "w0" / "corrupt"
+    orig = {r.queue_id: (active / r.queue_id).read_bytes() for r in (flipped, truncated)}
+    damaged = bytearray(orig[flipped.queue_id])
+    damaged[len(damaged) // 2] ^= 0x20
+    (active / flipped.queue_id).write_bytes(bytes(damaged))
+    (active / truncated.queue_id).write_bytes(orig[truncated.queue_id][:-5])
+
+    again = FileSpool(tmp_path, "w0")
+    try:
+        assert again.load_all() == [good]
+        assert files(active) == [good.queue_id]
+        assert (corrupt / flipped.queue_id).read_bytes() == bytes(damaged)
+        assert (corrupt / truncated.queue_id).read_bytes() == orig[truncated.queue_id][:-5]
+        assert again.load_all() == [good]  # quarantine is stable
+    finally:
+        again.close()
+
+
+async def test_segment_spool_quarantines_flipped_and_truncated(tmp_path: Path) -> None:
+    spool = SegmentSpool(tmp_path, "w0")
+    spool.load_all()
+    recs = [make(i) for i in range(5)]
+    for rec in recs:
+        await spool.store(rec)
+    await spool.aclose()
+    active, corrupt = tmp_path / "w0" / "active", tmp_path / "w0" / "corrupt"
+    [seg] = files(active)
+    original = (active / seg).read_bytes()
+    frame = len(encode(recs[0]))
+    damaged = bytearray(original)
+    damaged[frame + frame // 2] ^= 0x20  # body of record 1
+    damaged = damaged[:-7]  # and record 4 torn at the end
+    (active / seg).write_bytes(bytes(damaged))
+
+    again = SegmentSpool(tmp_path, "w0")
+    try:
+        assert again.load_all() == [recs[0], recs[2], recs[3]]
+        assert [(corrupt / n).read_bytes() for n in files(corrupt)] == [bytes(damaged)]
+        # The damaged segment was rewritten with its good frames only.
+        assert again.load_all() == [recs[0], recs[2], recs[3]]
+        assert len(files(corrupt)) == 1
+        await again.store(recs[1])
+        await again.remove(recs[0].queue_id)
+    finally:
+        await again.aclose()
+    third = SegmentSpool(tmp_path, "w0")
+    try:
+        assert third.load_all() == [recs[1], recs[2], recs[3]]
+    finally:
+        third.close()
+
+
+async def test_leftover_temp_files_are_not_records(tmp_path: Path, shape: type[BaseSpool]) -> None:
+    spool = shape(tmp_path, "w0")
+    spool.load_all()
+    await spool.store(make(1))
+    await spool.aclose()
+    (tmp_path / "w0" / "incoming" / "abc.1234").write_bytes(encode(make(2))[:100])
+    again = shape(tmp_path, "w0")
+    try:
+        assert len(again.load_all()) == 1
+        assert files(tmp_path / "w0" / "incoming") == []
+    finally:
+        again.close()
+
+
+# -- write failures --------------------------------------------------------------------
+
+FSIZE_CHILD = """
+    import asyncio, json, resource, signal, sys
+    from pathlib import Path
+    from worker.spool import FileSpool, SegmentSpool, SpoolRecord, SpoolWriteError
+    cls = {"file": FileSpool, "segment": SegmentSpool}[sys.argv[2]]
+    def rec(body):
+        return SpoolRecord.new(session_id="s", client_ip="192.0.2.1", account="a@b.pl",
+                               helo="h", mail_from="a@b.pl", rcpt_tos=["c@d.pl"], message=body)
+    async def main():
+        spool = cls(Path(sys.argv[1]), "w0")
+        spool.load_all()
+        kept = []
+        first = rec(b"a" * 1000)
+        await spool.store(first)
+        kept.append(first.queue_id)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        big = rec(b"b" * 200_000)
+        try:
+            await spool.store(big)
+            outcome = "stored"
+        except SpoolWriteError as exc:
+            outcome = str(exc)
+        after = rec(b"c" * 1000)
+        await spool.store(after)
+        kept.append(after.queue_id)
+        await spool.aclose()
+        print(json.dumps({"outcome": outcome, "kept": kept, "big": big.queue_id}))
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_rlimit_fsize_failure_raises_and_leaves_no_record(tmp_path: Path, name: str) -> None:
+    out = run_child(FSIZE_CHILD, str(tmp_path), name)
+    assert "EFBIG" in out["outcome"]
+    spool = SHAPES[name](tmp_path, "w0")
+    try:
+        assert sorted(r.queue_id for r in spool.load_all()) == sorted(out["kept"])
+    finally:
+        spool.close()
+    assert files(tmp_path / "w0" / "corrupt") == []
+    assert files(tmp_path / "w0" / "incoming") == []
+
+
+async def test_fsync_eio_raises_and_leaves_no_record(
+    tmp_path: Path, shape: type[BaseSpool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = shape(tmp_path, "w0")
+    spool.load_all()
+    ok = make(1)
+    await spool.store(ok)
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    bad = make(2)
+    with pytest.raises(SpoolWriteError, match="EIO"):
+        await spool.store(bad)
+    monkeypatch.undo()
+    later = make(3)
+    await spool.store(later)
+    await spool.aclose()
+    again = shape(tmp_path, "w0")
+    try:
+        assert sorted(r.queue_id for r in again.load_all()) == sorted([ok.queue_id, later.queue_id])
+        assert files(tmp_path / "w0" / "corrupt") == []
+    finally:
+        again.close()
+
+
+def _tiny_tmpfs(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True
+    )
+    return res.returncode == 0
+
+
+async def test_disk_full_raises_and_leaves_no_record(
+    tmp_path: Path, shape: type[BaseSpool]
+) -> None:
+    mnt = tmp_path / "mnt"
+    if not _tiny_tmpfs(mnt):
+        pytest.skip("needs root and a mountable tmpfs")
+    try:
+        spool = shape(mnt, "w0")
+        spool.load_all()
+        stored: list[str] = []
+        with pytest.raises(SpoolWriteError, match="ENOSPC"):
+            for i in range(200):
+                rec = make(i, size=3000)
+                await spool.store(rec)
+                stored.append(rec.queue_id)
+        assert stored  # some fitted before the disk filled
+        await spool.aclose()
+        again = shape(mnt, "w0")
+        try:
+            assert sorted(r.queue_id for r in again.load_all()) == sorted(stored)
+            assert files(mnt / "w0" / "corrupt") == []
+        finally:
+            again.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+# -- update, remove, adopt -------------------------------------------------------------
+
+
+async def test_update_and_remove(tmp_path: Path, shape: type[BaseSpool]) -> None:
+    spool = shape(tmp_path, "w0")
+    spool.load_all()
+    a, b = make(1, rcpts=("x@example.com", "y@example.com")), make(2)
+    await spool.store(a)
+    await spool.store(b)
+    with pytest.raises(ValueError):
+        await spool.store(a)
+    a.attempts = 1
+    a.next_attempt = a.received_at + 60
+    a.recipients[0].update(status="delivered")
+    a.recipients[1].update(status="deferred", last_error="451 4.2.0 try later")
+    await spool.update(a)
+    await spool.remove(b.queue_id)
+    with pytest.raises(KeyError):
+        await spool.remove(b.queue_id)
+    with pytest.raises(KeyError):
+        await spool.update(b)
+    await spool.aclose()
+    again = shape(tmp_path, "w0")
+    try:
+        [got] = again.load_all()
+        assert got == a and got.attempts == 1 and not got.done
+        assert got.recipients[1] == {
+            "rcpt": "y@example.com",
+            "status": "deferred",
+            "last_error": "451 4.2.0 try later",
+        }
+        got.recipients[1]["status"] = "bounced"
+        await again.update(got)
+        assert got.done
+        await again.remove(got.queue_id)
+    finally:
+        await again.aclose()
+    third = shape(tmp_path, "w0")
+    try:
+        assert third.load_all() == []
+    finally:
+        third.close()
+
+
+async def test_adopt_takes_over_a_dead_workers_queue(
+    tmp_path: Path, shape: type[BaseSpool]
+) -> None:
+    dead = shape(tmp_path, "w1")
+    dead.load_all()
+    theirs = [make(i) for i in range(5)]
+    for rec in theirs:
+        await dead.store(rec)
+    await dead.remove(theirs[0].queue_id)
+    with pytest.raises(SpoolLocked):
+        shape(tmp_path, "w1")
+    ours = shape(tmp_path, "w0")
+    try:
+        ours.load_all()
+        mine = make(99)
+        await ours.store(mine)
+        with pytest.raises(SpoolLocked):  # its owner is alive
+            ours.adopt(tmp_path / "w1")
+        await dead.aclose()
+        adopted = ours.adopt(tmp_path / "w1")
+        assert sorted(r.queue_id for r in adopted) == sorted(r.queue_id for r in theirs[1:])
+        assert ours.adopt(tmp_path / "w1") == []
+        # Adopted records are ours to update and remove.
+        theirs[1].attempts = 4
+        await ours.update(theirs[1])
+        await ours.remove(theirs[2].queue_id)
+    finally:
+        await ours.aclose()
+    again = shape(tmp_path, "w0")
+    try:
+        got = {r.queue_id: r for r in again.load_all()}
+    finally:
+        again.close()
+    assert set(got) == {mine.queue_id, theirs[1].queue_id, theirs[3].queue_id, theirs[4].queue_id}
+    assert got[theirs[1].queue_id].attempts == 4
+    restarted = shape(tmp_path, "w1")  # the old name starts empty
+    try:
+        assert restarted.load_all() == []
+    finally:
+        restarted.close()
+
+
+@pytest.mark.parametrize(("old", "new"), [("file", "segment"), ("segment", "file")])
+async def test_changing_shape_loses_nothing(tmp_path: Path, old: str, new: str) -> None:
+    first = SHAPES[old](tmp_path, "w0")
+    first.load_all()
+    recs = [make(i) for i in range(6)]
+    for rec in recs:
+        await first.store(rec)
+    await first.remove(recs[0].queue_id)
+    recs[1].attempts = 2
+    await first.update(recs[1])
+    await first.aclose()
+    second = SHAPES[new](tmp_path, "w0")
+    try:
+        assert second.load_all() == recs[1:]
+        await second.remove(recs[2].queue_id)
+    finally:
+        await second.aclose()
+    third = SHAPES[new](tmp_path, "w0")
+    try:
+        assert third.load_all() == recs[1:2] + recs[3:]
+    finally:
+        third.close()
+
+
+async def test_adopt_other_shape(tmp_path: Path) -> None:
+    dead = FileSpool(tmp_path, "w1")
+    dead.load_all()
+    rec = make(1)
+    await dead.store(rec)
+    await dead.aclose()
+    ours = SegmentSpool(tmp_path, "w0")
+    try:
+        ours.load_all()
+        assert ours.adopt(tmp_path / "w1") == [rec]
+    finally:
+        await ours.aclose()
+
+
+# -- segment garbage collection ----------------------------------------------------------
+
+
+async def test_segments_are_deleted_when_done_and_removed_stay_removed(tmp_path: Path) -> None:
+    # Random stores, updates and removes over tiny segments, with restarts:
+    # the reloaded queue must match a plain model, and finished segments go.
+    rng = random.Random(7)
+    model: dict[str, SpoolRecord] = {}
+    spool = SegmentSpool(tmp_path, "w0", segment_bytes=4000)
+    spool.load_all()
+    try:
+        for step in range(600):
+            op = rng.random()
+            if op < 0.45 or not model:
+                rec = make(step, size=rng.randrange(100, 1500))
+                await spool.store(rec)
+                model[rec.queue_id] = rec
+            elif op < 0.7:
+                rec = model[rng.choice(sorted(model))]
+                rec.attempts += 1
+                await spool.update(rec)
+            else:
+                qid = rng.choice(sorted(model))
+                await spool.remove(qid)
+                del model[qid]
+            if step % 97 == 0:
+                await spool.aclose()
+                spool = SegmentSpool(tmp_path, "w0", segment_bytes=4000)
+                got = {r.queue_id: r for r in spool.load_all()}
+                assert got == model
+        for qid in list(model):
+            await spool.remove(qid)
+        model.clear()
+    finally:
+        await spool.aclose()
+    spool = SegmentSpool(tmp_path, "w0", segment_bytes=4000)
+    try:
+        assert spool.load_all() == []
+    finally:
+        spool.close()
+    assert files(tmp_path / "w0" / "active") == []  # nothing left to keep
+
+
+async def test_second_instance_on_same_worker_is_refused(
+    tmp_path: Path, shape: type[BaseSpool]
+) -> None:
+    spool = shape(tmp_path, "w0")
+    try:
+        with pytest.raises(SpoolLocked):
+            shape(tmp_path, "w0")
+    finally:
+        await spool.aclose()
+    shape(tmp_path, "w0").close()
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+async def test_group_commit_batches_and_fails_items_one_by_one() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.spool.group import GroupCommit
+
+    seen: list[list[int]] = []
+
+    def flush(items: list[int]) -> list[object]:
+        seen.append(items)
+        return [ValueError(i) if i == 3 else i * 10 for i in items]
+
+    with ThreadPoolExecutor(1) as pool:
+        # A long delay: only a full batch may close it early.
+        group: GroupCommit[int, object] = GroupCommit(flush, pool, max_delay=5.0, max_batch=4)
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(group.submit(i) for i in range(4)), return_exceptions=True)
+        assert time.monotonic() - t0 < 1.0
+        assert seen == [[0, 1, 2, 3]]
+        assert results[:3] == [0, 10, 20] and isinstance(results[3], ValueError)
+        # Without a delay, what arrives during a flush forms the next batch.
+        group = GroupCommit(flush, pool, max_batch=100)
+        seen.clear()
+        await asyncio.gather(*(group.submit(i) for i in (4, 5, 6)))
+        assert seen == [[4, 5, 6]]
