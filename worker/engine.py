@@ -29,7 +29,7 @@ from worker.policies.sender_domain import SenderDomainPolicy
 from worker.policies.spam_grace import SpamGracePolicy
 from worker.snapshot import Snapshot
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, SpamScanner
-from worker.spool import BaseSpool, SpoolWriteError, new_queue_id
+from worker.spool import BaseSpool, SpoolError, new_queue_id
 from worker.spool.record import SpoolRecord
 from worker.submission import prepare_message
 
@@ -73,6 +73,8 @@ class PolicyEngine:
         self.rate_limit = RateLimitPolicy()
         self.recipient_domain = recipient_domain
         self.spam_grace = SpamGracePolicy()
+        # Told every verdict that is logged (the worker's metrics).
+        self.on_decision: Callable[[str, Verdict], None] | None = None
 
     # -- AUTH ---------------------------------------------------------------
 
@@ -186,7 +188,7 @@ class PolicyEngine:
         )
         try:
             await self.spool.store(record)
-        except SpoolWriteError as exc:
+        except SpoolError as exc:
             await self._release(reservation)
             verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid), str(exc))
             return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id))
@@ -257,6 +259,8 @@ class PolicyEngine:
             detail=verdict.detail or None,
             **extra,
         )
+        if self.on_decision is not None:
+            self.on_decision(stage, verdict)
         return verdict
 
 

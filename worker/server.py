@@ -76,6 +76,7 @@ class SmtpServer:
     def _factory(self, settings: ServerSettings, context: ssl.SSLContext | None,
                  implicit_tls: bool) -> Callable[[], GatewaySMTP]:
         handler = GatewayHandler(self.engine, settings.max_recipients)
+        loop = asyncio.get_running_loop()
 
         def make() -> GatewaySMTP:
             return GatewaySMTP(
@@ -91,6 +92,7 @@ class SmtpServer:
                 auth_require_tls=settings.require_tls_for_auth and not implicit_tls,
                 auth_exclude_mechanism=[],
                 timeout=300,
+                loop=loop,
             )
 
         return make

@@ -10,23 +10,45 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from worker.smtp import GatewaySMTP
 
+# After our 421 a TLS peer may take a moment to answer the close; past this
+# the connection is dropped so the worker can exit.
+_CLOSE_GRACE = 1.0
+
 
 class SessionRegistry:
     def __init__(self) -> None:
         self._open: set[GatewaySMTP] = set()
-        self._empty = asyncio.Event()
-        self._empty.set()
+        self._closing: set[GatewaySMTP] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._gone = asyncio.Event()
+        self._gone.set()
         self.total = 0
 
     def add(self, session: GatewaySMTP) -> None:
         self._open.add(session)
         self.total += 1
-        self._empty.clear()
+        self._idle.clear()
+        self._gone.clear()
+
+    def finished(self, session: GatewaySMTP) -> None:
+        """We said goodbye; the connection may still be closing."""
+        if session in self._open:
+            self._open.discard(session)
+            self._closing.add(session)
+        self._update()
 
     def discard(self, session: GatewaySMTP) -> None:
+        """The connection is gone."""
         self._open.discard(session)
+        self._closing.discard(session)
+        self._update()
+
+    def _update(self) -> None:
         if not self._open:
-            self._empty.set()
+            self._idle.set()
+            if not self._closing:
+                self._gone.set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -36,17 +58,12 @@ class SessionRegistry:
         deadline = time.monotonic() + timeout
         for session in list(self._open):
             session.begin_drain()
-        try:
-            await asyncio.wait_for(self._empty.wait(), max(0.0, deadline - time.monotonic()))
-            return 0
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
         remaining = list(self._open)
         await asyncio.gather(*(s.end_now() for s in remaining), return_exceptions=True)
-        # A TLS peer that never answers our close_notify would hold the
-        # connection open: give it a moment, then drop it.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._empty.wait(), 1.0)
-        for session in list(self._open):
+            await asyncio.wait_for(self._gone.wait(), _CLOSE_GRACE)
+        for session in list(self._open | self._closing):
             session.abort()
         return len(remaining)

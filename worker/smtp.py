@@ -26,8 +26,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from cluster.names import client_key, plain_ip
 from cluster.sessionid import new_session_id
 from cluster.logjson import log_event
-from worker import replies
+from worker import replies, smtp_speedups
 from worker.policies import Client
+
+smtp_speedups.install()
 
 if TYPE_CHECKING:
     from worker.engine import PolicyEngine
@@ -161,3 +163,6 @@ class GatewaySMTP(SMTP):
             pass
         if self.transport is not None:
             self.transport.close()
+        # The session is over for us even while a TLS peer is slow to
+        # acknowledge the close; the drain need not wait for it.
+        self.sessions.finished(self)

@@ -102,6 +102,10 @@ class SpoolRecord:
     attempts: int = 0
     next_attempt: float = 0.0
     recipients: list[dict[str, Any]] = field(default_factory=list)
+    # Whether delivery has counted this message as undeliverable against its
+    # client's bounce ratio (SPEC §3.6), so it is counted once and uncounted
+    # once; kept on disk so a restart neither forgets nor repeats the mark.
+    counted_undeliverable: bool = False
 
     @classmethod
     def new(
@@ -189,6 +193,10 @@ def encode(record: SpoolRecord) -> bytes:
         ),
         "size": len(record.message),
     }
+    # Written only when set: frames without the field (older writers) read
+    # back as False, and readers that predate it ignore it.
+    if record.counted_undeliverable:
+        header["undeliverable"] = True
     problem = _header_problem(header)
     if problem is not None:
         raise ValueError(problem)
@@ -232,6 +240,8 @@ def _header_problem(header: dict[Any, Any]) -> str | None:
             or not (r["last_error"] is None or isinstance(r["last_error"], str))
         ):
             return f"bad recipient state {r!r}"
+    if not isinstance(header.get("undeliverable", False), bool):
+        return "header field undeliverable is not a boolean"
     return None
 
 
@@ -252,6 +262,7 @@ def _record_from(header: dict[Any, Any], body: bytes) -> SpoolRecord:
         attempts=header["attempts"],
         next_attempt=header["next_attempt"],
         recipients=header["recipients"],
+        counted_undeliverable=header.get("undeliverable", False),
     )
 
 

@@ -1,0 +1,319 @@
+"""Every message that crosses a process boundary, and how it is framed.
+
+Encoding: msgpack of ``[TYPE, VERSION, field, field, ...]`` in the order the
+dataclass declares its fields; nested counter types use their own
+``to_wire()`` forms (``cluster.counting``). Never pickle: a peer's bytes are
+decoded into plain data and checked, so a malformed frame raises
+:class:`WireError` instead of running anything.
+
+Sockets and frames (every path under ``cluster.runtime_dir``, a 0700 folder;
+``tcp://`` endpoints between hosts use CURVE):
+
+- ``w-<name>.sock`` — a worker's ROUTER for counter traffic. Peers connect a
+  DEALER and send one frame: ``CounterRequest``, ``Replicate``, ``Handoff``,
+  ``HandoffDone`` or ``InspectRequest``; the ROUTER answers on the same
+  identity with ``CounterReply``, ``ReplicateAck`` or ``InspectReply``.
+- ``coord.sock`` — the coordinator's ROUTER. Workers send ``Hello``,
+  ``SnapshotRequest``, ``Ready`` and ``MetricsReport``; the supervisor sends
+  ``SupervisorHello`` and ``ProcessEvent``; the admin CLI sends
+  ``AdminRequest``. Answers: ``SnapshotMessage``, ``RingMessage``,
+  ``AdminReply``; the supervisor receives ``ScaleCommand`` and, after a
+  ``leaving`` event, the ``RingMessage`` that no longer lists that worker.
+  The coordinator also asks a worker for counter rows the other way round:
+  ``AdminRequest("inspect", {"rid", "keys"})`` to the worker's DEALER,
+  answered by ``AdminReply(data={"rid", "rows": {key: [row, ...]}})``.
+  A worker's ``MetricsReport`` doubles as its heartbeat and says which
+  snapshot version and ring epoch it holds, so a missed publication is
+  sent again to it directly.
+- ``events.sock`` — the coordinator's PUB. Two frames: a topic (``b"snap"``
+  or ``b"ring"``) and a ``SnapshotMessage`` or ``RingMessage``. Versions and
+  epochs only grow: a subscriber that sees a gap asks for the snapshot again
+  (the zguide "Clone" pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from cluster.counting import Op, Outcome
+
+PROTOCOL_VERSION = 1
+
+TOPIC_SNAPSHOT = b"snap"
+TOPIC_RING = b"ring"
+
+
+class WireError(ValueError):
+    """A frame that is not a message of this protocol."""
+
+
+_TYPES: dict[str, type[Message]] = {}
+
+
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE:
+            _TYPES[cls.TYPE] = cls
+
+    def _fields_to_wire(self) -> list[Any]:
+        values = []
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, item.name)
+            values.append(_to_wire(value))
+        return values
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, (Op, Outcome)):
+        return value.to_wire()
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode(message: Message) -> bytes:
+    return msgpack.packb([message.TYPE, PROTOCOL_VERSION, *message._fields_to_wire()],
+                         use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    try:
+        data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"not msgpack: {exc}") from None
+    if not isinstance(data, list) or len(data) < 2:
+        raise WireError("not a [TYPE, VERSION, ...] list")
+    kind, version, *values = data
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise WireError(f"unknown message type {kind!r}")
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"{kind}: protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if len(values) != len(fields):
+        raise WireError(f"{kind}: {len(values)} fields, expected {len(fields)}")
+    try:
+        return cls(**{f.name: _from_wire(f.type, v) for f, v in zip(fields, values)})
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"{kind}: {exc}") from None
+
+
+def _from_wire(annotation: Any, value: Any) -> Any:
+    text = str(annotation)
+    if text.startswith("list[Op]") or text.startswith("tuple[Op"):
+        if not isinstance(value, list):
+            raise ValueError("ops must be a list")
+        return tuple(Op.from_wire(v) for v in value)
+    if text.startswith("Outcome"):
+        return None if value is None else Outcome.from_wire(value)
+    return value
+
+
+# -- counter traffic between workers -------------------------------------------
+
+COUNTER_KINDS = ("check", "reserve", "confirm", "release", "add", "mark")
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRequest(Message):
+    """One decision's ops for one owner. ``rid`` makes a retry idempotent."""
+
+    TYPE: ClassVar[str] = "counter"
+    rid: str
+    epoch: int
+    kind: str
+    reservation: str
+    ops: tuple[Op, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in COUNTER_KINDS:
+            raise ValueError(f"kind {self.kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CounterReply(Message):
+    """``status``: ok | moved (not the owner in this epoch) | retry (hand-off under way)."""
+
+    TYPE: ClassVar[str] = "counter-reply"
+    rid: str
+    status: str
+    epoch: int
+    outcome: Outcome | None = None
+    result: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Replicate(Message):
+    """The owner's state of some keys (``CounterShard.export``), applied by max-merge."""
+
+    TYPE: ClassVar[str] = "replicate"
+    rid: str
+    epoch: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicateAck(Message):
+    TYPE: ClassVar[str] = "replicate-ack"
+    rid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff(Message):
+    """Keys whose owner or replica changed in ``epoch``, sent by a holder to the new one."""
+
+    TYPE: ClassVar[str] = "handoff"
+    epoch: int
+    sender: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffDone(Message):
+    """The sender has sent every hand-off it owes for ``epoch``."""
+
+    TYPE: ClassVar[str] = "handoff-done"
+    epoch: int
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class InspectRequest(Message):
+    TYPE: ClassVar[str] = "inspect"
+    rid: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class InspectReply(Message):
+    TYPE: ClassVar[str] = "inspect-reply"
+    rid: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+# -- workers, supervisor and admin with the coordinator ---------------------------
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    name: str
+    pid: int
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest(Message):
+    TYPE: ClassVar[str] = "snapshot-request"
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMessage(Message):
+    """Configuration, tenant directory and GeoIP database, as the coordinator validated them."""
+
+    TYPE: ClassVar[str] = "snapshot"
+    version: int
+    config_path: str
+    config: dict[str, Any]
+    tenants: dict[str, Any]
+    tenants_version: str
+    geoip: bytes | None
+    geoip_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """The worker is up to date and may join the ring."""
+
+    TYPE: ClassVar[str] = "ready"
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RingMessage(Message):
+    """Ring membership: ``members`` is a list of ``[name, endpoint]`` pairs."""
+
+    TYPE: ClassVar[str] = "ring"
+    epoch: int
+    members: list[list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsReport(Message):
+    """A worker's counters since it started (the coordinator sums them)."""
+
+    TYPE: ClassVar[str] = "metrics"
+    name: str
+    pid: int
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorHello(Message):
+    TYPE: ClassVar[str] = "supervisor-hello"
+    pid: int
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessEvent(Message):
+    """From the supervisor: ``event`` is started | exited | leaving."""
+
+    TYPE: ClassVar[str] = "process-event"
+    name: str
+    event: str
+    pid: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleCommand(Message):
+    TYPE: ClassVar[str] = "scale"
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest(Message):
+    """``command``: status | scale | allow-country | disallow-country | inspect | queue."""
+
+    TYPE: ClassVar[str] = "admin"
+    command: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AdminReply(Message):
+    TYPE: ClassVar[str] = "admin-reply"
+    ok: bool
+    data: dict[str, Any]
+    error: str = ""
+
+
+# -- where the sockets are ---------------------------------------------------------
+
+def coordinator_endpoint(runtime_dir: str | os.PathLike[str]) -> str:
+    return f"ipc://{runtime_dir}/coord.sock"
+
+
+def events_endpoint(runtime_dir: str | os.PathLike[str]) -> str:
+    return f"ipc://{runtime_dir}/events.sock"
+
+
+def worker_endpoint(runtime_dir: str | os.PathLike[str], bind: str, name: str) -> str:
+    """A worker's counter ROUTER: ipc on one host; with ``cluster.bind`` set, that
+    address's port plus the worker's number (``w3`` → port + 3)."""
+    if not bind:
+        return f"ipc://{runtime_dir}/w-{name}.sock"
+    host, _, port = bind.rpartition(":")
+    digits = name.lstrip("w")
+    offset = int(digits) if digits.isdigit() else 0
+    return f"{host}:{int(port) + offset}"

@@ -1,0 +1,61 @@
+"""``python -m coordinator --config FILE --parent-pid N``: the cluster's coordinator.
+
+Exit status: 0 stopped, 2 the configuration, tenant directory or GeoIP
+database is bad at start (one line on stderr naming file, key and value),
+3 it cannot boot (the metrics address is taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cluster.lifeline import die_with_parent
+from cluster.validate import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+EXIT_BOOT_FAILED = 3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m coordinator")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--parent-pid", type=int, default=0)
+    args = parser.parse_args()
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
+
+    from cluster.logjson import setup_logging
+    from coordinator.membership import Membership
+    from coordinator.service import RECOVERY, SILENCE, Coordinator, read_state
+    from coordinator.sources import SnapshotSources
+
+    try:
+        settings_path = Path(args.config).absolute()
+        sources = SnapshotSources(settings_path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    runtime_dir = sources.settings.cluster.runtime_dir
+    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # A coordinator restarted within a running cluster continues its numbering.
+    state = read_state(runtime_dir)
+    if state is not None:
+        sources.start_at(state.get("version", 0) + 1)
+    membership = Membership(time.monotonic(), first_epoch=(state or {}).get("epoch", 0),
+                            silence=SILENCE, recovery=RECOVERY if state is not None else 0.0)
+    setup_logging(sources.settings.log_file, process="coordinator")
+    import uvloop
+    import zmq
+
+    try:
+        return uvloop.run(Coordinator(sources, runtime_dir, membership).run())
+    except (OSError, zmq.ZMQError) as exc:
+        print(f"sendguard: coordinator cannot start: {exc}", file=sys.stderr)
+        return EXIT_BOOT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

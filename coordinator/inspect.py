@@ -1,0 +1,73 @@
+"""``sendguard inspect ip|account``: which counter keys a subject has, and their limits.
+
+The counts come from the keys' owners (asked through a worker); the limits
+come from the configuration and tenant directory in force here, because a
+counter itself only knows the limit of the last decision that touched it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from cluster import keys
+from cluster.names import BadDomain, client_key, normalise_address
+from cluster.settings import Settings
+from cluster.tenants import TenantDirectory
+
+
+class SubjectError(ValueError):
+    pass
+
+
+def subject_keys(kind: str, subject: str) -> list[str]:
+    """The counter keys of an address (IPv6 by its /64) or of an account."""
+    if kind == "ip":
+        try:
+            ipaddress.ip_address(subject)
+        except ValueError:
+            raise SubjectError(f"{subject!r} is not an IP address") from None
+        client = client_key(subject)
+        return [keys.ip_key(client), keys.auth_failure_key(client), keys.bounce_key(client),
+                keys.spam_key(client)]
+    if kind == "account":
+        try:
+            return [keys.account_key(normalise_address(subject))]
+        except BadDomain:
+            raise SubjectError(f"{subject!r} is not an account like user@domain") from None
+    raise SubjectError(f"cannot inspect {kind!r}: ip or account")
+
+
+def limit_for(key: str, series: str, window: float, settings: Settings,
+              tenants: TenantDirectory) -> int | None:
+    """The limit a decision would apply to this counter now; None for plain counts."""
+    kind, _, subject = key.partition(":")
+    if series == keys.MESSAGES:
+        limits = settings.limits
+        if kind == "acct":
+            account = tenants.account(subject)
+            if account is not None:
+                limits = tenants.limits(account, settings.limits)
+        return next((limit.max for limit in limits if limit.window == window), None)
+    if series == keys.FAILURES and window == settings.auth.failure_window:
+        return settings.auth.max_failures
+    if series == keys.SPAM and window == settings.spam.window:
+        return settings.spam.grace
+    return None
+
+
+def with_limits(rows_by_key: dict[str, list[dict[str, Any]]], settings: Settings,
+                tenants: TenantDirectory) -> list[dict[str, Any]]:
+    out = []
+    for key, rows in rows_by_key.items():
+        for row in rows:
+            series, window = str(row.get("series", "")), float(row.get("window", 0.0))
+            out.append({
+                "key": key,
+                "series": series,
+                "window": window,
+                "count": row.get("count", 0),
+                "limit": limit_for(key, series, window, settings, tenants),
+                "clears_at": row.get("clears_at"),
+            })
+    return out

@@ -1,0 +1,376 @@
+"""The coordinator process: snapshots, ring membership, admin socket, metrics.
+
+Sockets (layout in :mod:`cluster.wire`): a ROUTER at ``coord.sock`` for
+workers, the supervisor and the admin CLI, and a PUB at ``events.sock`` for
+snapshots and rings. Everything runs on one event loop; only the Prometheus
+endpoint has a thread of its own, reading an immutable aggregate.
+
+Signals: HUP rereads the configuration (a bad file is refused, the old one
+stays); TERM and INT stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from cluster import wire
+from cluster.logjson import log_event
+from coordinator.inspect import SubjectError, subject_keys, with_limits
+from coordinator.membership import MEMBER, Membership
+from coordinator.metrics import MetricsBook, serve_metrics
+from coordinator.sources import SnapshotSources
+from coordinator.tenant_edit import EditError, edit_countries
+
+TICK = 0.5               # file watch and heartbeat check
+SILENCE = 5.0            # a member that has not reported for this long leaves
+RECOVERY = 2.5           # after a restart: rebuild membership from reports first
+INSPECT_TIMEOUT = 3.0
+RESEND_AFTER = 3.0       # a lagging worker gets the snapshot again at most this often
+MAX_WORKERS = 256
+STATE_FILE = "coordinator.state"
+
+
+def read_state(runtime_dir: Path) -> dict[str, int] | None:
+    """What an earlier coordinator of this cluster published last, if one ran."""
+    try:
+        data = msgpack.unpackb((runtime_dir / STATE_FILE).read_bytes())
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {k: v for k, v in data.items() if k in ("version", "epoch") and isinstance(v, int)}
+
+
+def write_state(runtime_dir: Path, version: int, epoch: int) -> None:
+    temp = runtime_dir / f".{STATE_FILE}.tmp"
+    temp.write_bytes(msgpack.packb({"version": version, "epoch": epoch}))
+    os.replace(temp, runtime_dir / STATE_FILE)
+
+
+class Coordinator:
+    def __init__(self, sources: SnapshotSources, runtime_dir: Path,
+                 membership: Membership) -> None:
+        self.sources = sources
+        self.runtime_dir = runtime_dir
+        self.membership = membership
+        self.metrics = MetricsBook()
+        self.supervisor: bytes = b""
+        self.supervisor_pid = 0
+        self.target_workers = 0
+        self._inspections: dict[str, asyncio.Future[Any]] = {}
+        self._resent: dict[str, float] = {}
+        self._snapshot_frame = (0, b"")
+        self._state = (0, 0)
+        self._stop = asyncio.Event()
+        self._hup = False
+        self._admin_tasks: set[asyncio.Task[None]] = set()
+
+    # -- sockets ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        context = zmq.asyncio.Context()
+        self.router = context.socket(zmq.ROUTER)
+        self.pub = context.socket(zmq.PUB)
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.router.bind(wire.coordinator_endpoint(self.runtime_dir))
+        self.pub.bind(wire.events_endpoint(self.runtime_dir))
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        metrics_server = None
+        listen = self.sources.settings.metrics_listen
+        if listen is not None:
+            metrics_server = serve_metrics(self.metrics, *listen)
+        self._persist()
+        log_event("coordinator_ready", pid=os.getpid(), version=self.sources.version,
+                  epoch=self.membership.epoch)
+        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._tick())]
+        try:
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            self.router.close()
+            self.pub.close()
+            context.term()
+        log_event("coordinator_stopped")
+        return 0
+
+    def _on_hup(self) -> None:
+        self._hup = True
+
+    async def _send(self, identity: bytes, message: wire.Message) -> None:
+        try:
+            await self.router.send_multipart([identity, wire.encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            log_event("send_dropped", logging.WARNING, kind=message.TYPE)
+
+    def _snapshot_bytes(self) -> bytes:
+        # One encoding per version: the GeoIP database may be megabytes.
+        if self._snapshot_frame[0] != self.sources.version:
+            self._snapshot_frame = (self.sources.version, wire.encode(self.sources.message))
+        return self._snapshot_frame[1]
+
+    async def _send_snapshot(self, identity: bytes) -> None:
+        try:
+            await self.router.send_multipart([identity, self._snapshot_bytes()], zmq.NOBLOCK)
+        except zmq.Again:
+            log_event("send_dropped", logging.WARNING, kind="snapshot")
+
+    async def _publish_snapshot(self) -> None:
+        await self.pub.send_multipart([wire.TOPIC_SNAPSHOT, self._snapshot_bytes()])
+        self._persist()
+
+    def _ring(self) -> wire.RingMessage:
+        return wire.RingMessage(self.membership.epoch, self.membership.members())
+
+    async def _update_ring(self) -> bool:
+        change = self.membership.next_ring(time.monotonic())
+        if change is None:
+            return False
+        ring = wire.RingMessage(*change)
+        await self.pub.send_multipart([wire.TOPIC_RING, wire.encode(ring)])
+        log_event("ring", epoch=ring.epoch, members=[name for name, _ in ring.members])
+        self._persist()
+        return True
+
+    def _persist(self) -> None:
+        state = (self.sources.version, self.membership.epoch)
+        if state != self._state:
+            write_state(self.runtime_dir, *state)
+            self._state = state
+
+    # -- the loops ---------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            identity, payload = frames[0], frames[-1]
+            try:
+                message = wire.decode(payload)
+            except wire.WireError as exc:
+                log_event("bad_frame", logging.WARNING, error=str(exc))
+                continue
+            try:
+                await self._handle(identity, message)
+            except Exception:
+                logging.getLogger(__name__).exception("handling %s", message.TYPE)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            if self._hup:
+                self._hup = False
+                if self.sources.reload_config():
+                    await self._publish_snapshot()
+            if self.sources.poll():
+                await self._publish_snapshot()
+            for name in self.membership.expire(now):
+                log_event("worker_silent", logging.WARNING, worker=name, after=SILENCE)
+                self.metrics.retire(name)
+            await self._update_ring()
+            self.metrics.refresh(self.sources.version, self.membership.epoch,
+                                 len(self.membership.members()))
+
+    async def _handle(self, identity: bytes, message: wire.Message) -> None:
+        now = time.monotonic()
+        members = self.membership
+        if isinstance(message, wire.MetricsReport):
+            worker = members.report(message.name, message.pid, message.values, identity, now)
+            self.metrics.report(message.name, message.pid, message.values)
+            if worker is not None:
+                await self._catch_up(worker.name, identity, message.values, now)
+        elif isinstance(message, wire.SnapshotRequest):
+            await self._send_snapshot(identity)
+        elif isinstance(message, wire.Hello):
+            members.hello(message.name, message.pid, message.endpoint, identity, now)
+            log_event("worker_hello", worker=message.name, pid=message.pid,
+                      endpoint=message.endpoint)
+            await self._update_ring()
+        elif isinstance(message, wire.Ready):
+            if members.ready(message.name, identity, now):
+                await self._update_ring()
+                # Straight to it as well: its SUB may not be subscribed yet.
+                await self._send(identity, self._ring())
+        elif isinstance(message, wire.AdminRequest):
+            task = asyncio.create_task(self._admin(identity, message))
+            self._admin_tasks.add(task)
+            task.add_done_callback(self._admin_tasks.discard)
+        elif isinstance(message, wire.AdminReply):
+            future = self._inspections.pop(str(message.data.get("rid", "")), None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, wire.SupervisorHello):
+            self.supervisor, self.supervisor_pid = identity, message.pid
+            self.target_workers = message.workers
+        elif isinstance(message, wire.ProcessEvent):
+            await self._process_event(identity, message, now)
+
+    async def _process_event(self, identity: bytes, event: wire.ProcessEvent,
+                             now: float) -> None:
+        self.supervisor = identity
+        log_event("process_event", worker=event.name, process_event=event.event,
+                  pid=event.pid, detail=event.detail or None)
+        if event.event == "started":
+            self.membership.started(event.name, event.pid, now)
+        elif event.event == "exited":
+            self.membership.exited(event.name, event.pid)
+            self.metrics.retire(event.name)
+        elif event.event == "leaving":
+            self.membership.leaving(event.name)
+            await self._update_ring()
+            # The supervisor stops the worker once the ring has let it go.
+            await self._send(identity, self._ring())
+            return
+        await self._update_ring()
+
+    async def _catch_up(self, name: str, identity: bytes, values: dict[str, Any],
+                        now: float) -> None:
+        """A worker that missed a publication gets it directly."""
+        version = values.get("snapshot_version")
+        if isinstance(version, int) and version < self.sources.version:
+            if now - self._resent.get(name, -RESEND_AFTER) >= RESEND_AFTER:
+                self._resent[name] = now
+                await self._send_snapshot(identity)
+        epoch = values.get("ring_epoch")
+        if (isinstance(epoch, int) and epoch < self.membership.epoch
+                and not self.membership.recovering(now)):
+            await self._send(identity, self._ring())
+
+    # -- admin ---------------------------------------------------------------
+
+    async def _admin(self, identity: bytes, request: wire.AdminRequest) -> None:
+        handler = {
+            "status": self._status,
+            "scale": self._scale,
+            "allow-country": self._allow_country,
+            "disallow-country": self._disallow_country,
+            "inspect": self._inspect,
+        }.get(request.command)
+        try:
+            if handler is None:
+                raise AdminError(f"unknown command {request.command!r}")
+            reply = wire.AdminReply(True, await handler(request.args))
+        except AdminError as exc:
+            reply = wire.AdminReply(False, {}, str(exc))
+        except Exception as exc:
+            logging.getLogger(__name__).exception("admin %s", request.command)
+            reply = wire.AdminReply(False, {}, f"internal error: {exc}")
+        await self._send(identity, reply)
+
+    async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
+        now = time.monotonic()
+        sources = self.sources
+        workers = []
+        for worker in sorted(self.membership.workers.values(), key=lambda w: w.name):
+            report = worker.report
+            workers.append({
+                "name": worker.name,
+                "pid": worker.pid,
+                "state": worker.state,
+                "phase": report.get("phase", "starting"),
+                "member": worker.state == MEMBER,
+                "snapshot_version": report.get("snapshot_version"),
+                "ring_epoch": report.get("ring_epoch"),
+                "sessions_open": report.get("sessions_open", 0),
+                "accepted": report.get("accepted", 0),
+                "last_report_s": round(now - worker.last_seen, 1) if worker.last_seen else None,
+            })
+        return {
+            "supervisor_pid": self.supervisor_pid,
+            "coordinator_pid": os.getpid(),
+            "workers_target": self.target_workers,
+            "ring_epoch": self.membership.epoch,
+            "ring": [name for name, _ in self.membership.members()],
+            "config_version": sources.version,
+            "config_file": str(sources.settings.path),
+            "tenants_version": sources.tenants.directory.version,
+            "tenants": len(sources.tenants.directory.domains),
+            "accounts": len(sources.tenants.directory.accounts),
+            "geoip_version": sources.geoip.version if sources.geoip else "",
+            "workers": workers,
+        }
+
+    async def _scale(self, args: dict[str, Any]) -> dict[str, Any]:
+        count = args.get("workers")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_WORKERS:
+            raise AdminError(f"workers must be a whole number from 1 to {MAX_WORKERS}")
+        if not self.supervisor:
+            raise AdminError("no supervisor is connected to this coordinator")
+        previous = self.target_workers
+        await self._send(self.supervisor, wire.ScaleCommand(count))
+        self.target_workers = count
+        return {"workers": count, "previous": previous}
+
+    async def _allow_country(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._edit_country(args, allow=True)
+
+    async def _disallow_country(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._edit_country(args, allow=False)
+
+    async def _edit_country(self, args: dict[str, Any], allow: bool) -> dict[str, Any]:
+        settings = self.sources.settings
+        try:
+            result = await asyncio.to_thread(
+                edit_countries, settings.tenants_file, str(args.get("domain", "")),
+                str(args.get("country", "")), allow, settings.geoip.default_countries)
+        except (EditError, OSError) as exc:
+            raise AdminError(str(exc)) from None
+        if result.changed:
+            log_event("tenant_edit", domain=result.domain, countries=list(result.countries),
+                      allow=allow)
+            if self.sources.force_tenants():
+                await self._publish_snapshot()
+        return {"domain": result.domain, "countries": list(result.countries),
+                "changed": result.changed, "tenants_version": self.sources.tenants.directory.version,
+                "config_version": self.sources.version}
+
+    async def _inspect(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            keys = subject_keys(str(args.get("kind", "")), str(args.get("subject", "")))
+        except SubjectError as exc:
+            raise AdminError(str(exc)) from None
+        candidates = [w for w in self.membership.workers.values()
+                      if w.state == MEMBER and w.identity]
+        if not candidates:
+            raise AdminError("no worker is in the ring to ask")
+        # A worker asks each key's owner through its counter node; try another if one is slow.
+        for worker in candidates[:2]:
+            rid = uuid.uuid4().hex
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._inspections[rid] = future
+            await self._send(worker.identity, wire.AdminRequest("inspect", {"rid": rid,
+                                                                            "keys": keys}))
+            try:
+                reply = await asyncio.wait_for(future, INSPECT_TIMEOUT)
+            except TimeoutError:
+                self._inspections.pop(rid, None)
+                continue
+            if not reply.ok:
+                raise AdminError(f"{worker.name}: {reply.error}")
+            rows = reply.data.get("rows", {})
+            return {"keys": keys, "worker": worker.name,
+                    "rows": with_limits(rows, self.sources.settings,
+                                        self.sources.tenants.directory)}
+        raise AdminError("no worker answered in time")
+
+
+class AdminError(Exception):
+    pass

@@ -1,0 +1,63 @@
+"""The aiosmtpd overrides of worker/smtp.py and worker/smtp_speedups.py, one test each.
+
+The replies themselves (banner, 550 before AUTH, SIZE before AUTH, 552 after
+DATA, AUTH verdicts, 421 on shutdown) are asserted over real SMTP in
+test_smtp_replies.py and test_shutdown.py; these tests pin what the
+overrides rely on in aiosmtpd 1.4.6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+
+import aiosmtpd.smtp
+from aiosmtpd.smtp import SMTP
+
+from worker import smtp_speedups
+from worker.smtp import GatewaySMTP
+
+
+class Handler:
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001
+        return responses
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+        return "250 OK"
+
+
+def test_aiosmtpd_is_the_pinned_version() -> None:
+    assert importlib.metadata.version("aiosmtpd") == "1.4.6"
+
+
+def test_texts_we_replace_are_still_aiosmtpd_texts() -> None:
+    import inspect
+
+    source = inspect.getsource(aiosmtpd.smtp.SMTP)
+    assert "'552 Error: Too much mail data'" in source
+    assert "self.__ident__" in source
+    assert "async def check_auth_needed(self, caller_method: str)" in source
+
+
+async def test_cached_introspection_finds_what_aiosmtpd_finds() -> None:
+    loop = asyncio.get_running_loop()
+    assert isinstance(aiosmtpd.smtp.inspect, type(aiosmtpd.smtp.inspect))
+    smtp_speedups.install()  # idempotent
+    cached = SMTP(Handler(), hostname="x", loop=loop)
+    names = dir(SMTP)
+    assert sorted(cached._smtp_methods) == sorted(
+        n.replace("smtp_", "") for n in names if n.startswith("smtp_"))
+    assert sorted(cached._handle_hooks) == ["DATA", "EHLO"]
+    assert sorted(cached._auth_methods) == ["LOGIN", "PLAIN"]
+    assert cached._ehlo_hook_ver == "new"
+
+
+async def test_gateway_auth_methods_are_ours() -> None:
+    loop = asyncio.get_running_loop()
+    protocol = GatewaySMTP(Handler(), engine=None, sessions=None,  # type: ignore[arg-type]
+                           trusted=lambda ip: False, hostname="x", loop=loop,
+                           auth_required=True)
+    for mechanism in ("PLAIN", "LOGIN"):
+        method = protocol._auth_methods[mechanism]
+        assert method.is_builtin
+        assert method.method.__func__ is getattr(GatewaySMTP, f"auth_{mechanism}")

@@ -1,0 +1,234 @@
+"""A worker's line to the coordinator: snapshots in, ring epochs in, reports out.
+
+The zguide "Clone" pattern: subscribe to ``events.sock`` first, then ask for
+the snapshot on ``coord.sock``; later snapshots and rings arrive on the
+subscription. Every snapshot is complete, so a newer one simply replaces
+what is held (a skipped version needs nothing else), and the report sent
+every second names the version and epoch held: the coordinator sends one
+that was missed (a subscription not yet joined, a full queue) directly.
+
+Rings are applied one at a time, in epoch order, skipping to the newest
+when several arrive during a hand-off. A worker that was in the ring and is
+left out of a later one has been retired: :attr:`removed` is set.
+
+The coordinator also forwards ``sendguard inspect`` here as an
+``AdminRequest("inspect")``; the counter node asks each key's owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from cluster import wire
+from cluster.logjson import log_event
+from cluster.settings import parse_settings
+from cluster.tenants import parse_tenants
+from cluster.validate import ConfigError
+from worker.geo import CountryDatabase, GeoDatabaseError
+from worker.snapshot import Snapshot
+
+REPORT_INTERVAL = 1.0
+
+
+class RingNode(Protocol):
+    async def apply_ring(self, epoch: int, members: Sequence[tuple[str, str]]) -> None: ...
+    async def inspect(self, key: str) -> list[dict[str, Any]]: ...
+
+
+def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> Snapshot:
+    """Raises ConfigError when the snapshot cannot be used (it was validated upstream)."""
+    settings = parse_settings(Path(message.config_path), message.config)
+    tenants = parse_tenants(settings.tenants_file, message.tenants,
+                            version=message.tenants_version)
+    geoip = None
+    if message.geoip is not None:
+        old = previous.geoip if previous is not None else None
+        if old is not None and old.version == message.geoip_version:
+            geoip = old  # a tenant change: no need to map the database again
+        else:
+            try:
+                geoip = CountryDatabase.from_bytes(message.geoip, message.geoip_version)
+            except GeoDatabaseError as exc:
+                raise ConfigError(settings.path, "geoip.database", str(exc),
+                                  show_value=False) from None
+    return Snapshot(settings, tenants, geoip, message.version)
+
+
+class ClusterLink:
+    def __init__(self, runtime_dir: Path, name: str) -> None:
+        self.runtime_dir = runtime_dir
+        self.name = name
+        self.endpoint = ""
+        self.phase = "starting"
+        self.ring_epoch = 0
+        self.member = False
+        self.removed = asyncio.Event()
+        self.report_values: Callable[[], dict[str, Any]] = dict
+        self._snapshot: Snapshot | None = None
+        self._have_snapshot = asyncio.Event()
+        self._snapshot_error: ConfigError | None = None
+        self._node: RingNode | None = None
+        self._ring_seen = 0
+        self._ring_pending: wire.RingMessage | None = None
+        self._ring_wakeup = asyncio.Event()
+        self._was_member = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._requests: set[asyncio.Task[None]] = set()
+
+    # -- snapshots ---------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._context = zmq.asyncio.Context()
+        self.sub = self._context.socket(zmq.SUB)
+        self.dealer = self._context.socket(zmq.DEALER)
+        for sock in (self.sub, self.dealer):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_SNAPSHOT)
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_RING)
+        self.sub.connect(wire.events_endpoint(self.runtime_dir))
+        self.dealer.connect(wire.coordinator_endpoint(self.runtime_dir))
+        self._tasks += [asyncio.create_task(self._receive(self.sub)),
+                        asyncio.create_task(self._receive(self.dealer))]
+
+    async def first_snapshot(self) -> Snapshot:
+        """Ask until the coordinator answers (it may still be starting)."""
+        while not self._have_snapshot.is_set():
+            await self._send(wire.SnapshotRequest(self.name))
+            try:
+                await asyncio.wait_for(self._have_snapshot.wait(), 5.0)
+            except TimeoutError:
+                log_event("waiting_for_coordinator", logging.WARNING, worker=self.name)
+        if self._snapshot_error is not None:
+            raise self._snapshot_error
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def current(self) -> Snapshot:
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def _offer_snapshot(self, message: wire.SnapshotMessage) -> None:
+        old = self._snapshot
+        if old is not None and message.version <= old.version:
+            return
+        try:
+            snapshot = build_snapshot(message, old)
+        except ConfigError as exc:
+            if old is None:
+                # Nothing to fall back on: the worker cannot start.
+                self._snapshot_error = exc
+                self._have_snapshot.set()
+                return
+            log_event("snapshot_refused", logging.ERROR, version=message.version, error=str(exc))
+            return
+        self._snapshot = snapshot
+        self._have_snapshot.set()
+        if old is not None:
+            log_event("snapshot", version=snapshot.version, tenants=snapshot.tenants.version,
+                      geoip=snapshot.geoip.version if snapshot.geoip else None)
+
+    # -- membership ----------------------------------------------------------------
+
+    async def join(self, node: RingNode, endpoint: str) -> None:
+        """Say Hello and Ready, start applying rings and reporting."""
+        self._node = node
+        self.endpoint = endpoint
+        await self._send(wire.Hello(self.name, os.getpid(), endpoint))
+        await self._send(wire.Ready(self.name))
+        self._tasks += [asyncio.create_task(self._apply_rings()),
+                        asyncio.create_task(self._report_loop())]
+
+    def _offer_ring(self, message: wire.RingMessage) -> None:
+        if message.epoch <= self._ring_seen:
+            return
+        self._ring_seen = message.epoch
+        self._ring_pending = message
+        self._ring_wakeup.set()
+
+    async def _apply_rings(self) -> None:
+        assert self._node is not None
+        while True:
+            await self._ring_wakeup.wait()
+            self._ring_wakeup.clear()
+            ring, self._ring_pending = self._ring_pending, None
+            if ring is None:
+                continue
+            members = [(str(name), str(endpoint)) for name, endpoint in ring.members]
+            try:
+                await self._node.apply_ring(ring.epoch, members)
+            except Exception:
+                logging.getLogger(__name__).exception("ring epoch %d", ring.epoch)
+                continue
+            self.ring_epoch = ring.epoch
+            self.member = any(name == self.name for name, _ in members)
+            log_event("ring_applied", worker=self.name, epoch=ring.epoch, member=self.member)
+            if self.member:
+                self._was_member = True
+            elif self._was_member:
+                self.removed.set()
+
+    # -- reports and requests --------------------------------------------------------
+
+    async def report(self) -> None:
+        values = self.report_values()
+        values.update(phase=self.phase, member=self.member, endpoint=self.endpoint,
+                      snapshot_version=self._snapshot.version if self._snapshot else 0,
+                      ring_epoch=self.ring_epoch)
+        await self._send(wire.MetricsReport(self.name, os.getpid(), values))
+
+    async def _report_loop(self) -> None:
+        while True:
+            await self.report()
+            await asyncio.sleep(REPORT_INTERVAL)
+
+    async def _inspect(self, request: wire.AdminRequest) -> None:
+        rid = str(request.args.get("rid", ""))
+        keys = request.args.get("keys", [])
+        assert self._node is not None
+        try:
+            rows = {str(key): await self._node.inspect(str(key)) for key in keys}
+            reply = wire.AdminReply(True, {"rid": rid, "rows": rows})
+        except Exception as exc:
+            reply = wire.AdminReply(False, {"rid": rid}, f"{type(exc).__name__}: {exc}")
+        await self._send(reply)
+
+    async def _send(self, message: wire.Message) -> None:
+        try:
+            await self.dealer.send(wire.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the coordinator is away; the next report says it all again
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                message = wire.decode(frames[-1])
+            except wire.WireError as exc:
+                log_event("bad_frame", logging.WARNING, error=str(exc))
+                continue
+            if isinstance(message, wire.SnapshotMessage):
+                self._offer_snapshot(message)
+            elif isinstance(message, wire.RingMessage):
+                self._offer_ring(message)
+            elif isinstance(message, wire.AdminRequest) and message.command == "inspect":
+                if self._node is not None:
+                    task = asyncio.create_task(self._inspect(message))
+                    self._requests.add(task)
+                    task.add_done_callback(self._requests.discard)
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *self._requests]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.sub.close()
+        self.dealer.close()
+        self._context.term()

@@ -1,0 +1,234 @@
+"""One SMTP client session to a next hop, reused for several messages.
+
+:meth:`Connection.open` tries the hops in order until one greets us, says
+EHLO (or HELO) and, when it offers STARTTLS, upgrades the session. TLS is
+opportunistic, as between MTAs on port 25: certificates are not verified
+(RFC 7435), and a failed handshake is retried once in plain text, since
+refusing to deliver over plain text would only keep the mail queued.
+
+:meth:`Connection.send` runs one transaction and returns one
+:class:`~worker.delivery.result.Result` per recipient; it never raises for
+anything the server or the network does. Commands are sent through
+``execute_command`` rather than aiosmtplib's ``mail``/``rcpt``, which
+re-parse addresses with ``email.utils`` and would alter quoted local parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Sequence
+
+from aiosmtplib import SMTP
+from aiosmtplib.errors import (
+    SMTPDataError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from cluster.names import BadDomain, to_alabel
+from worker.delivery.result import BOUNCED, DEFERRED, Result, local, remote
+from worker.delivery.route import Hop
+
+# Errors after which the connection is gone; anything the server *says* is
+# an SMTPResponseException and handled per command.
+_LOST = (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError, OSError, ssl.SSLError)
+
+
+class ConnectError(Exception):
+    """No hop took the session; ``result`` is the last hop's failure."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__(result.detail)
+        self.result = result
+
+
+def opportunistic_tls() -> ssl.SSLContext:
+    """A client context that encrypts without authenticating the server."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def wire_address(address: str, smtputf8: bool) -> str | None:
+    """The address as it may go on the wire to this server, or None if it cannot.
+
+    Without SMTPUTF8 a U-label domain still goes as its A-label; a non-ASCII
+    local part cannot go at all (RFC 6531 §3.2).
+    """
+    if address.isascii() or smtputf8:
+        return address
+    local_part, at, domain = address.rpartition("@")
+    if not at or not local_part.isascii():
+        return None
+    try:
+        return f"{local_part}@{to_alabel(domain)}"
+    except BadDomain:
+        return None
+
+
+def _header_block(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        end = message.find(b"\n\n")
+    return message if end < 0 else message[:end]
+
+
+class Connection:
+    def __init__(self, smtp: SMTP, hop: Hop, tls: bool) -> None:
+        self.smtp = smtp
+        self.hop = hop
+        self.tls = tls
+        self.usable = True
+
+    @classmethod
+    async def open(cls, hops: Sequence[Hop], *, helo: str, tls: ssl.SSLContext | None,
+                   connect_timeout: float, timeout: float) -> Connection:
+        """The first hop that takes a session; ConnectError when none does."""
+        last = local(DEFERRED, "no mail exchanger to connect to", "4.4.1")
+        for hop in hops:
+            try:
+                return await cls._open(hop, helo, tls, connect_timeout, timeout)
+            except ConnectError as exc:
+                last = exc.result
+        raise ConnectError(last)
+
+    @classmethod
+    async def _open(cls, hop: Hop, helo: str, tls: ssl.SSLContext | None,
+                    connect_timeout: float, timeout: float) -> Connection:
+        smtp = SMTP(hostname=hop.address, port=hop.port, local_hostname=helo,
+                    timeout=timeout, use_tls=False, start_tls=False)
+        stage = "initial greeting"
+        try:
+            await smtp.connect(timeout=connect_timeout)
+            stage = "EHLO"
+            await cls._hello(smtp)
+            if tls is None or not smtp.supports_extension("starttls"):
+                return cls(smtp, hop, False)
+            stage = "STARTTLS"
+            try:
+                await smtp.starttls(tls_context=tls, server_hostname=hop.host, timeout=timeout)
+            except SMTPResponseException:
+                # Refused with a reply: the session goes on in plain text.
+                return cls(smtp, hop, False)
+            except _LOST:
+                smtp.close()
+                return await cls._open(hop, helo, None, connect_timeout, timeout)
+            stage = "EHLO after STARTTLS"
+            await cls._hello(smtp)
+            return cls(smtp, hop, True)
+        except SMTPResponseException as exc:
+            smtp.close()
+            # Whatever the code, another hop may still take the mail: a
+            # refusal to talk at all is never final for the recipients.
+            result = remote(exc.code, exc.message, hop.label, stage)
+            raise ConnectError(Result(DEFERRED, result.detail, result.code, result.reply,
+                                      result.host, stage, None)) from None
+        except (SMTPException, *_LOST) as exc:
+            smtp.close()
+            detail = (f"connect to {hop.label}: {exc}" if stage == "initial greeting"
+                      else f"lost connection with {hop.label} during {stage}: {exc}")
+            raise ConnectError(local(DEFERRED, detail, "4.4.1")) from None
+
+    @staticmethod
+    async def _hello(smtp: SMTP) -> None:
+        try:
+            await smtp.ehlo()
+        except SMTPHeloError:
+            if not smtp.is_connected:
+                raise
+            await smtp.helo()
+
+    async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> list[Result]:
+        """One transaction; one result per recipient, in order."""
+        smtp, label = self.smtp, self.hop.label
+        results: list[Result | None] = [None] * len(recipients)
+        utf8_offered = smtp.supports_extension("smtputf8")
+        wire_from = wire_address(sender, utf8_offered)
+        if wire_from is None:
+            return [local(BOUNCED, f"SMTPUTF8 is required, but was not offered by host {label}",
+                          "5.6.7")] * len(recipients)
+        limit = smtp.esmtp_extensions.get("size", "")
+        if limit.isdigit() and 0 < int(limit) < len(message):
+            return [local(BOUNCED, f"message size {len(message)} exceeds size limit {limit} "
+                          f"of server {label}", "5.3.4")] * len(recipients)
+        wire_to = [wire_address(rcpt, utf8_offered) for rcpt in recipients]
+        options: list[bytes] = []
+        if "size" in smtp.esmtp_extensions:
+            options.append(b"SIZE=%d" % len(message))
+        if not message.isascii() and smtp.supports_extension("8bitmime"):
+            options.append(b"BODY=8BITMIME")
+        needs_utf8 = not wire_from.isascii() or any(w and not w.isascii() for w in wire_to)
+        if utf8_offered and (needs_utf8 or not _header_block(message).isascii()):
+            options.append(b"SMTPUTF8")
+        stage = "MAIL FROM"
+        try:
+            reply = await smtp.execute_command(b"MAIL", b"FROM:<%s>" % wire_from.encode(),
+                                               *options)
+            if reply.code != 250:
+                await self._reset()
+                return [remote(reply.code, reply.message, label, stage)] * len(recipients)
+            stage = "RCPT TO"
+            accepted: list[int] = []
+            for index, address in enumerate(wire_to):
+                if address is None:
+                    results[index] = local(BOUNCED, "SMTPUTF8 is required, but was not offered "
+                                           f"by host {label}", "5.6.7")
+                    continue
+                reply = await smtp.execute_command(b"RCPT", b"TO:<%s>" % address.encode())
+                if reply.code in (250, 251):
+                    accepted.append(index)
+                    continue
+                results[index] = remote(reply.code, reply.message, label, stage)
+                if not smtp.is_connected:  # 421: the server is closing
+                    raise SMTPServerDisconnected(reply.message)
+            if not accepted:
+                await self._reset()
+                return _fill(results, self._lost(stage))
+            stage = "DATA"
+            try:
+                reply = await smtp.data(message)
+                code, text = reply.code, reply.message
+            except SMTPDataError as exc:
+                code, text = exc.code, exc.message
+            for index in accepted:
+                results[index] = remote(code, text, label, stage)
+            if not smtp.is_connected:
+                self.usable = False
+        except ValueError:
+            # aiosmtplib refuses control characters in a command; such an
+            # address can never be sent, so retrying would not help.
+            self.usable = smtp.is_connected
+            if self.usable:
+                await self._reset()
+            return _fill(results, local(BOUNCED, f"address cannot be sent in {stage}", "5.1.3"))
+        except (SMTPException, *_LOST):
+            self.usable = False
+            smtp.close()
+        return _fill(results, self._lost(stage))
+
+    def _lost(self, stage: str) -> Result:
+        return local(DEFERRED, f"lost connection with {self.hop.label} while sending {stage}",
+                     "4.4.2")
+
+    async def _reset(self) -> None:
+        try:
+            reply = await self.smtp.execute_command(b"RSET")
+            self.usable = reply.code == 250
+        except (SMTPException, *_LOST):
+            self.usable = False
+
+    async def close(self) -> None:
+        """QUIT politely; a server that does not answer is simply dropped."""
+        if self.smtp.is_connected and self.usable:
+            with contextlib.suppress(SMTPException, *_LOST):
+                await self.smtp.quit(timeout=5.0)
+        self.smtp.close()
+
+
+def _fill(results: list[Result | None], default: Result) -> list[Result]:
+    return [default if r is None else r for r in results]

@@ -1,0 +1,67 @@
+"""Per-class caching of aiosmtpd's per-connection introspection.
+
+``SMTP.__init__`` scans the protocol and the handler with
+``inspect.getmembers``, ``dir`` and ``inspect.signature`` on every
+connection (about 120 µs here, most of the CPU of a one-message session's
+set-up). What those scans find depends only on the classes, so the names
+are looked up once per class and re-bound per instance. This rebinds names
+inside ``aiosmtpd.smtp`` only; aiosmtpd is pinned (1.4.6) for that reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any
+
+import aiosmtpd.smtp
+
+_HOOK_PREFIXES = ("smtp_", "handle_", "auth_")
+_names: dict[type, list[str]] = {}
+_signatures: dict[Any, inspect.Signature] = {}
+
+
+def _hook_names(obj: Any) -> list[str]:
+    # Only the prefixes aiosmtpd filters on are kept; its comprehensions
+    # then test a handful of names instead of every attribute.
+    cls = type(obj)
+    names = _names.get(cls)
+    if names is None:
+        names = _names[cls] = [n for n in dir(cls) if n.startswith(_HOOK_PREFIXES)]
+    return names
+
+
+def _cached_dir(obj: Any) -> list[str]:
+    # Hooks must be defined on the class, as aiosmtpd's documentation has them.
+    return dir(obj) if isinstance(obj, type) else _hook_names(obj)
+
+
+def _getmembers(obj: Any, predicate: Any = None) -> list[tuple[str, Any]]:
+    if predicate is not None or isinstance(obj, type):
+        return inspect.getmembers(obj, predicate)
+    return [(name, getattr(obj, name)) for name in _hook_names(obj) if name.startswith("auth_")]
+
+
+def _signature(obj: Any, *args: Any, **kwargs: Any) -> inspect.Signature:
+    if args or kwargs:
+        return inspect.signature(obj, *args, **kwargs)
+    key = obj.__func__ if isinstance(obj, types.MethodType) else obj
+    signature = _signatures.get(key)
+    if signature is None:
+        signature = _signatures[key] = inspect.signature(obj)
+    return signature
+
+
+class _CachedInspect(types.ModuleType):
+    def __getattr__(self, name: str) -> Any:
+        return getattr(inspect, name)
+
+
+def install() -> None:
+    if isinstance(aiosmtpd.smtp.inspect, _CachedInspect):
+        return
+    shim = _CachedInspect("inspect")
+    shim.getmembers = _getmembers  # type: ignore[attr-defined]
+    shim.signature = _signature  # type: ignore[attr-defined]
+    aiosmtpd.smtp.inspect = shim  # type: ignore[attr-defined]
+    aiosmtpd.smtp.dir = _cached_dir  # type: ignore[attr-defined]
