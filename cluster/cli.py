@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live with the parts they drive; each module offers
 # add_parser(commands, name, config_arg) and run(args) -> int.
-_EXTRA_COMMANDS: dict[str, str] = {}
+_EXTRA_COMMANDS: dict[str, str] = {
+    "status": "cluster.admin",
+    "scale": "cluster.admin",
+    "tenant": "cluster.admin",
+    "inspect": "cluster.admin",
+}
 
 
 def load_or_exit(path: str) -> Settings:

@@ -61,8 +61,9 @@ def setup_logging(file: Path | None, process: str = "", level: int = logging.INF
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # aiosmtpd logs every command at INFO; our decision lines say what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command at INFO and a deprecation WARNING on every
+    # successful AUTH; our decision lines say what matters.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:

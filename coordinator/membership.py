@@ -85,12 +85,16 @@ class Membership:
                now: float) -> Worker | None:
         """A heartbeat; the worker it came from, or None when it is not (or no longer) known."""
         worker = self.workers.get(name)
+        recovering = self.recovering(now)
         if worker is None or worker.pid != pid:
-            if not self.recovering(now):
+            if not recovering:
                 return None
             worker = self.workers[name] = Worker(name, pid)
+        if recovering and worker.state == STARTED:
             worker.endpoint = str(values.get("endpoint", ""))
-            worker.state = MEMBER if values.get("member") else JOINING
+            # A worker reports only after its Ready: one still starting is joining the ring.
+            joined = values.get("member") or values.get("phase") == "starting"
+            worker.state = MEMBER if joined else JOINING
             # The next epoch must be newer than any a worker has applied.
             epoch = values.get("ring_epoch")
             if isinstance(epoch, int):

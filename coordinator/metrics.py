@@ -33,7 +33,7 @@ class Totals:
     latency_buckets: tuple[int, ...] = ()
     latency_sum: float = 0.0
     latency_count: int = 0
-    counter_failures: int = 0
+    remote_calls: int = 0
 
 
 def _int(values: Mapping[str, Any], name: str) -> int:
@@ -50,8 +50,8 @@ def add(total: Totals, values: Mapping[str, Any], *, with_gauges: bool = True) -
             if isinstance(policy, str) and isinstance(count, int):
                 refusals[policy] = refusals.get(policy, 0) + count
     bounds, buckets = total.latency_bounds, total.latency_buckets
-    latency_sum, latency_count, failures = total.latency_sum, total.latency_count, \
-        total.counter_failures
+    latency_sum, latency_count = total.latency_sum, total.latency_count
+    remote = total.remote_calls
     latency = values.get("counter_latency")
     if isinstance(latency, dict):
         their_bounds = tuple(float(b) for b in latency.get("le", ()))
@@ -63,7 +63,7 @@ def add(total: Totals, values: Mapping[str, Any], *, with_gauges: bool = True) -
                 buckets = tuple(a + b for a, b in zip(buckets, their_buckets, strict=True))
                 latency_sum += float(latency.get("sum", 0.0))
                 latency_count += int(latency.get("count", 0))
-        failures += _int(latency, "failed")
+        remote += _int(latency, "remote")
     return Totals(
         sessions_open=total.sessions_open + (_int(values, "sessions_open") if with_gauges else 0),
         sessions_total=total.sessions_total + _int(values, "sessions_total"),
@@ -73,7 +73,7 @@ def add(total: Totals, values: Mapping[str, Any], *, with_gauges: bool = True) -
         latency_buckets=buckets,
         latency_sum=latency_sum,
         latency_count=latency_count,
-        counter_failures=failures,
+        remote_calls=remote,
     )
 
 
@@ -140,9 +140,9 @@ class ClusterCollector:
         yield HistogramMetricFamily("sendguard_counter_request_seconds",
                                     "Time for a counter owner to answer one decision",
                                     buckets=buckets, sum_value=totals.latency_sum)
-        yield CounterMetricFamily("sendguard_counter_request_failures",
-                                  "Counter requests not answered in time",
-                                  value=totals.counter_failures)
+        yield CounterMetricFamily("sendguard_counter_requests_remote",
+                                  "Counter calls that asked another worker",
+                                  value=totals.remote_calls)
         yield GaugeMetricFamily("sendguard_config_version", "Snapshot version in force",
                                 value=view.config_version)
         yield GaugeMetricFamily("sendguard_ring_epoch", "Ring membership epoch",

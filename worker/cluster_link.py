@@ -166,6 +166,8 @@ class ClusterLink:
                 await self._node.apply_ring(ring.epoch, members)
             except Exception:
                 logging.getLogger(__name__).exception("ring epoch %d", ring.epoch)
+                # Accept it again: the coordinator resends it when our report lags.
+                self._ring_seen = min(self._ring_seen, self.ring_epoch)
                 continue
             self.ring_epoch = ring.epoch
             self.member = any(name == self.name for name, _ in members)

@@ -1,8 +1,21 @@
 """A worker process: builds its parts after the fork and serves until told to stop.
 
+Two ways to run. Alone (``serve``): snapshots from the files on disk and
+counters in this process. In the cluster (``serve_cluster``, what the
+supervisor starts): the snapshot comes from the coordinator, counters are
+kept by a :class:`~worker.counters.node.CounterNode` in the ring, and the
+SMTP listeners are bound only once the node is active, so no connection is
+accepted before its counters can be reached.
+
 Signals (documented API): SIGTERM drains (stop accepting, let open
 transactions finish within ``server.drain_timeout``, then 421 the rest);
-SIGINT stops at once.
+SIGINT stops at once. In the cluster a drained worker keeps its counter
+node up until SIGINT or ``drain_timeout`` more, because the other workers'
+last transactions may need the keys it owns. A worker dropped from the ring
+after being in it (scaled down) drains and exits 0 by itself.
+
+Exit status: 0 stopped, 2 bad configuration, 3 cannot boot (certificate,
+port taken): the supervisor does not restart 2 or 3.
 """
 
 from __future__ import annotations
@@ -12,21 +25,25 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 from cluster.logjson import log_event, setup_logging
 from cluster.settings import Settings
 from cluster.validate import ConfigError
 from worker.auth import PasswordVerifier
-from worker.counters.client import LocalCounters
+from worker.counters.client import CounterClient, LocalCounters
 from worker.counters.shard import CounterShard
 from worker.dns import DomainResolver
 from worker.engine import PolicyEngine
 from worker.local_source import LocalSnapshotSource
+from worker.metrics import WorkerMetrics
 from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.server import BootError, SmtpServer
+from worker.snapshot import Snapshot
 from worker.spam import make_scanner
 from worker.spool import Spool
 
@@ -35,75 +52,187 @@ EXIT_CONFIG_ERROR = 2
 EXIT_BOOT_FAILED = 3
 
 
+class SnapshotSource(Protocol):
+    def current(self) -> Snapshot: ...
+
+
 @dataclass
 class WorkerParts:
-    source: LocalSnapshotSource
+    source: SnapshotSource
     shard: CounterShard
     engine: PolicyEngine
     server: SmtpServer
+    metrics: WorkerMetrics
 
 
-async def build_worker(settings: Settings, name: str = "w0") -> WorkerParts:
-    source = LocalSnapshotSource(settings)
-    shard = CounterShard()
+async def build_worker(settings: Settings, name: str = "w0", *,
+                       source: SnapshotSource | None = None, shard: CounterShard | None = None,
+                       counters: CounterClient | None = None,
+                       metrics: WorkerMetrics | None = None) -> WorkerParts:
+    """Defaults make a worker that runs alone: files from disk, counters in this process."""
+    source = source or LocalSnapshotSource(settings)
+    shard = shard or CounterShard()
+    metrics = metrics or WorkerMetrics()
     resolver = DomainResolver(settings.dns.nameservers, settings.dns.timeout)
     spam = settings.spam
     scanner = make_scanner(spam.backend, spam.url, spam.timeout, spam.rspamd_spam_actions)
     spool = Spool(settings.delivery.spool, name)
     engine = PolicyEngine(
         snapshot=source.current,
-        counters=LocalCounters(shard),
+        counters=counters or LocalCounters(shard),
         verifier=PasswordVerifier(max_concurrent=max(2, (os.cpu_count() or 2))),
         recipient_domain=RecipientDomainPolicy(resolver),
         scanner=lambda: scanner,
         spool=spool,
     )
-    return WorkerParts(source, shard, engine, SmtpServer(engine, source.current))
+    engine.on_decision = metrics.decision
+    return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics)
 
 
 async def _housekeeping(parts: WorkerParts) -> None:
     while True:
         await asyncio.sleep(1.0)
-        parts.source.reload()
+        if isinstance(parts.source, LocalSnapshotSource):
+            parts.source.reload()
         parts.shard.expire()
+
+
+class _Stop:
+    """SIGTERM (graceful) and SIGINT (fast), as events a coroutine can wait for."""
+
+    def __init__(self) -> None:
+        self.any = asyncio.Event()
+        self.fast = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.any.set)
+        loop.add_signal_handler(signal.SIGINT, self._fast)
+
+    def _fast(self) -> None:
+        self.fast.set()
+        self.any.set()
+
+
+async def _first(*waitables: Awaitable[Any], timeout: float | None = None) -> None:
+    """Wait until one of ``waitables`` is done (or ``timeout``); cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waitables]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 async def serve(settings: Settings, name: str = "w0",
                 on_ready: Callable[[WorkerParts], None] | None = None) -> int:
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    fast = False
-
-    def request_stop(graceful: bool) -> None:
-        nonlocal fast
-        fast = fast or not graceful
-        stopping.set()
-
-    loop.add_signal_handler(signal.SIGTERM, request_stop, True)
-    loop.add_signal_handler(signal.SIGINT, request_stop, False)
-
+    stop = _Stop()
     parts = await build_worker(settings, name)
     await parts.server.start()
     housekeeping = asyncio.create_task(_housekeeping(parts))
     log_event("worker_ready", worker=name, pid=os.getpid())
     if on_ready is not None:
         on_ready(parts)
-    await stopping.wait()
+    await stop.any.wait()
+    fast = stop.fast.is_set()
     log_event("worker_stopping", worker=name, graceful=not fast)
     await parts.server.drain(0.0 if fast else settings.server.drain_timeout)
     housekeeping.cancel()
     with suppress(asyncio.CancelledError):
         await housekeeping
+    await parts.engine.spool.aclose()
     return EXIT_OK
 
 
+async def serve_cluster(runtime_dir: Path, name: str) -> int:
+    import zmq
+
+    from cluster.wire import worker_endpoint
+    from worker.cluster_link import ClusterLink
+    from worker.counters.node import CounterNode
+
+    stop = _Stop()
+    link = ClusterLink(runtime_dir, name)
+    await link.connect()
+    node: CounterNode | None = None
+    parts: WorkerParts | None = None
+    housekeeping: asyncio.Task[None] | None = None
+    try:
+        first = asyncio.ensure_future(link.first_snapshot())
+        await _first(first, stop.any.wait())
+        if not first.done() or first.cancelled():
+            return EXIT_OK
+        settings = first.result().settings
+        setup_logging(settings.log_file, process=name)
+        metrics = WorkerMetrics()
+        shard = CounterShard()
+        endpoint = worker_endpoint(runtime_dir, settings.cluster.bind, name)
+        node = CounterNode(name, endpoint, shard, settings.cluster.request_timeout,
+                           observe=metrics.observe_counter)
+        try:
+            await node.start()
+        except zmq.ZMQError as exc:
+            raise BootError(f"cannot bind the counter endpoint {endpoint}: {exc}") from None
+        parts = await build_worker(settings, name, source=link, shard=shard,
+                                   counters=node.client, metrics=metrics)
+        sessions = parts.server.sessions
+        link.report_values = lambda: metrics.values(len(sessions), sessions.total)
+        await link.join(node, endpoint)
+        while not stop.any.is_set() and not node.active():
+            await _first(node.wait_active(5.0), stop.any.wait())
+            if not node.active() and not stop.any.is_set():
+                log_event("waiting_for_ring", logging.WARNING, worker=name)
+        if stop.any.is_set():
+            return EXIT_OK
+        await parts.server.start()
+        link.phase = "serving"
+        await link.report()
+        housekeeping = asyncio.create_task(_housekeeping(parts))
+        log_event("worker_ready", worker=name, pid=os.getpid(), endpoint=endpoint)
+
+        await _first(stop.any.wait(), link.removed.wait())
+        retired = link.removed.is_set()
+        fast = stop.fast.is_set() and not retired
+        log_event("worker_stopping", worker=name, graceful=not fast, retired=retired)
+        link.phase = "draining"
+        await link.report()
+        await parts.server.drain(0.0 if fast else settings.server.drain_timeout)
+        if not fast and not retired:
+            link.phase = "drained"
+            await link.report()
+            await _first(stop.fast.wait(), link.removed.wait(),
+                         timeout=settings.server.drain_timeout + 1.0)
+        return EXIT_OK
+    finally:
+        if housekeeping is not None:
+            housekeeping.cancel()
+        if parts is not None:
+            await parts.engine.spool.aclose()
+        if node is not None:
+            await node.close()
+        await link.close()
+
+
 def run_worker(settings: Settings, name: str = "w0") -> int:
-    """Entry point of a worker process (after fork): uvloop, logging, serve."""
+    """Entry point of a worker that runs alone (after fork): uvloop, logging, serve."""
+    setup_logging(settings.log_file, process=name)
+    return _run(serve(settings, name), name)
+
+
+def run_cluster_worker(runtime_dir: Path, name: str) -> int:
+    """Entry point of a worker started by the supervisor."""
+    # stderr until the snapshot names the log file.
+    setup_logging(None, process=name)
+    return _run(serve_cluster(runtime_dir, name), name)
+
+
+def _run(main: Awaitable[int], name: str) -> int:
     import uvloop
 
-    setup_logging(settings.log_file, process=name)
     try:
-        return uvloop.run(serve(settings, name))
+        return uvloop.run(main)  # type: ignore[arg-type]
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -2,7 +2,8 @@
 
 The engine tells :meth:`WorkerMetrics.decision` every verdict it logs; the
 counter node tells :meth:`WorkerMetrics.observe_counter` how long each
-request to an owner took. The totals only grow; the coordinator sums them
+decision's counter call took and whether it crossed a socket (a call that
+failed shows up as a refusal of the "counters" policy: 451 4.3.0). The totals only grow; the coordinator sums them
 over the workers (see ``coordinator/metrics.py``).
 """
 
@@ -27,7 +28,7 @@ class WorkerMetrics:
         self._buckets = [0] * len(LATENCY_BOUNDS)
         self.latency_sum = 0.0
         self.latency_count = 0
-        self.counter_failures = 0
+        self.remote_calls = 0
 
     def decision(self, stage: str, verdict: Verdict) -> None:
         if verdict.action is Action.CONTINUE:
@@ -37,9 +38,9 @@ class WorkerMetrics:
         policy = verdict.policy or "other"
         self.refusals[policy] = self.refusals.get(policy, 0) + 1
 
-    def observe_counter(self, seconds: float, ok: bool) -> None:
-        if not ok:
-            self.counter_failures += 1
+    def observe_counter(self, seconds: float, remote: bool) -> None:
+        if remote:
+            self.remote_calls += 1
         self._buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
         self.latency_sum += seconds
         self.latency_count += 1
@@ -59,6 +60,6 @@ class WorkerMetrics:
                 "buckets": cumulative,
                 "sum": self.latency_sum,
                 "count": self.latency_count,
-                "failed": self.counter_failures,
+                "remote": self.remote_calls,
             },
         }

@@ -1,4 +1,13 @@
-"""Per-class caching of aiosmtpd's per-connection introspection.
+"""Faster paths through aiosmtpd for what every session does.
+
+Address parsing: ``SMTP._getaddr`` runs ``email._header_value_parser`` and
+builds a ``typing.Protocol`` class on every MAIL and RCPT (about a third of
+the CPU the gateway spends on a message at 100 messages per session). The
+ordinary ``<dot.atom@domain>`` form is parsed with one regular expression
+that accepts exactly what the full parser would turn into the same
+``local@domain``; anything else goes to the full parser.
+
+Per-class caching of aiosmtpd's per-connection introspection.
 
 ``SMTP.__init__`` scans the protocol and the handler with
 ``inspect.getmembers``, ``dir`` and ``inspect.signature`` on every
@@ -11,10 +20,25 @@ inside ``aiosmtpd.smtp`` only; aiosmtpd is pinned (1.4.6) for that reason.
 from __future__ import annotations
 
 import inspect
+import re
 import types
 from typing import Any
 
 import aiosmtpd.smtp
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(?=$|\s)\s*(.*)$", re.DOTALL)
+_original_getaddr = aiosmtpd.smtp.SMTP._getaddr
+
+
+def _fast_getaddr(self: Any, arg: str) -> tuple[str | None, str | None]:
+    match = _SIMPLE_PATH.match(arg.lstrip()) if arg else None
+    if match is None or (self.local_part_limit
+                         and len(match.group(1).rpartition("@")[0]) > self.local_part_limit):
+        return _original_getaddr(self, arg)
+    return match.group(1), match.group(2)
 
 _HOOK_PREFIXES = ("smtp_", "handle_", "auth_")
 _names: dict[type, list[str]] = {}
@@ -65,3 +89,4 @@ def install() -> None:
     shim.signature = _signature  # type: ignore[attr-defined]
     aiosmtpd.smtp.inspect = shim  # type: ignore[attr-defined]
     aiosmtpd.smtp.dir = _cached_dir  # type: ignore[attr-defined]
+    aiosmtpd.smtp.SMTP._getaddr = _fast_getaddr  # type: ignore[method-assign]

@@ -61,3 +61,18 @@ async def test_gateway_auth_methods_are_ours() -> None:
         method = protocol._auth_methods[mechanism]
         assert method.is_builtin
         assert method.method.__func__ is getattr(GatewaySMTP, f"auth_{mechanism}")
+
+
+ADDRESS_FORMS = [
+    "<jan@kowalski.pl>", "<jan@kowalski.pl> SIZE=100 BODY=8BITMIME", "<Jan.K+tag@Ex-ample.COM>",
+    "<>", '<"quoted local"@x.pl>', "jan@x.pl", "<jan@[127.0.0.1]>", "<a..b@x.pl>", "<.a@x.pl>",
+    "<jan@zażółć.pl>", "<jan@x.pl>SIZE=1", "<@route:jan@x.pl>", " <jan@x.pl>", "<jan@-x.pl>",
+    "<jan@x.pl.>", "<j@x>", "<jan@kowalski.pl>  SMTPUTF8", "<a b@x.pl>", "<jan@x.pl",
+]
+
+
+async def test_fast_address_parsing_matches_aiosmtpd() -> None:
+    smtp_speedups.install()
+    protocol = SMTP(Handler(), hostname="x", loop=asyncio.get_running_loop())
+    for form in ADDRESS_FORMS:
+        assert protocol._getaddr(form) == smtp_speedups._original_getaddr(protocol, form), form

@@ -78,8 +78,8 @@ def _explanation(record: SpoolRecord, failed: Sequence[tuple[str, Result]], host
     lines = [
         f"This is the mail delivery system at {hostname}.",
         "",
-        f"Your message sent on {arrival} (queue id {record.queue_id}) could not be",
-        "delivered to the recipients listed below.",
+        f"Your message sent on {arrival}",
+        f"(queue id {record.queue_id}) could not be delivered to the recipients below.",
     ]
     if expired_after:
         lines += ["", f"The message stayed in the queue for {expired_after}, the longest time",

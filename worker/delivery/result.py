@@ -73,8 +73,9 @@ def classify(code: int) -> str:
 def clean_reply(text: str) -> str:
     """One line, printable, bounded: a reply as it goes into logs and DSNs."""
     joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    printable = "".join(c if c.isprintable() else "?" for c in joined)
-    return printable[:_MAX_TEXT]
+    if not joined.isprintable():
+        joined = "".join(c if c.isprintable() else "?" for c in joined)
+    return joined[:_MAX_TEXT]
 
 
 def remote(code: int, message: str, host: str, stage: str) -> Result:

@@ -1,0 +1,37 @@
+#!/bin/sh
+# Installs the content scanners the test suite runs against: rspamd and
+# SpamAssassin's spamd, from Debian's packages. Idempotent: does nothing when
+# both daemons are already there.
+#
+# The tests start each daemon themselves, on loopback, with a private
+# configuration in a temporary folder; nothing here configures or starts
+# them. Package maintainer scripts would otherwise start system-wide
+# instances, so service starts are denied for the length of the install
+# (unless the image already denies them, as Docker images do).
+set -eu
+
+missing=""
+command -v rspamd >/dev/null 2>&1 || missing="$missing rspamd"
+command -v spamd >/dev/null 2>&1 || missing="$missing spamd spamassassin"
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "services.sh: installing$missing needs root" >&2
+    exit 1
+fi
+
+policy=/usr/sbin/policy-rc.d
+made_policy=""
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+fi
+cleanup() { if [ -n "$made_policy" ]; then rm -f "$policy"; fi; }
+trap cleanup EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086  # the list is meant to split into package names
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
+command -v rspamd >/dev/null && command -v spamd >/dev/null

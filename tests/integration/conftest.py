@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clusterproc import Cluster
+
+
+@pytest.fixture
+def make_cluster(dns: Any) -> Iterator[Callable[..., Cluster]]:
+    """Clusters in short /tmp folders (ipc paths), stopped and removed afterwards."""
+    made: list[tuple[Cluster, Path]] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="sg"))
+        cluster = Cluster(folder, dns, **kwargs)
+        made.append((cluster, folder))
+        return cluster
+
+    yield make
+    for cluster, folder in made:
+        try:
+            cluster.stop()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

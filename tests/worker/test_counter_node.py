@@ -1,0 +1,463 @@
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from cluster import wire
+from cluster.counting import Op
+from cluster.ring import Ring
+from worker.counters.client import CounterUnavailable
+from worker.counters.node import CounterNode, CurveKeys
+from worker.counters.shard import CounterShard
+
+HOUR = 3600.0  # long enough that no bucket leaves its window during a test
+TIMEOUT = 2.0  # generous: these tests prove exactness, not speed
+SETTLE = 10.0
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # Short on purpose: ipc:// paths are limited to ~107 bytes.
+    folder = tempfile.mkdtemp(dir="/tmp", prefix="sg")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def made() -> AsyncIterator[list[CounterNode]]:
+    nodes: list[CounterNode] = []
+    yield nodes
+    await asyncio.gather(*(node.close() for node in nodes))
+
+
+async def start(made: list[CounterNode], folder: str, names: list[str],
+                **options: Any) -> list[CounterNode]:
+    nodes = []
+    for name in names:
+        node = CounterNode(name, f"ipc://{folder}/{name}.sock", CounterShard(),
+                           options.pop("request_timeout", TIMEOUT), **options)
+        await node.start()
+        made.append(node)
+        nodes.append(node)
+    return nodes
+
+
+def members(nodes: list[CounterNode]) -> list[tuple[str, str]]:
+    return [(node.name, node.endpoint) for node in nodes]
+
+
+async def form(nodes: list[CounterNode], epoch: int, ring: list[CounterNode] | None = None) -> None:
+    ring_members = members(ring if ring is not None else nodes)
+    await asyncio.gather(*(node.apply_ring(epoch, ring_members) for node in nodes))
+    assert all(await asyncio.gather(*(node.wait_active(SETTLE) for node in nodes)))
+
+
+def key_where(ring: Ring, owner: str, replica: str | None = None, skip: int = 0) -> str:
+    for i in range(100_000):
+        key = f"ip:10.0.{i >> 8}.{i & 255}"
+        if ring.owner(key) == owner and replica in (None, ring.replica(key)):
+            if skip == 0:
+                return key
+            skip -= 1
+    raise AssertionError(f"no key owned by {owner}")
+
+
+def msg(key: str, limit: int | None, amount: int = 1) -> Op:
+    return Op(key, "msg", HOUR, limit, amount)
+
+
+def count_in(rows: list[dict], series: str = "msg") -> int:
+    return sum(row["count"] for row in rows if row["series"] == series and row["window"] == HOUR)
+
+
+async def reserve_many(node: CounterNode, key: str, limit: int, n: int, tag: str) -> list[str]:
+    """`n` concurrent reserves; the rids of those accepted."""
+    rids = [f"{tag}-{node.name}-{key}-{i}" for i in range(n)]
+    outcomes = await asyncio.gather(*(node.client.reserve(r, [msg(key, limit)]) for r in rids))
+    return [r for r, outcome in zip(rids, outcomes) if outcome.ok]
+
+
+# -- exactness -------------------------------------------------------------------
+
+
+async def test_concurrent_reserves_from_every_node_admit_exactly_the_limit(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    nodes = await start(made, sock_dir, ["a", "b", "c"])
+    await form(nodes, 1)
+    ring = Ring(["a", "b", "c"])
+    key = key_where(ring, "b")
+    limit = 40
+    accepted = await asyncio.gather(*(reserve_many(n, key, limit, 30, "r") for n in nodes))
+    assert sum(len(rids) for rids in accepted) == limit
+    for node in nodes:
+        assert count_in(await node.inspect(key)) == limit
+    # Replicated before any answer went out: the replica already agrees.
+    replica = next(n for n in nodes if n.name == ring.replica(key))
+    assert count_in(replica.shard.snapshot(key)) == limit
+
+
+async def test_a_decision_on_two_owners_is_all_or_nothing(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b, c = await start(made, sock_dir, ["a", "b", "c"])
+    await form([a, b, c], 1)
+    ring = Ring(["a", "b", "c"])
+    wide, narrow = key_where(ring, "a"), key_where(ring, "b")
+    # The wide limit never binds, so exactly the narrow one decides.
+    decision = [msg(wide, 100), msg(narrow, 4)]
+    rids = [f"d{i}" for i in range(12)]
+    outcomes = await asyncio.gather(*(c.client.reserve(r, decision) for r in rids))
+    ok = [r for r, outcome in zip(rids, outcomes) if outcome.ok]
+    assert len(ok) == 4
+    assert {o.denied for o in outcomes if not o.ok} == {1}
+    late = await c.client.reserve("late", decision)
+    assert (late.ok, late.counts, late.denied) == (False, (4, 4), 1)
+    # The denied decisions' parts on the wide key were released again.
+    assert count_in(await c.inspect(wide)) == 4
+    assert count_in(await c.inspect(narrow)) == 4
+
+    assert all(await asyncio.gather(*(c.client.confirm(r) for r in ok[:2])))
+    assert all(await asyncio.gather(*(c.client.release(r) for r in ok[2:])))
+    assert count_in(await c.inspect(wide)) == 2
+    assert count_in(await c.inspect(narrow)) == 2
+    assert await c.client.release(ok[0]) is False  # confirmed: nothing to release
+    assert await c.client.confirm("never-reserved") is False
+
+
+async def test_check_add_and_mark_answer_in_op_order_across_owners(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    nodes = await start(made, sock_dir, ["a", "b", "c"])
+    await form(nodes, 1)
+    ring = Ring(["a", "b", "c"])
+    keys = [key_where(ring, owner, skip=n) for owner, n in (("c", 0), ("a", 0), ("b", 0), ("a", 1))]
+    await nodes[0].client.add([msg(k, None, amount=i + 1) for i, k in enumerate(keys)])
+    await nodes[1].client.mark([msg(keys[2], None, amount=10)])
+    outcome = await nodes[2].client.check([msg(k, 12) for k in keys])
+    assert outcome.counts == (1, 2, 13, 4)
+    assert not outcome.ok and outcome.denied == 2
+
+
+# -- failure ---------------------------------------------------------------------
+
+
+async def test_an_owner_that_never_answers_is_unavailable_within_the_timeout(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    timeout = 0.4
+    context = zmq.asyncio.Context()
+    silent = context.socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.bind(f"ipc://{sock_dir}/silent.sock")
+    heard: list[bytes] = []
+
+    async def ignore() -> None:
+        while True:
+            heard.append((await silent.recv_multipart())[-1])
+
+    listener = asyncio.create_task(ignore())
+    try:
+        (a,) = await start(made, sock_dir, ["a"], request_timeout=timeout, handoff_timeout=0.3)
+        ring_members = [("a", a.endpoint), ("silent", f"ipc://{sock_dir}/silent.sock")]
+        await a.apply_ring(1, ring_members)
+        ring = Ring(["a", "silent"])
+
+        began = time.monotonic()
+        with pytest.raises(CounterUnavailable):
+            await a.client.reserve("r1", [msg(key_where(ring, "silent"), 5)])
+        elapsed = time.monotonic() - began
+        print(f"unanswered owner: CounterUnavailable after {elapsed:.3f}s (timeout {timeout}s)")
+        assert timeout * 0.9 <= elapsed < timeout + 0.5
+
+        # A local decision whose replica is silent still gets its answer in time.
+        assert await a.wait_active(SETTLE)
+        local = key_where(ring, "a")
+        began = time.monotonic()
+        assert (await a.client.reserve("r2", [msg(local, 5)])).ok
+        assert time.monotonic() - began < timeout
+        assert any(isinstance(wire.decode(f), wire.Replicate) for f in heard)
+    finally:
+        listener.cancel()
+        silent.close()
+        context.term()
+
+
+async def test_a_new_member_takes_its_keys_and_limits_stay_exact(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    nodes = await start(made, sock_dir, ["a", "b", "c"])
+    await form(nodes, 1)
+    keys = [f"acct:user{i}@example.org" for i in range(24)]
+    limit, half = 10, 5
+    early = await asyncio.gather(*(reserve_many(random.choice(nodes), k, limit, half, "e")
+                                   for k in keys))
+    assert all(len(rids) == half for rids in early)
+
+    (d,) = await start(made, sock_dir, ["d"])
+    everyone = [*nodes, d]
+    moved = [k for k in keys if Ring(["a", "b", "c", "d"]).owner(k) == "d"]
+    assert moved, "pick keys so that some move to the new member"
+
+    async def load(key: str, tag: str) -> list[str]:
+        tries = [reserve_many(node, key, limit, 3, tag) for node in everyone]
+        return [rid for rids in await asyncio.gather(*tries) for rid in rids]
+
+    # Ask while the ring changes under the requests, then again once it settled.
+    change = asyncio.create_task(form(everyone, 2))
+    late = await asyncio.gather(*(load(k, "l") for k in keys))
+    await change
+    late_more = await asyncio.gather(*(load(k, "m") for k in keys))
+    for key, first, second in zip(keys, late, late_more):
+        assert len(first) + len(second) == half, key
+        assert count_in(await d.inspect(key)) == limit
+    # Reservations made before the change are found where their keys went.
+    for key, rids in zip(keys, early):
+        maker = next(n for n in nodes if rids[0].startswith(f"e-{n.name}-"))
+        assert all(await asyncio.gather(*(maker.client.confirm(r) for r in rids))), key
+
+
+async def test_a_killed_owner_is_replaced_by_its_replica_without_exceeding_limits(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    nodes = await start(made, sock_dir, ["a", "b", "c"])
+    await form(nodes, 1)
+    ring = Ring(["a", "b", "c"])
+    victim, survivors = nodes[0], nodes[1:]
+    keys = [key_where(ring, "a", skip=i) for i in range(8)] + [key_where(ring, "b")]
+    limit, half = 10, 5
+    early = await asyncio.gather(*(reserve_many(survivors[i % 2], k, limit, half, "e")
+                                   for i, k in enumerate(keys)))
+    assert all(len(rids) == half for rids in early)
+
+    # Like kill -9: no hand-off, no goodbye.
+    made.remove(victim)
+    await victim.close()
+    await form(survivors, 2)
+
+    for i, (key, rids) in enumerate(zip(keys, early)):
+        maker = survivors[i % 2]
+        assert all(await asyncio.gather(*(maker.client.confirm(r) for r in rids))), key
+        accepted = await asyncio.gather(*(reserve_many(n, key, limit, limit, "l")
+                                          for n in survivors))
+        total = sum(len(r) for r in accepted)
+        assert total <= half, f"{key}: {total} more admitted after failover"
+        # Replication is synchronous, so nothing is lost either.
+        assert total == half, key
+
+
+async def test_a_repeated_request_is_counted_once(sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"])
+    await form([a, b], 1)
+    ring = Ring(["a", "b"])
+    key = key_where(ring, "a")
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(a.endpoint)
+    try:
+        requests = [
+            wire.CounterRequest("same-add", 1, "add", "", (msg(key, None),)),
+            wire.CounterRequest("same-mark", 1, "mark", "", (msg(key, None, amount=2),)),
+            wire.CounterRequest("same-rsv", 1, "reserve", "R1", (msg(key, 100),)),
+        ]
+        for request in requests:
+            # Twice back to back: the repeat arrives while the first waits for its replica.
+            await dealer.send(wire.encode(request))
+            await dealer.send(wire.encode(request))
+        replies = [wire.decode(await asyncio.wait_for(dealer.recv(), SETTLE)) for _ in range(6)]
+        assert all(isinstance(r, wire.CounterReply) and r.status == "ok" for r in replies)
+        await dealer.send(wire.encode(requests[0]))  # and once more, long after
+        assert wire.decode(await asyncio.wait_for(dealer.recv(), SETTLE)).status == "ok"
+    finally:
+        dealer.close()
+    assert count_in(a.shard.snapshot(key)) == 4
+    assert count_in(b.shard.snapshot(key)) == 4  # the replica, too
+
+    first = await b.client.reserve("engine-rid", [msg(key, 100)])
+    again = await b.client.reserve("engine-rid", [msg(key, 100)])
+    assert first == again and first.ok
+    assert await b.client.confirm("engine-rid") and await b.client.confirm("engine-rid")
+    assert count_in(await b.inspect(key)) == 5
+
+
+async def test_a_moved_request_is_answered_moved_and_counts_nothing(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"])
+    await form([a, b], 1)
+    key = key_where(Ring(["a", "b"]), "b")
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(a.endpoint)
+    try:
+        await dealer.send(wire.encode(wire.CounterRequest("x", 1, "add", "", (msg(key, None),))))
+        reply = wire.decode(await asyncio.wait_for(dealer.recv(), SETTLE))
+    finally:
+        dealer.close()
+    assert isinstance(reply, wire.CounterReply) and reply.status == "moved"
+    assert a.shard.snapshot(key) == [] and b.shard.snapshot(key) == []
+
+
+# -- security --------------------------------------------------------------------
+
+
+async def test_ipc_sockets_need_a_private_folder(sock_dir: str) -> None:
+    os.chmod(sock_dir, 0o755)
+    node = CounterNode("a", f"ipc://{sock_dir}/a.sock", CounterShard(), TIMEOUT)
+    with pytest.raises(ValueError, match="0700"):
+        await node.start()
+    await node.close()
+
+
+async def test_tcp_with_curve_admits_members_only(made: list[CounterNode]) -> None:
+    pairs = {name: zmq.curve_keypair() for name in ("a", "b")}
+    public = {name: pub for name, (pub, _) in pairs.items()}
+    nodes = []
+    for name, (pub, secret) in pairs.items():
+        node = CounterNode(name, "tcp://127.0.0.1:*", CounterShard(), TIMEOUT,
+                           curve=CurveKeys(secret, pub, public))
+        await node.start()
+        made.append(node)
+        nodes.append(node)
+    await form(nodes, 1)
+    ring = Ring(["a", "b"])
+    both = [msg(key_where(ring, "a"), 3), msg(key_where(ring, "b"), 3)]
+    assert (await nodes[0].client.reserve("r", both)).ok
+    assert count_in(await nodes[0].inspect(both[1].key)) == 1
+
+    # A stranger that knows the server key but is not a member gets nowhere.
+    stranger_pub, stranger_secret = zmq.curve_keypair()
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.curve_secretkey, dealer.curve_publickey = stranger_secret, stranger_pub
+    dealer.curve_serverkey = public["b"]
+    dealer.connect(nodes[1].endpoint)
+    try:
+        request = wire.CounterRequest("s", 1, "add", "", (both[1],))
+        await dealer.send(wire.encode(request))
+        assert await dealer.poll(500) == 0
+    finally:
+        dealer.close()
+    assert count_in(await nodes[0].inspect(both[1].key)) == 1
+
+
+# -- across processes --------------------------------------------------------------
+
+
+def _child(name: str, folder: str, conn: Connection) -> None:
+    import uvloop
+
+    uvloop.run(_child_main(name, folder, conn))
+
+
+async def _child_main(name: str, folder: str, conn: Connection) -> None:
+    node = CounterNode(name, f"ipc://{folder}/{name}.sock", CounterShard(), TIMEOUT)
+    await node.start()
+    conn.send(node.endpoint)
+    while True:
+        command, *args = await asyncio.to_thread(conn.recv)
+        if command == "ring":
+            await node.apply_ring(*args)
+            conn.send(await node.wait_active(SETTLE))
+        elif command == "reserve":
+            key, limit, n = args
+            conn.send(len(await reserve_many(node, key, limit, n, "p")))
+        else:
+            await node.close()
+            conn.send("closed")
+            return
+
+
+async def _ask(conn: Connection, *command: Any) -> Any:
+    conn.send(command)
+
+    def wait() -> Any:
+        if not conn.poll(60):
+            raise AssertionError(f"child did not answer {command[0]}")
+        return conn.recv()
+
+    return await asyncio.to_thread(wait)
+
+
+def _quantiles(samples: list[float]) -> str:
+    cuts = statistics.quantiles(samples, n=100)
+    return f"p50 {cuts[49] * 1000:.2f} ms, p99 {cuts[98] * 1000:.2f} ms, n={len(samples)}"
+
+
+async def _at_rate(rate: float, seconds: float, decide: Any) -> None:
+    # A fixed arrival rate, as a load generator would send: not waiting for answers.
+    loop = asyncio.get_running_loop()
+    began, pending = loop.time(), []
+    for i in range(int(rate * seconds)):
+        delay = began + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pending.append(asyncio.create_task(decide(i)))
+    await asyncio.gather(*pending)
+
+
+@pytest.mark.integration
+async def test_nodes_in_separate_processes(sock_dir: str, made: list[CounterNode],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    links, children = {}, {}
+    for name in ("x", "y"):
+        parent_end, child_end = spawn.Pipe()
+        child = spawn.Process(target=_child, args=(name, sock_dir, child_end), daemon=True)
+        child.start()
+        links[name], children[name] = parent_end, child
+    try:
+        samples: list[tuple[float, bool]] = []
+        (p,) = await start(made, sock_dir, ["p"], observe=lambda s, r: samples.append((s, r)))
+        ring_members = [("p", p.endpoint)]
+        for name, conn in links.items():
+            ring_members.append((name, await asyncio.to_thread(conn.recv)))
+        formed = await asyncio.gather(p.apply_ring(1, ring_members),
+                                      *(_ask(c, "ring", 1, ring_members) for c in links.values()))
+        assert formed[1:] == [True, True] and await p.wait_active(SETTLE)
+        ring = Ring(["p", "x", "y"])
+
+        # Three processes race on one key owned by one of the children.
+        key, limit = key_where(ring, "x"), 60
+        counts = await asyncio.gather(reserve_many(p, key, limit, 50, "p"),
+                                      *(_ask(c, "reserve", key, limit, 50) for c in links.values()))
+        assert len(counts[0]) + counts[1] + counts[2] == limit
+
+        # Latency at a fixed rate: owner local (replica in a child), then remote.
+        local, remote = key_where(ring, "p", "x"), key_where(ring, "x", "y")
+        report = []
+        for label, target in (("local owner", local), ("remote owner", remote)):
+            samples.clear()
+            await _at_rate(400, 1.5, lambda i, k=target: p.client.reserve(
+                f"lat-{k}-{i}", [msg(k, None)]))
+            assert all(remote_call == (label == "remote owner") for _, remote_call in samples)
+            report.append(f"{label} reserve at 400/s: {_quantiles([s for s, _ in samples])}")
+        with capsys.disabled():
+            print("\n" + "\n".join(report))
+
+        # kill -9 of an owner in another process: its replica takes over with the counts.
+        doomed = [key_where(ring, "y", skip=i) for i in range(6)]
+        assert all(len(await reserve_many(p, k, 10, 5, "k")) == 5 for k in doomed)
+        os.kill(children["y"].pid, signal.SIGKILL)
+        children["y"].join(10)
+        survivors = ring_members[:2]
+        formed = await asyncio.gather(p.apply_ring(2, survivors), _ask(links["x"], "ring", 2,
+                                                                         survivors))
+        assert formed[1] is True and await p.wait_active(SETTLE)
+        for k in doomed:
+            more = await asyncio.gather(reserve_many(p, k, 10, 10, "m"),
+                                        _ask(links["x"], "reserve", k, 10, 10))
+            assert len(more[0]) + more[1] == 5, k
+        assert await _ask(links["x"], "stop") == "closed"
+    finally:
+        for child in children.values():
+            child.join(5)
+            if child.is_alive():
+                child.kill()
