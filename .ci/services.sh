@@ -10,9 +10,12 @@
 # (unless the image already denies them, as Docker images do).
 set -eu
 
+# spamd lives in /usr/sbin, which a non-root PATH may lack.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
 missing=""
-command -v rspamd >/dev/null 2>&1 || missing="$missing rspamd"
-command -v spamd >/dev/null 2>&1 || missing="$missing spamd spamassassin"
+have rspamd || missing="$missing rspamd"
+have spamd || missing="$missing spamd spamassassin"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -34,4 +37,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086  # the list is meant to split into package names
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
-command -v rspamd >/dev/null && command -v spamd >/dev/null
+have rspamd && have spamd

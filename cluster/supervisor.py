@@ -296,10 +296,11 @@ class Supervisor:
             log_event("process_died", process_name=child.name, exit_code=code, restart_in=delay)
 
     def boot_failed(self, child: Child, code: int) -> None:
-        reason = "bad configuration" if code == CHILD_CONFIG_ERROR else "cannot boot"
         log_event("boot_failed", process_name=child.name, exit_code=code)
-        print(f"sendguard: {child.name} could not start (exit {code}: {reason}); "
-              "stopping the cluster", file=sys.stderr)
+        if code == CHILD_BOOT_FAILED:
+            print(f"sendguard: {child.name} could not start (see above); stopping the cluster",
+                  file=sys.stderr)
+        # A configuration error is already on stderr as the one line SPEC §5 asks for.
         self.stop(graceful=False)
         self.exit_code = EXIT_CONFIG if code == CHILD_CONFIG_ERROR else EXIT_FAILED
 

@@ -140,7 +140,8 @@ class CounterRequest(Message):
 
 @dataclass(frozen=True, slots=True)
 class CounterReply(Message):
-    """``status``: ok | moved (not the owner in this epoch) | retry (hand-off under way)."""
+    """``status``: ok | moved (not the owner in this epoch) | retry (hand-off under way)
+    | error (the request cannot be applied, e.g. a negative amount; ``detail`` says why)."""
 
     TYPE: ClassVar[str] = "counter-reply"
     rid: str

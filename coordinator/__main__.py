@@ -8,6 +8,7 @@ database is bad at start (one line on stderr naming file, key and value),
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ EXIT_BOOT_FAILED = 3
 
 
 def main() -> int:
+    # Until the event loop takes over: a stop while still booting ends the
+    # process quietly instead of with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     parser = argparse.ArgumentParser(prog="python -m coordinator")
     parser.add_argument("--config", required=True)
     parser.add_argument("--parent-pid", type=int, default=0)

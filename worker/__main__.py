@@ -8,6 +8,7 @@ the coordinator; without it, it runs alone on the files named by ``--config``.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ EXIT_CONFIG_ERROR = 2
 
 
 def main() -> int:
+    # Until the event loop takes over: a stop while still booting ends the
+    # process quietly instead of with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--name", default="w0")

@@ -31,7 +31,7 @@ from worker.snapshot import Snapshot
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, SpamScanner
 from worker.spool import BaseSpool, SpoolError, new_queue_id
 from worker.spool.record import SpoolRecord
-from worker.submission import prepare_message
+from worker.submission import prepare_message, spam_headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,7 @@ class PolicyEngine:
         scanner: Callable[[], SpamScanner],
         spool: BaseSpool,
         clock: Callable[[], float] = time.time,
+        on_queued: Callable[[SpoolRecord], None] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.counters = counters
@@ -66,6 +67,7 @@ class PolicyEngine:
         self.scanner = scanner
         self.spool = spool
         self.clock = clock
+        self.on_queued = on_queued
         self.auth_throttle = AuthThrottlePolicy()
         self.sender_domain = SenderDomainPolicy()
         self.geoip = GeoipPolicy()
@@ -156,9 +158,11 @@ class PolicyEngine:
     async def data(self, client: Client, transaction: Transaction) -> Acceptance:
         snapshot = self.snapshot()
         queue_id = new_queue_id()
-        scan, scan_note = await self._scan(snapshot, client, transaction, queue_id)
+        scan, skipped = await self._scan(snapshot, client, transaction, queue_id)
         if isinstance(scan, Verdict):
-            return Acceptance(self._log(client, "DATA", scan, queue_id=queue_id))
+            return Acceptance(self._log(client, "DATA", scan, queue_id=queue_id,
+                                        backend=self.scanner().name))
+        scanned = _scan_fields(scan)
 
         spam_ops = self.spam_grace.ops(snapshot, client) if scan.spam else []
         ops = (spam_ops + self.rate_limit.ops(snapshot, client)
@@ -168,11 +172,10 @@ class PolicyEngine:
             outcome = await self.counters.reserve(reservation, ops)
         except CounterUnavailable as exc:
             return Acceptance(self._log(client, "DATA", _counter_tempfail(client, "counters", exc),
-                                        queue_id=queue_id))
+                                        queue_id=queue_id, **scanned))
         if not outcome.ok:
             verdict = self._refusal(client, ops, outcome, scan, spam_ops)
-            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id,
-                                        score=scan.score))
+            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned))
 
         record = SpoolRecord.new(
             queue_id=queue_id,
@@ -184,14 +187,16 @@ class PolicyEngine:
             rcpt_tos=list(transaction.rcpt_tos),
             received_at=self.clock(),
             message=prepare_message(transaction.content, snapshot.settings.server.hostname,
-                                    client, queue_id, scan_note),
+                                    client, queue_id, spam_headers(scan, skipped)),
         )
         try:
             await self.spool.store(record)
         except SpoolError as exc:
             await self._release(reservation)
             verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid), str(exc))
-            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id))
+            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned))
+        if self.on_queued is not None:
+            self.on_queued(record)
         try:
             if not await self.counters.confirm(reservation):
                 # It expired while the spool was slow: count the accepted message again.
@@ -202,12 +207,13 @@ class PolicyEngine:
                                                 reservation, exc)
         verdict = Verdict(Action.CONTINUE, replies.QUEUED.format(queue_id=queue_id),
                           "spam" if scan.spam else "data", "spam within grace" if scan.spam else "")
-        return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, score=scan.score,
+        return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned,
                                     recipients=len(transaction.rcpt_tos),
                                     size=len(record.message)), queue_id)
 
     async def _scan(self, snapshot: Snapshot, client: Client, transaction: Transaction,
                     queue_id: str) -> tuple[ScanResult | Verdict, str]:
+        """The scan's result or the ``spam.on_error`` verdict, and why the scan was skipped."""
         request = ScanRequest(
             message=transaction.content,
             mail_from=transaction.mail_from,
@@ -226,7 +232,8 @@ class PolicyEngine:
                                 str(exc)), ""
             log_event("scan_skipped", logging.WARNING, sid=client.sid, client_ip=client.ip,
                       policy="spam", reason=str(exc))
-            return ScanResult(False, 0.0, (), scanner.name, "skipped"), f"skipped ({exc})"
+            reason = str(exc) or f"{scanner.name}: unavailable"
+            return ScanResult(False, 0.0, (), scanner.name, "skipped"), reason
 
     def _refusal(self, client: Client, ops: list[Op], outcome: Outcome, scan: ScanResult,
                  spam_ops: list[Op]) -> Verdict:
@@ -262,6 +269,12 @@ class PolicyEngine:
         if self.on_decision is not None:
             self.on_decision(stage, verdict)
         return verdict
+
+
+def _scan_fields(scan: ScanResult) -> dict[str, object]:
+    """What the decision line says about the content scan."""
+    return {"score": scan.score, "symbols": list(scan.symbols), "backend": scan.backend,
+            "scan_action": scan.action or None}
 
 
 def _counter_tempfail(client: Client, policy: str, exc: Exception) -> Verdict:

@@ -2,24 +2,38 @@
 
 Each worker binds its own listening sockets with SO_REUSEPORT after the fork,
 so the kernel spreads connections over the workers of one port.
+
+With ``server.proxy_protocol`` on, the worker accepts connections itself:
+only peers in ``server.proxy_networks`` are let in, and their PROXY header
+is read from the bare socket (worker/proxy.py) within ``server.proxy_timeout``
+before the socket becomes a transport, TLS included on an implicit-TLS
+listener. The session, its id and its banner start after the header.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from cluster.logjson import log_event
-from cluster.settings import ServerSettings
+from cluster.names import plain_ip
+from cluster.settings import Network, ServerSettings
 from worker.engine import PolicyEngine
 from worker.handler import GatewayHandler
+from worker.proxy import ProxyError, read_header
 from worker.sessions import SessionRegistry
 from worker.smtp import GatewaySMTP
 from worker.snapshot import Snapshot
+
+
+# After a failed accept (out of file descriptors, say), as asyncio's own servers do.
+_ACCEPT_RETRY_DELAY = 1.0
 
 
 class BootError(Exception):
@@ -62,28 +76,27 @@ class SmtpServer:
         self.sessions = SessionRegistry()
         self._servers: list[asyncio.base_events.Server] = []
         self.addresses: list[tuple[str, int, bool]] = []
+        # PROXY protocol listeners: their sockets, accept loops and unfinished headers.
+        self._proxy_sockets: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     def _trusted(self, ip: str) -> bool:
-        networks = self.snapshot().settings.server.trusted_networks
-        if not networks:
-            return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in network for network in networks)
+        return _in_networks(ip, self.snapshot().settings.server.trusted_networks)
 
     def _factory(self, settings: ServerSettings, context: ssl.SSLContext | None,
-                 implicit_tls: bool) -> Callable[[], GatewaySMTP]:
+                 implicit_tls: bool) -> Callable[..., GatewaySMTP]:
         handler = GatewayHandler(self.engine, settings.max_recipients)
         loop = asyncio.get_running_loop()
 
-        def make() -> GatewaySMTP:
+        def make(peer: tuple[str, int] | None = None, proxy: str | None = None) -> GatewaySMTP:
             return GatewaySMTP(
                 handler,
                 engine=self.engine,
                 sessions=self.sessions,
                 trusted=self._trusted,
+                peer=peer,
+                proxy=proxy,
                 hostname=settings.hostname,
                 data_size_limit=settings.max_message_size,
                 enable_SMTPUTF8=True,
@@ -107,20 +120,97 @@ class SmtpServer:
             sockets += [(listening_socket(h, p), True) for h, p in settings.listen_tls]
         loop = asyncio.get_running_loop()
         for sock, implicit in sockets:
-            server = await loop.create_server(
-                self._factory(settings, context, implicit), sock=sock,
-                ssl=context if implicit else None, backlog=1024,
-            )
-            self._servers.append(server)
+            factory = self._factory(settings, context, implicit)
+            tls = context if implicit else None
+            if settings.proxy_protocol:
+                self._proxy_sockets.append(sock)
+                self._acceptors.append(asyncio.create_task(self._accept(sock, factory, tls)))
+            else:
+                self._servers.append(await loop.create_server(factory, sock=sock, ssl=tls,
+                                                              backlog=1024))
             host, port = sock.getsockname()[:2]
             self.addresses.append((host, port, implicit))
-            log_event("listening", address=f"{host}:{port}", implicit_tls=implicit)
+            log_event("listening", address=f"{host}:{port}", implicit_tls=implicit,
+                      proxy_protocol=settings.proxy_protocol)
+
+    # -- PROXY protocol -----------------------------------------------------------
+
+    async def _accept(self, sock: socket.socket, factory: Callable[..., GatewaySMTP],
+                      context: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except OSError as exc:
+                log_event("accept_failed", logging.ERROR, error=str(exc))
+                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            task = asyncio.create_task(self._open_proxied(conn, address, factory, context))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _open_proxied(self, conn: socket.socket, address: Any,
+                            factory: Callable[..., GatewaySMTP],
+                            context: ssl.SSLContext | None) -> None:
+        """Check the balancer, read its header, then hand the socket to a new session."""
+        settings = self.snapshot().settings.server
+        balancer = plain_ip(address[0])
+        handed_over = False
+        try:
+            conn.setblocking(False)
+            if not _in_networks(balancer, settings.proxy_networks):
+                log_event("proxy_refused", logging.WARNING, client_ip=balancer,
+                          reason="not in server.proxy_networks")
+                return
+            try:
+                async with asyncio.timeout(settings.proxy_timeout):
+                    header = await read_header(conn)
+            except TimeoutError:
+                log_event("proxy_refused", logging.WARNING, client_ip=balancer,
+                          reason=f"no PROXY header within {settings.proxy_timeout:g}s")
+                return
+            except (ProxyError, OSError) as exc:
+                log_event("proxy_refused", logging.WARNING, client_ip=balancer,
+                          reason=f"bad PROXY header: {exc}")
+                return
+            peer = header.source or (balancer, address[1])
+            handed_over = True
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    lambda: factory(peer=peer, proxy=balancer), conn, ssl=context)
+            except OSError as exc:
+                # The TLS handshake of an implicit-TLS listener failed; nothing was said yet.
+                log_event("tls_failed", client_ip=peer[0], proxy=balancer, error=str(exc))
+                conn.close()
+        finally:
+            if not handed_over:
+                conn.close()
+
+    async def _stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in self._acceptors:
+            task.cancel()
+        await asyncio.gather(*self._acceptors, return_exceptions=True)
+        for sock in self._proxy_sockets:
+            sock.close()
+        # Connections still sending their header have no session yet: nothing to drain.
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let open transactions finish within ``timeout``, end the rest."""
-        for server in self._servers:
-            server.close()
+        await self._stop_accepting()
         cut = await self.sessions.drain(timeout)
         log_event("drained", cut_sessions=cut)
         for server in self._servers:
             await server.wait_closed()
+
+
+def _in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)

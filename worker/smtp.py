@@ -12,7 +12,11 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
 - the per-class scan of ``smtp_*``/``auth_*`` methods done once per class
   instead of once per connection;
 - graceful shutdown: 421 at once outside a transaction, after the reply to
-  the end of DATA inside one.
+  the end of DATA inside one;
+- behind a load balancer, the client address from the PROXY header (read by
+  worker/server.py before this object exists) instead of the peer's, for the
+  policies and for aiosmtpd's ``session.peer``. aiosmtpd's own PROXY support
+  is not used: on an implicit-TLS listener it would run after the handshake.
 """
 
 from __future__ import annotations
@@ -47,11 +51,15 @@ def _capture_credentials(server: Any, session: Any, envelope: Any, mechanism: st
 
 class GatewaySMTP(SMTP):
     def __init__(self, handler: Any, *, engine: PolicyEngine, sessions: SessionRegistry,
-                 trusted: Any, **kwargs: Any) -> None:
+                 trusted: Any, peer: tuple[str, int] | None = None, proxy: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(handler, authenticator=_capture_credentials, **kwargs)
         self.engine = engine
         self.sessions = sessions
         self._is_trusted = trusted
+        # With PROXY protocol: the client named by the header, and the balancer's address.
+        self._peer = peer
+        self._proxy = proxy
         self.client: Client | None = None
         self._draining = False
         self._closing = False
@@ -60,17 +68,27 @@ class GatewaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.client is None:
-            peer = transport.get_extra_info("peername")
+            peer = self._peer or transport.get_extra_info("peername")
             ip = plain_ip(peer[0]) if peer else "unknown"
             sid = new_session_id()
             self.client = Client(sid=sid, ip=ip, key=client_key(ip), trusted=self._is_trusted(ip),
                                  tls=transport.get_extra_info("sslcontext") is not None)
             self.__ident__ = replies.BANNER_IDENT.format(sid=sid)
             self.sessions.add(self)
-            log_event("connect", sid=sid, client_ip=ip, tls=self.client.tls)
+            log_event("connect", sid=sid, client_ip=ip, tls=self.client.tls, proxy=self._proxy)
         else:
             self.client.tls = True  # connection_made again means STARTTLS completed
         super().connection_made(transport)
+        if self._peer is not None and self.session is not None:
+            self.session.peer = self._peer  # aiosmtpd just set it from the transport
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session on a half-close but keeps the connection
+        # until the idle timeout; nothing more can arrive, so end it now.
+        super().eof_received()
+        if self.transport is not None:
+            self.transport.close()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         self.sessions.discard(self)

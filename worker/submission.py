@@ -1,4 +1,9 @@
-"""Submission duties (RFC 6409 §8): a trace header, and Message-ID/Date when missing."""
+"""Submission duties (RFC 6409 §8): a trace header, and Message-ID/Date when missing.
+
+Also the content scan's outcome, as ``X-Spam-*`` headers under the trace
+header, so a tenant's mailbox filter (or support staff) can see what the
+scanner thought of a message that was delivered anyway.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ import email.utils
 import time
 
 from worker.policies import Client
+from worker.spam import ScanResult
 
 _HEADER_SCAN_LIMIT = 256 * 1024
+_FOLD_AT = 76
 
 
 def prepare_message(content: bytes, hostname: str, client: Client, queue_id: str,
-                    scan_note: str = "", now: float | None = None) -> bytes:
+                    spam_header: str = "", now: float | None = None) -> bytes:
+    """The message as queued; ``spam_header`` is the output of :func:`spam_headers`."""
     now = time.time() if now is None else now
     date = email.utils.formatdate(now)
     user = client.account.user if client.account else ""
@@ -20,7 +28,7 @@ def prepare_message(content: bytes, hostname: str, client: Client, queue_id: str
         f"\tby {hostname} (sendguard) with ESMTPSA id {queue_id}\r\n"
         f"\t(session {client.sid}; authenticated as {_clean(user)});\r\n"
         f"\t{date}\r\n"
-    ).encode("utf-8", "surrogateescape")
+    ).encode("utf-8", "surrogateescape") + spam_header.encode("ascii", "replace")
     head_end = _header_end(content)
     head = content[:head_end].lower()
     added = []
@@ -28,12 +36,42 @@ def prepare_message(content: bytes, hostname: str, client: Client, queue_id: str
         added.append(f"Message-ID: <{queue_id}@{hostname}>\r\n")
     if not _has_header(head, b"date"):
         added.append(f"Date: {date}\r\n")
-    if scan_note:
-        added.append(f"X-Spam-Scan: {_clean(scan_note)}\r\n")
     if not added:
         return received + content
     extra = "".join(added).encode("ascii", "replace")
     return received + content[:head_end] + extra + content[head_end:]
+
+
+def spam_headers(scan: ScanResult, skipped: str = "") -> str:
+    """``X-Spam-*`` lines for an accepted message; ``skipped`` is why no scan happened."""
+    if skipped:
+        return f"X-Spam-Scan: skipped ({_clean(skipped)})\r\n"
+    verdict = "yes" if scan.spam else "no"
+    fields = [_clean(scan.backend), f"spam={verdict}", f"score={round(scan.score, 3):g}"]
+    if scan.action:
+        fields.append(f"action={_clean(scan.action)}")
+    lines = [f"X-Spam-Scan: {'; '.join(fields)}\r\n"]
+    if scan.spam:
+        # The flag SpamAssassin writes; Sieve and Dovecot rules commonly test it.
+        lines.append("X-Spam-Flag: YES\r\n")
+    if scan.symbols:
+        lines.append(_folded("X-Spam-Symbols", [_clean(s) for s in scan.symbols]))
+    return "".join(lines)
+
+
+def _folded(name: str, words: list[str]) -> str:
+    """``Name: a, b, c`` folded under 78 characters a line (RFC 5322 §2.2.3)."""
+    lines: list[str] = []
+    line = f"{name}:"
+    for index, word in enumerate(words):
+        piece = f" {word}" + ("," if index < len(words) - 1 else "")
+        if len(line) + len(piece) > _FOLD_AT and line.strip() != f"{name}:":
+            lines.append(line)
+            line = "\t" + piece.lstrip()
+        else:
+            line += piece
+    lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
 
 
 def _header_end(content: bytes) -> int:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ def make_cluster(dns: Any) -> Iterator[Callable[..., Cluster]]:
     made: list[tuple[Cluster, Path]] = []
 
     def make(**kwargs: Any) -> Cluster:
-        folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="sg"))
+        folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="sgc"))
         cluster = Cluster(folder, dns, **kwargs)
         made.append((cluster, folder))
         return cluster
@@ -26,4 +27,5 @@ def make_cluster(dns: Any) -> Iterator[Callable[..., Cluster]]:
         try:
             cluster.stop()
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            if not os.environ.get("SENDGUARD_KEEP_TEST_FILES"):
+                shutil.rmtree(folder, ignore_errors=True)

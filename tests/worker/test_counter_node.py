@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -38,6 +37,14 @@ def sock_dir() -> Iterator[str]:
 
 
 @pytest.fixture
+def zctx() -> Iterator[zmq.asyncio.Context]:
+    """A context for the test's own sockets (a stranger, a silent owner)."""
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
 async def made() -> AsyncIterator[list[CounterNode]]:
     nodes: list[CounterNode] = []
     yield nodes
@@ -45,11 +52,11 @@ async def made() -> AsyncIterator[list[CounterNode]]:
 
 
 async def start(made: list[CounterNode], folder: str, names: list[str],
-                **options: Any) -> list[CounterNode]:
+                request_timeout: float = TIMEOUT, **options: Any) -> list[CounterNode]:
     nodes = []
     for name in names:
         node = CounterNode(name, f"ipc://{folder}/{name}.sock", CounterShard(),
-                           options.pop("request_timeout", TIMEOUT), **options)
+                           request_timeout, **options)
         await node.start()
         made.append(node)
         nodes.append(node)
@@ -60,8 +67,8 @@ def members(nodes: list[CounterNode]) -> list[tuple[str, str]]:
     return [(node.name, node.endpoint) for node in nodes]
 
 
-async def form(nodes: list[CounterNode], epoch: int, ring: list[CounterNode] | None = None) -> None:
-    ring_members = members(ring if ring is not None else nodes)
+async def form(nodes: list[CounterNode], epoch: int) -> None:
+    ring_members = members(nodes)
     await asyncio.gather(*(node.apply_ring(epoch, ring_members) for node in nodes))
     assert all(await asyncio.gather(*(node.wait_active(SETTLE) for node in nodes)))
 
@@ -154,10 +161,9 @@ async def test_check_add_and_mark_answer_in_op_order_across_owners(
 
 
 async def test_an_owner_that_never_answers_is_unavailable_within_the_timeout(
-        sock_dir: str, made: list[CounterNode]) -> None:
+        sock_dir: str, made: list[CounterNode], zctx: zmq.asyncio.Context) -> None:
     timeout = 0.4
-    context = zmq.asyncio.Context()
-    silent = context.socket(zmq.ROUTER)
+    silent = zctx.socket(zmq.ROUTER)
     silent.setsockopt(zmq.LINGER, 0)
     silent.bind(f"ipc://{sock_dir}/silent.sock")
     heard: list[bytes] = []
@@ -189,8 +195,6 @@ async def test_an_owner_that_never_answers_is_unavailable_within_the_timeout(
         assert any(isinstance(wire.decode(f), wire.Replicate) for f in heard)
     finally:
         listener.cancel()
-        silent.close()
-        context.term()
 
 
 async def test_a_new_member_takes_its_keys_and_limits_stay_exact(
@@ -199,8 +203,8 @@ async def test_a_new_member_takes_its_keys_and_limits_stay_exact(
     await form(nodes, 1)
     keys = [f"acct:user{i}@example.org" for i in range(24)]
     limit, half = 10, 5
-    early = await asyncio.gather(*(reserve_many(random.choice(nodes), k, limit, half, "e")
-                                   for k in keys))
+    early = await asyncio.gather(*(reserve_many(nodes[i % 3], k, limit, half, "e")
+                                   for i, k in enumerate(keys)))
     assert all(len(rids) == half for rids in early)
 
     (d,) = await start(made, sock_dir, ["d"])
@@ -226,9 +230,37 @@ async def test_a_new_member_takes_its_keys_and_limits_stay_exact(
         assert all(await asyncio.gather(*(maker.client.confirm(r) for r in rids))), key
 
 
+async def test_a_leaving_member_hands_off_before_its_keys_are_served_elsewhere(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b, c = await start(made, sock_dir, ["a", "b", "c"])
+    await form([a, b, c], 1)
+    ring = Ring(["a", "b", "c"])
+    keys = [key_where(ring, "a", skip=i) for i in range(8)]
+    limit, half = 10, 5
+    early = await asyncio.gather(*(reserve_many(b, k, limit, half, "e") for k in keys))
+    assert all(len(rids) == half for rids in early)
+
+    # The survivors switch first; the leaving member has not heard yet and
+    # still counts its keys in epoch 1, so nobody else may count them.
+    await asyncio.gather(b.apply_ring(2, members([b, c])), c.apply_ring(2, members([b, c])))
+    assert not await b.wait_active(0.3) and not c.active()
+    waiting = asyncio.gather(*(reserve_many(n, k, limit, 3, "w") for n in (b, c) for k in keys))
+    by_a = await asyncio.gather(*(reserve_many(a, k, limit, 4, "a") for k in keys))
+    assert all(len(rids) == 4 for rids in by_a)
+    assert not waiting.done()
+
+    await a.apply_ring(2, members([b, c]))
+    assert await b.wait_active(SETTLE) and await c.wait_active(SETTLE)
+    accepted = await waiting
+    for i, key in enumerate(keys):
+        assert sum(len(rids) for rids in accepted[i::len(keys)]) == half - 4, key
+        assert count_in(await c.inspect(key)) == limit
+
+
 async def test_a_killed_owner_is_replaced_by_its_replica_without_exceeding_limits(
         sock_dir: str, made: list[CounterNode]) -> None:
-    nodes = await start(made, sock_dir, ["a", "b", "c"])
+    # A long hand-off timeout: the survivors must not wait for the dead one.
+    nodes = await start(made, sock_dir, ["a", "b", "c"], handoff_timeout=60.0)
     await form(nodes, 1)
     ring = Ring(["a", "b", "c"])
     victim, survivors = nodes[0], nodes[1:]
@@ -254,12 +286,68 @@ async def test_a_killed_owner_is_replaced_by_its_replica_without_exceeding_limit
         assert total == half, key
 
 
-async def test_a_repeated_request_is_counted_once(sock_dir: str, made: list[CounterNode]) -> None:
+async def test_a_confirm_that_failed_is_retried_until_a_new_owner_takes_it(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b, c = await start(made, sock_dir, ["a", "b", "c"], request_timeout=0.5)
+    await form([a, b, c], 1)
+    key = key_where(Ring(["a", "b", "c"]), "a", "b")
+    assert (await c.client.reserve("accepted", [msg(key, 10)])).ok
+    made.remove(a)
+    await a.close()
+    # The message is already accepted: the engine logs this and moves on.
+    with pytest.raises(CounterUnavailable):
+        await c.client.confirm("accepted")
+    await form([b, c], 2)
+
+    def state() -> str:
+        reservations = b.shard.export([key])[2]
+        return reservations[0][1] if reservations else "missing"
+
+    deadline = time.monotonic() + SETTLE
+    while state() != "confirmed":
+        assert time.monotonic() < deadline, state()
+        await asyncio.sleep(0.01)
+    assert count_in(await c.inspect(key)) == 1
+
+
+async def test_a_member_restarted_under_its_name_gets_its_counts_back(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    nodes = await start(made, sock_dir, ["a", "b", "c"])
+    await form(nodes, 1)
+    ring = Ring(["a", "b", "c"])
+    owned = [key_where(ring, "a", skip=i) for i in range(4)]
+    replicated = [key_where(ring, "b", "a", skip=i) for i in range(4)]
+    limit, half = 10, 5
+    used = await asyncio.gather(*(reserve_many(nodes[1], k, limit, half, "e")
+                                  for k in owned + replicated))
+    assert all(len(rids) == half for rids in used)
+
+    # Killed and started again with the same name and socket, and the ring
+    # that follows lists the same members: only the lost connection tells.
+    made.remove(nodes[0])
+    await nodes[0].close()
+    again, b, c = *await start(made, sock_dir, ["a"]), nodes[1], nodes[2]
+    deadline = time.monotonic() + SETTLE
+    while not all(n._peers["a"].dropped for n in (b, c)):  # the monitors saw the loss
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await form([again, b, c], 2)
+
+    for key in owned + replicated:
+        more = await asyncio.gather(*(reserve_many(n, key, limit, limit, "m")
+                                      for n in (again, b, c)))
+        assert sum(len(rids) for rids in more) == half, key
+    # The restarted member holds the keys it replicates again, too.
+    assert all(count_in(again.shard.snapshot(k)) == limit for k in replicated)
+
+
+async def test_a_repeated_request_is_counted_once(sock_dir: str, made: list[CounterNode],
+                                                 zctx: zmq.asyncio.Context) -> None:
     a, b = await start(made, sock_dir, ["a", "b"])
     await form([a, b], 1)
     ring = Ring(["a", "b"])
     key = key_where(ring, "a")
-    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(a.endpoint)
     try:
@@ -274,6 +362,8 @@ async def test_a_repeated_request_is_counted_once(sock_dir: str, made: list[Coun
             await dealer.send(wire.encode(request))
         replies = [wire.decode(await asyncio.wait_for(dealer.recv(), SETTLE)) for _ in range(6)]
         assert all(isinstance(r, wire.CounterReply) and r.status == "ok" for r in replies)
+        reserved = [r for r in replies if r.rid == "same-rsv"]
+        assert len(reserved) == 2 and reserved[0] == reserved[1]  # the first answer, twice
         await dealer.send(wire.encode(requests[0]))  # and once more, long after
         assert wire.decode(await asyncio.wait_for(dealer.recv(), SETTLE)).status == "ok"
     finally:
@@ -289,11 +379,11 @@ async def test_a_repeated_request_is_counted_once(sock_dir: str, made: list[Coun
 
 
 async def test_a_moved_request_is_answered_moved_and_counts_nothing(
-        sock_dir: str, made: list[CounterNode]) -> None:
+        sock_dir: str, made: list[CounterNode], zctx: zmq.asyncio.Context) -> None:
     a, b = await start(made, sock_dir, ["a", "b"])
     await form([a, b], 1)
     key = key_where(Ring(["a", "b"]), "b")
-    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(a.endpoint)
     try:
@@ -316,7 +406,8 @@ async def test_ipc_sockets_need_a_private_folder(sock_dir: str) -> None:
     await node.close()
 
 
-async def test_tcp_with_curve_admits_members_only(made: list[CounterNode]) -> None:
+async def test_tcp_with_curve_admits_members_only(made: list[CounterNode],
+                                                 zctx: zmq.asyncio.Context) -> None:
     pairs = {name: zmq.curve_keypair() for name in ("a", "b")}
     public = {name: pub for name, (pub, _) in pairs.items()}
     nodes = []
@@ -334,7 +425,7 @@ async def test_tcp_with_curve_admits_members_only(made: list[CounterNode]) -> No
 
     # A stranger that knows the server key but is not a member gets nowhere.
     stranger_pub, stranger_secret = zmq.curve_keypair()
-    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.curve_secretkey, dealer.curve_publickey = stranger_secret, stranger_pub
     dealer.curve_serverkey = public["b"]
@@ -431,20 +522,31 @@ async def test_nodes_in_separate_processes(sock_dir: str, made: list[CounterNode
         assert len(counts[0]) + counts[1] + counts[2] == limit
 
         # Latency at a fixed rate: owner local (replica in a child), then remote.
+        # Reported, not asserted: it measures the machine as much as the code.
         local, remote = key_where(ring, "p", "x"), key_where(ring, "x", "y")
-        report = []
+        report, rate = [], 200
         for label, target in (("local owner", local), ("remote owner", remote)):
             samples.clear()
-            await _at_rate(400, 1.5, lambda i, k=target: p.client.reserve(
-                f"lat-{k}-{i}", [msg(k, None)]))
+            unavailable = 0
+
+            async def decide(i: int, key: str = target) -> None:
+                nonlocal unavailable
+                try:
+                    await p.client.reserve(f"lat-{key}-{i}", [msg(key, None)])
+                except CounterUnavailable:
+                    unavailable += 1
+
+            await _at_rate(rate, 1.5, decide)
             assert all(remote_call == (label == "remote owner") for _, remote_call in samples)
-            report.append(f"{label} reserve at 400/s: {_quantiles([s for s, _ in samples])}")
+            report.append(f"{label} reserve at {rate}/s: {_quantiles([s for s, _ in samples])}, "
+                          f"{unavailable} unavailable")
         with capsys.disabled():
             print("\n" + "\n".join(report))
 
         # kill -9 of an owner in another process: its replica takes over with the counts.
         doomed = [key_where(ring, "y", skip=i) for i in range(6)]
-        assert all(len(await reserve_many(p, k, 10, 5, "k")) == 5 for k in doomed)
+        used = await asyncio.gather(*(reserve_many(p, k, 10, 5, "k") for k in doomed))
+        assert all(len(rids) == 5 for rids in used)
         os.kill(children["y"].pid, signal.SIGKILL)
         children["y"].join(10)
         survivors = ring_members[:2]

@@ -139,7 +139,7 @@ def make_settings(folder: Path, **delivery: Any) -> Settings:
 class World:
     """A spool, an agent, counters and the sink, with helpers to submit and wait."""
 
-    def __init__(self, folder: Path, settings: Settings, sink: Sink, dns: TestDNSServer | None,
+    def __init__(self, settings: Settings, sink: Sink, dns: TestDNSServer | None,
                  **agent_args: Any) -> None:
         self.settings = settings
         self.sink = sink
@@ -219,7 +219,7 @@ async def make_world(short_tmp: Path, sink: tuple[Sink, int],
 
     async def make(*, agent: dict[str, Any] | None = None, dns: bool = True,
                    start: bool = True, **delivery: Any) -> World:
-        w = World(short_tmp, make_settings(short_tmp, **{"port": port, **delivery}), handler,
+        w = World(make_settings(short_tmp, **{"port": port, **delivery}), handler,
                   zone if dns else None, **(agent or {}))
         worlds.append(w)
         if start:
@@ -245,8 +245,9 @@ def dsn_parts(content: bytes) -> tuple[EmailMessage, str, list[Any], str]:
     parts = list(dsn.iter_parts())
     assert [p.get_content_type() for p in parts] == [
         "text/plain", "message/delivery-status", "text/rfc822-headers"]
-    groups = parts[1].get_payload()
-    return dsn, parts[0].get_content(), groups, parts[2].get_payload()
+    groups, headers = parts[1].get_payload(), parts[2].get_payload()
+    assert isinstance(groups, list) and isinstance(headers, str)
+    return dsn, parts[0].get_content(), groups, headers
 
 
 # -- delivery ----------------------------------------------------------------------------
@@ -298,6 +299,38 @@ async def test_smarthost_mode_sends_everything_to_the_relay(make_world: MakeWorl
     assert got[0].content == MESSAGE
     assert world.sink.connections == 1
     await until(world.empty, "an empty queue")
+
+
+async def test_a_failed_tls_handshake_falls_back_to_plain_text(
+        make_world: MakeWorld, tmp_path: Path) -> None:
+    write_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem", "mx.dest.test")
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    broken.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    # Demanding a client certificate (which an MTA does not present) fails the
+    # handshake itself under TLS 1.2, after STARTTLS was offered and accepted.
+    broken.maximum_version = ssl.TLSVersion.TLSv1_2
+    broken.verify_mode = ssl.CERT_REQUIRED
+    broken.load_verify_locations(tmp_path / "cert.pem")
+    handler = Sink()
+
+    def factory() -> ServerSMTP:
+        handler.connections += 1
+        return ServerSMTP(handler, hostname="old.test", tls_context=broken,
+                          require_starttls=False)
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        world = await make_world(port=server.sockets[0].getsockname()[1])
+        world.sink = handler
+        await world.submit("ok@dest.test")
+        got = await until(lambda: handler.messages, "delivery in plain text")
+        assert not got[0].tls
+        assert got[0].content == MESSAGE
+        assert handler.connections == 2
+        await until(world.empty, "an empty queue")
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # -- failures, retries, DSNs --------------------------------------------------------------

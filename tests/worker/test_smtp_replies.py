@@ -205,3 +205,13 @@ def test_decisions_are_logged_with_the_session_id(gateway: Gateway) -> None:
     assert line["verdict"] == "reject"
     assert line["reply"] == "550 5.1.0 <stranger@elsewhere.test> sender rejected"
     assert list(line)[:2] == ["ts", "level"]
+
+
+def test_half_closed_client_is_let_go(gateway: Gateway) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        assert sock.recv(512).startswith(b"220 ")
+        sock.shutdown(socket.SHUT_WR)
+        # The server closes its side instead of holding the connection until its idle timeout.
+        assert sock.recv(512) == b""

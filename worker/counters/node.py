@@ -15,7 +15,9 @@ Correctness rests on four rules (ARCHITECTURE, "Counters and the ring"):
   makes the next owner, already holds the counts when the owner dies.
 - On a new epoch each node sends what it held to the keys' new owner and
   replica, then `HandoffDone`; a node answers "retry" for keys it newly
-  owns until every surviving member said Done (or a timeout passed).
+  owns until every surviving member said Done, and every member that left
+  but is still connected (it may still count in the old epoch), or until
+  `handoff_timeout` passed.
 - Retries never count twice: the owner keeps recent replies by request rid,
   the shard's reserve is idempotent, and a client that must start a
   reservation again after "moved" releases the partial one and uses a new
@@ -41,6 +43,7 @@ from itertools import count
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from cluster import wire
 from cluster.counting import Op, Outcome
@@ -51,7 +54,6 @@ from worker.counters.shard import CounterShard
 log = logging.getLogger(__name__)
 
 OK, MOVED, RETRY, ERROR = "ok", "moved", "retry", "error"
-_CHANGES = frozenset({"reserve", "confirm", "release", "add", "mark"})
 # Owner-side memory of answered request rids: enough for every request that
 # can still be resent within a request timeout at a few thousand per second.
 _REPLY_CACHE = 16384
@@ -97,7 +99,8 @@ class _Call:
 class _Peer:
     """One DEALER to a member's ROUTER, any number of requests in flight."""
 
-    def __init__(self, name: str, endpoint: str, sock: zmq.asyncio.Socket) -> None:
+    def __init__(self, name: str, endpoint: str, sock: zmq.asyncio.Socket,
+                 on_liveness: Callable[[], None]) -> None:
         self.name = name
         self.endpoint = endpoint
         self.sock = sock
@@ -106,7 +109,23 @@ class _Peer:
         # for it until it is heard from again, or every decision would pay
         # the timeout until the coordinator removes a dead worker.
         self.suspect = False
+        # Whether the connection is up: a killed process drops it at once.
+        # `dropped` remembers a loss until the next epoch: the member may have
+        # been restarted under its name, with nothing in its shard.
+        self.alive = False
+        self.dropped = False
+        self.monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+        sock.connect(endpoint)
         self.reader = asyncio.create_task(self._read())
+        self.watcher = asyncio.create_task(self._watch(on_liveness))
+
+    async def _watch(self, on_liveness: Callable[[], None]) -> None:
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+            self.dropped = self.dropped or (self.alive and event != zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self.alive = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            on_liveness()
 
     async def _read(self) -> None:
         while True:
@@ -156,6 +175,10 @@ class _Peer:
 
     def close(self, linger_ms: int) -> None:
         self.reader.cancel()
+        self.watcher.cancel()
+        self.alive = False
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         for waiter in self.pending.values():
             if not waiter.done():
                 waiter.set_exception(CounterUnavailable(f"connection to {self.name} closed"))
@@ -177,6 +200,13 @@ def _z85(key: bytes) -> bytes:
 
 
 class CounterNode:
+    """`start()` binds; `apply_ring()` for every epoch the coordinator publishes;
+    the engine uses `client`; `close()` last.
+
+    `observe(seconds, remote)` is called once per client call. `curve` is
+    for tcp:// between hosts. `handoff_timeout` bounds how long a new epoch
+    waits for members' hand-offs before serving anyway (and logging it)."""
+
     def __init__(
         self,
         name: str,
@@ -208,11 +238,13 @@ class CounterNode:
         self._epoch = 0
         self._active = False
         self._needed: set[str] = set()
+        self._leaving: dict[str, _Peer] = {}
         self._done: dict[int, set[str]] = {}
         self._changed = asyncio.Event()
         self._ring_lock = asyncio.Lock()
         self._replies: OrderedDict[str, asyncio.Future[wire.CounterReply]] = OrderedDict()
         self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._reserving: dict[str, asyncio.Future[Outcome]] = {}
         # Unique across restarts: an owner's reply cache must never mistake a
         # new request for an old one from this worker's previous life.
         self._rid_prefix = f"{name}.{secrets.token_hex(4)}."
@@ -226,7 +258,8 @@ class CounterNode:
             raise RuntimeError(f"counter node {self.name} already started")
         _check_endpoint(self.endpoint, self._curve)
         self._ctx = zmq.asyncio.Context()
-        router = self._ctx.socket(zmq.ROUTER)
+        # Kept before binding, so that close() releases it if the bind fails.
+        router = self._router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         if self._curve is not None:
             self._auth = AsyncioAuthenticator(self._ctx)
@@ -237,7 +270,6 @@ class CounterNode:
             router.curve_server = True
         router.bind(self.endpoint)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._router = router
         self._spawn(self._serve_forever())
 
     async def close(self) -> None:
@@ -251,7 +283,8 @@ class CounterNode:
         for peer in self._peers.values():
             # Lingering lets hand-offs queued by a leaving node reach their owners.
             peer.close(self._linger_ms())
-        await asyncio.gather(*(peer.reader for peer in peers), return_exceptions=True)
+        await asyncio.gather(*(t for peer in peers for t in (peer.reader, peer.watcher)),
+                             return_exceptions=True)
         self._retired, self._peers = [], {}
         if self._router is not None:
             self._router.close(linger=0)
@@ -305,14 +338,18 @@ class CounterNode:
                 # first takes in the previous epoch's hand-offs.
                 await self.wait_active(self.handoff_timeout)
             new, old = Ring(list(endpoints)), self._ring
-            self._connect(endpoints)
-            self._prev, self._ring, self._epoch = old, new, epoch
+            self._needed, self._leaving = set(), {}
             if self.name in new:
                 # A fresh node does not know who held its keys: it waits for everyone.
                 before = set(new.members if old is None else old.members)
                 self._needed = (before & set(new.members)) - {self.name}
-            else:
-                self._needed = set()
+                self._leaving = {n: p for n, p in self._peers.items()
+                                 if n in before and n not in new}
+            restarted = {n for n, p in self._peers.items() if p.dropped and n in new}
+            for peer in self._peers.values():
+                peer.dropped = False
+            self._connect(endpoints)
+            self._prev, self._ring, self._epoch = old, new, epoch
             self._active = False
             self._done = {e: names for e, names in self._done.items() if e >= epoch}
             self._check_active()
@@ -321,7 +358,7 @@ class CounterNode:
             self._notify()
             log.info("counter node %s: epoch %d, members %s", self.name, epoch, list(new.members))
             if old is not None:
-                await self._hand_off(old, new, epoch)
+                await self._hand_off(old, new, epoch, restarted)
             done = wire.encode(wire.HandoffDone(epoch, self.name))
             for name in new.members:
                 if name != self.name:
@@ -341,23 +378,28 @@ class CounterNode:
                 sock.curve_secretkey = self._curve.secret_key
                 sock.curve_publickey = self._curve.public_key
                 sock.curve_serverkey = self._curve.server_public_keys[name]
-            sock.connect(endpoint)
-            self._peers[name] = _Peer(name, endpoint, sock)
+            self._peers[name] = _Peer(name, endpoint, sock, self._check_active)
         for name in [n for n in self._peers if n not in endpoints]:
             self._retire(self._peers.pop(name))
 
     def _retire(self, peer: _Peer) -> None:
-        # Requests already sent to it get their own deadline to finish.
+        # Kept a while: requests already sent to it have their own deadline,
+        # and its liveness tells whether to wait for its hand-off.
         self._retired.append(peer)
 
         def close() -> None:
             if peer in self._retired:
                 self._retired.remove(peer)
                 peer.close(0)
+                self._check_active()
 
-        asyncio.get_running_loop().call_later(self.request_timeout, close)
+        delay = max(self.request_timeout, self.handoff_timeout)
+        asyncio.get_running_loop().call_later(delay, close)
 
-    async def _hand_off(self, old: Ring, new: Ring, epoch: int) -> None:
+    async def _hand_off(self, old: Ring, new: Ring, epoch: int, restarted: set[str]) -> None:
+        """Send each key held here to its new owner and replica when they
+        changed, or when one of them may have restarted empty (the ring
+        alone cannot tell a restart under the same name)."""
         batches: dict[str, list[str]] = {}
         moved = 0
         for n, key in enumerate(self.shard.keys()):
@@ -365,7 +407,7 @@ class CounterNode:
             if self.name not in before:
                 continue  # a stale copy: whoever held it hands it off
             after = new.locate(key)
-            if after == before:
+            if after == before and restarted.isdisjoint(after):
                 continue
             moved += 1
             for target in after:
@@ -407,7 +449,14 @@ class CounterNode:
             self._check_active()
 
     def _check_active(self) -> None:
-        if not self._active and self._needed <= self._done.get(self._epoch, set()):
+        if self._active:
+            return
+        done = self._done.get(self._epoch, set())
+        # A member that left is waited for while it is still connected: it
+        # may still count in the old epoch. Once dead it counts nothing, and
+        # the replica that inherits its keys already holds their counts.
+        leaving = {name for name, peer in self._leaving.items() if peer.alive}
+        if (self._needed | leaving) <= done:
             self._active = True
             self._notify()
 
@@ -431,23 +480,27 @@ class CounterNode:
                 continue
             ident, frame = frames
             try:
-                message = wire.decode(frame)
+                self._dispatch(ident, wire.decode(frame))
             except wire.WireError as exc:
                 log.warning("counter node %s: bad frame dropped: %s", self.name, exc)
-                continue
-            if isinstance(message, wire.CounterRequest):
-                self._on_request(ident, message)
-            elif isinstance(message, wire.Replicate):
-                if self._absorb(message.data, "replicate"):
-                    self._reply(ident, wire.ReplicateAck(message.rid))
-            elif isinstance(message, wire.Handoff):
-                self._absorb(message.data, f"hand-off from {message.sender}")
-            elif isinstance(message, wire.HandoffDone):
-                self._on_done(message)
-            elif isinstance(message, wire.InspectRequest):
-                self._reply(ident, wire.InspectReply(message.rid, self.shard.snapshot(message.key)))
-            else:
-                log.warning("counter node %s: unexpected %s dropped", self.name, message.TYPE)
+            except Exception:
+                # One peer's odd message must not stop this node serving the others.
+                log.exception("counter node %s: message not handled", self.name)
+
+    def _dispatch(self, ident: bytes, message: wire.Message) -> None:
+        if isinstance(message, wire.CounterRequest):
+            self._on_request(ident, message)
+        elif isinstance(message, wire.Replicate):
+            if self._absorb(message.data, "replicate"):
+                self._reply(ident, wire.ReplicateAck(message.rid))
+        elif isinstance(message, wire.Handoff):
+            self._absorb(message.data, f"hand-off from {message.sender}")
+        elif isinstance(message, wire.HandoffDone):
+            self._on_done(message)
+        elif isinstance(message, wire.InspectRequest):
+            self._reply(ident, wire.InspectReply(message.rid, self.shard.snapshot(message.key)))
+        else:
+            log.warning("counter node %s: unexpected %s dropped", self.name, message.TYPE)
 
     def _reply(self, ident: bytes, message: wire.Message) -> None:
         if self._router is not None:
@@ -568,8 +621,9 @@ class CounterNode:
         try:
             await peer.ask(frame, rid, deadline, resend=False)
         except CounterUnavailable:
-            log.warning("counter node %s: replica %s did not acknowledge; answering without it",
-                        self.name, peer.name)
+            if not peer.suspect:
+                log.warning("counter node %s: replica %s did not acknowledge; answering "
+                            "without waiting for it until it is heard from", self.name, peer.name)
             peer.suspect = True
 
     # -- asking owners -------------------------------------------------------------
@@ -606,34 +660,58 @@ class CounterNode:
             held = self._held.get(rid)
             if held is not None:
                 return held.outcome
-            delay = _BACKOFF[0]
-            while True:
-                ring, epoch = await self._ring_for(call)
-                # Fresh on every attempt: an owner that saw an earlier,
-                # released attempt must count this one, not replay that one.
-                shard_rid = f"{rid}/{self._rid()}"
-                parts = await self._send_groups("reserve", shard_rid, ops, range(len(ops)), ring,
-                                                epoch, call)
-                replies = [(idx, r) for idx, r in parts if isinstance(r, wire.CounterReply)]
-                granted = [i for idx, r in replies if r.status == OK and _granted(r) for i in idx]
-                failed = [r for _, r in parts if not isinstance(r, wire.CounterReply)]
-                refused = [r for _, r in replies if r.status == ERROR]
-                unsettled = [r for _, r in replies if r.status in (MOVED, RETRY)]
-                if not (failed or refused or unsettled):
-                    outcome = _merge(len(ops), replies)
-                    if outcome.ok:
-                        self._held[rid] = _Held(shard_rid, ops, outcome, now + RESERVATION_TTL)
-                    else:
-                        await self._undo(shard_rid, ops, granted, call)
-                    return outcome
-                await self._undo(shard_rid, ops, granted, None if failed or refused else call)
-                if failed:
-                    raise failed[0]
-                if refused:
-                    raise CounterUnavailable(f"counter owner refused: {refused[0].detail}")
-                delay = await self._settle_wait(max(r.epoch for r in unsettled), delay, call)
+            # A second call with the same rid while the first runs waits for it.
+            running = self._reserving.get(rid)
+            if running is not None:
+                return await asyncio.shield(running)
+            running = self._reserving[rid] = asyncio.get_running_loop().create_future()
+            try:
+                outcome = await self._reserve_once(rid, ops, call)
+            except asyncio.CancelledError:
+                running.cancel()
+                raise
+            except Exception as exc:
+                running.set_exception(exc)
+                running.exception()  # retrieved: nobody else may be waiting
+                raise
+            else:
+                running.set_result(outcome)
+            finally:
+                del self._reserving[rid]
+            return outcome
         finally:
             self._observed(call)
+
+    async def _reserve_once(self, rid: str, ops: tuple[Op, ...], call: _Call) -> Outcome:
+        delay = _BACKOFF[0]
+        while True:
+            ring, epoch = await self._ring_for(call)
+            # Fresh on every attempt: an owner that saw an earlier,
+            # released attempt must count this one, not replay that one.
+            shard_rid = f"{rid}/{self._rid()}"
+            parts = await self._send_groups("reserve", shard_rid, ops, range(len(ops)), ring,
+                                            epoch, call)
+            replies = [(idx, r) for idx, r in parts if isinstance(r, wire.CounterReply)]
+            failed = [r for _, r in parts if not isinstance(r, wire.CounterReply)]
+            refused = [r for _, r in replies if r.status == ERROR]
+            unsettled = [r for _, r in replies if r.status in (MOVED, RETRY)]
+            # Undo wherever it may have counted: granted, or no answer at all.
+            held_by = [i for idx, r in parts
+                       if not isinstance(r, wire.CounterReply) or _granted(r) for i in idx]
+            if not (failed or refused or unsettled):
+                outcome = _merge(len(ops), replies)
+                if outcome.ok:
+                    expires = asyncio.get_running_loop().time() + RESERVATION_TTL
+                    self._held[rid] = _Held(shard_rid, ops, outcome, expires)
+                else:
+                    await self._undo(shard_rid, ops, held_by, call)
+                return outcome
+            await self._undo(shard_rid, ops, held_by, None if failed or refused else call)
+            if failed:
+                raise failed[0]
+            if refused:
+                raise CounterUnavailable(f"counter owner refused: {refused[0].detail}")
+            delay = await self._settle_wait(max(r.epoch for r in unsettled), delay, call)
 
     async def _settle(self, kind: str, rid: str) -> bool:
         """Confirm or release on every current owner of the reservation's keys."""
@@ -643,10 +721,29 @@ class CounterNode:
             if held is None or held.expires <= asyncio.get_running_loop().time():
                 return False
             ops = held.ops
-            parts = await self._route(kind, held.shard_rid, ops, range(len(ops)), call)
+            try:
+                parts = await self._route(kind, held.shard_rid, ops, range(len(ops)), call)
+            except CounterUnavailable:
+                if kind == "confirm":
+                    self._spawn(self._confirm_later(held))
+                raise
             return all(reply.result for _, reply in parts)
         finally:
             self._observed(call)
+
+    async def _confirm_later(self, held: _Held) -> None:
+        # The message behind it is accepted: if the reservation expired
+        # unconfirmed it would count nowhere, so keep trying while it lives
+        # (after a failover the new owner holds the replicated reservation).
+        loop = asyncio.get_running_loop()
+        while loop.time() < held.expires:
+            call = _Call(min(loop.time() + self.request_timeout, held.expires))
+            try:
+                await self._route("confirm", held.shard_rid, held.ops, range(len(held.ops)), call)
+                return
+            except CounterUnavailable:
+                await asyncio.sleep(min(self.request_timeout, max(call.deadline - loop.time(), 0)))
+        log.warning("reservation %s expired unconfirmed", held.shard_rid)
 
     async def _undo(self, shard_rid: str, ops: tuple[Op, ...], indices: list[int],
                     call: _Call | None) -> None:
@@ -819,7 +916,7 @@ def _merge(size: int, parts: Iterable[_Part]) -> Outcome:
 
 
 def _granted(reply: wire.CounterReply) -> bool:
-    return reply.outcome is not None and reply.outcome.ok
+    return reply.status == OK and reply.outcome is not None and reply.outcome.ok
 
 
 def _complete(kind: str, reply: wire.CounterReply, size: int) -> bool:

@@ -10,6 +10,10 @@ are released. Keys whose every bucket has left its window are evicted a few
 at a time on every call, so memory stays bounded without a housekeeping
 task; `expire()` does a full pass.
 
+Reservations are also indexed by the keys they touch, so exporting a few
+keys (replication does it for every change) costs what those keys hold, not
+what the whole shard holds.
+
 Time never runs backwards inside a shard: if the clock steps back, windows
 stop sliding until it catches up, which can only under-admit.
 """
@@ -77,6 +81,9 @@ class CounterShard:
         self._key_heap: list[tuple[float, str]] = []
         self._reservations: dict[str, _Reservation] = {}
         self._rsv_heap: list[tuple[float, str]] = []
+        # key -> rids of the reservations in `_reservations` that touch it;
+        # a dict for its insertion order, entries removed once empty.
+        self._rsv_by_key: dict[str, dict[str, None]] = {}
 
     # -- decisions -------------------------------------------------------
 
@@ -103,8 +110,7 @@ class CounterShard:
             rec = _Reservation(outcome, OPEN, now + ttl, keys, self._apply(ops, now))
         else:
             rec = _Reservation(outcome, DENIED, now + ttl, keys, ())
-        self._reservations[rid] = rec
-        heapq.heappush(self._rsv_heap, (rec.expires, rid))
+        self._store_reservation(rid, rec)
         return outcome
 
     def confirm(self, rid: str) -> bool:
@@ -197,9 +203,14 @@ class CounterShard:
             for (series, window), counter in sorted(entry.windows.items())
         ]
 
-    def export(self, keys: Iterable[str] | None = None) -> list[Any]:
+    def export(
+        self,
+        keys: Iterable[str] | None = None,
+        reservations: Iterable[str] | None = None,
+    ) -> list[Any]:
         """Plain data (msgpack-ready) for `keys` (default all) and the
-        reservations that touch them.
+        reservations that touch them: only those among `reservations` (rids)
+        when given, so a change can ship just the reservation it made.
 
         Layout: [version, keys, reservations] with
             keys:         [[key, [[series, window, [[index, count], ...]], ...]], ...]
@@ -219,8 +230,9 @@ class CounterShard:
             if series_out:
                 out_keys.append([name, series_out])
         out_rsv: list[Any] = []
-        for rid, rec in self._reservations.items():
-            if rec.expires <= now:
+        for rid in self._exported_rids(wanted, reservations):
+            rec = self._reservations.get(rid)
+            if rec is None or rec.expires <= now:
                 continue
             if wanted is not None and wanted.isdisjoint(rec.keys):
                 continue
@@ -257,7 +269,7 @@ class CounterShard:
                     Outcome.from_wire(outcome),
                     state,
                     float(expires),
-                    tuple(rec_keys),
+                    tuple(dict.fromkeys(rec_keys)),  # hashable and unique, as indexed
                     tuple((k, s, float(w), int(i), int(a)) for k, s, w, i, a in entries),
                 ),
                 now,
@@ -281,6 +293,13 @@ class CounterShard:
         return len(self._keys)
 
     # -- internals -------------------------------------------------------
+
+    def _exported_rids(self, wanted: set[str] | None, rids: Iterable[str] | None) -> Iterable[str]:
+        if rids is not None:
+            return dict.fromkeys(rids)
+        if wanted is None:
+            return list(self._reservations)
+        return dict.fromkeys(r for key in wanted for r in self._rsv_by_key.get(key, ()))
 
     def _now(self) -> float:
         t = self._clock()
@@ -357,16 +376,31 @@ class CounterShard:
             return None
         return rec
 
+    def _store_reservation(self, rid: str, rec: _Reservation) -> None:
+        """Keep `rec` under `rid`, which the caller made sure is free."""
+        self._reservations[rid] = rec
+        heapq.heappush(self._rsv_heap, (rec.expires, rid))
+        self._index(rid, rec.keys)
+
+    def _index(self, rid: str, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._rsv_by_key.setdefault(key, {})[rid] = None
+
     def _drop_reservation(self, rid: str, rec: _Reservation) -> None:
         if rec.state == OPEN:
             self._undo(rec)
         del self._reservations[rid]
+        for key in rec.keys:
+            rids = self._rsv_by_key.get(key)
+            if rids is not None:
+                rids.pop(rid, None)
+                if not rids:
+                    del self._rsv_by_key[key]
 
     def _merge_reservation(self, rid: str, incoming: _Reservation, now: float) -> None:
         local = self._live_reservation(rid, now)
         if local is None:
-            self._reservations[rid] = incoming
-            heapq.heappush(self._rsv_heap, (incoming.expires, rid))
+            self._store_reservation(rid, incoming)
             return
         if local.state != OPEN:
             return
@@ -380,6 +414,7 @@ class CounterShard:
             have = {e[0] for e in local.entries}
             local.entries += tuple(e for e in incoming.entries if e[0] not in have)
             local.keys = tuple(dict.fromkeys(local.keys + incoming.keys))
+            self._index(rid, incoming.keys)
 
     def _sweep(self, now: float, budget: float) -> int:
         dropped = 0

@@ -81,7 +81,6 @@ class DeliveryAgent:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._started = False
         self._stopping = False
         self.feedback = BounceFeedback(counters, lambda: settings().bounce.window,
                                        is_trusted or self._trusted_by_settings)
@@ -99,7 +98,6 @@ class DeliveryAgent:
         ``load_all`` is a blocking startup scan: call this before the SMTP
         side starts storing.
         """
-        self._started = True
         records = self.spool.load_all()
         for record in records:
             self.enqueue(record)
@@ -124,6 +122,13 @@ class DeliveryAgent:
                 entry.timer.cancel()
                 entry.timer = None
         await self.pool.stop(timeout)
+        # A message whose destinations were only partly tried ends its attempt
+        # here, so the recipients already delivered are not sent again after
+        # the restart (and those already bounced get their DSN).
+        for entry in list(self._entries.values()):
+            if entry.active and entry.outstanding and entry.results:
+                entry.outstanding = 0
+                self._settle_soon(entry)
         if self._tasks:
             await asyncio.wait(set(self._tasks))
 

@@ -167,8 +167,11 @@ class Connection:
             options.append(b"SMTPUTF8")
         stage = "MAIL FROM"
         try:
-            reply = await smtp.execute_command(b"MAIL", b"FROM:<%s>" % wire_from.encode(),
-                                               *options)
+            try:
+                reply = await smtp.execute_command(b"MAIL", b"FROM:<%s>" % wire_from.encode(),
+                                                   *options)
+            except ValueError:
+                return [_unsendable(stage)] * len(recipients)
             if reply.code != 250:
                 await self._reset()
                 return [remote(reply.code, reply.message, label, stage)] * len(recipients)
@@ -179,7 +182,11 @@ class Connection:
                     results[index] = local(BOUNCED, "SMTPUTF8 is required, but was not offered "
                                            f"by host {label}", "5.6.7")
                     continue
-                reply = await smtp.execute_command(b"RCPT", b"TO:<%s>" % address.encode())
+                try:
+                    reply = await smtp.execute_command(b"RCPT", b"TO:<%s>" % address.encode())
+                except ValueError:
+                    results[index] = _unsendable(stage)
+                    continue
                 if reply.code in (250, 251):
                     accepted.append(index)
                     continue
@@ -197,15 +204,8 @@ class Connection:
                 code, text = exc.code, exc.message
             for index in accepted:
                 results[index] = remote(code, text, label, stage)
-            if not smtp.is_connected:
+            if code == 421 or not smtp.is_connected:
                 self.usable = False
-        except ValueError:
-            # aiosmtplib refuses control characters in a command; such an
-            # address can never be sent, so retrying would not help.
-            self.usable = smtp.is_connected
-            if self.usable:
-                await self._reset()
-            return _fill(results, local(BOUNCED, f"address cannot be sent in {stage}", "5.1.3"))
         except (SMTPException, *_LOST):
             self.usable = False
             smtp.close()
@@ -228,6 +228,13 @@ class Connection:
             with contextlib.suppress(SMTPException, *_LOST):
                 await self.smtp.quit(timeout=5.0)
         self.smtp.close()
+
+
+def _unsendable(stage: str) -> Result:
+    # aiosmtplib refuses control characters in a command, and an address that
+    # is not valid Unicode cannot be encoded: retrying would not help. Nothing
+    # was sent, so the session is still in step.
+    return local(BOUNCED, f"address cannot be sent in {stage}", "5.1.3")
 
 
 def _fill(results: list[Result | None], default: Result) -> list[Result]:

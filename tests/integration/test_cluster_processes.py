@@ -1,0 +1,119 @@
+"""The supervisor, coordinator and workers as real processes: ports, status, stop, refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from clusterproc import ROOT, Cluster, free_port, listeners, wait_for
+from gateway import MESSAGE
+
+pytestmark = pytest.mark.integration
+
+
+def test_every_worker_listens_and_status_tells_who_is_who(
+        make_cluster: Callable[..., Cluster]) -> None:
+    metrics_port = free_port()
+    cluster = make_cluster(workers=2, metrics={"listen": f"127.0.0.1:{metrics_port}"}).start()
+
+    done = cluster.admin("status", "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    pids = {w["pid"] for w in status["workers"]}
+    # Two processes, each with its own SO_REUSEPORT socket on the one port.
+    assert listeners(cluster.port) == {pid: 1 for pid in pids}
+    assert status["ring"] == ["w0", "w1"] and status["ring_epoch"] >= 2
+    assert status["config_version"] >= 1
+    assert len(status["tenants_version"]) == 12 and len(status["geoip_version"]) == 12
+    assert status["supervisor_pid"] == cluster.process.pid
+    assert {w["name"] for w in status["workers"]} == {"w0", "w1"}
+
+    table = cluster.admin("status")
+    assert table.returncode == 0
+    assert f"ring epoch {status['ring_epoch']}: w0, w1" in table.stdout
+    assert "WORKER" in table.stdout and "serving" in table.stdout
+
+    # A second cluster on the same configuration would share the port silently.
+    twin = subprocess.run([sys.executable, "-m", "cluster.cli", "run", "-c",
+                           str(cluster.config_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30)
+    assert twin.returncode == 1
+    assert "already running on this configuration" in twin.stderr
+    assert listeners(cluster.port) == {pid: 1 for pid in pids}
+
+    for source in ("127.0.0.5", "127.0.0.6", "127.0.0.7"):
+        assert cluster.send_one(source)[0] == 250
+
+    def metrics_once_all_counted() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = str(r.read().decode())
+        return text if "sendguard_messages_accepted_total 3.0" in text else None
+
+    # Reports arrive every second; the sum is over both workers.
+    text = wait_for(metrics_once_all_counted, 10, "3 accepted messages in the metrics")
+    assert "sendguard_sessions_total 3.0" in text
+    assert "sendguard_counter_request_seconds_count" in text
+    assert f"sendguard_ring_epoch {float(status['ring_epoch'])}" in text
+    assert "sendguard_config_version" in text
+
+
+def test_admin_commands_say_plainly_when_nothing_runs(
+        make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=1)
+    done = cluster.admin("status")
+    assert done.returncode == 1
+    assert "no cluster is running for this configuration" in done.stderr
+    as_json = cluster.admin("status", "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["ok"] is False
+    assert cluster.admin("scale", "0").returncode == 2
+    assert cluster.admin("tenant", "allow-country", "nowak.pl", "DEU").returncode == 2
+    assert cluster.admin("inspect", "ip", "not-an-ip").returncode == 2
+
+
+def test_a_bad_geoip_database_stops_the_start_with_one_line(
+        make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=2)
+    cluster.geoip_path.write_bytes(b"this is not a MaxMind database")
+    cluster.start(wait=False)
+    assert cluster.process is not None
+    assert cluster.process.wait(30) == 2
+    stderr = cluster.stderr_path.read_text()
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"{cluster.config_path}: geoip.database: ")
+    assert lines[0].endswith(f'(got "{cluster.geoip_path}")')
+    assert listeners(cluster.port) == {}
+
+
+def test_sigterm_lets_an_open_transaction_finish(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=2).start()
+    idle = cluster.login("127.0.0.51")
+    busy = cluster.login("127.0.0.52")
+    assert busy.mail("jan@kowalski.pl")[0] == 250
+    assert busy.rcpt("someone@example.org")[0] == 250
+    started = time.monotonic()
+    cluster.signal(signal.SIGTERM)
+
+    code, text = idle.getreply()
+    sid = text.decode().split()[1]
+    assert (code, text.decode()) == (421, f"4.3.2 {sid} service shutting down")
+    # The transaction's counters may live on the other worker, which has no
+    # session left: it must still answer until this one is done.
+    code, text = busy.data(MESSAGE)
+    assert code == 250, text
+    code, text = busy.getreply()
+    busy_sid = text.decode().split()[1]
+    assert (code, text.decode()) == (421, f"4.3.2 {busy_sid} service shutting down")
+
+    assert cluster.process is not None
+    assert cluster.process.wait(20) == 0
+    assert time.monotonic() - started < 10  # drain_timeout is 5s; nobody waited it out
+    assert listeners(cluster.port) == {}
+    for client in (idle, busy):
+        client.close()
