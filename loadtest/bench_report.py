@@ -92,7 +92,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> bool:
         axis.set_xlim(min(workers or [1]) - 0.5, max(workers or [1]) + 0.5)
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="lower right")
+        axis.legend(fontsize=8, loc="best")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

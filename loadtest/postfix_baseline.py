@@ -129,6 +129,7 @@ class PostfixRelay:
         for path in (folder, self.etc, self.queue, folder / "data"):
             path.mkdir(mode=0o755, parents=True, exist_ok=True)
             os.chmod(path, 0o755)
+        shutil.chown(folder / "data", "postfix", "postfix")  # master.lock, TLS caches
         shutil.copy(cert, self.etc / "cert.pem")
         shutil.copy(key, self.etc / "key.pem")
         os.chmod(self.etc / "key.pem", 0o600)

@@ -31,7 +31,7 @@ from worker.snapshot import Snapshot
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, SpamScanner
 from worker.spool import BaseSpool, SpoolError, new_queue_id
 from worker.spool.record import SpoolRecord
-from worker.submission import prepare_message, spam_headers
+from worker.submission import complete_headers, spam_headers, trace_headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +158,10 @@ class PolicyEngine:
     async def data(self, client: Client, transaction: Transaction) -> Acceptance:
         snapshot = self.snapshot()
         queue_id = new_queue_id()
-        scan, skipped = await self._scan(snapshot, client, transaction, queue_id)
+        now = self.clock()
+        hostname = snapshot.settings.server.hostname
+        content = complete_headers(transaction.content, hostname, queue_id, now)
+        scan, skipped = await self._scan(snapshot, client, transaction, content)
         if isinstance(scan, Verdict):
             return Acceptance(self._log(client, "DATA", scan, queue_id=queue_id,
                                         backend=self.scanner().name))
@@ -185,9 +188,9 @@ class PolicyEngine:
             helo=client.helo,
             mail_from=transaction.mail_from,
             rcpt_tos=list(transaction.rcpt_tos),
-            received_at=self.clock(),
-            message=prepare_message(transaction.content, snapshot.settings.server.hostname,
-                                    client, queue_id, spam_headers(scan, skipped)),
+            received_at=now,
+            message=trace_headers(hostname, client, queue_id, spam_headers(scan, skipped), now)
+            + content,
         )
         try:
             await self.spool.store(record)
@@ -212,10 +215,10 @@ class PolicyEngine:
                                     size=len(record.message)), queue_id)
 
     async def _scan(self, snapshot: Snapshot, client: Client, transaction: Transaction,
-                    queue_id: str) -> tuple[ScanResult | Verdict, str]:
+                    content: bytes) -> tuple[ScanResult | Verdict, str]:
         """The scan's result or the ``spam.on_error`` verdict, and why the scan was skipped."""
         request = ScanRequest(
-            message=transaction.content,
+            message=content,
             mail_from=transaction.mail_from,
             rcpt_tos=transaction.rcpt_tos,
             client_ip=client.ip,

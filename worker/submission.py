@@ -17,29 +17,37 @@ _HEADER_SCAN_LIMIT = 256 * 1024
 _FOLD_AT = 76
 
 
-def prepare_message(content: bytes, hostname: str, client: Client, queue_id: str,
-                    spam_header: str = "", now: float | None = None) -> bytes:
-    """The message as queued; ``spam_header`` is the output of :func:`spam_headers`."""
-    now = time.time() if now is None else now
-    date = email.utils.formatdate(now)
-    user = client.account.user if client.account else ""
-    received = (
-        f"Received: from {_clean(client.helo) or 'unknown'} ([{client.ip}])\r\n"
-        f"\tby {hostname} (sendguard) with ESMTPSA id {queue_id}\r\n"
-        f"\t(session {client.sid}; authenticated as {_clean(user)});\r\n"
-        f"\t{date}\r\n"
-    ).encode("utf-8", "surrogateescape") + spam_header.encode("ascii", "replace")
+def complete_headers(content: bytes, hostname: str, queue_id: str, now: float) -> bytes:
+    """The client's message with Message-ID and Date added when missing.
+
+    Done before the content scan, so a scanner does not score the absence of
+    headers the gateway adds anyway.
+    """
     head_end = _header_end(content)
     head = content[:head_end].lower()
     added = []
     if not _has_header(head, b"message-id"):
         added.append(f"Message-ID: <{queue_id}@{hostname}>\r\n")
     if not _has_header(head, b"date"):
-        added.append(f"Date: {date}\r\n")
+        added.append(f"Date: {email.utils.formatdate(now)}\r\n")
     if not added:
-        return received + content
+        return content
     extra = "".join(added).encode("ascii", "replace")
-    return received + content[:head_end] + extra + content[head_end:]
+    return content[:head_end] + extra + content[head_end:]
+
+
+def trace_headers(hostname: str, client: Client, queue_id: str, spam_header: str = "",
+                  now: float | None = None) -> bytes:
+    """Our ``Received:`` line, then the ``X-Spam-*`` lines of :func:`spam_headers`."""
+    now = time.time() if now is None else now
+    user = client.account.user if client.account else ""
+    received = (
+        f"Received: from {_clean(client.helo) or 'unknown'} ([{client.ip}])\r\n"
+        f"\tby {hostname} (sendguard) with ESMTPSA id {queue_id}\r\n"
+        f"\t(session {client.sid}; authenticated as {_clean(user)});\r\n"
+        f"\t{email.utils.formatdate(now)}\r\n"
+    )
+    return received.encode("utf-8", "surrogateescape") + spam_header.encode("ascii", "replace")
 
 
 def spam_headers(scan: ScanResult, skipped: str = "") -> str:

@@ -25,178 +25,38 @@ Correctness rests on four rules (ARCHITECTURE, "Counters and the ring"):
 
 A reply that does not come within `request_timeout` raises
 `CounterUnavailable`: the engine tempfails, which can only under-admit.
+
+This module keeps the node's lifecycle, its ROUTER, epochs and hand-offs;
+answering as owner is `owner.py`, the engine's calls are `routing.py`,
+the DEALER links to members are `peer.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
-import stat
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
 from itertools import count
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
-from zmq.utils.monitor import parse_monitor_message
 
 from cluster import wire
-from cluster.counting import Op, Outcome
 from cluster.ring import Ring
-from worker.counters.client import RESERVATION_TTL, CounterClient, CounterUnavailable
+from worker.counters.client import CounterClient, CounterUnavailable
+from worker.counters.owner import ERROR, MOVED, OK, RETRY, OwnedKeys
+from worker.counters.peer import CurveKeys, MemberKeys, Peer, check_endpoint, dealer
+from worker.counters.routing import Call, RoutedCounters
 from worker.counters.shard import CounterShard
+
+# Callers import these from here, wherever they are defined.
+__all__ = ["ERROR", "MOVED", "OK", "RETRY", "CounterNode", "CurveKeys", "RoutedCounters"]
 
 log = logging.getLogger(__name__)
 
-OK, MOVED, RETRY, ERROR = "ok", "moved", "retry", "error"
-# Owner-side memory of answered request rids: enough for every request that
-# can still be resent within a request timeout at a few thousand per second.
-_REPLY_CACHE = 16384
 _HANDOFF_CHUNK = 1000
-_BACKOFF = (0.002, 0.05)
-
-_Push = tuple["_Peer", str, bytes]  # replica, rid, encoded Replicate
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """This node's CURVE key pair and every member's public key (z85 or raw).
-
-    The same pair serves as server key on the ROUTER and client key on the
-    DEALERs, so only ring members can connect."""
-
-    secret_key: bytes
-    public_key: bytes
-    server_public_keys: dict[str, bytes] = field(default_factory=dict)
-
-
-@dataclass
-class _Held:
-    """A reservation this node made for its engine: what to confirm, where."""
-
-    shard_rid: str
-    ops: tuple[Op, ...]
-    outcome: Outcome
-    expires: float
-
-
-class _Call:
-    """One engine call: its deadline, and whether it crossed a socket."""
-
-    __slots__ = ("deadline", "remote", "started")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.remote = False
-        self.started = time.perf_counter()
-
-
-class _Peer:
-    """One DEALER to a member's ROUTER, any number of requests in flight."""
-
-    def __init__(self, name: str, endpoint: str, sock: zmq.asyncio.Socket,
-                 on_liveness: Callable[[], None]) -> None:
-        self.name = name
-        self.endpoint = endpoint
-        self.sock = sock
-        self.pending: dict[str, asyncio.Future[wire.Message]] = {}
-        # Set when a replica missed an ack: later replications do not wait
-        # for it until it is heard from again, or every decision would pay
-        # the timeout until the coordinator removes a dead worker.
-        self.suspect = False
-        # Whether the connection is up: a killed process drops it at once.
-        # `dropped` remembers a loss until the next epoch: the member may have
-        # been restarted under its name, with nothing in its shard.
-        self.alive = False
-        self.dropped = False
-        self.monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
-        sock.connect(endpoint)
-        self.reader = asyncio.create_task(self._read())
-        self.watcher = asyncio.create_task(self._watch(on_liveness))
-
-    async def _watch(self, on_liveness: Callable[[], None]) -> None:
-        while True:
-            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
-            self.dropped = self.dropped or (self.alive and event != zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            self.alive = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            on_liveness()
-
-    async def _read(self) -> None:
-        while True:
-            frame = await self.sock.recv()
-            try:
-                message = wire.decode(frame)
-            except wire.WireError as exc:
-                log.warning("counter peer %s sent a bad frame: %s", self.name, exc)
-                continue
-            self.suspect = False
-            waiter = self.pending.get(getattr(message, "rid", ""))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(message)
-
-    async def send(self, frame: bytes, deadline: float) -> None:
-        sending = self.sock.send(frame)
-        if not sending.done():
-            timeout = deadline - asyncio.get_running_loop().time()
-            try:
-                await asyncio.wait_for(sending, max(timeout, 0))
-            except TimeoutError:
-                raise CounterUnavailable(f"counter peer {self.name}: send queue full") from None
-
-    def post(self, frame: bytes) -> None:
-        """Send if it can go at once; drop it otherwise."""
-        sending = self.sock.send(frame, flags=zmq.NOBLOCK)
-        sending.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    async def ask(self, frame: bytes, rid: str, deadline: float, resend: bool) -> wire.Message:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[wire.Message] = loop.create_future()
-        self.pending[rid] = waiter
-        try:
-            await self.send(frame, deadline)
-            if resend:
-                # Once, half way: a frame queued to a peer that restarted is
-                # lost. The owner answers a repeated rid without counting again.
-                await asyncio.wait({waiter}, timeout=max((deadline - loop.time()) / 2, 0))
-                if not waiter.done():
-                    await self.send(frame, deadline)
-            return await asyncio.wait_for(waiter, max(deadline - loop.time(), 0))
-        except TimeoutError:
-            raise CounterUnavailable(f"counter peer {self.name} did not answer in time") from None
-        finally:
-            if self.pending.get(rid) is waiter:
-                del self.pending[rid]
-
-    def close(self, linger_ms: int) -> None:
-        self.reader.cancel()
-        self.watcher.cancel()
-        self.alive = False
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        for waiter in self.pending.values():
-            if not waiter.done():
-                waiter.set_exception(CounterUnavailable(f"connection to {self.name} closed"))
-        self.sock.close(linger=linger_ms)
-
-
-class _MemberKeys:
-    """ZAP check for CURVE clients: only ring members' public keys."""
-
-    def __init__(self, curve: CurveKeys) -> None:
-        self.allowed = {_z85(key) for key in curve.server_public_keys.values()}
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.allowed
-
-
-def _z85(key: bytes) -> bytes:
-    return zmq.utils.z85.encode(key) if len(key) == 32 else key
 
 
 class CounterNode:
@@ -231,24 +91,22 @@ class CounterNode:
         self._auth: AsyncioAuthenticator | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._peers: dict[str, _Peer] = {}
-        self._retired: list[_Peer] = []
+        self._peers: dict[str, Peer] = {}
+        self._retired: list[Peer] = []
         self._ring: Ring | None = None
         self._prev: Ring | None = None
         self._epoch = 0
         self._active = False
         self._needed: set[str] = set()
-        self._leaving: dict[str, _Peer] = {}
+        self._leaving: dict[str, Peer] = {}
         self._done: dict[int, set[str]] = {}
         self._changed = asyncio.Event()
         self._ring_lock = asyncio.Lock()
-        self._replies: OrderedDict[str, asyncio.Future[wire.CounterReply]] = OrderedDict()
-        self._held: OrderedDict[str, _Held] = OrderedDict()
-        self._reserving: dict[str, asyncio.Future[Outcome]] = {}
         # Unique across restarts: an owner's reply cache must never mistake a
         # new request for an old one from this worker's previous life.
         self._rid_prefix = f"{name}.{secrets.token_hex(4)}."
         self._seq = count()
+        self._owned = OwnedKeys(self)
         self._client = RoutedCounters(self)
 
     # -- lifecycle -------------------------------------------------------------
@@ -256,7 +114,7 @@ class CounterNode:
     async def start(self) -> None:
         if self._ctx is not None:
             raise RuntimeError(f"counter node {self.name} already started")
-        _check_endpoint(self.endpoint, self._curve)
+        check_endpoint(self.endpoint, self._curve)
         self._ctx = zmq.asyncio.Context()
         # Kept before binding, so that close() releases it if the bind fails.
         router = self._router = self._ctx.socket(zmq.ROUTER)
@@ -264,7 +122,7 @@ class CounterNode:
         if self._curve is not None:
             self._auth = AsyncioAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve_callback("*", _MemberKeys(self._curve))
+            self._auth.configure_curve_callback("*", MemberKeys(self._curve))
             router.curve_secretkey = self._curve.secret_key
             router.curve_publickey = self._curve.public_key
             router.curve_server = True
@@ -372,17 +230,12 @@ class CounterNode:
                 continue
             if peer is not None:
                 self._retire(peer)
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, self._linger_ms())
-            if self._curve is not None:
-                sock.curve_secretkey = self._curve.secret_key
-                sock.curve_publickey = self._curve.public_key
-                sock.curve_serverkey = self._curve.server_public_keys[name]
-            self._peers[name] = _Peer(name, endpoint, sock, self._check_active)
+            sock = dealer(self._ctx, name, self._linger_ms(), self._curve)
+            self._peers[name] = Peer(name, endpoint, sock, self._check_active)
         for name in [n for n in self._peers if n not in endpoints]:
             self._retire(self._peers.pop(name))
 
-    def _retire(self, peer: _Peer) -> None:
+    def _retire(self, peer: Peer) -> None:
         # Kept a while: requests already sent to it have their own deadline,
         # and its liveness tells whether to wait for its hand-off.
         self._retired.append(peer)
@@ -489,7 +342,7 @@ class CounterNode:
 
     def _dispatch(self, ident: bytes, message: wire.Message) -> None:
         if isinstance(message, wire.CounterRequest):
-            self._on_request(ident, message)
+            self._owned.on_request(ident, message)
         elif isinstance(message, wire.Replicate):
             if self._absorb(message.data, "replicate"):
                 self._reply(ident, wire.ReplicateAck(message.rid))
@@ -515,117 +368,6 @@ class CounterNode:
             return False
         return True
 
-    def _on_request(self, ident: bytes, request: wire.CounterRequest) -> None:
-        known = self._replies.get(request.rid)
-        if known is not None:
-            if known.done():
-                self._reply(ident, known.result())
-            else:
-                self._spawn(self._reply_when(ident, known))
-            return
-        try:
-            reply, pushes = self._decide(request)
-        except ValueError as exc:
-            reply, pushes = wire.CounterReply(request.rid, ERROR, self._epoch, detail=str(exc)), []
-        if reply.status != OK or request.kind == "check":
-            self._reply(ident, reply)  # nothing counted: a repeat may be answered afresh
-            return
-        answered: asyncio.Future[wire.CounterReply] = asyncio.get_running_loop().create_future()
-        self._replies[request.rid] = answered
-        while len(self._replies) > _REPLY_CACHE:
-            self._replies.popitem(last=False)
-        if pushes:
-            self._spawn(self._replicate_then_reply(ident, answered, reply, pushes))
-        else:
-            answered.set_result(reply)
-            self._reply(ident, reply)
-
-    async def _reply_when(self, ident: bytes, answered: asyncio.Future[wire.CounterReply]) -> None:
-        self._reply(ident, await asyncio.shield(answered))
-
-    async def _replicate_then_reply(
-        self,
-        ident: bytes,
-        answered: asyncio.Future[wire.CounterReply],
-        reply: wire.CounterReply,
-        pushes: list[_Push],
-    ) -> None:
-        await self._replicate(pushes)
-        answered.set_result(reply)
-        self._reply(ident, reply)
-
-    def _decide(self, request: wire.CounterRequest) -> tuple[wire.CounterReply, list[_Push]]:
-        """Answer from the shard if this node owns every key; no await in here,
-        so ownership cannot change between the check and the count."""
-        ring, epoch, rid = self._ring, self._epoch, request.rid
-        if ring is None:
-            return wire.CounterReply(rid, RETRY, epoch, detail="no ring yet"), []
-        keys = list(dict.fromkeys(op.key for op in request.ops))
-        for key in keys:
-            if ring.owner(key) != self.name:
-                return wire.CounterReply(rid, MOVED, epoch, detail=key), []
-        if not self._active:
-            prev = self._prev
-            if prev is None or any(prev.owner(key) != self.name for key in keys):
-                return wire.CounterReply(rid, RETRY, epoch, detail="hand-off under way"), []
-        shard, kind, ops = self.shard, request.kind, request.ops
-        outcome: Outcome | None = None
-        result = changed = True
-        if kind == "check":
-            outcome, changed = shard.check(ops), False
-        elif kind == "reserve":
-            outcome = shard.reserve(request.reservation, ops, RESERVATION_TTL)
-            changed = outcome.ok
-        elif kind == "confirm":
-            result = changed = shard.confirm(request.reservation)
-        elif kind == "release":
-            result = changed = shard.release(request.reservation)
-        elif kind == "add":
-            outcome = shard.add(ops)
-        else:
-            shard.mark(ops)
-        reply = wire.CounterReply(rid, OK, epoch, outcome, result)
-        return reply, (self._replication(ring, keys, request.reservation) if changed else [])
-
-    def _replication(self, ring: Ring, keys: Iterable[str], reservation: str) -> list[_Push]:
-        # Exported now, in the same step as the change, so every replica
-        # gets a state at least as new as the answer it guards.
-        by_replica: dict[str, list[str]] = {}
-        for key in keys:
-            replica = ring.replica(key)
-            if replica is not None and replica != self.name:
-                by_replica.setdefault(replica, []).append(key)
-        pushes = []
-        for name, names in by_replica.items():
-            peer = self._peers.get(name)
-            if peer is not None:
-                rid = self._rid()
-                version, counts, reservations = self.shard.export(names)
-                # Only the reservation this request changed: the others went
-                # out with their own changes, and a hot key has thousands.
-                mine = [r for r in reservations if r[0] == reservation] if reservation else []
-                data = [version, counts, mine]
-                pushes.append((peer, rid, wire.encode(wire.Replicate(rid, self._epoch, data))))
-        return pushes
-
-    async def _replicate(self, pushes: list[_Push]) -> None:
-        # Half the request timeout, so a remote caller still gets the answer
-        # in time when a replica is gone.
-        deadline = asyncio.get_running_loop().time() + self.request_timeout / 2
-        await asyncio.gather(*(self._push(p, rid, frame, deadline) for p, rid, frame in pushes))
-
-    async def _push(self, peer: _Peer, rid: str, frame: bytes, deadline: float) -> None:
-        if peer.suspect:
-            peer.post(frame)
-            return
-        try:
-            await peer.ask(frame, rid, deadline, resend=False)
-        except CounterUnavailable:
-            if not peer.suspect:
-                log.warning("counter node %s: replica %s did not acknowledge; answering "
-                            "without waiting for it until it is heard from", self.name, peer.name)
-            peer.suspect = True
-
     # -- asking owners -------------------------------------------------------------
 
     async def inspect(self, key: str) -> list[dict]:
@@ -644,199 +386,12 @@ class CounterNode:
             raise CounterUnavailable(f"{owner} answered an inspect with {reply.TYPE}")
         return list(reply.rows)
 
-    async def _decision(self, kind: str, ops: Sequence[Op]) -> Outcome:
-        ops, call = tuple(ops), self._call()
-        try:
-            return _merge(len(ops), await self._route(kind, "", ops, range(len(ops)), call))
-        finally:
-            self._observed(call)
-
-    async def _reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
-        ops, call = tuple(ops), self._call()
-        try:
-            now = asyncio.get_running_loop().time()
-            while self._held and next(iter(self._held.values())).expires <= now:
-                self._held.popitem(last=False)
-            held = self._held.get(rid)
-            if held is not None:
-                return held.outcome
-            # A second call with the same rid while the first runs waits for it.
-            running = self._reserving.get(rid)
-            if running is not None:
-                return await asyncio.shield(running)
-            running = self._reserving[rid] = asyncio.get_running_loop().create_future()
-            try:
-                outcome = await self._reserve_once(rid, ops, call)
-            except asyncio.CancelledError:
-                running.cancel()
-                raise
-            except Exception as exc:
-                running.set_exception(exc)
-                running.exception()  # retrieved: nobody else may be waiting
-                raise
-            else:
-                running.set_result(outcome)
-            finally:
-                del self._reserving[rid]
-            return outcome
-        finally:
-            self._observed(call)
-
-    async def _reserve_once(self, rid: str, ops: tuple[Op, ...], call: _Call) -> Outcome:
-        delay = _BACKOFF[0]
-        while True:
-            ring, epoch = await self._ring_for(call)
-            # Fresh on every attempt: an owner that saw an earlier,
-            # released attempt must count this one, not replay that one.
-            shard_rid = f"{rid}/{self._rid()}"
-            parts = await self._send_groups("reserve", shard_rid, ops, range(len(ops)), ring,
-                                            epoch, call)
-            replies = [(idx, r) for idx, r in parts if isinstance(r, wire.CounterReply)]
-            failed = [r for _, r in parts if not isinstance(r, wire.CounterReply)]
-            refused = [r for _, r in replies if r.status == ERROR]
-            unsettled = [r for _, r in replies if r.status in (MOVED, RETRY)]
-            # Undo wherever it may have counted: granted, or no answer at all.
-            held_by = [i for idx, r in parts
-                       if not isinstance(r, wire.CounterReply) or _granted(r) for i in idx]
-            if not (failed or refused or unsettled):
-                outcome = _merge(len(ops), replies)
-                if outcome.ok:
-                    expires = asyncio.get_running_loop().time() + RESERVATION_TTL
-                    self._held[rid] = _Held(shard_rid, ops, outcome, expires)
-                else:
-                    await self._undo(shard_rid, ops, held_by, call)
-                return outcome
-            await self._undo(shard_rid, ops, held_by, None if failed or refused else call)
-            if failed:
-                raise failed[0]
-            if refused:
-                raise CounterUnavailable(f"counter owner refused: {refused[0].detail}")
-            delay = await self._settle_wait(max(r.epoch for r in unsettled), delay, call)
-
-    async def _settle(self, kind: str, rid: str) -> bool:
-        """Confirm or release on every current owner of the reservation's keys."""
-        call = self._call()
-        try:
-            held = self._held.get(rid)
-            if held is None or held.expires <= asyncio.get_running_loop().time():
-                return False
-            ops = held.ops
-            try:
-                parts = await self._route(kind, held.shard_rid, ops, range(len(ops)), call)
-            except CounterUnavailable:
-                if kind == "confirm":
-                    self._spawn(self._confirm_later(held))
-                raise
-            return all(reply.result for _, reply in parts)
-        finally:
-            self._observed(call)
-
-    async def _confirm_later(self, held: _Held) -> None:
-        # The message behind it is accepted: if the reservation expired
-        # unconfirmed it would count nowhere, so keep trying while it lives
-        # (after a failover the new owner holds the replicated reservation).
-        loop = asyncio.get_running_loop()
-        while loop.time() < held.expires:
-            call = _Call(min(loop.time() + self.request_timeout, held.expires))
-            try:
-                await self._route("confirm", held.shard_rid, held.ops, range(len(held.ops)), call)
-                return
-            except CounterUnavailable:
-                await asyncio.sleep(min(self.request_timeout, max(call.deadline - loop.time(), 0)))
-        log.warning("reservation %s expired unconfirmed", held.shard_rid)
-
-    async def _undo(self, shard_rid: str, ops: tuple[Op, ...], indices: list[int],
-                    call: _Call | None) -> None:
-        """Release the parts of a reservation that did not go through everywhere.
-        Without a `call` it runs in the background: the caller is failing anyway."""
-        if not indices:
-            return
-        own = call or self._call()
-        job = self._route("release", shard_rid, ops, indices, own)
-        if call is None:
-            self._spawn(_quietly(job, shard_rid))
-        else:
-            await _quietly(job, shard_rid)
-
-    async def _route(self, kind: str, reservation: str, ops: tuple[Op, ...],
-                     indices: Iterable[int], call: _Call) -> list[_Part]:
-        """Send each op to its owner until every owner answered "ok"."""
-        todo, answered, delay = list(indices), [], _BACKOFF[0]
-        while todo:
-            ring, epoch = await self._ring_for(call)
-            parts = await self._send_groups(kind, reservation, ops, todo, ring, epoch, call)
-            todo, newest = [], epoch
-            for idx, reply in parts:
-                if not isinstance(reply, wire.CounterReply):
-                    raise reply
-                if reply.status == OK:
-                    answered.append((idx, reply))
-                elif reply.status in (MOVED, RETRY):
-                    todo.extend(idx)
-                    newest = max(newest, reply.epoch)
-                else:
-                    raise CounterUnavailable(f"counter owner refused: {reply.detail}")
-            if todo:
-                delay = await self._settle_wait(newest, delay, call)
-        return answered
-
-    async def _send_groups(self, kind: str, reservation: str, ops: tuple[Op, ...],
-                           indices: Iterable[int], ring: Ring, epoch: int,
-                           call: _Call) -> list[tuple[list[int], wire.CounterReply | Exception]]:
-        groups: dict[str, list[int]] = {}
-        for i in indices:
-            groups.setdefault(ring.owner(ops[i].key), []).append(i)
-
-        async def ask(owner: str, idx: list[int]) -> wire.CounterReply:
-            group = tuple(ops[i] for i in idx)
-            request = wire.CounterRequest(self._rid(), epoch, kind, reservation, group)
-            if owner == self.name:
-                reply, pushes = self._decide(request)
-                if pushes:
-                    await self._replicate(pushes)
-                return reply
-            call.remote = True
-            peer = self._peers.get(owner)
-            if peer is None:
-                raise CounterUnavailable(f"no connection to counter owner {owner}")
-            reply = await peer.ask(wire.encode(request), request.rid, call.deadline, True)
-            if not isinstance(reply, wire.CounterReply) or not _complete(kind, reply, len(idx)):
-                raise CounterUnavailable(f"counter owner {owner} sent a malformed answer")
-            return reply
-
-        if len(groups) == 1:
-            (owner, idx), = groups.items()
-            try:
-                return [(idx, await ask(owner, idx))]
-            except (CounterUnavailable, ValueError) as exc:
-                return [(idx, exc)]
-        replies = await asyncio.gather(*(ask(o, idx) for o, idx in groups.items()),
-                                       return_exceptions=True)
-        for reply in replies:
-            if isinstance(reply, BaseException) and not isinstance(reply, Exception):
-                raise reply  # cancellation
-        return list(zip(groups.values(), replies))  # type: ignore[arg-type]
-
-    async def _ring_for(self, call: _Call) -> tuple[Ring, int]:
+    async def _ring_for(self, call: Call) -> tuple[Ring, int]:
         while self._ring is None:
             remaining = call.deadline - asyncio.get_running_loop().time()
             if not await self._wait_change(remaining):
                 raise CounterUnavailable("no counter ring yet")
         return self._ring, self._epoch
-
-    async def _settle_wait(self, newest: int, delay: float, call: _Call) -> float:
-        """After "moved" or "retry": wait for this node's ring to reach the epoch
-        an owner already has, or a short backoff while an owner takes hand-offs."""
-        loop = asyncio.get_running_loop()
-        if newest > self._epoch:
-            while self._epoch < newest:
-                if not await self._wait_change(call.deadline - loop.time()):
-                    break
-        else:
-            await self._wait_change(min(delay, call.deadline - loop.time()))
-        if loop.time() >= call.deadline:
-            raise CounterUnavailable("counter owners did not settle on a ring in time")
-        return min(delay * 2, _BACKOFF[1])
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -861,84 +416,8 @@ class CounterNode:
     def _rid(self) -> str:
         return f"{self._rid_prefix}{next(self._seq)}"
 
-    def _call(self) -> _Call:
-        return _Call(asyncio.get_running_loop().time() + self.request_timeout)
-
-    def _observed(self, call: _Call) -> None:
-        if self._observe is not None:
-            self._observe(time.perf_counter() - call.started, call.remote)
+    def _call(self) -> Call:
+        return Call(asyncio.get_running_loop().time() + self.request_timeout)
 
     def _linger_ms(self) -> int:
         return max(500, int(self.request_timeout * 1000))
-
-
-class RoutedCounters:
-    """The `CounterClient` a worker's engine uses: every call goes to the keys'
-    owners on the node's current ring."""
-
-    def __init__(self, node: CounterNode) -> None:
-        self._node = node
-
-    async def check(self, ops: Sequence[Op]) -> Outcome:
-        return await self._node._decision("check", ops)
-
-    async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
-        return await self._node._reserve(rid, ops)
-
-    async def confirm(self, rid: str) -> bool:
-        return await self._node._settle("confirm", rid)
-
-    async def release(self, rid: str) -> bool:
-        return await self._node._settle("release", rid)
-
-    async def add(self, ops: Sequence[Op]) -> Outcome:
-        return await self._node._decision("add", ops)
-
-    async def mark(self, ops: Sequence[Op]) -> None:
-        await self._node._decision("mark", ops)
-
-
-_Part = tuple[list[int], wire.CounterReply]
-
-
-def _merge(size: int, parts: Iterable[_Part]) -> Outcome:
-    """Owners' outcomes back in the decision's op order."""
-    counts, denied = [0] * size, None
-    for idx, reply in parts:
-        outcome = reply.outcome
-        if outcome is None:
-            continue
-        for j, i in enumerate(idx):
-            counts[i] = outcome.counts[j]
-        if outcome.denied is not None and (denied is None or idx[outcome.denied] < denied):
-            denied = idx[outcome.denied]
-    return Outcome(denied is None, tuple(counts), denied)
-
-
-def _granted(reply: wire.CounterReply) -> bool:
-    return reply.status == OK and reply.outcome is not None and reply.outcome.ok
-
-
-def _complete(kind: str, reply: wire.CounterReply, size: int) -> bool:
-    if reply.status != OK or kind not in ("check", "reserve", "add"):
-        return True
-    return reply.outcome is not None and len(reply.outcome.counts) == size
-
-
-async def _quietly(job: Coroutine[object, object, list[_Part]], shard_rid: str) -> None:
-    try:
-        await job
-    except (CounterUnavailable, ValueError) as exc:
-        log.warning("reservation %s not released, it expires instead: %s", shard_rid, exc)
-
-
-def _check_endpoint(endpoint: str, curve: CurveKeys | None) -> None:
-    if endpoint.startswith("ipc://"):
-        folder = os.path.dirname(endpoint[len("ipc://"):]) or "."
-        mode = os.stat(folder).st_mode
-        if stat.S_IMODE(mode) & 0o077:
-            raise ValueError(f"counter socket folder {folder} must be private (0700), "
-                             f"is {stat.S_IMODE(mode):o}")
-    elif endpoint.startswith("tcp://") and curve is None:
-        log.warning("counter endpoint %s is tcp:// without CURVE: anyone who can reach it "
-                    "can change counters", endpoint)
