@@ -64,7 +64,8 @@ def request(runtime_dir: Path, command: str, args: dict[str, Any],
 
     lock = runtime_dir / "sendguard.lock"
     if not _running(lock) or not (runtime_dir / "coord.sock").exists():
-        raise AdminFailure(f"no cluster is running for this configuration (nothing in {runtime_dir})")
+        raise AdminFailure("no cluster is running for this configuration "
+                           f"(nothing in {runtime_dir})")
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -74,7 +75,7 @@ def request(runtime_dir: Path, command: str, args: dict[str, Any],
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(remaining * 1000):
+            if remaining <= 0 or not sock.poll(int(remaining * 1000)):
                 raise AdminFailure(f"the cluster did not answer within {timeout:g} s "
                                    f"(coordinator at {runtime_dir}/coord.sock)")
             reply = wire.decode(sock.recv())

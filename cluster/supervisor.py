@@ -3,7 +3,8 @@
 It does no mail work. It starts the coordinator (``python -m coordinator``)
 and ``server.workers`` workers (``python -m worker``, named w0, w1, ...; 0
 means one per CPU), restarts a process that dies (backoff from 0.5 s to
-30 s), and tells the coordinator over a DEALER what happened
+30 s) or that the coordinator reports ``silent`` (hung: killed, then
+restarted), and tells the coordinator over a DEALER what happened
 (``SupervisorHello``, ``ProcessEvent`` started/exited/leaving). Signal
 handlers only enqueue; the main loop dispatches ``handle_<signal>``.
 
@@ -153,13 +154,13 @@ class Supervisor:
 
     def wait(self, timeout: float) -> list[wire.Message]:
         """Sleep until a signal, a message or ``timeout``; the messages that arrived."""
-        events = dict(self.poller.poll(max(0.0, timeout) * 1000))
+        events = dict(self.poller.poll(int(max(0.0, timeout) * 1000)))
         if self._wakeup in events:
             try:
                 os.read(self._wakeup, 512)
             except BlockingIOError:
                 pass
-        messages = []
+        messages: list[wire.Message] = []
         while True:
             try:
                 frame = self.dealer.recv(zmq.NOBLOCK)
@@ -261,6 +262,12 @@ class Supervisor:
             for child in self.workers():
                 if child.retiring and child.term_at is not None and child.name not in names:
                     self.retire_now(child)
+        elif isinstance(message, wire.ProcessEvent) and message.event == "silent":
+            hung = self.children.get(message.name)
+            if hung is not None and hung.alive and hung.process is not None \
+                    and hung.process.pid == message.pid:
+                log_event("process_hung", process_name=hung.name, pid=message.pid)
+                hung.process.kill()  # reaped and restarted like any crash
         elif isinstance(message, wire.AdminReply) and message.ok:
             workers = message.data.get("workers", [])
             self._phases = {w.get("pid", 0): w.get("phase", "") for w in workers
@@ -314,7 +321,7 @@ class Supervisor:
             if child.retiring and child.term_at is not None and now >= child.term_at:
                 self.retire_now(child)
         active = sorted((c for c in self.workers() if not c.retiring), key=_index)
-        for index in range(len(active), self.target):
+        for _ in range(len(active), self.target):
             child = Child(self.free_name())
             self.children[child.name] = child
             self.spawn(child)

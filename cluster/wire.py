@@ -267,7 +267,8 @@ class SupervisorHello(Message):
 
 @dataclass(frozen=True, slots=True)
 class ProcessEvent(Message):
-    """From the supervisor: ``event`` is started | exited | leaving."""
+    """From the supervisor: ``event`` is started | exited | leaving. From the
+    coordinator to the supervisor: ``silent`` (a member stopped reporting; kill it)."""
 
     TYPE: ClassVar[str] = "process-event"
     name: str

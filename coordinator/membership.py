@@ -102,14 +102,14 @@ class Membership:
         worker.identity, worker.last_seen, worker.report = identity, now, values
         return worker
 
-    def expire(self, now: float) -> list[str]:
-        """Drop members silent for too long; their names."""
+    def expire(self, now: float) -> list[Worker]:
+        """Drop members silent for too long; the workers dropped."""
         if self.recovering(now):
             return []
-        gone = [w.name for w in self.workers.values()
+        gone = [w for w in self.workers.values()
                 if w.state in (MEMBER, JOINING) and now - w.last_seen > self.silence]
-        for name in gone:
-            self._forget(name)
+        for worker in gone:
+            self._forget(worker.name)
         return gone
 
     def _forget(self, name: str) -> None:
@@ -135,9 +135,8 @@ class Membership:
         self._published = members
         return self.epoch, members
 
-    def member(self, name: str) -> Worker | None:
-        worker = self.workers.get(name)
-        return worker if worker is not None and worker.state == MEMBER else None
+    def published(self) -> tuple[int, list[list[str]]]:
+        return self.epoch, self._published
 
 
 def _order(worker: Worker) -> tuple[int, str]:

@@ -17,6 +17,8 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +117,12 @@ class Coordinator:
     def _on_hup(self) -> None:
         self._hup = True
 
-    async def _send(self, identity: bytes, message: wire.Message) -> None:
+    async def _send(self, identity: bytes, message: wire.Message | bytes) -> None:
+        frame = message if isinstance(message, bytes) else wire.encode(message)
         try:
-            await self.router.send_multipart([identity, wire.encode(message)], zmq.NOBLOCK)
+            await self.router.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.Again:
-            log_event("send_dropped", logging.WARNING, kind=message.TYPE)
+            log_event("send_dropped", logging.WARNING, size=len(frame))
 
     def _snapshot_bytes(self) -> bytes:
         # One encoding per version: the GeoIP database may be megabytes.
@@ -127,18 +130,13 @@ class Coordinator:
             self._snapshot_frame = (self.sources.version, wire.encode(self.sources.message))
         return self._snapshot_frame[1]
 
-    async def _send_snapshot(self, identity: bytes) -> None:
-        try:
-            await self.router.send_multipart([identity, self._snapshot_bytes()], zmq.NOBLOCK)
-        except zmq.Again:
-            log_event("send_dropped", logging.WARNING, kind="snapshot")
-
     async def _publish_snapshot(self) -> None:
         await self.pub.send_multipart([wire.TOPIC_SNAPSHOT, self._snapshot_bytes()])
         self._persist()
 
     def _ring(self) -> wire.RingMessage:
-        return wire.RingMessage(self.membership.epoch, self.membership.members())
+        """The ring as last published (while recovering, the one the workers hold)."""
+        return wire.RingMessage(*self.membership.published())
 
     async def _update_ring(self) -> bool:
         change = self.membership.next_ring(time.monotonic())
@@ -182,9 +180,14 @@ class Coordinator:
                     await self._publish_snapshot()
             if self.sources.poll():
                 await self._publish_snapshot()
-            for name in self.membership.expire(now):
-                log_event("worker_silent", logging.WARNING, worker=name, after=SILENCE)
-                self.metrics.retire(name)
+            for worker in self.membership.expire(now):
+                log_event("worker_silent", logging.WARNING, worker=worker.name, pid=worker.pid,
+                          after=SILENCE)
+                self.metrics.retire(worker.name)
+                if self.supervisor:
+                    # Hung, not dead: it still holds its listening socket, so it is replaced.
+                    await self._send(self.supervisor,
+                                     wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
             self.metrics.refresh(self.sources.version, self.membership.epoch,
                                  len(self.membership.members()))
@@ -198,15 +201,14 @@ class Coordinator:
             if worker is not None:
                 await self._catch_up(worker.name, identity, message.values, now)
         elif isinstance(message, wire.SnapshotRequest):
-            await self._send_snapshot(identity)
+            await self._send(identity, self._snapshot_bytes())
         elif isinstance(message, wire.Hello):
             members.hello(message.name, message.pid, message.endpoint, identity, now)
             log_event("worker_hello", worker=message.name, pid=message.pid,
                       endpoint=message.endpoint)
             await self._update_ring()
         elif isinstance(message, wire.Ready):
-            if members.ready(message.name, identity, now):
-                await self._update_ring()
+            if members.ready(message.name, identity, now) and await self._update_ring():
                 # Straight to it as well: its SUB may not be subscribed yet.
                 await self._send(identity, self._ring())
         elif isinstance(message, wire.AdminRequest):
@@ -235,9 +237,9 @@ class Coordinator:
             self.metrics.retire(event.name)
         elif event.event == "leaving":
             self.membership.leaving(event.name)
-            await self._update_ring()
-            # The supervisor stops the worker once the ring has let it go.
-            await self._send(identity, self._ring())
+            if await self._update_ring():
+                # The supervisor stops the worker once the ring has let it go.
+                await self._send(identity, self._ring())
             return
         await self._update_ring()
 
@@ -248,7 +250,7 @@ class Coordinator:
         if isinstance(version, int) and version < self.sources.version:
             if now - self._resent.get(name, -RESEND_AFTER) >= RESEND_AFTER:
                 self._resent[name] = now
-                await self._send_snapshot(identity)
+                await self._send(identity, self._snapshot_bytes())
         epoch = values.get("ring_epoch")
         if (isinstance(epoch, int) and epoch < self.membership.epoch
                 and not self.membership.recovering(now)):
@@ -257,13 +259,14 @@ class Coordinator:
     # -- admin ---------------------------------------------------------------
 
     async def _admin(self, identity: bytes, request: wire.AdminRequest) -> None:
-        handler = {
+        handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "status": self._status,
             "scale": self._scale,
-            "allow-country": self._allow_country,
-            "disallow-country": self._disallow_country,
+            "allow-country": partial(self._edit_country, allow=True),
+            "disallow-country": partial(self._edit_country, allow=False),
             "inspect": self._inspect,
-        }.get(request.command)
+        }
+        handler = handlers.get(request.command)
         try:
             if handler is None:
                 raise AdminError(f"unknown command {request.command!r}")
@@ -278,6 +281,7 @@ class Coordinator:
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
         sources = self.sources
+        epoch, ring = self.membership.published()
         workers = []
         for worker in sorted(self.membership.workers.values(), key=lambda w: w.name):
             report = worker.report
@@ -297,8 +301,8 @@ class Coordinator:
             "supervisor_pid": self.supervisor_pid,
             "coordinator_pid": os.getpid(),
             "workers_target": self.target_workers,
-            "ring_epoch": self.membership.epoch,
-            "ring": [name for name, _ in self.membership.members()],
+            "ring_epoch": epoch,
+            "ring": [name for name, _ in ring],
             "config_version": sources.version,
             "config_file": str(sources.settings.path),
             "tenants_version": sources.tenants.directory.version,
@@ -319,12 +323,6 @@ class Coordinator:
         self.target_workers = count
         return {"workers": count, "previous": previous}
 
-    async def _allow_country(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._edit_country(args, allow=True)
-
-    async def _disallow_country(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._edit_country(args, allow=False)
-
     async def _edit_country(self, args: dict[str, Any], allow: bool) -> dict[str, Any]:
         settings = self.sources.settings
         try:
@@ -339,7 +337,8 @@ class Coordinator:
             if self.sources.force_tenants():
                 await self._publish_snapshot()
         return {"domain": result.domain, "countries": list(result.countries),
-                "changed": result.changed, "tenants_version": self.sources.tenants.directory.version,
+                "changed": result.changed,
+                "tenants_version": self.sources.tenants.directory.version,
                 "config_version": self.sources.version}
 
     async def _inspect(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,20 @@ from cluster.wire import SnapshotMessage
 from worker.geo import CountryDatabase, GeoDatabaseError
 
 Stamp = tuple[int, int, int] | None
+
+# Bound or opened once per process: a reload cannot change them in place.
+_FIXED_AT_START: dict[str, Callable[[Settings], object]] = {
+    "server.listen": lambda s: (s.server.listen, s.server.listen_tls),
+    "server.tls_cert": lambda s: (s.server.tls_cert, s.server.tls_key),
+    "server.workers": lambda s: s.server.workers,
+    "metrics.listen": lambda s: s.metrics_listen,
+    "cluster": lambda s: s.cluster,
+    "dns": lambda s: s.dns,
+    "spam.backend": lambda s: (s.spam.backend, s.spam.url, s.spam.timeout,
+                               s.spam.rspamd_spam_actions),
+    "delivery.spool": lambda s: s.delivery.spool,
+    "log.file": lambda s: s.log_file,
+}
 
 
 def stamp(path: Path | None) -> Stamp:
@@ -55,7 +70,8 @@ def read_tenants(path: Path) -> Tenants:
         blob = path.read_bytes()
         data = tomllib.loads(blob.decode("utf-8"))
     except FileNotFoundError:
-        raise ConfigError(path, "(file)", "cannot be read: no such file", show_value=False) from None
+        raise ConfigError(path, "(file)", "cannot be read: no such file",
+                          show_value=False) from None
     except OSError as exc:
         raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
                           show_value=False) from None
@@ -171,10 +187,9 @@ class SnapshotSources:
         except ConfigError as exc:
             log_event("reload_refused", logging.ERROR, source="config", error=str(exc))
             return False
-        old = self.settings
-        for name in ("runtime_dir", "bind", "coordinator"):
-            if getattr(old.cluster, name) != getattr(settings.cluster, name):
-                log_event("reload_partial", logging.WARNING, key=f"cluster.{name}",
+        for key, read in _FIXED_AT_START.items():
+            if read(self.settings) != read(settings):
+                log_event("reload_partial", logging.WARNING, key=key,
                           note="takes effect at the next start of the cluster")
         self.settings, self.tenants, self.geoip = settings, tenants, geoip
         self._stamps = self._current_stamps()
@@ -182,6 +197,6 @@ class SnapshotSources:
         return True
 
     def force_tenants(self) -> bool:
-        """After the coordinator itself rewrote the tenant file: in force now, not at the next poll."""
+        """The coordinator itself rewrote the tenant file: in force now, not at the next poll."""
         self._stamps = (stamp(self.settings.tenants_file), self._stamps[1])
         return self._try("tenants", self._load_tenants)

@@ -151,7 +151,7 @@ def compare(scenario: Scenario, load: dict[str, Any],
             for key in (account_key(account), ip_key(source)):
                 limits.setdefault(key, scenario.ip_limit)
                 counts[key]["refused"] += count
-    rows = []
+    rows: list[dict[str, Any]] = []
     for key in sorted(limits, key=lambda k: (not k.startswith("acct:"), k)):
         row = counts[key]
         rows.append({"key": key, "limit": limits[key], "accepted": row["accepted"],

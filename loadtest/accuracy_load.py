@@ -46,13 +46,32 @@ POLICY_VIOLATION = "550 5.1.0 {sid} policy violation"
 WRONG = "wrong"
 
 
+OFF_STAGE = " (a SPEC reply, at a stage SPEC does not name for it)"
+
+
+def _matches(template: str, reply: str, sid: str, sender: str) -> bool:
+    if sid:
+        return reply == template.format(sid=sid, sender=sender)
+    # No id in the greeting (a 421 instead of the banner): the reply's own id must
+    # still have SPEC §1's form.
+    pattern = re.escape(template).replace(re.escape("{sid}"), "[A-Za-z0-9]{22}")
+    return re.fullmatch(pattern.replace(re.escape("{sender}"), re.escape(sender)),
+                        reply) is not None
+
+
 def classify(step: str, reply: str, sid: str, sender: str) -> str:
-    """The SPEC §2 template ``reply`` is, for this session and stage, else ``WRONG``."""
-    if not sid:  # without the banner's id nothing with {sid} can be checked
-        return WRONG
+    """The SPEC §2 template ``reply`` is, else ``WRONG``.
+
+    SPEC words the replies to the letter; the stages it names for each are
+    checked too, but a SPEC text at another stage is marked, not failed.
+    """
     for template in SPEC_REFUSALS.get(step, ()) + (SHUTTING_DOWN,):
-        if reply == template.format(sid=sid, sender=sender):
+        if _matches(template, reply, sid, sender):
             return template
+    for templates in SPEC_REFUSALS.values():
+        for template in templates:
+            if _matches(template, reply, sid, sender):
+                return template + OFF_STAGE
     return WRONG
 
 

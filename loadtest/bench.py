@@ -26,7 +26,6 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,24 +55,6 @@ class Target:
     delivered: Any = None     # the relay sink's shared counter, for targets that deliver
     accepted: int = 0         # all this target accepted so far (delivery must catch up)
     stop: list[Any] = field(default_factory=list)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                        help="measure sendguard at 1..N workers (default: one per CPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="repeat every measurement")
-    parser.add_argument("--messages", type=int, default=2000,
-                        help="messages per measurement at 1 message per session (x3 at 100)")
-    parser.add_argument("--concurrency", type=int, default=20, help="sessions in flight")
-    parser.add_argument("--clients", type=int, default=2, help="client processes")
-    parser.add_argument("--install-postfix", action="store_true",
-                        help="apt-get install postfix first (replaces any other MTA!)")
-    parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
-    parser.add_argument("--spool-dir", default="/var/tmp",
-                        help="where sendguard's spool and Postfix's queue live "
-                             "(the filesystem matters)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "perf"),
-                        help="folder for the CSV files and the plot")
 
 
 def _specs(target: Target, per_session: int, messages: int, args: argparse.Namespace
@@ -123,8 +104,8 @@ def wait_delivered(target: Target, timeout: float = 180.0) -> int:
 
 
 def start_targets(args: argparse.Namespace, folder: Path, spool_root: Path,
-                  dns_address: str) -> list[Target]:
-    targets: list[Target] = []
+                  dns_address: str, targets: list[Target]) -> None:
+    """Start every target, adding each to ``targets`` before it starts (to be stopped)."""
     for workers in range(1, args.workers + 1):
         sub = folder / f"sg{workers}"
         sub.mkdir()
@@ -140,21 +121,21 @@ def start_targets(args: argparse.Namespace, folder: Path, spool_root: Path,
     cert, key = folder / "sg1" / "cert.pem", folder / "sg1" / "key.pem"
     bare = Target(f"bare aiosmtpd x{args.workers}", "bare", args.workers,
                   [free_port() for _ in range(args.workers)])
+    targets.append(bare)
     for port in bare.ports:
         process = subprocess.Popen([sys.executable, "-m", "loadtest.loopback", "--port",
                                     str(port), "--cert", str(cert), "--key", str(key), "--auth"],
                                    cwd=ROOT, stderr=subprocess.DEVNULL)
         bare.stop.append(process.terminate)
         wait_for_banner(port)
-    targets.append(bare)
     if args.no_postfix:
         print("postfix: left out (--no-postfix)", flush=True)
-        return targets
+        return
     if not postfix_baseline.installed():
         if not args.install_postfix:
             print("postfix: SKIPPED - not installed; --install-postfix installs Debian's "
                   "package, which replaces any other MTA on this machine", flush=True)
-            return targets
+            return
         print("postfix: installing Debian's package (--install-postfix)", flush=True)
         postfix_baseline.install_postfix()
     port, sink_port = free_port(), free_port()
@@ -165,16 +146,11 @@ def start_targets(args: argparse.Namespace, folder: Path, spool_root: Path,
     targets.append(target)
     relay.start()
     wait_for_banner(port)
-    return targets
 
 
 def run(args: argparse.Namespace) -> int:
     from loadtest.bench_report import report
 
-    if args.workers < 1 or args.rounds < 1 or args.clients < 1:
-        print("sendguard: loadtest bench: --workers, --rounds and --clients must be 1 or more",
-              file=sys.stderr)
-        return 2
     folder = Path(tempfile.mkdtemp(prefix="sgbench-", dir="/tmp"))
     spool_root = Path(tempfile.mkdtemp(prefix="sgbench-", dir=args.spool_dir))
     os.chmod(spool_root, 0o755)  # Postfix's daemons (user postfix) work under it
@@ -184,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     load = os.getloadavg()[0]
     context = multiprocessing.get_context("spawn")
     try:
-        targets = start_targets(args, folder, spool_root, dns.address)
+        start_targets(args, folder, spool_root, dns.address, targets)
         with context.Pool(args.clients) as pool:
             for target in targets:  # warm-up: first connections, password hash, caches
                 measure(pool, target, 1, 200, args)

@@ -6,7 +6,8 @@ For each worker count it starts ``sendguard run`` (every policy on, counters
 in the ring, the durable spool), waits until every worker is in the ring and
 listening, warms up, then runs full transactions (connect, EHLO, STARTTLS,
 AUTH, MAIL, RCPT, DATA of 1 KB, QUIT) from 127.0.0.x sources at 1 and at 100
-messages per session, bounded in count and time. The client is the one
+messages per session, bounded in count and time, and reads the CPU time the
+workers and the coordinator used per accepted message. The client is the one
 ``loadtest.bench_core`` uses (``loadtest.smtp_load``), in its own processes
 on the same machine: compare the two rows, not the absolute figures, across
 machines.
@@ -47,8 +48,22 @@ def wait_serving(runtime_dir: Path, workers: int, process: subprocess.Popen[byte
     raise TimeoutError(f"{workers} workers not serving after {timeout:g} s")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the given processes have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
 def measure(workers: int, args: argparse.Namespace, dns: str, sink_port: int,
-            spool_root: str) -> list[tuple[int, LoadResult]]:
+            spool_root: str) -> list[tuple[int, LoadResult, float]]:
     folder = Path(tempfile.mkdtemp(prefix="sgb-", dir="/tmp"))
     spool = Path(tempfile.mkdtemp(prefix="sgb-spool-", dir=spool_root))
     port = free_port()
@@ -58,6 +73,8 @@ def measure(workers: int, args: argparse.Namespace, dns: str, sink_port: int,
     results = []
     try:
         wait_serving(folder / "run", workers, process)
+        status = request(folder / "run", "status", {})
+        pids = [w["pid"] for w in status["workers"]] + [status["coordinator_pid"]]
         warm = LoadSpec("127.0.0.1", port, 100, 1, args.concurrency, user="jan@kowalski.pl",
                         password=PASSWORD, deadline=args.deadline)
         run_clients(warm, args.clients)
@@ -65,7 +82,10 @@ def measure(workers: int, args: argparse.Namespace, dns: str, sink_port: int,
             count = args.messages * (1 if per_session == 1 else 4)
             spec = LoadSpec("127.0.0.1", port, count, per_session, args.concurrency,
                             user="jan@kowalski.pl", password=PASSWORD, deadline=args.deadline)
-            results.append((per_session, run_clients(spec, args.clients)))
+            before = cpu_seconds(pids)
+            result = run_clients(spec, args.clients)
+            used = cpu_seconds(pids) - before
+            results.append((per_session, result, used / max(1, result.accepted)))
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -94,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[tuple[int, int], LoadResult] = {}
     try:
         for workers in (1, 2):
-            for per_session, result in measure(workers, args, dns.address, sink_port,
-                                               args.spool_dir):
+            for per_session, result, cpu in measure(workers, args, dns.address, sink_port,
+                                                    args.spool_dir):
                 rows[workers, per_session] = result
                 rate = result.accepted / result.seconds if result.seconds else 0.0
-                print(f"{workers} worker(s), {per_session:3d} msg/session: {rate:7.0f} msgs/s "
-                      f"({result.accepted} accepted, {result.refused} refused, {result.errors} "
-                      f"errors in {result.seconds:.1f} s"
+                print(f"{workers} worker(s), {per_session:3d} msg/session: {rate:7.0f} msgs/s, "
+                      f"{cpu * 1000:.2f} ms server CPU per message ({result.accepted} accepted, "
+                      f"{result.refused} refused, {result.errors} errors in "
+                      f"{result.seconds:.1f} s"
                       f"{', first: ' + result.first_error if result.first_error else ''})",
                       flush=True)
     finally:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cluster.validate import parse_duration
@@ -41,8 +43,8 @@ def _positive(text: str) -> int:
 
 def add_parser(commands: Any, name: str,
                config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
-    from loadtest import bench
-
+    # Only argparse here: every sendguard command builds this parser, and the
+    # scenarios import what only the load extra installs (Locust, dnslib).
     loadtest = commands.add_parser(name, help="load scenarios on a loopback cluster of their own")
     scenarios = loadtest.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     accuracy = scenarios.add_parser(
@@ -61,8 +63,25 @@ def add_parser(commands: Any, name: str,
                           help="longest wait for the sink to receive what was acknowledged")
     accuracy.add_argument("--keep", action="store_true", help="keep the run's folder")
     accuracy.add_argument("--json", action="store_true", help="machine-readable output")
-    bench.add_arguments(scenarios.add_parser(
-        "bench", help="msgs/s of sendguard at 1..N workers, a bare sink and Postfix"))
+    bench = scenarios.add_parser(
+        "bench", help="msgs/s of sendguard at 1..N workers, a bare sink and Postfix")
+    bench.add_argument("--workers", type=_positive, default=os.cpu_count() or 2,
+                       help="measure sendguard at 1..N workers (default: one per CPU)")
+    bench.add_argument("--rounds", type=_positive, default=3, help="repeat every measurement")
+    bench.add_argument("--messages", type=_positive, default=2000,
+                       help="messages per measurement at 1 message per session (x3 at 100)")
+    bench.add_argument("--concurrency", type=_positive, default=20, help="sessions in flight")
+    bench.add_argument("--clients", type=_positive, default=2, help="client processes")
+    postfix = bench.add_mutually_exclusive_group()
+    postfix.add_argument("--install-postfix", action="store_true",
+                         help="apt-get install postfix first (it REPLACES any other MTA)")
+    postfix.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
+    bench.add_argument("--spool-dir", default="/var/tmp",
+                       help="where sendguard's spool and Postfix's queue live "
+                            "(the filesystem matters)")
+    bench.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"
+                                            / "perf"),
+                       help="folder for the CSV files and the plot (default: docs/perf)")
 
 
 def run(args: argparse.Namespace) -> int:

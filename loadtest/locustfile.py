@@ -17,7 +17,8 @@ Options of this file (besides Locust's own):
 --message-size BYTES      default 1024
 
 Each SMTP step (connect, AUTH, MAIL, RCPT, DATA) is a request of type
-``SMTP``; a refusal fails it with the reply as the error. Headless Locust
+``SMTP``; a refusal fails it with the reply as the error (the session id
+written ``{sid}``, so the failure table counts refusals by kind). Headless Locust
 exits 1 when any request failed, so a run against a limit that refuses is
 expected to exit 1: read the failure table.
 """

@@ -3,8 +3,10 @@
 The steps reported are ``connect`` (TCP, banner, EHLO, and STARTTLS with its
 second EHLO when used), ``AUTH``, ``MAIL``, ``RCPT`` and ``DATA``, under the
 request type ``SMTP``. A step whose reply is not the success reply fails
-with :class:`SmtpReplyError`, whose text is the reply ("550 5.1.0 ... policy
-violation"); a broken connection fails the step it broke with the exception.
+with :class:`SmtpReplyError`, whose text is the reply with the session id
+written ``{sid}`` ("550 5.1.0 {sid} policy violation", so Locust's failure
+table counts refusals by kind); a broken connection fails the step it broke
+with the exception.
 Every event carries a context (session id from the banner, account, source
 address, message token) so a listener can match replies with what a sink
 received.
@@ -20,7 +22,9 @@ import base64
 import csv
 import ipaddress
 import itertools
+import random
 import re
+import secrets
 import smtplib
 import ssl
 import time
@@ -36,6 +40,8 @@ TLS_MODES = ("none", "starttls", "implicit")
 TOKEN_HEADER = "X-Load-Token"
 # The session id is the last word of a sendguard banner (SPEC §1); other servers have none.
 _SID = re.compile(r"ESMTP sendguard ([A-Za-z0-9]{22})\s*$")
+# Tokens stay unique when several Locust processes feed one sink.
+_RUN = secrets.token_hex(3)
 _FILLER = b"The quarterly report is attached as we agreed on the phone call.\r\n"
 
 
@@ -97,6 +103,10 @@ def parse_host(host: str | None) -> tuple[str, int]:
     if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
         raise ValueError(f"not an smtp:// address: {host!r}")
     return parts.hostname, parts.port or (465 if parts.scheme == "smtps" else 587)
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
 def make_message(sender: str, recipient: str, token: str, size: int) -> bytes:
@@ -194,7 +204,7 @@ class SmtpSession:
                                            timeout=user.timeout, source_address=source)
             # Only the constructor records the name STARTTLS sends as SNI, and
             # the constructor would swallow the banner, which carries the session id.
-            self.client._host = host
+            self.client._host = host  # type: ignore[attr-defined]
             code, banner = self.client.connect(host, port)
             text = banner.decode("utf-8", "replace")
             match = _SID.search(text)
@@ -203,8 +213,11 @@ class SmtpSession:
                 code, reply = self.client.ehlo()
                 text = reply.decode("utf-8", "replace")
             if code == 250 and user.tls == "starttls":
-                code, reply = self.client.starttls(context=user._context)
-                text = reply.decode("utf-8", "replace")
+                try:
+                    code, reply = self.client.starttls(context=user._context)
+                    text = _text(reply)
+                except smtplib.SMTPResponseException as exc:  # a reply other than 220
+                    code, text = exc.smtp_code, _text(exc.smtp_error)
                 if code == 220:
                     code, reply = self.client.ehlo()
                     text = reply.decode("utf-8", "replace")
@@ -228,8 +241,8 @@ class SmtpSession:
         assert client is not None
         user = self.user
         user.sent += 1
-        token = f"{user.number}.{user.sent}"
-        recipient = f"r{user.sent}.{user.number}@{user.rcpt_domain}"
+        token = f"{_RUN}.{user.number}.{user.sent}"
+        recipient = f"{random.getrandbits(48):012x}@{user.rcpt_domain}"
         extra = {"token": token}
         started = time.perf_counter()
         code, text = self._command("MAIL", started,
@@ -249,7 +262,7 @@ class SmtpSession:
             code, reply = client.data(body)
             text = reply.decode("utf-8", "replace")
         except smtplib.SMTPDataError as exc:  # refused at the DATA command itself
-            code, text = exc.smtp_code, exc.smtp_error.decode("utf-8", "replace")
+            code, text = exc.smtp_code, _text(exc.smtp_error)
         except (smtplib.SMTPException, OSError) as exc:
             self._report("DATA", started, exc, extra, len(body))
             raise
@@ -270,8 +283,11 @@ class SmtpSession:
     def _check(self, step: str, started: float, code: int, text: str, good: tuple[int, ...],
                extra: dict[str, str] | None = None, length: int = 0) -> bool:
         ok = code in good
-        self._report(step, started, None if ok else SmtpReplyError(code, text), extra,
-                     length or len(text), reply=f"{code} {text}")
+        # The failure names the session id "{sid}", so Locust's failure table groups
+        # refusals by kind; the reply as sent stays in the event's context.
+        error = None if ok else SmtpReplyError(code, text.replace(self.sid, "{sid}")
+                                               if self.sid else text)
+        self._report(step, started, error, extra, length or len(text), reply=f"{code} {text}")
         return ok
 
     def _report(self, step: str, started: float, exception: BaseException | None,

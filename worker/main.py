@@ -179,7 +179,7 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
                                    counters=node.client, metrics=metrics)
         sessions = parts.server.sessions
         link.report_values = lambda: metrics.values(len(sessions), sessions.total)
-        await link.join(node, endpoint)
+        await link.join(node, node.endpoint)  # a tcp:// port may have been chosen at bind
         while not stop.any.is_set() and not node.active():
             await _first(node.wait_active(5.0), stop.any.wait())
             if not node.active() and not stop.any.is_set():
@@ -190,9 +190,11 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         link.phase = "serving"
         await link.report()
         housekeeping = asyncio.create_task(_housekeeping(parts))
-        log_event("worker_ready", worker=name, pid=os.getpid(), endpoint=endpoint)
+        log_event("worker_ready", worker=name, pid=os.getpid(), endpoint=node.endpoint)
 
         await _first(stop.any.wait(), link.removed.wait())
+        loop = asyncio.get_running_loop()
+        linger_until = loop.time() + settings.server.drain_timeout + 1.0
         retired = link.removed.is_set()
         fast = stop.fast.is_set() and not retired
         log_event("worker_stopping", worker=name, graceful=not fast, retired=retired)
@@ -202,8 +204,9 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         if not fast and not retired:
             link.phase = "drained"
             await link.report()
+            # No peer's transaction outlives its own drain, which began with ours.
             await _first(stop.fast.wait(), link.removed.wait(),
-                         timeout=settings.server.drain_timeout + 1.0)
+                         timeout=max(0.0, linger_until - loop.time()))
         return EXIT_OK
     finally:
         if housekeeping is not None:

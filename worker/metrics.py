@@ -3,8 +3,9 @@
 The engine tells :meth:`WorkerMetrics.decision` every verdict it logs; the
 counter node tells :meth:`WorkerMetrics.observe_counter` how long each
 decision's counter call took and whether it crossed a socket (a call that
-failed shows up as a refusal of the "counters" policy: 451 4.3.0). The totals only grow; the coordinator sums them
-over the workers (see ``coordinator/metrics.py``).
+failed shows up as a refusal of the "counters" policy: 451 4.3.0). The
+totals only grow; the coordinator sums them over the workers (see
+``coordinator/metrics.py``).
 """
 
 from __future__ import annotations

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from clusterproc import ROOT, Cluster, free_port, listeners, wait_for
@@ -117,3 +121,62 @@ def test_sigterm_lets_an_open_transaction_finish(make_cluster: Callable[..., Clu
     assert listeners(cluster.port) == {}
     for client in (idle, busy):
         client.close()
+
+
+def test_a_killed_coordinator_comes_back_and_the_workers_stay(
+        make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=2).start()
+    before = cluster.status()
+    os.kill(before["coordinator_pid"], signal.SIGKILL)
+
+    def back() -> dict[str, Any] | None:
+        status = cluster.serving(2)
+        return status if status and status["coordinator_pid"] != before["coordinator_pid"] \
+            else None
+
+    after = wait_for(back, 30, "a new coordinator with both workers")
+    # Same processes, same members; numbering carries on where the old one stopped.
+    assert cluster.worker_pids() == {w["name"]: w["pid"] for w in before["workers"]}
+    assert after["ring_epoch"] >= before["ring_epoch"]
+    assert after["config_version"] > before["config_version"]
+    assert after["supervisor_pid"] == before["supervisor_pid"]
+    assert cluster.send_one("127.0.0.8")[0] == 250
+    # SIGTTIN / SIGTTOU: one worker more, one less.
+    cluster.signal(signal.SIGTTIN)
+    cluster.wait_serving(3)
+    cluster.signal(signal.SIGTTOU)
+    cluster.wait_serving(2)
+
+
+def test_a_hung_worker_leaves_the_ring_and_is_replaced(
+        make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=2).start()
+    pids = cluster.worker_pids()
+    os.kill(pids["w1"], signal.SIGSTOP)  # alive, holding its socket, answering nothing
+    try:
+        wait_for(lambda: cluster.serving(2) and cluster.worker_pids().get("w1") not in (
+            None, pids["w1"]), 30, "w1 dropped for silence and replaced", every=0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids["w1"], signal.SIGCONT)
+    assert set(listeners(cluster.port)) == set(cluster.worker_pids().values())
+    events = [line["event"] for line in cluster.log_lines()]
+    assert "worker_silent" in events and "process_hung" in events
+    assert cluster.send_one("127.0.0.9")[0] == 250
+
+
+def test_a_port_taken_by_another_program_stops_the_cluster_instead_of_respawning(
+        make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=2)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", cluster.port))  # no SO_REUSEPORT: nobody may share it
+        squatter.listen()
+        cluster.start(wait=False)
+        assert cluster.process is not None
+        assert cluster.process.wait(30) == 1
+    stderr = cluster.stderr_path.read_text()
+    assert f"cannot listen on 127.0.0.1:{cluster.port}" in stderr
+    assert "could not start (see above); stopping the cluster" in stderr
+    assert "Traceback" not in stderr
+    started = [line for line in cluster.log_lines() if line["event"] == "process_started"]
+    assert len(started) <= 3  # the coordinator and two workers, none started again

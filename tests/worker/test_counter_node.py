@@ -378,6 +378,45 @@ async def test_a_repeated_request_is_counted_once(sock_dir: str, made: list[Coun
     assert count_in(await b.inspect(key)) == 5
 
 
+async def test_a_replica_gets_only_the_reservation_a_request_changed(
+        sock_dir: str, made: list[CounterNode], zctx: zmq.asyncio.Context) -> None:
+    # A hot key holds thousands of live reservations: shipping them all with
+    # every change would make each decision cost more the busier the key is.
+    replica = zctx.socket(zmq.ROUTER)
+    replica.setsockopt(zmq.LINGER, 0)
+    replica.bind(f"ipc://{sock_dir}/replica.sock")
+    shipped: list[Any] = []
+
+    async def acknowledge() -> None:
+        while True:
+            ident, frame = await replica.recv_multipart()
+            message = wire.decode(frame)
+            if isinstance(message, wire.Replicate):
+                shipped.append(message.data)
+                await replica.send_multipart([ident, wire.encode(wire.ReplicateAck(message.rid))])
+
+    listener = asyncio.create_task(acknowledge())
+    try:
+        (a,) = await start(made, sock_dir, ["a"], handoff_timeout=0.3)
+        await a.apply_ring(1, [("a", a.endpoint), ("replica", f"ipc://{sock_dir}/replica.sock")])
+        assert await a.wait_active(SETTLE)
+        key = key_where(Ring(["a", "replica"]), "a", "replica")
+        for i in range(50):
+            assert (await a.client.reserve(f"hot{i}", [msg(key, None)])).ok
+        assert len(shipped) == 50
+        assert [[(r[0].split("/")[0], r[1]) for r in data[2]] for data in shipped[-2:]] == [
+            [("hot48", "open")], [("hot49", "open")]]
+        shipped.clear()
+        assert await a.client.confirm("hot7")
+        assert await a.client.release("hot8")
+        await a.client.add([msg(key, None)])
+        assert [[(r[0].split("/")[0], r[1]) for r in data[2]] for data in shipped] == [
+            [("hot7", "confirmed")], [("hot8", "released")], []]
+        assert all([name for name, _ in data[1]] == [key] for data in shipped)
+    finally:
+        listener.cancel()
+
+
 async def test_a_moved_request_is_answered_moved_and_counts_nothing(
         sock_dir: str, made: list[CounterNode], zctx: zmq.asyncio.Context) -> None:
     a, b = await start(made, sock_dir, ["a", "b"])

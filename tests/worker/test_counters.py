@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
 
 from cluster.counting import Op, Outcome
 from worker.counters import SLOTS, CounterShard, TrailingWindow
+from worker.counters.shard import CONFIRMED, OPEN
 
 # A multiple of every bucket width used below (1 s, 5 s, 60 s, 720 s), so
 # that bucket boundaries in the assertions are easy to read.
@@ -442,6 +446,136 @@ def test_import_skips_what_has_aged_out(clock: Clock) -> None:
 def test_import_rejects_an_unknown_version(shard: CounterShard) -> None:
     with pytest.raises(ValueError, match="version 99"):
         shard.import_([99, [], []])
+
+
+class _Walks(dict[str, Any]):
+    """A reservation table that counts walks over all of it (lookups by rid are free)."""
+
+    walks = 0
+
+    def __iter__(self) -> Iterator[str]:
+        self.walks += 1
+        return super().__iter__()
+
+    def items(self) -> Any:
+        self.walks += 1
+        return super().items()
+
+    def values(self) -> Any:
+        self.walks += 1
+        return super().values()
+
+
+def _reserve_unrelated(shard: CounterShard, n: int) -> None:
+    for i in range(n):
+        shard.reserve(f"other{i}", [Op(f"ip:10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", "msg", HOUR,
+                                       None)])
+
+
+def _export_us(shard: CounterShard, keys: list[str], rids: list[str] | None = None) -> float:
+    began, rounds = time.perf_counter(), 500
+    for _ in range(rounds):
+        shard.export(keys, rids)
+    return (time.perf_counter() - began) / rounds * 1e6
+
+
+def test_exporting_a_key_does_not_walk_unrelated_reservations(
+    clock: Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Replication exports the keys of every decision: its cost must follow
+    # those keys, not the thousands of reservations live on the shard.
+    shard = CounterShard(clock=clock)
+    table = shard._reservations = _Walks()
+    _reserve_unrelated(shard, 10_000)
+    shard.reserve("mine", msg_ops("ip:a"))
+    shard.reserve("both", msg_ops("ip:a") + msg_ops("ip:10.0.0.1"))
+    table.walks = 0
+    version, keys, reservations = shard.export(["ip:a"])
+    assert table.walks == 0
+    assert [name for name, _ in keys] == ["ip:a"]
+    assert sorted(r[0] for r in reservations) == ["both", "mine"]
+    assert all(r[4] == ["ip:a"] and {e[0] for e in r[5]} == {"ip:a"} for r in reservations)
+    shard.export()
+    assert table.walks == 1  # the count above is real: a full export walks once
+
+    busy = _export_us(shard, ["ip:a"])
+    quiet = CounterShard(clock=clock)
+    quiet.reserve("mine", msg_ops("ip:a"))
+    quiet.reserve("both", msg_ops("ip:a") + msg_ops("ip:10.0.0.1"))
+    with capsys.disabled():
+        print(f"\nexport of one key: {busy:.1f} us with 10,000 unrelated live reservations, "
+              f"{_export_us(quiet, ['ip:a']):.1f} us with none")
+
+
+def test_export_can_be_limited_to_some_reservations(
+    clock: Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = CounterShard(clock=clock)
+    for i in range(10_000):
+        a.reserve(f"r{i}", [Op("ip:hot", "msg", HOUR, None), Op("acct:x", "msg", HOUR, None)])
+    a.confirm("r7")
+    version, keys, reservations = a.export(["ip:hot"], ["r7", "unknown", "r7"])
+    assert [name for name, _ in keys] == ["ip:hot"]
+    assert [(r[0], r[1], r[4]) for r in reservations] == [("r7", CONFIRMED, ["ip:hot"])]
+    assert a.export(["ip:hot"], [])[2] == []
+    assert a.export(["ip:other"], ["r8"])[2] == []  # it does not touch the keys asked for
+    [(rid, state, _, _, rec_keys, entries)] = a.export(None, ["r8"])[2]
+    assert (rid, state, rec_keys) == ("r8", OPEN, ["ip:hot", "acct:x"])
+    assert [e[0] for e in entries] == ["ip:hot", "acct:x"]
+
+    b = CounterShard(clock=clock)
+    b.import_(_wire(a.export(["ip:hot"], ["r8"])))
+    assert count(b, "ip:hot", "msg", HOUR) == 10_000
+    assert b.release("r8")
+    assert count(b, "ip:hot", "msg", HOUR) == 9_999
+    with capsys.disabled():
+        print(f"\nexport of a hot key with 10,000 live reservations: "
+              f"{_export_us(a, ['ip:hot'], ['r8']):.1f} us for one of them")
+
+
+def _assert_index_exact(shard: CounterShard, keys: list[str]) -> None:
+    expected: dict[str, set[str]] = {}
+    for rid, rec in shard._reservations.items():
+        for key in rec.keys:
+            expected.setdefault(key, set()).add(rid)
+    assert {key: set(rids) for key, rids in shard._rsv_by_key.items()} == expected
+    live = {r[0]: set(r[4]) for r in shard.export()[2]}
+    for key in keys:
+        assert {r[0] for r in shard.export([key])[2]} == {
+            rid for rid, rec_keys in live.items() if key in rec_keys
+        }
+
+
+def test_reservations_stay_indexed_by_key_exactly(clock: Clock) -> None:
+    rng = random.Random(7)
+    a, b = CounterShard(clock=clock), CounterShard(clock=clock)
+    keys = [f"ip:{i}" for i in range(8)]
+    for step in range(4_000):
+        roll, shard = rng.random(), rng.choice((a, b))
+        rid = f"r{rng.randrange(300)}"  # reused, also after expiry
+        picked = rng.sample(keys, rng.randint(1, 3))
+        if roll < 0.35:
+            ops = [Op(k, "msg", MINUTE, rng.choice((None, 5))) for k in picked]
+            shard.reserve(rid, ops, ttl=rng.choice((5.0, 30.0, 120.0)))
+        elif roll < 0.5:
+            shard.confirm(rid)
+        elif roll < 0.65:
+            shard.release(rid)
+        elif roll < 0.8:
+            b.import_(_wire(a.export(picked)))  # parts of one reservation join on b
+        elif roll < 0.85:
+            a.import_(_wire(b.export(picked, [rid])))
+        elif roll < 0.95:
+            clock.advance(rng.uniform(0, 20))  # windows slide and keys are evicted
+        else:
+            shard.expire()
+        if step % 40 == 0:
+            _assert_index_exact(a, keys)
+            _assert_index_exact(b, keys)
+    clock.advance(121)
+    for shard in (a, b):
+        shard.expire()
+        assert shard._rsv_by_key == {} and shard.export()[2] == []
 
 
 # -- wire -------------------------------------------------------------------

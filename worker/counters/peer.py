@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from cluster import wire
@@ -149,7 +150,7 @@ class MemberKeys:
 
 
 def _z85(key: bytes) -> bytes:
-    return zmq.utils.z85.encode(key) if len(key) == 32 else key
+    return z85.encode(key) if len(key) == 32 else key
 
 
 def check_endpoint(endpoint: str, curve: CurveKeys | None) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,17 @@ class _Held:
     ops: tuple[Op, ...]
     outcome: Outcome
     expires: float
+    owners: tuple[str, ...] = ()  # each op's owner when it was reserved
+
+    def rid_of(self, index: int) -> str:
+        return _part_rid(self.shard_rid, self.owners[index])
+
+
+def _part_rid(shard_rid: str, owner: str) -> str:
+    # Each owner's part is its own reservation: a node that holds one part as
+    # a replica and owns another must not take the second for a replay of
+    # the first. The part keeps its id when its keys move to a new owner.
+    return f"{shard_rid}@{owner}"
 
 
 class Call:
@@ -125,8 +136,13 @@ class RoutedCounters:
             # Fresh on every attempt: an owner that saw an earlier,
             # released attempt must count this one, not replay that one.
             shard_rid = f"{rid}/{self._node._rid()}"
+            owners = tuple(ring.owner(op.key) for op in ops)
+
+            def rid_of(index: int) -> str:
+                return _part_rid(shard_rid, owners[index])
+
             parts = await self._send_groups("reserve", shard_rid, ops, range(len(ops)), ring,
-                                            epoch, call)
+                                            epoch, call, rid_of)
             replies = [(idx, r) for idx, r in parts if isinstance(r, wire.CounterReply)]
             failed = [r for _, r in parts if not isinstance(r, wire.CounterReply)]
             refused = [r for _, r in replies if r.status == ERROR]
@@ -138,11 +154,11 @@ class RoutedCounters:
                 outcome = _merge(len(ops), replies)
                 if outcome.ok:
                     expires = asyncio.get_running_loop().time() + RESERVATION_TTL
-                    self._held[rid] = _Held(shard_rid, ops, outcome, expires)
+                    self._held[rid] = _Held(shard_rid, ops, outcome, expires, owners)
                 else:
-                    await self._undo(shard_rid, ops, held_by, call)
+                    await self._undo(shard_rid, ops, held_by, call, rid_of)
                 return outcome
-            await self._undo(shard_rid, ops, held_by, None if failed or refused else call)
+            await self._undo(shard_rid, ops, held_by, None if failed or refused else call, rid_of)
             if failed:
                 raise failed[0]
             if refused:
@@ -158,7 +174,8 @@ class RoutedCounters:
                 return False
             ops = held.ops
             try:
-                parts = await self._route(kind, held.shard_rid, ops, range(len(ops)), call)
+                parts = await self._route(kind, held.shard_rid, ops, range(len(ops)), call,
+                                          held.rid_of)
             except CounterUnavailable:
                 if kind == "confirm":
                     self._node._spawn(self._confirm_later(held))
@@ -175,32 +192,35 @@ class RoutedCounters:
         while loop.time() < held.expires:
             call = Call(min(loop.time() + node.request_timeout, held.expires))
             try:
-                await self._route("confirm", held.shard_rid, held.ops, range(len(held.ops)), call)
+                await self._route("confirm", held.shard_rid, held.ops, range(len(held.ops)), call,
+                                  held.rid_of)
                 return
             except CounterUnavailable:
                 await asyncio.sleep(min(node.request_timeout, max(call.deadline - loop.time(), 0)))
         log.warning("reservation %s expired unconfirmed", held.shard_rid)
 
     async def _undo(self, shard_rid: str, ops: tuple[Op, ...], indices: list[int],
-                    call: Call | None) -> None:
+                    call: Call | None, rid_of: Callable[[int], str]) -> None:
         """Release the parts of a reservation that did not go through everywhere.
         Without a `call` it runs in the background: the caller is failing anyway."""
         if not indices:
             return
         own = call or self._node._call()
-        job = self._route("release", shard_rid, ops, indices, own)
+        job = self._route("release", shard_rid, ops, indices, own, rid_of)
         if call is None:
             self._node._spawn(_quietly(job, shard_rid))
         else:
             await _quietly(job, shard_rid)
 
     async def _route(self, kind: str, reservation: str, ops: tuple[Op, ...],
-                     indices: Iterable[int], call: Call) -> list[_Part]:
+                     indices: Iterable[int], call: Call,
+                     rid_of: Callable[[int], str] | None = None) -> list[_Part]:
         """Send each op to its owner until every owner answered "ok"."""
         todo, answered, delay = list(indices), [], _BACKOFF[0]
         while todo:
             ring, epoch = await self._node._ring_for(call)
-            parts = await self._send_groups(kind, reservation, ops, todo, ring, epoch, call)
+            parts = await self._send_groups(kind, reservation, ops, todo, ring, epoch, call,
+                                            rid_of)
             todo, newest = [], epoch
             for idx, reply in parts:
                 if not isinstance(reply, wire.CounterReply):
@@ -217,16 +237,19 @@ class RoutedCounters:
         return answered
 
     async def _send_groups(self, kind: str, reservation: str, ops: tuple[Op, ...],
-                           indices: Iterable[int], ring: Ring, epoch: int,
-                           call: Call) -> list[tuple[list[int], wire.CounterReply | Exception]]:
+                           indices: Iterable[int], ring: Ring, epoch: int, call: Call,
+                           rid_of: Callable[[int], str] | None = None,
+                           ) -> list[tuple[list[int], wire.CounterReply | Exception]]:
         node = self._node
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, str], list[int]] = {}
         for i in indices:
-            groups.setdefault(ring.owner(ops[i].key), []).append(i)
+            part = rid_of(i) if rid_of is not None else reservation
+            groups.setdefault((ring.owner(ops[i].key), part), []).append(i)
 
-        async def ask(owner: str, idx: list[int]) -> wire.CounterReply:
+        async def ask(target: tuple[str, str], idx: list[int]) -> wire.CounterReply:
+            owner, part = target
             group = tuple(ops[i] for i in idx)
-            request = wire.CounterRequest(node._rid(), epoch, kind, reservation, group)
+            request = wire.CounterRequest(node._rid(), epoch, kind, part, group)
             if owner == node.name:
                 reply, pushes = node._owned.decide(request)
                 if pushes:
