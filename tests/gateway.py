@@ -102,7 +102,8 @@ class Gateway:
             "geoip": {"database": "country.mmdb", "default_countries": ["PL"],
                       "unknown": "reject"},
             "dns": {"nameservers": [dns.address], "timeout": "2s"},
-            "delivery": {"spool": "spool"},
+            # Nothing listens on port 9 of loopback: mail waits in the queue.
+            "delivery": {"spool": "spool", "port": 9},
             "log": {"file": "sendguard.log"},
         }
         for name, values in overrides.items():
@@ -153,7 +154,7 @@ class Gateway:
                 self._stop = asyncio.Event()
                 self.loop = asyncio.get_running_loop()
                 self.parts = await build_worker(self.settings)
-                await self.parts.server.start()
+                await self.parts.start()
                 for host, port, implicit in self.parts.server.addresses:
                     if implicit:
                         self.tls_port = port
@@ -166,6 +167,7 @@ class Gateway:
             self._ready.set()
             await self._stop.wait()
             await self.parts.server.drain(self._drain_timeout)
+            await self.parts.close(1.0)
 
         self._drain_timeout = self.settings.server.drain_timeout
         uvloop.run(main())

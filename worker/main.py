@@ -37,6 +37,7 @@ from cluster.validate import ConfigError
 from worker.auth import PasswordVerifier
 from worker.counters.client import CounterClient, LocalCounters
 from worker.counters.shard import CounterShard
+from worker.delivery import DeliveryAgent
 from worker.dns import DomainResolver
 from worker.engine import PolicyEngine
 from worker.local_source import LocalSnapshotSource
@@ -63,6 +64,19 @@ class WorkerParts:
     engine: PolicyEngine
     server: SmtpServer
     metrics: WorkerMetrics
+    delivery: DeliveryAgent
+
+    async def start(self) -> None:
+        """Queue what the spool already holds, then accept connections."""
+        queued = await self.delivery.start()
+        if queued:
+            log_event("spool_loaded", messages=queued)
+        await self.server.start()
+
+    async def close(self, drain_timeout: float) -> None:
+        """After the SMTP drain: let deliveries in flight finish, then close the spool."""
+        await self.delivery.stop(drain_timeout)
+        await self.engine.spool.aclose()
 
 
 async def build_worker(settings: Settings, name: str = "w0", *,
@@ -77,16 +91,20 @@ async def build_worker(settings: Settings, name: str = "w0", *,
     spam = settings.spam
     scanner = make_scanner(spam.backend, spam.url, spam.timeout, spam.rspamd_spam_actions)
     spool = Spool(settings.delivery.spool, name)
+    counters = counters or LocalCounters(shard)
+    delivery = DeliveryAgent(spool, lambda: source.current().settings, counters, resolver)
     engine = PolicyEngine(
         snapshot=source.current,
-        counters=counters or LocalCounters(shard),
+        counters=counters,
         verifier=PasswordVerifier(max_concurrent=max(2, (os.cpu_count() or 2))),
         recipient_domain=RecipientDomainPolicy(resolver),
         scanner=lambda: scanner,
         spool=spool,
+        on_queued=delivery.enqueue,
     )
     engine.on_decision = metrics.decision
-    return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics)
+    return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
+                       delivery)
 
 
 async def _housekeeping(parts: WorkerParts) -> None:
@@ -130,7 +148,7 @@ async def serve(settings: Settings, name: str = "w0",
                 on_ready: Callable[[WorkerParts], None] | None = None) -> int:
     stop = _Stop()
     parts = await build_worker(settings, name)
-    await parts.server.start()
+    await parts.start()
     housekeeping = asyncio.create_task(_housekeeping(parts))
     log_event("worker_ready", worker=name, pid=os.getpid())
     if on_ready is not None:
@@ -142,7 +160,7 @@ async def serve(settings: Settings, name: str = "w0",
     housekeeping.cancel()
     with suppress(asyncio.CancelledError):
         await housekeeping
-    await parts.engine.spool.aclose()
+    await parts.close(0.0 if fast else settings.server.drain_timeout)
     return EXIT_OK
 
 
@@ -186,7 +204,7 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
                 log_event("waiting_for_ring", logging.WARNING, worker=name)
         if stop.any.is_set():
             return EXIT_OK
-        await parts.server.start()
+        await parts.start()
         link.phase = "serving"
         await link.report()
         housekeeping = asyncio.create_task(_housekeeping(parts))
@@ -212,7 +230,7 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         if housekeeping is not None:
             housekeeping.cancel()
         if parts is not None:
-            await parts.engine.spool.aclose()
+            await parts.close(0.0 if stop.fast.is_set() else 5.0)
         if node is not None:
             await node.close()
         await link.close()
