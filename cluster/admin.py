@@ -1,9 +1,10 @@
-"""``sendguard status | scale N | tenant allow-country|disallow-country | inspect ip|account``.
+"""``sendguard status | scale N | tenant ... | inspect ip|account | queue list|flush|delete ID``.
 
 Each command finds the running cluster through ``-c CONFIG`` (its runtime
 folder), sends one ``AdminRequest`` to the coordinator's socket and prints
 the ``AdminReply``: a table for people, ``--json`` for scripts.
-Exit status: 0 done, 1 failed (also: no cluster running), 2 bad usage.
+Exit status: 0 done, 1 failed (also: no cluster running; ``queue delete``
+of an id no worker holds), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import wire
+from cluster.hosts import Uplink, find_coordinator, uplink_for
 from cluster.settings import is_country_code, load_settings
 from cluster.validate import ConfigError
 
@@ -26,6 +29,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 TIMEOUT = 10.0
+QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")  # SPEC §1
 
 
 class AdminFailure(Exception):
@@ -56,28 +60,49 @@ def add_parser(commands: Any, name: str,
             sub = kinds.add_parser(kind, help=about)
             sub.add_argument("subject", metavar=what)
             config_arg(sub)
+    elif name == "queue":
+        queue = commands.add_parser("queue", help="list, retry or delete queued messages")
+        actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+        config_arg(actions.add_parser("list", help="every queued message, on every worker"))
+        config_arg(actions.add_parser("flush", help="attempt every waiting message now"))
+        delete = actions.add_parser("delete", help="drop a message without a bounce")
+        delete.add_argument("queue_id", metavar="ID", help="as in 250 ... queued as ID")
+        config_arg(delete)
 
 def request(runtime_dir: Path, command: str, args: dict[str, Any],
-            timeout: float = TIMEOUT) -> dict[str, Any]:
-    """One admin round trip; raises AdminFailure with a sentence for the operator."""
+            timeout: float = TIMEOUT, uplink: Uplink | None = None) -> dict[str, Any]:
+    """One admin round trip; raises AdminFailure with a sentence for the operator.
+
+    ``uplink``: how this host reaches the coordinator (``cluster.hosts``),
+    by default the ipc socket in ``runtime_dir``."""
     import zmq
 
-    lock = runtime_dir / "sendguard.lock"
-    if not _running(lock) or not (runtime_dir / "coord.sock").exists():
-        raise AdminFailure("no cluster is running for this configuration "
-                           f"(nothing in {runtime_dir})")
+    uplink = uplink or Uplink.local(runtime_dir)
+    if uplink.remote:
+        found = find_coordinator(uplink, timeout)
+        if found is None:
+            raise AdminFailure(f"the coordinator at {uplink.coordinator} did not let this "
+                               f"host in within {timeout:g} s (is it running, and is this "
+                               "host's public key in its curve_public_keys folder?)")
+        uplink = found
+    else:
+        lock = runtime_dir / "sendguard.lock"
+        if not _running(lock) or not (runtime_dir / "coord.sock").exists():
+            raise AdminFailure("no cluster is running for this configuration "
+                               f"(nothing in {runtime_dir})")
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(wire.coordinator_endpoint(runtime_dir))
+        uplink.secure(sock)
+        sock.connect(uplink.coordinator)
         sock.send(wire.encode(wire.AdminRequest(command, args)))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000)):
                 raise AdminFailure(f"the cluster did not answer within {timeout:g} s "
-                                   f"(coordinator at {runtime_dir}/coord.sock)")
+                                   f"(coordinator at {uplink.coordinator})")
             reply = wire.decode(sock.recv())
             if isinstance(reply, wire.AdminReply):
                 break
@@ -109,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
         return _usage(str(payload))
     try:
         settings = load_settings(args.config)
+        uplink = uplink_for(settings)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     try:
-        data = request(settings.cluster.runtime_dir, command, payload)
+        data = request(settings.cluster.runtime_dir, command, payload, uplink=uplink)
     except AdminFailure as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -134,6 +160,13 @@ def _request_of(args: argparse.Namespace) -> tuple[Any, Any, Callable[[dict[str,
         if args.workers < 1:
             return None, "scale: the number of workers must be 1 or more", str
         return "scale", {"workers": args.workers}, format_scale
+    if args.command == "queue":
+        payload = {"action": args.action}
+        if args.action == "delete":
+            if not QUEUE_ID_RE.fullmatch(args.queue_id):
+                return None, f'queue delete: "{args.queue_id}" is not a queue id', str
+            payload["queue_id"] = args.queue_id
+        return "queue", payload, format_queue
     if args.command == "tenant":
         if not is_country_code(args.country):
             return None, f'tenant: "{args.country}" is not a two-letter country code', str
@@ -209,3 +242,55 @@ def _window(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+def format_queue(data: dict[str, Any]) -> str:
+    lines = []
+    if data["action"] == "list":
+        lines.append(_queue_table(data.get("messages", []), data.get("workers", [])))
+    elif data["action"] == "flush":
+        per_worker = ", ".join(f"{name}: {count}" for name, count
+                               in data.get("per_worker", {}).items())
+        lines.append(f"retrying {_count(data['started'], 'message')} now ({per_worker})")
+    else:
+        lines.append(f"deleted {data['queue_id']} (queued on {data['worker']})")
+    for name, why in sorted(data.get("unanswered", {}).items()):
+        lines.append(f"warning: {name} did not answer ({why}); its queue is not included")
+    return "\n".join(lines)
+
+
+def _queue_table(messages: list[dict[str, Any]], workers: list[str]) -> str:
+    if not messages:
+        return f"the queue is empty (workers {', '.join(workers) or 'none'})"
+    rows = []
+    for m in messages:
+        if m.get("state") == "active":
+            next_try = "now (in progress)"
+        else:
+            next_try = f"in {_duration(m['next_try_in'])}" if m.get("next_try_in") else "now"
+        recipients = ", ".join(f"{r['rcpt']} ({r['status']})" for r in m.get("recipients", []))
+        rows.append([m["queue_id"], m["worker"], _duration(m["age"]), m["attempts"], next_try,
+                     f"<{m['sender']}>", recipients, m.get("last_error")])
+    total = sum(m.get("size", 0) for m in messages)
+    return table(["QUEUE ID", "WORKER", "AGE", "ATTEMPTS", "NEXT TRY", "SENDER",
+                  "RECIPIENTS", "LAST ERROR"], rows) + \
+        f"\n{_count(len(messages), 'message')}, {_count(total, 'byte')}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+    """A short age like ``2h05m`` or ``40s``."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

@@ -60,13 +60,17 @@ _EXTRA_COMMANDS: dict[str, str] = {
     "scale": "cluster.admin",
     "tenant": "cluster.admin",
     "inspect": "cluster.admin",
+    "queue": "cluster.admin",
+    "keygen": "cluster.curve",
+    "loadtest": "loadtest.cli",
 }
 
 
 def load_or_exit(path: str) -> Settings:
     try:
         settings = load_settings(path)
-        load_tenants(settings.tenants_file)
+        if not settings.cluster.coordinator:  # else another host's coordinator reads them
+            load_tenants(settings.tenants_file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -10,6 +10,11 @@ the member of the next point that belongs to a different member. That
 choice is what makes failover safe: when an owner leaves the ring, every key
 it owned falls to the next point of another member, which is exactly the
 replica that already holds the key's counts.
+
+A key is placed by its subject, the part after its kind (``ip:``,
+``spam:``, ``bounce:``, ``auth-fail:`` of one address share ``127.0.0.5``):
+the keys of one client address live with one owner, so a decision touches
+at most one owner per subject instead of one per key.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ DEFAULT_VNODES = 128
 def point(text: str) -> int:
     """The position of `text` on the ring."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def subject(key: str) -> str:
+    """``"spam:127.0.0.5"`` → ``"127.0.0.5"``; a key without a kind is its own subject."""
+    return key.partition(":")[2] or key
 
 
 class Ring:
@@ -69,7 +79,7 @@ class Ring:
     def _slot(self, key: str) -> int:
         if not self._points:
             raise LookupError("the ring has no members")
-        index = bisect.bisect_left(self._points, point(key))
+        index = bisect.bisect_left(self._points, point(subject(key)))
         return 0 if index == len(self._points) else index
 
     def owner(self, key: str) -> str:

@@ -145,7 +145,8 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
     settings = Settings(
         path=path,
         server=_server(Section(path, "server", top.raw("server")), base),
-        tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base),
+        tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base,
+                                   joining=_joins_another_host(top.raw("cluster"))),
         cluster=_cluster(Section(path, "cluster", top.raw("cluster")), path),
         metrics_listen=_metrics(Section(path, "metrics", top.raw("metrics"))),
         auth=_auth(Section(path, "auth", top.raw("auth"))),
@@ -221,8 +222,16 @@ def _server(s: Section, base: Path) -> ServerSettings:
     return settings
 
 
-def _tenants_file(s: Section, base: Path) -> Path:
+def _joins_another_host(cluster: Any) -> bool:
+    return isinstance(cluster, dict) and bool(cluster.get("coordinator"))
+
+
+def _tenants_file(s: Section, base: Path, joining: bool = False) -> Path:
     value = s.raw("file")
+    if joining and value is None:
+        # The coordinator's host owns the tenant directory; this one never reads it.
+        s.reject_unknown()
+        return Path(os.devnull)
     if value is None or value == "":
         raise s.error("file", "is required: the tenant directory", show_value=value is not None)
     path = s.path("file", "", base)
@@ -240,11 +249,15 @@ def _cluster(s: Section, config_path: Path) -> ClusterSettings:
     else:
         runtime_dir = default_runtime_dir(config_path)
     coordinator = s.string("coordinator", "")
-    if coordinator and not coordinator.startswith("tcp://"):
+    if coordinator and not _tcp_endpoint(coordinator):
         raise s.error("coordinator", 'must be "" or "tcp://HOST:PORT"', coordinator)
     bind = s.string("bind", "")
-    if bind and not bind.startswith("tcp://"):
+    if bind and not _tcp_endpoint(bind):
         raise s.error("bind", 'must be "" or "tcp://ADDRESS:PORT"', bind)
+    if bind and _tcp_endpoint(bind) in _WILDCARDS:
+        # The address is handed to the other hosts, who must be able to connect to it.
+        raise s.error("bind", "must be an address the other hosts reach this one at, "
+                      "not a wildcard", bind)
     secret = s.path("curve_secret_key", "", config_path.parent)
     if (bind or coordinator) and secret is None:
         raise s.error("curve_secret_key", "is required when cluster.bind or cluster.coordinator "
@@ -259,6 +272,21 @@ def _cluster(s: Section, config_path: Path) -> ClusterSettings:
     )
     s.reject_unknown()
     return settings
+
+
+_WILDCARDS = ("*", "0.0.0.0", "[::]", "::")
+# Ports above the coordinator's two and the workers' (cluster.hosts) must fit.
+_MAX_BASE_PORT = 65535 - 2 - 256
+
+
+def _tcp_endpoint(value: str) -> str:
+    """The host part of ``tcp://HOST:PORT``, or "" when ``value`` is not one."""
+    if not value.startswith("tcp://"):
+        return ""
+    host, _, port = value[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) <= _MAX_BASE_PORT:
+        return ""
+    return host
 
 
 def default_runtime_dir(config_path: Path) -> Path:

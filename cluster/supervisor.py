@@ -2,9 +2,11 @@
 
 It does no mail work. It starts the coordinator (``python -m coordinator``)
 and ``server.workers`` workers (``python -m worker``, named w0, w1, ...; 0
-means one per CPU), restarts a process that dies (backoff from 0.5 s to
-30 s) or that the coordinator reports ``silent`` (hung: killed, then
-restarted), and tells the coordinator over a DEALER what happened
+means one per CPU; between hosts ``HOST-w0``, ... and the coordinator only
+where ``cluster.coordinator`` is empty, see :mod:`cluster.hosts`),
+restarts a process that dies (backoff from 0.5 s to 30 s) or that the
+coordinator reports ``silent`` (hung: killed, then restarted), and tells
+the coordinator over a DEALER what happened
 (``SupervisorHello``, ``ProcessEvent`` started/exited/leaving). Signal
 handlers only enqueue; the main loop dispatches ``handle_<signal>``.
 
@@ -12,11 +14,13 @@ Signals:
     TERM   drain: workers stop accepting, open transactions finish (up to
            ``server.drain_timeout``), then everything stops; exit 0
     INT    stop at once (sessions get 421 now); exit 0
-    HUP    the coordinator rereads the configuration; workers stay
+    HUP    the coordinator rereads the configuration; workers stay (on a
+           host that joins another's coordinator: nothing, send it there)
     TTIN   one worker more
     TTOU   one worker less (never below one)
 
-``sendguard scale N`` reaches the supervisor as a ``ScaleCommand``. A
+``sendguard scale N`` reaches the supervisor as a ``ScaleCommand`` (every
+host's supervisor: N workers on each host). A
 worker is retired by reporting it ``leaving`` first, so the coordinator
 publishes a ring without it and its counters are handed off, and then
 TERM: it drains and exits 0, and is not restarted.
@@ -26,7 +30,8 @@ Exit status:
     1   already running on this configuration (the lock in the runtime
         folder is held), or a process could not boot (exit 3: bad
         certificate, port taken) - it is not respawned in a loop
-    2   bad configuration (a process exited 2 at start)
+    2   bad configuration (a process exited 2 at start, or a CURVE key
+        file cannot be used)
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ from pathlib import Path
 import zmq
 
 from cluster import wire
+from cluster.hosts import HOST_FILE, Uplink, uplink_for, worker_index, write_host_file
 from cluster.logjson import log_event, setup_logging
 from cluster.settings import Settings
+from cluster.supervisor_line import SupervisorLine
+from cluster.validate import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -86,7 +94,7 @@ def lock_runtime_dir(runtime_dir: Path) -> int:
 def clear_runtime_dir(runtime_dir: Path) -> None:
     """Sockets and coordinator state: stale before a start (we hold the lock), done after a stop."""
     for path in runtime_dir.iterdir():
-        if path.suffix == ".sock" or path.name == "coordinator.state":
+        if path.suffix == ".sock" or path.name in ("coordinator.state", HOST_FILE):
             path.unlink(missing_ok=True)
 
 
@@ -115,14 +123,16 @@ def worker_count(configured: int) -> int:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, uplink: Uplink | None = None) -> None:
         self.settings = settings
         self.runtime_dir = settings.cluster.runtime_dir
+        self.uplink = uplink or Uplink.local(self.runtime_dir)
+        self.host_file: Path | None = None
         self.target = worker_count(settings.server.workers)
         self.children: dict[str, Child] = {}
         self.pending: list[int] = []
         self.exit_code: int | None = None
-        self._phases: dict[int, str] = {}
+        self._phases: dict[str, str] = {}
 
     # -- plumbing ------------------------------------------------------------
 
@@ -139,18 +149,14 @@ class Supervisor:
 
     def connect(self) -> None:
         self.context = zmq.Context()
-        self.dealer = self.context.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.connect(wire.coordinator_endpoint(self.runtime_dir))
         self.poller = zmq.Poller()
-        self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self._wakeup, zmq.POLLIN)
+        if self.uplink.tcp and not self.uplink.remote:
+            self.host_file = write_host_file(self.uplink)
+        self.line = SupervisorLine(self.context, self.poller, self.uplink)
 
     def tell(self, message: wire.Message) -> None:
-        try:
-            self.dealer.send(wire.encode(message), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the coordinator is down; it learns the state again when it restarts
+        self.line.send(wire.encode(message))
 
     def wait(self, timeout: float) -> list[wire.Message]:
         """Sleep until a signal, a message or ``timeout``; the messages that arrived."""
@@ -160,22 +166,27 @@ class Supervisor:
                 os.read(self._wakeup, 512)
             except BlockingIOError:
                 pass
+        if self.line.step(events):
+            if self.host_file is None:
+                # Workers of a joining host need the coordinator's key the line found.
+                self.uplink = self.line.uplink
+                self.host_file = write_host_file(self.uplink)
+            self.introduce()
         messages: list[wire.Message] = []
-        while True:
-            try:
-                frame = self.dealer.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return messages
+        for frame in self.line.receive():
             try:
                 messages.append(wire.decode(frame))
             except wire.WireError:
                 continue
+        return messages
 
     def spawn(self, child: Child) -> None:
         if child.is_worker:
             command = [sys.executable, "-m", "worker", "--config", str(self.settings.path),
                        "--name", child.name, "--parent-pid", str(os.getpid()),
                        "--runtime-dir", str(self.runtime_dir)]
+            if self.host_file is not None:
+                command += ["--host-file", str(self.host_file)]
         else:
             command = [sys.executable, "-m", "coordinator", "--config", str(self.settings.path),
                        "--parent-pid", str(os.getpid())]
@@ -203,8 +214,9 @@ class Supervisor:
     def run(self) -> int:
         self.install_signals()
         self.connect()
-        self.children[COORDINATOR] = Child(COORDINATOR)
-        self.spawn(self.children[COORDINATOR])
+        if not self.uplink.remote:
+            self.children[COORDINATOR] = Child(COORDINATOR)
+            self.spawn(self.children[COORDINATOR])
         try:
             while self.exit_code is None:
                 for message in self.wait(_TICK):
@@ -216,7 +228,7 @@ class Supervisor:
                 if self.exit_code is None:
                     self.manage_workers()
         finally:
-            self.dealer.close()
+            self.line.close()
             self.context.term()
         return self.exit_code
 
@@ -270,7 +282,8 @@ class Supervisor:
                 hung.process.kill()  # reaped and restarted like any crash
         elif isinstance(message, wire.AdminReply) and message.ok:
             workers = message.data.get("workers", [])
-            self._phases = {w.get("pid", 0): w.get("phase", "") for w in workers
+            # By name: between hosts two workers may have the same pid.
+            self._phases = {w.get("name", ""): w.get("phase", "") for w in workers
                             if isinstance(w, dict)}
 
     # -- processes ---------------------------------------------------------------------
@@ -312,6 +325,8 @@ class Supervisor:
         self.exit_code = EXIT_CONFIG if code == CHILD_CONFIG_ERROR else EXIT_FAILED
 
     def manage_workers(self) -> None:
+        if not self.line.ready:
+            return  # the coordinator of another host has not let us in yet
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.process is None and not child.retiring and now >= child.restart_at:
@@ -330,9 +345,9 @@ class Supervisor:
 
     def free_name(self) -> str:
         index = 0
-        while f"w{index}" in self.children:
+        while self.uplink.worker_name(index) in self.children:
             index += 1
-        return f"w{index}"
+        return self.uplink.worker_name(index)
 
     def retire(self, child: Child) -> None:
         child.retiring = True
@@ -376,8 +391,8 @@ class Supervisor:
                 # once every one is drained they may all go.
                 self.tell(wire.AdminRequest("status", {}))
                 next_status = now + 0.2
-                pids = {c.process.pid for c in workers if c.alive and c.process is not None}
-                if pids and all(self._phases.get(pid) == "drained" for pid in pids):
+                names = {c.name for c in workers if c.alive}
+                if names and all(self._phases.get(name) == "drained" for name in names):
                     released = self.release(workers)
         for child in workers:
             self.kill(child)
@@ -408,8 +423,8 @@ class Supervisor:
 
 
 def _index(child: Child) -> int:
-    digits = child.name[1:]
-    return int(digits) if digits.isdigit() else 1 << 30
+    index = worker_index(child.name)
+    return index if index is not None else 1 << 30
 
 
 def run_cluster(settings: Settings) -> int:
@@ -422,8 +437,14 @@ def run_cluster(settings: Settings) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     try:
+        uplink = uplink_for(settings)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        os.close(lock)
+        return EXIT_CONFIG
+    try:
         clear_runtime_dir(runtime_dir)
-        return Supervisor(settings).run()
+        return Supervisor(settings, uplink).run()
     finally:
         clear_runtime_dir(runtime_dir)
         os.close(lock)

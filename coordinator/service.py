@@ -1,9 +1,11 @@
-"""The coordinator process: snapshots, ring membership, admin socket, metrics.
+"""The coordinator process: snapshots, ring membership, admin socket, metrics, spools.
 
 Sockets (layout in :mod:`cluster.wire`): a ROUTER at ``coord.sock`` for
 workers, the supervisor and the admin CLI, and a PUB at ``events.sock`` for
 snapshots and rings. Everything runs on one event loop; only the Prometheus
-endpoint has a thread of its own, reading an immutable aggregate.
+endpoint has a thread of its own, reading an immutable aggregate. Admin
+work that needs the workers (``inspect``, ``queue``, spool adoption) is
+sent to them as ``AdminRequest``s and matched to their replies by ``rid``.
 
 Signals: HUP rereads the configuration (a bad file is refused, the old one
 stays); TERM and INT stop.
@@ -27,11 +29,13 @@ import zmq
 import zmq.asyncio
 
 from cluster import wire
+from cluster.hosts import bind_coordinator
 from cluster.logjson import log_event
 from coordinator.inspect import SubjectError, subject_keys, with_limits
-from coordinator.membership import MEMBER, Membership
+from coordinator.membership import MEMBER, Membership, Worker
 from coordinator.metrics import MetricsBook, serve_metrics
 from coordinator.sources import SnapshotSources
+from coordinator.spools import AdoptionSweep, QueueError, queue_command
 from coordinator.tenant_edit import EditError, edit_countries
 
 TICK = 0.5               # file watch and heartbeat check
@@ -70,7 +74,11 @@ class Coordinator:
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
         self.target_workers = 0
-        self._inspections: dict[str, asyncio.Future[Any]] = {}
+        # Between hosts there is one supervisor per host: each scales its own workers.
+        self.supervisors: dict[bytes, int] = {}
+        self._supervisor_of: dict[str, bytes] = {}
+        self._asks: dict[str, asyncio.Future[wire.AdminReply]] = {}
+        self.adoption = AdoptionSweep(self._ask)
         self._resent: dict[str, float] = {}
         self._snapshot_frame = (0, b"")
         self._state = (0, 0)
@@ -86,8 +94,8 @@ class Coordinator:
         self.pub = context.socket(zmq.PUB)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 0)
-        self.router.bind(wire.coordinator_endpoint(self.runtime_dir))
-        self.pub.bind(wire.events_endpoint(self.runtime_dir))
+        # With cluster.bind also on tcp:// for other hosts, every client with CURVE.
+        authenticator = bind_coordinator(context, self.sources.settings, self.router, self.pub)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -106,10 +114,13 @@ class Coordinator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.adoption.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
             self.router.close()
             self.pub.close()
+            if authenticator is not None:
+                authenticator.stop()
             context.term()
         log_event("coordinator_stopped")
         return 0
@@ -186,9 +197,11 @@ class Coordinator:
                 self.metrics.retire(worker.name)
                 if self.supervisor:
                     # Hung, not dead: it still holds its listening socket, so it is replaced.
-                    await self._send(self.supervisor,
+                    await self._send(self._supervisor_of.get(worker.name, self.supervisor),
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
+            if self.supervisor:
+                self.adoption.tick(now, self.membership, self.target_workers)
             self.metrics.refresh(self.sources.version, self.membership.epoch,
                                  len(self.membership.members()))
 
@@ -216,20 +229,23 @@ class Coordinator:
             self._admin_tasks.add(task)
             task.add_done_callback(self._admin_tasks.discard)
         elif isinstance(message, wire.AdminReply):
-            future = self._inspections.pop(str(message.data.get("rid", "")), None)
+            future = self._asks.pop(str(message.data.get("rid", "")), None)
             if future is not None and not future.done():
                 future.set_result(message)
         elif isinstance(message, wire.SupervisorHello):
             self.supervisor, self.supervisor_pid = identity, message.pid
             self.target_workers = message.workers
+            self.supervisors[identity] = message.pid
         elif isinstance(message, wire.ProcessEvent):
             await self._process_event(identity, message, now)
 
     async def _process_event(self, identity: bytes, event: wire.ProcessEvent,
                              now: float) -> None:
         self.supervisor = identity
+        self._supervisor_of[event.name] = identity
         log_event("process_event", worker=event.name, process_event=event.event,
                   pid=event.pid, detail=event.detail or None)
+        self.adoption.event(event.name, event.event, now)
         if event.event == "started":
             self.membership.started(event.name, event.pid, now)
         elif event.event == "exited":
@@ -265,6 +281,7 @@ class Coordinator:
             "allow-country": partial(self._edit_country, allow=True),
             "disallow-country": partial(self._edit_country, allow=False),
             "inspect": self._inspect,
+            "queue": self._queue,
         }
         handler = handlers.get(request.command)
         try:
@@ -319,7 +336,8 @@ class Coordinator:
         if not self.supervisor:
             raise AdminError("no supervisor is connected to this coordinator")
         previous = self.target_workers
-        await self._send(self.supervisor, wire.ScaleCommand(count))
+        for supervisor in {self.supervisor, *self.supervisors}:
+            await self._send(supervisor, wire.ScaleCommand(count))
         self.target_workers = count
         return {"workers": count, "previous": previous}
 
@@ -352,15 +370,8 @@ class Coordinator:
             raise AdminError("no worker is in the ring to ask")
         # A worker asks each key's owner through its counter node; try another if one is slow.
         for worker in candidates[:2]:
-            rid = uuid.uuid4().hex
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._inspections[rid] = future
-            await self._send(worker.identity, wire.AdminRequest("inspect", {"rid": rid,
-                                                                            "keys": keys}))
-            try:
-                reply = await asyncio.wait_for(future, INSPECT_TIMEOUT)
-            except TimeoutError:
-                self._inspections.pop(rid, None)
+            reply = await self._ask(worker, "inspect", {"keys": keys}, INSPECT_TIMEOUT)
+            if reply is None:
                 continue
             if not reply.ok:
                 raise AdminError(f"{worker.name}: {reply.error}")
@@ -369,6 +380,26 @@ class Coordinator:
                     "rows": with_limits(rows, self.sources.settings,
                                         self.sources.tenants.directory)}
         raise AdminError("no worker answered in time")
+
+    async def _queue(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await queue_command(list(self.membership.workers.values()), self._ask, args)
+        except QueueError as exc:
+            raise AdminError(str(exc)) from None
+
+    async def _ask(self, worker: Worker, command: str, args: dict[str, Any],
+                   timeout: float) -> wire.AdminReply | None:
+        """One request to a worker; its reply, or None when none came within ``timeout``."""
+        rid = uuid.uuid4().hex
+        future: asyncio.Future[wire.AdminReply] = asyncio.get_running_loop().create_future()
+        self._asks[rid] = future
+        try:
+            await self._send(worker.identity, wire.AdminRequest(command, {**args, "rid": rid}))
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._asks.pop(rid, None)
 
 
 class AdminError(Exception):

@@ -10,16 +10,18 @@ kills a worker mid-run, then checks for every key:
 - every acknowledged message reached the sink (nothing lost);
 - every refusal is a SPEC §2 reply, to the letter, with the session's own id.
 
-Two groups of users make both kinds of key reach their limit: "accounts"
-users send as four accounts with their own small limits from one address
-each, "addresses" users send as one account with a limit never reached from
-three addresses that share the global per-address limit.
+Two halves of the users make both kinds of key reach their limit: the
+"accounts" half sends as four accounts with their own small limits, from
+one address per user, one message per session; the "addresses" half sends
+as one account whose limit is never reached, from three addresses under
+the global per-address limit, three messages per session.
 
 Exit status: 0 every check passed, 1 a check failed (or the run broke).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -55,8 +57,8 @@ class Scenario:
     duration: float = 30.0
     scale_to: int | None = None
     kill_worker: bool = False
-    ip_limit: int = 150
-    account_limits: tuple[int, ...] = (10, 40, 160, 640)
+    ip_limit: int = 100
+    account_limits: tuple[int, ...] = (10, 40, 160, 480)
     settle: float = 90.0
     keep: bool = False
     events: list[str] = field(default_factory=list)
@@ -76,7 +78,7 @@ def write_tenants(path: Path, scenario: Scenario) -> None:
 
 
 def plan(scenario: Scenario, port: int) -> dict[str, Any]:
-    hammer_accounts = max(1, scenario.users * 2 // 3)
+    hammer_accounts = max(1, scenario.users // 2)
     hammer_addresses = max(1, scenario.users - hammer_accounts)
     return {
         "host": f"smtp://127.0.0.1:{port}",
@@ -131,6 +133,13 @@ def settle(sink: SinkThread, acked: set[str], timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _order(key: str) -> tuple[int, int, str]:
+    """Accounts first, then addresses in numeric order."""
+    if key.startswith("ip:"):
+        return (1, int(ipaddress.ip_address(key[3:])), key)
+    return (0, 0, key)
+
+
 def compare(scenario: Scenario, load: dict[str, Any],
             received: Counter[str]) -> dict[str, Any]:
     sent: dict[str, list[str]] = load["sent"]
@@ -152,7 +161,7 @@ def compare(scenario: Scenario, load: dict[str, Any],
                 limits.setdefault(key, scenario.ip_limit)
                 counts[key]["refused"] += count
     rows: list[dict[str, Any]] = []
-    for key in sorted(limits, key=lambda k: (not k.startswith("acct:"), k)):
+    for key in sorted(limits, key=_order):
         row = counts[key]
         rows.append({"key": key, "limit": limits[key], "accepted": row["accepted"],
                      "refused": row["refused"], "over": row["accepted"] - limits[key],
@@ -184,24 +193,26 @@ def compare(scenario: Scenario, load: dict[str, Any],
 
 def run_scenario(scenario: Scenario) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="sgacc-", dir="/tmp"))
+    result: dict[str, Any] = {"folder": str(folder)}
     dns = quiet_dns()
     sink = SinkThread(free_port()).start()
-    port = free_port()
-    config = write_config(folder, port, dns.address, sink.port, scenario.workers,
-                          folder / "spool")
-    patch_config(config, {'window = "1m"\nmax = 10000000':
-                          f'window = "1h"\nmax = {scenario.ip_limit}'})
-    write_tenants(folder / "tenants.toml", scenario)
-    cluster = ClusterProcess(config, folder / "run", port, folder / "stderr.txt")
+    cluster: ClusterProcess | None = None
     child: subprocess.Popen[str] | None = None
-    result: dict[str, Any] = {"folder": str(folder)}
     try:
+        port = free_port()
+        config = write_config(folder, port, dns.address, sink.port, scenario.workers,
+                              folder / "spool")
+        patch_config(config, {'window = "1m"\nmax = 10000000':
+                              f'window = "1h"\nmax = {scenario.ip_limit}'})
+        write_tenants(folder / "tenants.toml", scenario)
+        cluster = ClusterProcess(config, folder / "run", port, folder / "stderr.txt")
         cluster.start(scenario.workers)
         (folder / "plan.json").write_text(json.dumps(plan(scenario, port)))
-        child = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.accuracy_load", str(folder / "plan.json"),
-             str(folder / "load.json")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-            stderr=open(folder / "locust.txt", "w"))
+        with open(folder / "locust.txt", "w") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "loadtest.accuracy_load", str(folder / "plan.json"),
+                 str(folder / "load.json")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                stderr=log)
         assert child.stdout is not None
         if child.stdout.readline().strip() != "running":
             raise RuntimeError(f"the Locust process did not start: {folder / 'locust.txt'}")
@@ -213,17 +224,20 @@ def run_scenario(scenario: Scenario) -> dict[str, Any]:
         cluster.wait_serving(final, 90)
         settle(sink, set(load["acked"]), scenario.settle)
         result.update(compare(scenario, load, sink.recorder.snapshot()[1]))
-    except (RuntimeError, TimeoutError, OSError, ValueError, KeyError) as exc:
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, OSError, ValueError,
+            KeyError) as exc:
         result.update({"ok": False, "failures": [f"the run broke: {exc}"],
                        "events": scenario.events})
     finally:
-        if child is not None and child.poll() is None:
-            child.kill()
+        if child is not None:
+            if child.poll() is None:
+                child.kill()
             child.wait()
-        code = cluster.stop()
+            if child.stdout is not None:
+                child.stdout.close()
+        result["cluster_exit"] = cluster.stop() if cluster is not None else None
         sink.stop()
         dns.stop()
-        result["cluster_exit"] = code
     if result["ok"] and not scenario.keep:
         shutil.rmtree(folder, ignore_errors=True)
         result["folder"] = ""

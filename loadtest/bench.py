@@ -68,18 +68,16 @@ def _specs(target: Target, per_session: int, messages: int, args: argparse.Names
 
 def measure(pool: Any, target: Target, per_session: int, messages: int,
             args: argparse.Namespace) -> dict[str, Any]:
+    specs = _specs(target, per_session, messages, args)
     before = target.delivered.value if target.delivered is not None else 0
-    parts: list[LoadResult] = pool.map(run_load_process,
-                                       _specs(target, per_session, messages, args))
+    parts: list[LoadResult] = pool.map(run_load_process, specs)
     delivered = (target.delivered.value if target.delivered is not None else 0) - before
     seconds = max(part.seconds for part in parts)
     accepted = sum(part.accepted for part in parts)
     target.accepted += accepted
     return {
         "target": target.name, "kind": target.kind, "workers": target.workers,
-        "msgs_per_session": per_session, "messages": sum(s.messages for s in
-                                                         _specs(target, per_session,
-                                                                messages, args)),
+        "msgs_per_session": per_session, "messages": sum(spec.messages for spec in specs),
         "accepted": accepted, "refused": sum(part.refused for part in parts),
         "errors": sum(part.errors for part in parts), "seconds": round(seconds, 3),
         "msgs_per_s": round(accepted / seconds, 1) if seconds else 0.0,

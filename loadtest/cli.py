@@ -57,7 +57,7 @@ def add_parser(commands: Any, name: str,
                           help="change the worker count to M while the load runs")
     accuracy.add_argument("--kill-worker", action="store_true",
                           help="SIGKILL a worker while the load runs")
-    accuracy.add_argument("--ip-limit", type=_positive, default=150,
+    accuracy.add_argument("--ip-limit", type=_positive, default=100,
                           help="messages per hour per client address")
     accuracy.add_argument("--settle", type=_duration, default=90.0,
                           help="longest wait for the sink to receive what was acknowledged")

@@ -118,6 +118,7 @@ def make_message(sender: str, recipient: str, token: str, size: int) -> bytes:
 
 
 _user_numbers = itertools.count()
+_class_numbers: dict[type, itertools.count[int]] = {}
 
 
 class SmtpUser(User):
@@ -140,9 +141,11 @@ class SmtpUser(User):
 
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)
-        self.number = next(_user_numbers)
+        self.number = next(_user_numbers)  # unique in this process: message tokens
+        # Counted per class, so each class spreads over all of its own addresses.
+        self.index = next(_class_numbers.setdefault(type(self), itertools.count()))
         self.endpoint = parse_host(self.host)
-        self.source = self.source_ips[self.number % len(self.source_ips)] \
+        self.source = self.source_ips[self.index % len(self.source_ips)] \
             if self.source_ips else None
         self.sessions = 0
         self.sent = 0
@@ -153,7 +156,7 @@ class SmtpUser(User):
     def account(self) -> Account:
         if not self.accounts:
             return Account("", "", f"loadtest@{self.rcpt_domain}")
-        return self.accounts[(self.number + self.sessions) % len(self.accounts)]
+        return self.accounts[(self.index + self.sessions) % len(self.accounts)]
 
     @task
     def session(self) -> None:

@@ -11,8 +11,12 @@ Rings are applied one at a time, in epoch order, skipping to the newest
 when several arrive during a hand-off. A worker that was in the ring and is
 left out of a later one has been retired: :attr:`removed` is set.
 
-The coordinator also forwards ``sendguard inspect`` here as an
-``AdminRequest("inspect")``; the counter node asks each key's owner.
+The coordinator also forwards admin work here as ``AdminRequest``s whose
+``rid`` the ``AdminReply`` carries back: ``inspect`` (the counter node asks
+each key's owner), ``queue`` (``sendguard queue list|flush|delete`` on this
+worker's delivery agent) and ``adopt`` (claim orphaned spool folders, see
+:mod:`worker.spool.adoption`). Queue work is answered only once the worker
+is serving, i.e. its spool is loaded and :attr:`delivery` set.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,12 +32,15 @@ import zmq
 import zmq.asyncio
 
 from cluster import wire
+from cluster.hosts import Uplink
 from cluster.logjson import log_event
 from cluster.settings import parse_settings
 from cluster.tenants import parse_tenants
 from cluster.validate import ConfigError
+from worker.delivery import DeliveryAgent
 from worker.geo import CountryDatabase, GeoDatabaseError
 from worker.snapshot import Snapshot
+from worker.spool.adoption import adopt_orphans
 
 REPORT_INTERVAL = 1.0
 
@@ -63,8 +70,9 @@ def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> 
 
 
 class ClusterLink:
-    def __init__(self, runtime_dir: Path, name: str) -> None:
+    def __init__(self, runtime_dir: Path, name: str, uplink: Uplink | None = None) -> None:
         self.runtime_dir = runtime_dir
+        self.uplink = uplink or Uplink.local(runtime_dir)
         self.name = name
         self.endpoint = ""
         self.phase = "starting"
@@ -72,6 +80,7 @@ class ClusterLink:
         self.member = False
         self.removed = asyncio.Event()
         self.report_values: Callable[[], dict[str, Any]] = dict
+        self.delivery: DeliveryAgent | None = None
         self._snapshot: Snapshot | None = None
         self._have_snapshot = asyncio.Event()
         self._snapshot_error: ConfigError | None = None
@@ -82,6 +91,7 @@ class ClusterLink:
         self._was_member = False
         self._tasks: list[asyncio.Task[None]] = []
         self._requests: set[asyncio.Task[None]] = set()
+        self._adopting = asyncio.Lock()
 
     # -- snapshots ---------------------------------------------------------------
 
@@ -93,8 +103,10 @@ class ClusterLink:
             sock.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_SNAPSHOT)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_RING)
-        self.sub.connect(wire.events_endpoint(self.runtime_dir))
-        self.dealer.connect(wire.coordinator_endpoint(self.runtime_dir))
+        for sock in (self.sub, self.dealer):
+            self.uplink.secure(sock)
+        self.sub.connect(self.uplink.events)
+        self.dealer.connect(self.uplink.coordinator)
         self._tasks += [asyncio.create_task(self._receive(self.sub)),
                         asyncio.create_task(self._receive(self.dealer))]
 
@@ -120,7 +132,7 @@ class ClusterLink:
         if old is not None and message.version <= old.version:
             return
         try:
-            snapshot = build_snapshot(message, old)
+            snapshot = build_snapshot(self.uplink.adapt(message), old)
         except ConfigError as exc:
             if old is None:
                 # Nothing to fall back on: the worker cannot start.
@@ -191,16 +203,49 @@ class ClusterLink:
             await self.report()
             await asyncio.sleep(REPORT_INTERVAL)
 
-    async def _inspect(self, request: wire.AdminRequest) -> None:
+    async def _answer(self, request: wire.AdminRequest,
+                      work: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
         rid = str(request.args.get("rid", ""))
-        keys = request.args.get("keys", [])
-        assert self._node is not None
         try:
-            rows = {str(key): await self._node.inspect(str(key)) for key in keys}
-            reply = wire.AdminReply(True, {"rid": rid, "rows": rows})
+            reply = wire.AdminReply(True, {**await work(request.args), "rid": rid,
+                                           "worker": self.name})
+        except _Refused as exc:
+            reply = wire.AdminReply(False, {"rid": rid, "worker": self.name}, str(exc))
         except Exception as exc:
-            reply = wire.AdminReply(False, {"rid": rid}, f"{type(exc).__name__}: {exc}")
+            logging.getLogger(__name__).exception("admin %s", request.command)
+            reply = wire.AdminReply(False, {"rid": rid, "worker": self.name},
+                                    f"{type(exc).__name__}: {exc}")
         await self._send(reply)
+
+    async def _inspect(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._node is not None
+        keys = args.get("keys", [])
+        return {"rows": {str(key): await self._node.inspect(str(key)) for key in keys}}
+
+    def _serving(self) -> DeliveryAgent:
+        if self.delivery is None:
+            raise _Refused(f"{self.name} has not loaded its spool yet")
+        return self.delivery
+
+    async def _queue(self, args: dict[str, Any]) -> dict[str, Any]:
+        delivery = self._serving()
+        action = args.get("action")
+        if action == "list":
+            return {"messages": delivery.list_queue()}
+        if action == "flush":
+            return {"started": delivery.flush()}
+        if action == "delete":
+            return {"deleted": await delivery.delete(str(args.get("queue_id", "")))}
+        raise _Refused(f"unknown queue action {action!r}")
+
+    async def _adopt(self, args: dict[str, Any]) -> dict[str, Any]:
+        delivery = self._serving()
+        if self.phase != "serving":
+            # A draining agent would not deliver what it took.
+            raise _Refused(f"{self.name} is {self.phase}")
+        keep = [str(name) for name in args.get("keep", [])]
+        async with self._adopting:
+            return await adopt_orphans(delivery.spool, keep, delivery.enqueue)
 
     async def _send(self, message: wire.Message) -> None:
         try:
@@ -220,9 +265,11 @@ class ClusterLink:
                 self._offer_snapshot(message)
             elif isinstance(message, wire.RingMessage):
                 self._offer_ring(message)
-            elif isinstance(message, wire.AdminRequest) and message.command == "inspect":
-                if self._node is not None:
-                    task = asyncio.create_task(self._inspect(message))
+            elif isinstance(message, wire.AdminRequest):
+                work = {"inspect": self._inspect if self._node is not None else None,
+                        "queue": self._queue, "adopt": self._adopt}.get(message.command)
+                if work is not None:
+                    task = asyncio.create_task(self._answer(message, work))
                     self._requests.add(task)
                     task.add_done_callback(self._requests.discard)
 
@@ -234,3 +281,7 @@ class ClusterLink:
         self.sub.close()
         self.dealer.close()
         self._context.term()
+
+
+class _Refused(Exception):
+    """A request this worker cannot serve (now); its text goes to the operator."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cluster.hosts import Uplink
 from cluster.logjson import log_event, setup_logging
 from cluster.settings import Settings
 from cluster.validate import ConfigError
@@ -46,7 +47,7 @@ from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.server import BootError, SmtpServer
 from worker.snapshot import Snapshot
 from worker.spam import make_scanner
-from worker.spool import Spool
+from worker.spool.adoption import open_spool
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
@@ -90,7 +91,8 @@ async def build_worker(settings: Settings, name: str = "w0", *,
     resolver = DomainResolver(settings.dns.nameservers, settings.dns.timeout)
     spam = settings.spam
     scanner = make_scanner(spam.backend, spam.url, spam.timeout, spam.rspamd_spam_actions)
-    spool = Spool(settings.delivery.spool, name)
+    # Same name, same folder: a replacement replays its predecessor's queue.
+    spool = await open_spool(settings.delivery.spool, name)
     counters = counters or LocalCounters(shard)
     delivery = DeliveryAgent(spool, lambda: source.current().settings, counters, resolver)
     engine = PolicyEngine(
@@ -164,15 +166,16 @@ async def serve(settings: Settings, name: str = "w0",
     return EXIT_OK
 
 
-async def serve_cluster(runtime_dir: Path, name: str) -> int:
+async def serve_cluster(runtime_dir: Path, name: str, uplink: Uplink | None = None) -> int:
+    """``uplink``: how to reach the coordinator between hosts (``cluster.hosts``)."""
     import zmq
 
-    from cluster.wire import worker_endpoint
     from worker.cluster_link import ClusterLink
     from worker.counters.node import CounterNode
 
     stop = _Stop()
-    link = ClusterLink(runtime_dir, name)
+    uplink = uplink or Uplink.local(runtime_dir)
+    link = ClusterLink(runtime_dir, name, uplink)
     await link.connect()
     node: CounterNode | None = None
     parts: WorkerParts | None = None
@@ -186,9 +189,9 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         setup_logging(settings.log_file, process=name)
         metrics = WorkerMetrics()
         shard = CounterShard()
-        endpoint = worker_endpoint(runtime_dir, settings.cluster.bind, name)
+        endpoint = uplink.worker_endpoint(name)
         node = CounterNode(name, endpoint, shard, settings.cluster.request_timeout,
-                           observe=metrics.observe_counter)
+                           observe=metrics.observe_counter, curve=uplink.counter_keys())
         try:
             await node.start()
         except zmq.ZMQError as exc:
@@ -205,6 +208,7 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         if stop.any.is_set():
             return EXIT_OK
         await parts.start()
+        link.delivery = parts.delivery  # queue commands and spool adoption
         link.phase = "serving"
         await link.report()
         housekeeping = asyncio.create_task(_housekeeping(parts))
@@ -242,11 +246,23 @@ def run_worker(settings: Settings, name: str = "w0") -> int:
     return _run(serve(settings, name), name)
 
 
-def run_cluster_worker(runtime_dir: Path, name: str) -> int:
+def run_cluster_worker(runtime_dir: Path, name: str, host_file: Path | None = None) -> int:
     """Entry point of a worker started by the supervisor."""
     # stderr until the snapshot names the log file.
     setup_logging(None, process=name)
-    return _run(serve_cluster(runtime_dir, name), name)
+    uplink = None
+    if host_file is not None:
+        from cluster.hosts import read_host_file
+
+        try:
+            uplink = read_host_file(host_file)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"sendguard: {name}: cannot read {host_file}: {exc}", file=sys.stderr)
+            return EXIT_BOOT_FAILED
+    return _run(serve_cluster(runtime_dir, name, uplink), name)
 
 
 def _run(main: Awaitable[int], name: str) -> int:

@@ -43,6 +43,12 @@ _SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
 _TOO_MUCH_DATA = "552 Error: Too much mail data"
 
 
+def _continues(status: str | bytes) -> bool:
+    """A line of a multi-line reply (``250-...``) other than the last."""
+    marker = status[3:4]
+    return marker in ("-", b"-")
+
+
 def _capture_credentials(server: Any, session: Any, envelope: Any, mechanism: str,
                          auth_data: Any) -> AuthResult:
     # aiosmtpd decodes PLAIN/LOGIN and hands us the pair; the verdict comes later.
@@ -126,7 +132,8 @@ class GatewaySMTP(SMTP):
         if status == _TOO_MUCH_DATA:
             status = replies.SIZE_EXCEEDED
         await super().push(status)
-        if self._draining and not self._closing and not self._in_transaction():
+        if (self._draining and not self._closing and not self._in_transaction()
+                and not _continues(status)):
             await self._say_goodbye()
 
     # -- AUTH ------------------------------------------------------------------

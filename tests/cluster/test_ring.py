@@ -127,3 +127,15 @@ def test_same_answers_in_another_process() -> None:
     ring = Ring(names)
     expected = [f"{o} {r}" for o, r in (ring.locate(k) for k in sample)]
     assert result.stdout.split("\n")[:-1] == expected
+
+
+def test_keys_of_one_subject_share_an_owner() -> None:
+    from cluster.keys import auth_failure_key, bounce_key, ip_key, spam_key
+    from cluster.ring import Ring
+
+    ring = Ring(["w0", "w1", "w2", "w3"])
+    for index in range(200):
+        address = f"127.0.{index}.5"
+        keys = [ip_key(address), spam_key(address), bounce_key(address),
+                auth_failure_key(address)]
+        assert len({ring.locate(key) for key in keys}) == 1

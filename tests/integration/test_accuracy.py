@@ -87,4 +87,7 @@ def test_no_key_admits_a_message_over_its_limit_and_nothing_acknowledged_is_lost
     for key in ("acct:a1@loadtest.pl", "acct:a2@loadtest.pl"):
         assert rows[key]["refused"] > 0, rows[key]
         assert rows[key]["accepted"] == rows[key]["limit"], rows[key]
+    # An address refused for its limit had exactly its limit accepted.
+    for key in ("ip:127.0.30.1", "ip:127.0.30.2", "ip:127.0.30.3"):
+        assert rows[key]["refused"] == 0 or rows[key]["accepted"] == rows[key]["limit"], rows[key]
     assert result["acknowledged"] > 0

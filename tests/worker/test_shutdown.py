@@ -60,3 +60,11 @@ def test_drain_timeout_cuts_an_unfinished_data(short_tmp: Path, dns) -> None:
     # Nothing was acknowledged, so nothing was queued.
     lines = [line for line in gateway.log_lines() if line.get("sid") == sid]
     assert not [line for line in lines if line.get("stage") == "DATA"]
+
+
+def test_goodbye_waits_for_the_last_line_of_a_multiline_reply() -> None:
+    # The 421 of a drain goes after a reply, never between "250-" lines of EHLO.
+    from worker.smtp import _continues
+
+    assert _continues("250-mx.test") and _continues(b"250-SIZE 100")
+    assert not _continues("250 HELP") and not _continues("421 4.3.2 x service shutting down")

@@ -10,7 +10,8 @@ Layout of one worker's spool (``<spool>/<worker>/``)::
                 and converts them, so changing the shape loses nothing
     corrupt/    quarantined files, bytes kept for a human to look at
     adopt/      another worker's ``active/`` renamed here in one step while
-                its files are merged into ours (survives a crash mid-merge)
+                its files are merged into ours (survives a crash mid-merge);
+                a later adopter of this folder takes what is left here too
 
 Everything lives on one filesystem, so every move is a rename.
 """
@@ -58,6 +59,14 @@ def segment_name(seq: int) -> str:
 def segment_seq(name: str) -> int | None:
     m = SEGMENT_RE.fullmatch(name)
     return int(m.group(1)) if m else None
+
+
+def names_in(path: Path) -> list[str]:
+    """The entries of a folder, sorted; none when it does not exist."""
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -124,10 +133,13 @@ class BaseSpool(abc.ABC):
         self.adopting = self.root / "adopt"
         self._make_dirs()
         self._lock = _Lock(self.root / "lock")
+        # An adopter may have claimed active/ between our mkdir and our lock.
+        self._make_dirs()
         self._closed = False
         self._closing = False
         self._ops = 0  # store/update/remove calls not yet returned
         self._drained: asyncio.Event | None = None
+        self._gate: asyncio.Event | None = None  # set while adopt_live() holds writes back
         seqs = [segment_seq(n) for n in os.listdir(self.active)]
         self._next_seq = max((s for s in seqs if s is not None), default=0) + 1
 
@@ -173,6 +185,37 @@ class BaseSpool(abc.ABC):
     def group_stats(self) -> tuple[int, int]:
         """(durable flushes run, operations they covered), for the benchmark."""
 
+    async def adopt_live(self, other_worker_dir: Path) -> list[SpoolRecord]:
+        """``adopt`` while the spool is in use (the worker is serving).
+
+        New stores, updates and removes wait at a gate, those in flight
+        finish, and the merge runs in a thread (it reads the other queue
+        whole, which must not stall the event loop); then the gate opens.
+        """
+        while self._gate is not None:
+            await self._gate.wait()
+        self._check_open()
+        gate = self._gate = asyncio.Event()
+        try:
+            while self._ops or self._flushing():
+                await asyncio.sleep(0.002)
+            work = asyncio.ensure_future(asyncio.to_thread(self.adopt, Path(other_worker_dir)))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: writes stay out until it is done. What it
+                # took is in our spool, so the next start delivers it.
+                await asyncio.wait([work])
+                raise
+        finally:
+            self._gate = None
+            gate.set()
+
+    async def _enter(self) -> None:
+        """Wait while an adoption holds writes back; call right before ``_op()``."""
+        while self._gate is not None:
+            await self._gate.wait()
+
     async def __aenter__(self) -> BaseSpool:
         return self
 
@@ -216,6 +259,8 @@ class BaseSpool(abc.ABC):
 
     async def _quiesce(self) -> None:
         self._closing = True
+        while self._gate is not None:
+            await self._gate.wait()
         while self._ops:
             self._drained = asyncio.Event()
             await self._drained.wait()
@@ -261,17 +306,31 @@ class BaseSpool(abc.ABC):
         return dest
 
     def _claim(self, other_worker_dir: Path) -> None:
-        """Rename the other worker's active/ under our adopt/ in one step."""
+        """Rename the other worker's active/ under our adopt/ in one step.
+
+        Batches it had claimed itself and not merged yet (it died mid-merge)
+        come along. Nothing to take, or a rival adopter that took it first,
+        is not an error: the other folder is simply left empty.
+        """
         other = Path(other_worker_dir)
         if other.resolve() == self.root.resolve():
             raise ValueError("a spool cannot adopt itself")
-        if not (other / "active").is_dir():
+        if not (other / "active").is_dir() and not names_in(other / "adopt"):
             return
         lock = _Lock(other / "lock")
         try:
-            dest = self.adopting / f"{other.name}-{time.time_ns()}"
-            os.rename(other / "active", dest)
-            self._sync_dirs(self.adopting, other)
+            moved = False
+            for batch in names_in(other / "adopt"):
+                os.rename(other / "adopt" / batch, self.adopting / f"{other.name}.{batch}")
+                moved = True
+            if (other / "active").is_dir():
+                dest = self.adopting / f"{other.name}-{time.time_ns()}"
+                os.rename(other / "active", dest)
+                moved = True
+            if moved:
+                self._sync_dirs(self.adopting, other)
+                if (other / "adopt").is_dir():
+                    self._sync_dirs(other / "adopt")
         finally:
             lock.release()
 

@@ -65,6 +65,7 @@ class FileSpool(BaseSpool):
         await self._put(record, replace=True)
 
     async def remove(self, queue_id: str) -> None:
+        await self._enter()
         with self._op():
             await self._run(self._unlink, queue_id)
             if self._group:
@@ -86,6 +87,7 @@ class FileSpool(BaseSpool):
         self._release()
 
     async def _put(self, record: SpoolRecord, *, replace: bool) -> None:
+        await self._enter()
         with self._op():
             await self._run(self._write, record, replace)
             if self._group:

@@ -117,12 +117,14 @@ class SegmentSpool(BaseSpool):
     # -- async API -----------------------------------------------------------------
 
     async def store(self, record: SpoolRecord) -> None:
+        await self._enter()
         with self._op():
             if record.queue_id in self._home:
                 raise ValueError(f"queue id {record.queue_id} is already spooled")
             await self._commit.submit(("put", record))
 
     async def update(self, record: SpoolRecord) -> None:
+        await self._enter()
         with self._op():
             if record.queue_id not in self._home:
                 raise KeyError(record.queue_id)
@@ -130,6 +132,7 @@ class SegmentSpool(BaseSpool):
             await self._collect()
 
     async def remove(self, queue_id: str) -> None:
+        await self._enter()
         with self._op():
             if queue_id not in self._home:
                 raise KeyError(queue_id)

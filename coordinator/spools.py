@@ -1,0 +1,177 @@
+"""The workers' queues as the coordinator sees them: queue commands and adoption.
+
+``sendguard queue list|flush|delete`` goes to every worker that has said
+Hello (a leaving worker still holds its queue until it exits), and the
+answers are merged: one list sorted by arrival, the sum of flushed
+messages, and the one worker that deleted the id. A worker that does not
+answer in time, or is still loading its spool, is named in
+``unanswered``: the list is then incomplete, and a delete that found
+nothing says so.
+
+Spool adoption (the rule is in :mod:`worker.spool.adoption`): every
+``ADOPT_EVERY`` seconds, and soon after a worker exits, the first serving
+worker in ring order is asked to adopt every spool folder whose name the
+cluster neither runs nor is about to run (:class:`AdoptionSweep`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from cluster import wire
+from cluster.logjson import log_event
+from coordinator.membership import MEMBER, Membership, Worker
+
+QUEUE_TIMEOUT = 5.0
+ADOPT_EVERY = 2.0
+ADOPT_TIMEOUT = 60.0     # a large orphaned queue is read whole before the answer
+RESTART_GRACE = 60.0     # twice the supervisor's longest restart backoff
+ACTIONS = ("list", "flush", "delete")
+QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")  # SPEC §1
+_NAME_RE = re.compile(r"(?:(.+)-)?w(\d+)")  # w3 on one host, HOST-w3 between hosts
+
+Ask = Callable[[Worker, str, dict[str, Any], float], Awaitable[wire.AdminReply | None]]
+
+
+class QueueError(Exception):
+    pass
+
+
+async def queue_command(workers: Sequence[Worker], ask: Ask,
+                        args: dict[str, Any]) -> dict[str, Any]:
+    action = args.get("action")
+    if action not in ACTIONS:
+        raise QueueError(f"queue: unknown action {action!r} (list, flush or delete)")
+    payload: dict[str, Any] = {"action": action}
+    if action == "delete":
+        queue_id = args.get("queue_id")
+        if not isinstance(queue_id, str) or not QUEUE_ID_RE.fullmatch(queue_id):
+            raise QueueError(f"queue delete: {queue_id!r} is not a queue id")
+        payload["queue_id"] = queue_id
+    targets = sorted((w for w in workers if w.identity), key=lambda w: _order(w.name))
+    if not targets:
+        raise QueueError("no worker is running to ask")
+    replies = await asyncio.gather(*(ask(w, "queue", payload, QUEUE_TIMEOUT) for w in targets))
+    answers: dict[str, dict[str, Any]] = {}
+    unanswered: dict[str, str] = {}
+    for worker, reply in zip(targets, replies, strict=True):
+        if reply is None:
+            unanswered[worker.name] = f"no answer within {QUEUE_TIMEOUT:g} s"
+        elif not reply.ok:
+            unanswered[worker.name] = reply.error
+        else:
+            answers[worker.name] = reply.data
+    result: dict[str, Any] = {"action": action, "workers": sorted(answers, key=_order),
+                              "unanswered": unanswered}
+    if action == "list":
+        if not answers:
+            raise QueueError("no worker answered: " + _reasons(unanswered))
+        messages = [{**message, "worker": name} for name, data in answers.items()
+                    for message in data.get("messages", [])]
+        messages.sort(key=lambda m: (m.get("arrival", 0.0), m.get("queue_id", "")))
+        result["messages"] = messages
+    elif action == "flush":
+        if not answers:
+            raise QueueError("no worker answered: " + _reasons(unanswered))
+        per_worker = {name: int(data.get("started", 0)) for name, data in answers.items()}
+        result.update(started=sum(per_worker.values()), per_worker=per_worker)
+    else:
+        found = [name for name, data in answers.items() if data.get("deleted")]
+        if not found:
+            message = f"no queued message has the id {payload['queue_id']}"
+            if unanswered:
+                message += f" on the workers that answered ({_reasons(unanswered)})"
+            raise QueueError(message)
+        result.update(queue_id=payload["queue_id"], deleted=True, worker=found[0])
+    return result
+
+
+class AdoptionSweep:
+    """Asks a serving worker of each host to adopt orphaned spool folders there.
+
+    A name is kept while the coordinator knows a worker of that name, or
+    for ``RESTART_GRACE`` after it was last started or exited (the
+    supervisor restarts a dead worker within 30 s), unless it was retired.
+    The names a supervisor is asked to run (``w0`` ... or ``HOST-w0`` ...)
+    count as seen when this coordinator first learns of them, which covers
+    a worker waiting for its restart while the coordinator itself restarted.
+    A worker sees only its own host's spool, so each host has its own sweep.
+    """
+
+    def __init__(self, ask: Ask) -> None:
+        self._ask = ask
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._next = 0.0
+        self._seen: dict[str, float] = {}
+        self._retired: set[str] = set()
+
+    def event(self, name: str, event: str, now: float) -> None:
+        """A supervisor's ProcessEvent: started | exited | leaving."""
+        if event == "leaving":
+            self._retired.add(name)
+            return
+        if event == "started":
+            self._retired.discard(name)
+        self._seen[name] = now
+        if event == "exited":
+            self._next = 0.0  # a retired worker may have left a queue behind
+
+    def keep(self, now: float, membership: Membership, target: int) -> list[str]:
+        hosts = {""} | {_host(name) for name in (*membership.workers, *self._seen)}
+        for host in hosts:
+            for index in range(target):
+                self._seen.setdefault(f"{host}-w{index}" if host else f"w{index}", now)
+        waiting = {name for name, seen in self._seen.items()
+                   if now - seen < RESTART_GRACE and name not in self._retired}
+        return sorted(set(membership.workers) | waiting, key=_order)
+
+    def tick(self, now: float, membership: Membership, target: int) -> None:
+        if target < 1 or membership.recovering(now) or now < self._next:
+            return
+        keep = self.keep(now, membership, target)
+        adopters: dict[str, Worker] = {}
+        for name, _ in membership.members():
+            worker = membership.workers.get(name)
+            if (worker is not None and worker.state == MEMBER and worker.identity
+                    and worker.report.get("phase") == "serving"):
+                adopters.setdefault(_host(name), worker)
+        self._next = now + ADOPT_EVERY
+        for host, worker in adopters.items():
+            task = self._tasks.get(host)
+            if task is None or task.done():
+                self._tasks[host] = asyncio.create_task(self._sweep(worker, keep))
+
+    async def _sweep(self, worker: Worker, keep: list[str]) -> None:
+        reply = await self._ask(worker, "adopt", {"keep": keep}, ADOPT_TIMEOUT)
+        if reply is None:
+            log_event("adoption_unanswered", logging.WARNING, worker=worker.name)
+        elif not reply.ok:
+            log_event("adoption_failed", logging.WARNING, worker=worker.name, error=reply.error)
+        elif reply.data.get("adopted"):
+            log_event("spools_adopted", worker=worker.name, adopted=reply.data["adopted"])
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+def _reasons(unanswered: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {why}" for name, why in sorted(unanswered.items()))
+
+
+def _host(name: str) -> str:
+    """``mx1`` for ``mx1-w3``; "" for ``w3`` (one host)."""
+    match = _NAME_RE.fullmatch(name)
+    return match.group(1) or "" if match else ""
+
+
+def _order(name: str) -> tuple[str, int, str]:
+    match = _NAME_RE.fullmatch(name)
+    if match is None:
+        return ("", 1 << 30, name)
+    return (match.group(1) or "", int(match.group(2)), name)
