@@ -66,7 +66,7 @@ def setup_logging(file: Path | None, process: str = "", level: int = logging.INF
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
-def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
+def log_event(event: str, level: int = logging.INFO, /, **fields: Any) -> None:
     if not _logger.isEnabledFor(level):
         return
     fields = {"event": event, **{k: v for k, v in fields.items() if v is not None}}

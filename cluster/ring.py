@@ -2,7 +2,7 @@
 
 Pure and deterministic: every process that builds a ring from the same
 member names gets the same answers, whatever the order the names came in
-and whatever the interpreter's hash seed (blake2b, never ``hash()``).
+and whatever the interpreter's hash seed (blake2b, not Python's seeded string hash).
 
 Each member is placed at ``vnodes`` points on a 64-bit circle. A key belongs
 to the first point at or after its own hash, going clockwise; its replica is

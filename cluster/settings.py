@@ -130,7 +130,8 @@ def load_settings(path: str | Path) -> Settings:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(path, "(file)", "cannot be read: no such file", show_value=False) from None
+        raise ConfigError(path, "(file)", "cannot be read: no such file",
+                          show_value=False) from None
     except OSError as exc:
         raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
                           show_value=False) from None

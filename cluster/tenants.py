@@ -70,7 +70,8 @@ def load_tenants(path: str | Path) -> TenantDirectory:
         blob = path.read_bytes()
         data = tomllib.loads(blob.decode("utf-8"))
     except FileNotFoundError:
-        raise ConfigError(path, "(file)", "cannot be read: no such file", show_value=False) from None
+        raise ConfigError(path, "(file)", "cannot be read: no such file",
+                          show_value=False) from None
     except OSError as exc:
         raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
                           show_value=False) from None

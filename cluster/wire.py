@@ -2,7 +2,7 @@
 
 Encoding: msgpack of ``[TYPE, VERSION, field, field, ...]`` in the order the
 dataclass declares its fields; nested counter types use their own
-``to_wire()`` forms (``cluster.counting``). Never pickle: a peer's bytes are
+``to_wire()`` forms (``cluster.counting``). Plain data only: a peer's bytes are
 decoded into plain data and checked, so a malformed frame raises
 :class:`WireError` instead of running anything.
 
@@ -102,7 +102,7 @@ def decode(frame: bytes) -> Message:
     if len(values) != len(fields):
         raise WireError(f"{kind}: {len(values)} fields, expected {len(fields)}")
     try:
-        return cls(**{f.name: _from_wire(f.type, v) for f, v in zip(fields, values)})
+        return cls(**{f.name: _from_wire(f.type, v) for f, v in zip(fields, values, strict=True)})
     except (TypeError, ValueError) as exc:
         raise WireError(f"{kind}: {exc}") from None
 

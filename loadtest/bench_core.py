@@ -178,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_clients(spec, args.clients)
                 rate = result.accepted / result.seconds if result.seconds else 0.0
                 figures[name] = rate
+                error = f", {result.first_error}" if result.first_error else ""
                 print(f"{name:14s} {per_session:3d} msg/session: {rate:8.0f} msgs/s "
                       f"({result.accepted} accepted, {result.refused} refused, "
-                      f"{result.errors} errors{', ' + result.first_error if result.first_error else ''})",
-                      flush=True)
+                      f"{result.errors} errors{error})", flush=True)
             rows.append((per_session, figures["sendguard"], figures["bare aiosmtpd"]))
     finally:
         for process in reversed(processes):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult
-from dnslib import QTYPE, RR, A, DNSRecord, MX
+from dnslib import MX, QTYPE, RR, A, DNSRecord
 from dnslib.server import BaseResolver, DNSServer
 
 

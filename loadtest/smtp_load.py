@@ -71,7 +71,7 @@ async def _session(spec: LoadSpec, source: str, count: int, body: bytes,
         result.refused += 1
         result.first_error = result.first_error or f"{exc.code} {exc.message}"
         client.close()
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         result.errors += 1
         result.first_error = result.first_error or repr(exc)
         client.close()

@@ -155,7 +155,7 @@ class Gateway:
                 self.loop = asyncio.get_running_loop()
                 self.parts = await build_worker(self.settings)
                 await self.parts.start()
-                for host, port, implicit in self.parts.server.addresses:
+                for _host, port, implicit in self.parts.server.addresses:
                     if implicit:
                         self.tls_port = port
                     else:

@@ -80,6 +80,13 @@ class CountryDatabase:
     __slots__ = (
         "_reader", "_version", "_source", "_database_type", "_build_epoch", "_ipv4_only", "_native"
     )
+    _reader: maxminddb.Reader
+    _version: str
+    _source: str
+    _database_type: str
+    _build_epoch: int
+    _ipv4_only: bool
+    _native: bool
 
     def __init__(self, reader: maxminddb.Reader, version: str, source: str) -> None:
         meta = reader.metadata()

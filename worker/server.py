@@ -31,7 +31,6 @@ from worker.sessions import SessionRegistry
 from worker.smtp import GatewaySMTP
 from worker.snapshot import Snapshot
 
-
 # After a failed accept (out of file descriptors, say), as asyncio's own servers do.
 _ACCEPT_RETRY_DELAY = 1.0
 

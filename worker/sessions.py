@@ -54,7 +54,10 @@ class SessionRegistry:
         return len(self._open)
 
     async def drain(self, timeout: float) -> int:
-        """Ask every session to finish; after ``timeout`` end the rest. Returns how many were cut."""
+        """Ask every session to finish; after ``timeout`` end the rest.
+
+        Returns how many sessions were cut.
+        """
         deadline = time.monotonic() + timeout
         for session in list(self._open):
             session.begin_drain()

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from cluster.logjson import log_event
 from cluster.names import client_key, plain_ip
 from cluster.sessionid import new_session_id
-from cluster.logjson import log_event
 from worker import replies, smtp_speedups
 from worker.policies import Client
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from worker.auth import PasswordVerifier
 from cluster.passwords import PasswordSchemeError, hash_password
+from worker.auth import PasswordVerifier
 
 FAST_ARGON2 = {"time_cost": 1, "memory_cost": 8, "parallelism": 1}
 GATE_TIMEOUT = 10.0

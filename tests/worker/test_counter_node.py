@@ -95,7 +95,7 @@ async def reserve_many(node: CounterNode, key: str, limit: int, n: int, tag: str
     """`n` concurrent reserves; the rids of those accepted."""
     rids = [f"{tag}-{node.name}-{key}-{i}" for i in range(n)]
     outcomes = await asyncio.gather(*(node.client.reserve(r, [msg(key, limit)]) for r in rids))
-    return [r for r, outcome in zip(rids, outcomes) if outcome.ok]
+    return [r for r, outcome in zip(rids, outcomes, strict=False) if outcome.ok]
 
 
 # -- exactness -------------------------------------------------------------------
@@ -127,7 +127,7 @@ async def test_a_decision_on_two_owners_is_all_or_nothing(
     decision = [msg(wide, 100), msg(narrow, 4)]
     rids = [f"d{i}" for i in range(12)]
     outcomes = await asyncio.gather(*(c.client.reserve(r, decision) for r in rids))
-    ok = [r for r, outcome in zip(rids, outcomes) if outcome.ok]
+    ok = [r for r, outcome in zip(rids, outcomes, strict=False) if outcome.ok]
     assert len(ok) == 4
     assert {o.denied for o in outcomes if not o.ok} == {1}
     late = await c.client.reserve("late", decision)
@@ -221,11 +221,11 @@ async def test_a_new_member_takes_its_keys_and_limits_stay_exact(
     late = await asyncio.gather(*(load(k, "l") for k in keys))
     await change
     late_more = await asyncio.gather(*(load(k, "m") for k in keys))
-    for key, first, second in zip(keys, late, late_more):
+    for key, first, second in zip(keys, late, late_more, strict=False):
         assert len(first) + len(second) == half, key
         assert count_in(await d.inspect(key)) == limit
     # Reservations made before the change are found where their keys went.
-    for key, rids in zip(keys, early):
+    for key, rids in zip(keys, early, strict=False):
         maker = next(n for n in nodes if rids[0].startswith(f"e-{n.name}-"))
         assert all(await asyncio.gather(*(maker.client.confirm(r) for r in rids))), key
 
@@ -275,7 +275,7 @@ async def test_a_killed_owner_is_replaced_by_its_replica_without_exceeding_limit
     await victim.close()
     await form(survivors, 2)
 
-    for i, (key, rids) in enumerate(zip(keys, early)):
+    for i, (key, rids) in enumerate(zip(keys, early, strict=False)):
         maker = survivors[i % 2]
         assert all(await asyncio.gather(*(maker.client.confirm(r) for r in rids))), key
         accepted = await asyncio.gather(*(reserve_many(n, key, limit, limit, "l")

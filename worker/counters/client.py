@@ -13,7 +13,6 @@ from typing import Protocol
 from cluster.counting import Op, Outcome
 from worker.counters.shard import CounterShard
 
-
 # An unconfirmed reservation is released after this long; the gap it covers is
 # one spool write, so anything longer means the confirming worker is gone.
 RESERVATION_TTL = 30.0

@@ -138,7 +138,9 @@ class RoutedCounters:
             shard_rid = f"{rid}/{self._node._rid()}"
             owners = tuple(ring.owner(op.key) for op in ops)
 
-            def rid_of(index: int) -> str:
+            def rid_of(index: int, shard_rid: str = shard_rid,
+                       owners: tuple[str, ...] = owners) -> str:
+                # Bound now: an undo in the background outlives this attempt.
                 return _part_rid(shard_rid, owners[index])
 
             parts = await self._send_groups("reserve", shard_rid, ops, range(len(ops)), ring,
@@ -259,10 +261,10 @@ class RoutedCounters:
             peer = node._peers.get(owner)
             if peer is None:
                 raise CounterUnavailable(f"no connection to counter owner {owner}")
-            reply = await peer.ask(wire.encode(request), request.rid, call.deadline, True)
-            if not isinstance(reply, wire.CounterReply) or not _complete(kind, reply, len(idx)):
+            answer = await peer.ask(wire.encode(request), request.rid, call.deadline, True)
+            if not isinstance(answer, wire.CounterReply) or not _complete(kind, answer, len(idx)):
                 raise CounterUnavailable(f"counter owner {owner} sent a malformed answer")
-            return reply
+            return answer
 
         if len(groups) == 1:
             (owner, idx), = groups.items()
@@ -275,7 +277,7 @@ class RoutedCounters:
         for reply in replies:
             if isinstance(reply, BaseException) and not isinstance(reply, Exception):
                 raise reply  # cancellation
-        return list(zip(groups.values(), replies))  # type: ignore[arg-type]
+        return list(zip(groups.values(), replies, strict=True))  # type: ignore[arg-type]
 
     async def _settle_wait(self, newest: int, delay: float, call: Call) -> float:
         """After "moved" or "retry": wait for this node's ring to reach the epoch

@@ -19,7 +19,7 @@ class RateLimitPolicy:
         account = client.account
         assert account is not None, "runs after AUTH"
         settings = snapshot.settings
-        ops = []
+        ops: list[Op] = []
         if not client.trusted:
             key = ip_key(client.key)
             ops.extend(Op(key, MESSAGES, limit.window, limit.max) for limit in settings.limits)

@@ -29,8 +29,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from .record import SpoolRecord
+
+if TYPE_CHECKING:
+    from .group import GroupCommit
 
 WORKER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SEGMENT_RE = re.compile(r"segment-(\d{12})")
@@ -172,9 +176,17 @@ class BaseSpool(abc.ABC):
         by the next ``load_all``.
         """
 
-    @abc.abstractmethod
     async def aclose(self) -> None:
         """Wait for writes in flight, then release files, threads and the lock."""
+        if self._closed:
+            return
+        await self._quiesce()
+        await self._syncs().drain()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    @abc.abstractmethod
+    def _syncs(self) -> GroupCommit[Any, Any]:
+        """The group commit whose pending syncs must finish before closing."""
 
     @abc.abstractmethod
     def close(self) -> None:

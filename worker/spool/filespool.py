@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import seglog
 from .base import BaseSpool, SpoolWriteError, segment_seq, write_all, write_error
@@ -71,12 +71,8 @@ class FileSpool(BaseSpool):
             if self._group:
                 await self._dirsync.submit(None)
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        await self._quiesce()
-        await self._dirsync.drain()
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
+    def _syncs(self) -> GroupCommit[Any, Any]:
+        return self._dirsync
 
     def close(self) -> None:
         if self._closed:

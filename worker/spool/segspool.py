@@ -27,7 +27,6 @@ delete it stays valid.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -139,12 +138,8 @@ class SegmentSpool(BaseSpool):
             await self._commit.submit(("del", queue_id))
             await self._collect()
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        await self._quiesce()
-        await self._commit.drain()
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
+    def _syncs(self) -> GroupCommit[Any, Any]:
+        return self._commit
 
     def close(self) -> None:
         if self._closed:
