@@ -200,14 +200,9 @@ class PolicyEngine:
             return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned))
         if self.on_queued is not None:
             self.on_queued(record)
-        try:
-            if not await self.counters.confirm(reservation):
-                # It expired while the spool was slow: count the accepted message again.
-                await self.counters.add(ops)
-        except CounterUnavailable as exc:
-            # The message is durable; an unconfirmed reservation only expires later.
-            logging.getLogger(__name__).warning("reservation %s not confirmed: %s",
-                                                reservation, exc)
+        # The reservation stands as the message's count: owners keep an open
+        # reservation when it expires, so no confirm round trip is needed
+        # before the 250 (only a failed spool write releases it).
         verdict = Verdict(Action.CONTINUE, replies.QUEUED.format(queue_id=queue_id),
                           "spam" if scan.spam else "data", "spam within grace" if scan.spam else "")
         return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned,

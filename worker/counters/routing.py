@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 _BACKOFF = (0.002, 0.05)
 
+# A read of counts that only grow (messages, failed AUTHs) may be answered by
+# this node's replica copy instead of a round trip: an owner replicates every
+# change before it answers, so the copy is never lower than anything the
+# owner has acknowledged, and the message itself is still decided by the
+# owner's reservation at the end of DATA. The bounce ratio's counts go down
+# when a deferred message is delivered, so they are always read from the owner.
+_READ_AT_REPLICA = frozenset({"msg", "fail"})
+_LOCAL_REPLICA = "\0replica"
+
 
 @dataclass
 class _Held:
@@ -246,12 +255,17 @@ class RoutedCounters:
         groups: dict[tuple[str, str], list[int]] = {}
         for i in indices:
             part = rid_of(i) if rid_of is not None else reservation
-            groups.setdefault((ring.owner(ops[i].key), part), []).append(i)
+            owner, replica = ring.locate(ops[i].key)
+            if kind == "check" and replica == node.name and ops[i].series in _READ_AT_REPLICA:
+                owner = _LOCAL_REPLICA
+            groups.setdefault((owner, part), []).append(i)
 
         async def ask(target: tuple[str, str], idx: list[int]) -> wire.CounterReply:
             owner, part = target
             group = tuple(ops[i] for i in idx)
             request = wire.CounterRequest(node._rid(), epoch, kind, part, group)
+            if owner == _LOCAL_REPLICA:
+                return wire.CounterReply(request.rid, OK, epoch, node.shard.check(group))
             if owner == node.name:
                 reply, pushes = node._owned.decide(request)
                 if pushes:

@@ -5,10 +5,14 @@ check-and-add is atomic without locks (the owner is the only writer).
 
 Reservations are remembered per request id until their ttl, also after
 confirm or release: a retried reserve or confirm that arrives late must get
-the first answer instead of counting again. Open reservations past their ttl
-are released. Keys whose every bucket has left its window are evicted a few
-at a time on every call, so memory stays bounded without a housekeeping
-task; `expire()` does a full pass.
+the first answer instead of counting again. An open reservation past its
+ttl keeps its counts: the one failure that leaves it open is a worker that
+died between its spool write and the confirm, and a message that may have
+been acknowledged must go on counting (it can only under-admit). Confirming
+is therefore optional: release is what undoes a reservation. Keys whose
+every bucket has left its window are evicted a few at a time on every call,
+so memory stays bounded without a housekeeping task; `expire()` does a full
+pass.
 
 Reservations are also indexed by the keys they touch, so exporting a few
 keys (replication does it for every change) costs what those keys hold, not
@@ -387,8 +391,7 @@ class CounterShard:
             self._rsv_by_key.setdefault(key, {})[rid] = None
 
     def _drop_reservation(self, rid: str, rec: _Reservation) -> None:
-        if rec.state == OPEN:
-            self._undo(rec)
+        # Only expiry drops a record; an open one keeps what it counted.
         del self._reservations[rid]
         for key in rec.keys:
             rids = self._rsv_by_key.get(key)
