@@ -6,6 +6,7 @@ stored in A-label form so lookups work whichever form the client used.
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,11 @@ class TenantDirectory:
 
 
 def load_tenants(path: str | Path) -> TenantDirectory:
+    return read_tenant_file(path)[0]
+
+
+def read_tenant_file(path: str | Path) -> tuple[TenantDirectory, dict[str, Any]]:
+    """The validated directory and the plain data it was built from (workers rebuild it)."""
     path = Path(path)
     try:
         blob = path.read_bytes()
@@ -77,9 +83,8 @@ def load_tenants(path: str | Path) -> TenantDirectory:
                           show_value=False) from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(path, "(file)", f"is not valid TOML: {exc}", show_value=False) from None
-    import hashlib
-
-    return parse_tenants(path, data, version=hashlib.blake2b(blob, digest_size=6).hexdigest())
+    version = hashlib.blake2b(blob, digest_size=6).hexdigest()
+    return parse_tenants(path, data, version=version), data
 
 
 def parse_tenants(path: Path, data: dict[str, Any], version: str = "") -> TenantDirectory:

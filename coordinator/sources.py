@@ -10,9 +10,7 @@ it changes again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 from cluster.logjson import log_event
 from cluster.settings import Settings, load_settings
-from cluster.tenants import TenantDirectory, parse_tenants
+from cluster.tenants import TenantDirectory, read_tenant_file
 from cluster.validate import ConfigError
 from cluster.wire import SnapshotMessage
 from worker.geo import CountryDatabase, GeoDatabaseError
@@ -66,19 +64,7 @@ class Geoip:
 
 def read_tenants(path: Path) -> Tenants:
     """The tenant file validated, with the plain data workers rebuild it from."""
-    try:
-        blob = path.read_bytes()
-        data = tomllib.loads(blob.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(path, "(file)", "cannot be read: no such file",
-                          show_value=False) from None
-    except OSError as exc:
-        raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
-                          show_value=False) from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(path, "(file)", f"is not valid TOML: {exc}", show_value=False) from None
-    version = hashlib.blake2b(blob, digest_size=6).hexdigest()
-    return Tenants(parse_tenants(path, data, version=version), data)
+    return Tenants(*read_tenant_file(path))
 
 
 def read_geoip(settings: Settings) -> Geoip | None:

@@ -281,12 +281,12 @@ class RoutedCounters:
             return answer
 
         if len(groups) == 1:
-            (owner, idx), = groups.items()
+            (target, idx), = groups.items()
             try:
-                return [(idx, await ask(owner, idx))]
+                return [(idx, await ask(target, idx))]
             except (CounterUnavailable, ValueError) as exc:
                 return [(idx, exc)]
-        replies = await asyncio.gather(*(ask(o, idx) for o, idx in groups.items()),
+        replies = await asyncio.gather(*(ask(t, idx) for t, idx in groups.items()),
                                        return_exceptions=True)
         for reply in replies:
             if isinstance(reply, BaseException) and not isinstance(reply, Exception):

@@ -193,9 +193,10 @@ class BaseSpool(abc.ABC):
         """Release files, threads and the lock now; for when no write is in flight."""
 
     @property
-    @abc.abstractmethod
     def group_stats(self) -> tuple[int, int]:
         """(durable flushes run, operations they covered), for the benchmark."""
+        syncs = self._syncs()
+        return syncs.batches, syncs.items
 
     async def adopt_live(self, other_worker_dir: Path) -> list[SpoolRecord]:
         """``adopt`` while the spool is in use (the worker is serving).
@@ -284,8 +285,8 @@ class BaseSpool(abc.ABC):
 
     def _flushing(self) -> bool:
         # A caller cancelled mid-store has left _ops, but its write may not
-        # have finished: ask the shape.
-        return False
+        # have finished: ask the group commit.
+        return self._syncs().busy
 
     def _sync_dirs(self, *paths: Path) -> None:
         if self.fsync:

@@ -49,13 +49,6 @@ class FileSpool(BaseSpool):
             self._fsync_active, self._sync_thread, max_delay=max_delay, max_batch=max_batch
         )
 
-    def _flushing(self) -> bool:
-        return self._dirsync.busy
-
-    @property
-    def group_stats(self) -> tuple[int, int]:
-        return self._dirsync.batches, self._dirsync.items
-
     # -- async API -----------------------------------------------------------------
 
     async def store(self, record: SpoolRecord) -> None:

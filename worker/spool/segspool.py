@@ -106,13 +106,6 @@ class SegmentSpool(BaseSpool):
         self._candidates: set[int] = set()
         self._doomed: list[int] = []
 
-    def _flushing(self) -> bool:
-        return self._commit.busy
-
-    @property
-    def group_stats(self) -> tuple[int, int]:
-        return self._commit.batches, self._commit.items
-
     # -- async API -----------------------------------------------------------------
 
     async def store(self, record: SpoolRecord) -> None:
