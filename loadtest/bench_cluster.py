@@ -28,7 +28,7 @@ from pathlib import Path
 from cluster.admin import AdminFailure, request
 from loadtest.bench_core import PASSWORD, run_clients, write_config
 from loadtest.loopback import LoopbackDNS, free_port
-from loadtest.smtp_load import LoadResult, LoadSpec
+from loadtest.smtp_load import LoadResult, LoadSpec, add_load_arguments
 
 
 def wait_serving(runtime_dir: Path, workers: int, process: subprocess.Popen[bytes],
@@ -99,13 +99,8 @@ def measure(workers: int, args: argparse.Namespace, dns: str, sink_port: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=2000,
-                        help="messages per run at 1 message per session (x4 at 100)")
-    parser.add_argument("--concurrency", type=int, default=20, help="sessions in flight")
-    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    add_load_arguments(parser, messages=2000)
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds per run, at most")
-    parser.add_argument("--spool-dir", default="/var/tmp",
-                        help="where the spool lives (the filesystem matters)")
     args = parser.parse_args(argv)
 
     dns = LoopbackDNS().start()

@@ -34,7 +34,7 @@ from pathlib import Path
 from cluster.passwords import hash_password
 from cluster.selfsigned import write_self_signed
 from loadtest.loopback import LoopbackDNS, free_port
-from loadtest.smtp_load import LoadResult, LoadSpec, run_load_process
+from loadtest.smtp_load import LoadResult, LoadSpec, add_load_arguments, run_load_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "bench-password"
@@ -142,13 +142,8 @@ def spool_cost(folder: Path, messages: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=1500,
-                        help="messages per run at 1 message per session (x4 at 100)")
-    parser.add_argument("--concurrency", type=int, default=20, help="sessions in flight")
-    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    add_load_arguments(parser, messages=1500)
     parser.add_argument("--workers", type=int, default=1, help="sendguard workers")
-    parser.add_argument("--spool-dir", default="/var/tmp",
-                        help="where the spool lives (the filesystem matters)")
     args = parser.parse_args(argv)
 
     folder = Path(tempfile.mkdtemp(prefix="sgb-", dir="/tmp"))

@@ -7,6 +7,7 @@ aiosmtplib: connect, EHLO, STARTTLS, AUTH, then ``per_session`` messages
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ssl
 import time
@@ -106,3 +107,13 @@ def run_load_process(spec: LoadSpec) -> LoadResult:
     import uvloop
 
     return uvloop.run(run_load(spec))
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, messages: int) -> None:
+    """The client options every benchmark on this client shares."""
+    parser.add_argument("--messages", type=int, default=messages,
+                        help="messages per run at 1 message per session (x4 at 100)")
+    parser.add_argument("--concurrency", type=int, default=20, help="sessions in flight")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--spool-dir", default="/var/tmp",
+                        help="where the spool lives (the filesystem matters)")

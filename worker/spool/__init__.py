@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
+from .base import BaseSpool, SpoolError, SpoolLocked, SpoolWriteError
+from .filespool import FileSpool
 from .record import CorruptRecord, SpoolRecord, decode, encode, new_queue_id
-from .store import (
-    BaseSpool,
-    FileSpool,
-    SegmentSpool,
-    Spool,
-    SpoolError,
-    SpoolLocked,
-    SpoolWriteError,
-)
+from .segspool import SegmentSpool
+from .store import Spool
 
 __all__ = [
     "BaseSpool",

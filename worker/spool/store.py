@@ -44,21 +44,6 @@ stays for disks whose syncs are much faster than their event loop.
 
 from __future__ import annotations
 
-from .base import BaseSpool, SpoolError, SpoolLocked, SpoolWriteError
-from .filespool import FileSpool
-from .record import CorruptRecord, SpoolRecord
 from .segspool import SegmentSpool
 
 Spool = SegmentSpool
-
-__all__ = [
-    "BaseSpool",
-    "CorruptRecord",
-    "FileSpool",
-    "SegmentSpool",
-    "Spool",
-    "SpoolError",
-    "SpoolLocked",
-    "SpoolRecord",
-    "SpoolWriteError",
-]
