@@ -84,6 +84,9 @@ class Connection:
         self.hop = hop
         self.tls = tls
         self.usable = True
+        # The last send() found the connection gone (or closing, 421) at its
+        # MAIL FROM: the server saw nothing of that message.
+        self.lost_before_mail = False
 
     @classmethod
     async def open(cls, hops: Sequence[Hop], *, helo: str, tls: ssl.SSLContext | None,
@@ -166,12 +169,15 @@ class Connection:
         if utf8_offered and (needs_utf8 or not _header_block(message).isascii()):
             options.append(b"SMTPUTF8")
         stage = "MAIL FROM"
+        self.lost_before_mail = False
         try:
             try:
                 reply = await smtp.execute_command(b"MAIL", b"FROM:<%s>" % wire_from.encode(),
                                                    *options)
             except ValueError:
                 return [_unsendable(stage)] * len(recipients)
+            if reply.code == 421:
+                self.lost_before_mail = True
             if reply.code != 250:
                 await self._reset()
                 return [remote(reply.code, reply.message, label, stage)] * len(recipients)
@@ -208,6 +214,7 @@ class Connection:
                 self.usable = False
         except (SMTPException, *_LOST):
             self.usable = False
+            self.lost_before_mail = stage == "MAIL FROM"
             smtp.close()
         return _fill(results, self._lost(stage))
 
