@@ -1,7 +1,7 @@
 """The next hop of a load test: an aiosmtpd sink that remembers what it was given.
 
-It accepts every message (no AUTH, no TLS: what a relay's next hop or a
-smarthost looks like on loopback) and records the ``X-Load-Token`` of each,
+It accepts every message (no AUTH, no TLS, PIPELINING offered: what a
+relay's next hop or a smarthost looks like on loopback) and records the ``X-Load-Token`` of each,
 so a scenario can compare what arrived with what the gateway acknowledged.
 Two ways to run it: in a thread of a process that does not import Locust
 (:class:`SinkThread`, the accuracy scenario), or as a process of its own that
@@ -42,6 +42,13 @@ class Recorder:
         if self._sessions is not None:
             with self._sessions.get_lock():
                 self._sessions.value += 1
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        # Next hops in the wild (Postfix, the big providers) offer PIPELINING, and
+        # aiosmtpd takes pipelined commands; it just does not say so.
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content = envelope.original_content or envelope.content or b""

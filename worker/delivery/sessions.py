@@ -230,7 +230,7 @@ class SessionPool:
                 dest.idle.remove(waiter)
             if waiter.done() and not waiter.cancelled() and waiter.result():
                 dest.waking -= 1
-        return not self.stopping and conn.usable and conn.smtp.is_connected
+        return not self.stopping and conn.usable and conn.connected
 
     def _session_ended(self, dest: Destination) -> None:
         dest.sessions -= 1
