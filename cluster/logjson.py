@@ -36,7 +36,6 @@ import atexit
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ _logger = logging.getLogger("sendguard")
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "critical"}
 _ASCII = json.JSONEncoder(ensure_ascii=True, default=str, separators=(",", ":"))
+_STDERR = 2  # the process's, whatever object sys.stderr is at the moment
 
 
 def _level_name(level: int) -> str:
@@ -85,11 +85,12 @@ class _Sink:
 
     def __init__(self, file: Path | None, process: str, level: int) -> None:
         if file is None:
-            self.fd, self.owned = sys.stderr.fileno(), False
+            self.fd, self.owned = _STDERR, False
         else:
             file.parent.mkdir(parents=True, exist_ok=True)
+            # The mode logging.FileHandler gave the file: 0666 less the umask.
             self.fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                              0o644)
+                              0o666)
             self.owned = True
         self.process = process
         self.level = level
