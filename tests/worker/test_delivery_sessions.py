@@ -121,3 +121,13 @@ async def test_a_reused_connection_refusing_mail_with_421_requeues_the_message(
     await until(world.empty, "an empty queue")
     assert second.attempts == 1
     assert world.sink.connections == 2
+
+
+async def test_an_idle_connection_gives_its_slot_to_another_destination(
+        make_world: MakeWorld) -> None:  # noqa: F811
+    world = await make_world(agent={"idle_timeout": 60.0, "max_connections": 1})
+    await world.submit("ok1@dest.test")
+    await until(world.empty, "the first delivery")  # its session now idles
+    await world.submit("ok2@kowalski.pl")
+    await until(lambda: world.sink.to("ok2@kowalski.pl"), "the other destination", timeout=5.0)
+    assert world.sink.quits == 1  # the idle session was closed politely to make room

@@ -11,7 +11,9 @@ stays open for ``idle_timeout`` seconds (as Postfix's connection cache
 does), and the next message for that destination takes it instead of a new
 connection: when messages arrive about as fast as they are delivered, a
 session that closed whenever its queue ran dry would reconnect for nearly
-every message. A message whose reused connection turns out to be gone
+every message. An idle session gives its slot up at once when
+``max_connections`` keeps another destination waiting. A message whose
+reused connection turns out to be gone
 before the server answered its MAIL FROM (the server timed the idle
 connection out) goes back to the head of the queue instead of being
 deferred.
@@ -137,6 +139,8 @@ class SessionPool:
             task = asyncio.create_task(self._session(dest))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._waiting and self.connections >= self.max_connections:
+            self._retire_idle()
 
     async def stop(self, timeout: float) -> None:
         """Let sessions finish their current message (within ``timeout``), then cut them."""
@@ -222,7 +226,7 @@ class SessionPool:
         dest.idle.append(waiter)
         try:
             async with asyncio.timeout(self.idle_timeout):
-                await waiter
+                wanted = await waiter
         except TimeoutError:
             return False
         finally:
@@ -230,7 +234,16 @@ class SessionPool:
                 dest.idle.remove(waiter)
             if waiter.done() and not waiter.cancelled() and waiter.result():
                 dest.waking -= 1
-        return not self.stopping and conn.usable and conn.connected
+        return wanted and not self.stopping and conn.usable and conn.connected
+
+    def _retire_idle(self) -> None:
+        """Close one idle session: a destination waits for its connection slot."""
+        for dest in self._destinations.values():
+            while dest.idle:
+                waiter = dest.idle.popleft()
+                if not waiter.done():
+                    waiter.set_result(False)
+                    return
 
     def _session_ended(self, dest: Destination) -> None:
         dest.sessions -= 1
