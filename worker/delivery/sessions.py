@@ -13,10 +13,9 @@ connection: when messages arrive about as fast as they are delivered, a
 session that closed whenever its queue ran dry would reconnect for nearly
 every message. An idle session gives its slot up at once when
 ``max_connections`` keeps another destination waiting. A message whose
-reused connection turns out to be gone
-before the server answered its MAIL FROM (the server timed the idle
-connection out) goes back to the head of the queue instead of being
-deferred.
+reused connection turns out to be gone before the server answered its MAIL
+FROM (the server timed the idle connection out) goes back to the head of
+the queue instead of being deferred.
 
 Destinations waiting for a free connection are served round robin, so one
 domain with a deep queue cannot starve the others. A failed connection
