@@ -705,29 +705,3 @@ async def test_group_commit_batches_and_fails_items_one_by_one() -> None:
         seen.clear()
         await asyncio.gather(*(group.submit(i) for i in (4, 5, 6)))
         assert seen == [[4, 5, 6]]
-
-
-async def test_removals_of_one_loop_turn_are_one_write(tmp_path: Path) -> None:
-    spool = SegmentSpool(tmp_path, "w0", segment_bytes=64 * 1024)
-    spool.load_all()
-    records = [make(i, size=200) for i in range(60)]
-    await asyncio.gather(*(spool.store(r) for r in records))
-    _, items_before = spool.group_stats
-    gone, kept = records[:50], records[50:]
-    # One of the waiters gives up: the batch goes on for the others.
-    tasks = [asyncio.ensure_future(spool.remove(r.queue_id)) for r in gone]
-    await asyncio.sleep(0)
-    tasks[0].cancel()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert isinstance(results[0], asyncio.CancelledError)
-    assert results[1:] == [None] * 49
-    _, items_after = spool.group_stats
-    assert items_after - items_before <= 2  # one writer job (and perhaps a segment deletion)
-    with pytest.raises(KeyError):
-        await spool.remove(gone[1].queue_id)
-    await spool.aclose()
-    again = SegmentSpool(tmp_path, "w0", segment_bytes=64 * 1024)
-    try:
-        assert {r.queue_id for r in again.load_all()} == {r.queue_id for r in kept}
-    finally:
-        again.close()

@@ -9,11 +9,8 @@ anything written into it is acknowledged.
 
 update() appends the whole record again (state and body), so a deferred
 message moves forward with each retry and never pins an old segment for
-long. remove() appends a tombstone; the removals asked for in one turn of
-the event loop (delivery settles many messages at once) go to the writer as
-one job, their tombstones in one write. Replaying segments in sequence
-order gives the queue: a later frame for a queue id wins, a tombstone ends
-it.
+long. remove() appends a tombstone. Replaying segments in sequence order
+gives the queue: a later frame for a queue id wins, a tombstone ends it.
 
 A segment is deleted when it holds no live record and no tombstone still
 needed, a tombstone being needed while an older copy of its record exists
@@ -30,7 +27,6 @@ delete it stays valid.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -55,7 +51,7 @@ from .record import CorruptRecord, Removal, SpoolRecord, decode, encode, encode_
 
 log = logging.getLogger(__name__)
 
-# ("put", SpoolRecord) | ("del", tuple of queue ids) | ("unlink", tuple of seqs)
+# ("put", SpoolRecord) | ("del", queue_id) | ("unlink", tuple of seqs)
 _Job = tuple[str, Any]
 
 
@@ -109,9 +105,6 @@ class SegmentSpool(BaseSpool):
         self._tomb_at: dict[str, int] = {}
         self._candidates: set[int] = set()
         self._doomed: list[int] = []
-        # Removals of this loop turn, and the task that hands them to the writer.
-        self._removals: list[str] | None = None
-        self._removal_batch: asyncio.Future[None] | None = None
 
     # -- async API -----------------------------------------------------------------
 
@@ -135,21 +128,8 @@ class SegmentSpool(BaseSpool):
         with self._op():
             if queue_id not in self._home:
                 raise KeyError(queue_id)
-            if self._removals is None or self._removal_batch is None:
-                self._removals = []
-                # Starts at the next turn: every removal of this turn joins it.
-                batch = self._removal_batch = asyncio.ensure_future(
-                    self._remove_batch(self._removals))
-                # Its failure reaches every waiter; retrieved here too in case all were cancelled.
-                batch.add_done_callback(lambda done: done.cancelled() or done.exception())
-            self._removals.append(queue_id)
-            # One waiter cancelled must not cancel the others' batch.
-            await asyncio.shield(self._removal_batch)
+            await self._commit.submit(("del", queue_id))
             await self._collect()
-
-    async def _remove_batch(self, queue_ids: list[str]) -> None:
-        self._removals = self._removal_batch = None
-        await self._commit.submit(("del", tuple(queue_ids)))
 
     def _syncs(self) -> GroupCommit[Any, Any]:
         return self._commit
@@ -189,8 +169,7 @@ class SegmentSpool(BaseSpool):
                 unlinked = True
                 continue
             try:
-                data = (encode(arg) if kind == "put"
-                        else b"".join(encode_removal(queue_id) for queue_id in arg))
+                data = encode(arg) if kind == "put" else encode_removal(arg)
             except Exception as exc:  # a bad record fails alone, not its batch
                 results.append(exc)
                 continue
@@ -282,8 +261,7 @@ class SegmentSpool(BaseSpool):
             if kind == "put":
                 self._index_put(arg.queue_id, res)
             elif kind == "del":
-                for queue_id in arg:
-                    self._index_del(queue_id, res)
+                self._index_del(arg, res)
             else:
                 for seq in arg:
                     self._forget(seq)
