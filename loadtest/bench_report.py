@@ -153,26 +153,50 @@ def table(summary: list[dict[str, Any]]) -> str:
     lines = ["median (min-max) over rounds; CPU: every process of the target, delivery of "
              "what it accepted included, ms per accepted message"]
     sessions = sorted({r["msgs_per_session"] for r in summary})
+    subjects = list(dict.fromkeys(r["subject"] for r in summary if r["what"] == "msgs/s"))
+    width = max([24, *(len(subject) for subject in subjects)])
     for per_session in sessions:
-        lines.append(f"{per_session} msg(s)/session:{'':9s}msgs/s{'':16s}server CPU ms/msg"
-                     f"{'':6s}sink CPU ms/msg   sink sessions/1000")
-        for subject in dict.fromkeys(r["subject"] for r in summary
-                                     if r["what"] == "msgs/s"):
+        lines.append(f"{per_session} msg(s)/session:".ljust(width + 3) + f"{'msgs/s':21s}"
+                     "server CPU ms/msg      sink CPU ms/msg   sink sessions/1000")
+        for subject in subjects:
             rate = find("msgs/s", subject, per_session)
             if rate is None:
                 continue
-            lines.append(f"  {subject:24s} {cell(rate, '.0f'):20s} "
+            lines.append(f"  {subject:{width}s} {cell(rate, '.0f'):20s} "
                          f"{cell(find('cpu ms/msg', subject, per_session), '.2f'):22s} "
                          f"{cell(find('sink cpu ms/msg', subject, per_session), '.2f'):17s} "
                          f"{cell(find('sink sessions/1000', subject, per_session), '.0f')}")
+    lines.extend(_targets(summary))
     for what, title in (("cpu ratio", "CPU per message, ratio in the same round"),
                         ("msgs/s ratio", "msgs/s, sendguard / baseline in the same round")):
         lines.append(f"{title}: median (min-max)")
         for row in (r for r in summary if r["what"] == what):
-            lines.append(f"  {row['subject']:22s} / {row['versus']:24s} "
+            lines.append(f"  {row['subject']:{width}s} / {row['versus']:{width}s} "
                          f"{row['msgs_per_session']:3d}/session  {row['median']:5.2f} "
                          f"({row['min']:.2f}-{row['max']:.2f})")
     return "\n".join(lines)
+
+
+# The performance targets on CPU per message: (versus, msgs/session, at most), for
+# sendguard at 2 workers (this tree): against 1 worker, Postfix and stock aiosmtpd.
+TARGETS = [("sendguard 1w", 100, 1.15), ("sendguard 1w", 1, 1.2), ("postfix", 100, 0.6),
+           ("stock aiosmtpd", 100, 4.5)]
+
+
+def _targets(summary: list[dict[str, Any]]) -> list[str]:
+    lines = ["targets, sendguard 2 workers, CPU per message (median ratio of the rounds)"]
+    for versus, per_session, limit in TARGETS:
+        row = next((r for r in summary if r["what"] == "cpu ratio"
+                    and r["subject"] == "sendguard 2w" and r["versus"].startswith(versus)
+                    and r["msgs_per_session"] == per_session), None)
+        if row is None:
+            lines.append(f"  / {versus:18s} {per_session:3d}/session  at most {limit:4.2f}: "
+                         "not measured")
+            continue
+        verdict = "met" if row["median"] <= limit else "NOT met"
+        lines.append(f"  / {row['versus']:18s} {per_session:3d}/session  at most {limit:4.2f}: "
+                     f"{row['median']:.2f} ({row['min']:.2f}-{row['max']:.2f}) {verdict}")
+    return lines
 
 
 def report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
