@@ -5,7 +5,8 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
 
 - a session id per connection, in the banner and the replies, kept across
   STARTTLS (aiosmtpd recreates ``session`` there);
-- STARTTLS through the event loop's own TLS (worker/starttls.py);
+- STARTTLS through the event loop's own TLS (worker/starttls.py; its tests are in
+  ``tests/worker/test_starttls.py``);
 - SPEC's texts for MAIL before AUTH, for SIZE at MAIL (checked before AUTH,
   as SPEC orders it) and for too much data after DATA;
 - AUTH PLAIN/LOGIN verified asynchronously (aiosmtpd's authenticator hook is
