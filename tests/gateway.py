@@ -237,6 +237,11 @@ class Gateway:
     def log_lines(self) -> list[dict[str, Any]]:
         import json
 
+        from cluster.logjson import flush_log
+
+        # The worker writes a loop turn's lines at the end of the turn; its reply
+        # to the client may go out first. It runs in this process: flush now.
+        flush_log()
         path = self.settings.log_file
         assert path is not None
         if not path.exists():
