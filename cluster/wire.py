@@ -230,6 +230,8 @@ class SnapshotMessage(Message):
     tenants_version: str
     geoip: bytes | None
     geoip_version: str
+    # Suspensions and country exceptions (``cluster.support_state.SupportState.to_wire``).
+    support: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +288,8 @@ class ScaleCommand(Message):
 
 @dataclass(frozen=True, slots=True)
 class AdminRequest(Message):
-    """``command``: status | scale | allow-country | disallow-country | inspect | queue."""
+    """``command``: status | scale | allow-country | disallow-country | inspect | queue |
+    why | suspend | unsuspend | counters-reset | history (``coordinator.service``)."""
 
     TYPE: ClassVar[str] = "admin"
     command: str

@@ -20,7 +20,6 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,14 @@ import zmq.asyncio
 from cluster import wire
 from cluster.hosts import bind_coordinator
 from cluster.logjson import log_event
-from coordinator.inspect import SubjectError, subject_keys, with_limits
+from coordinator.inspect import SubjectError, subject_keys, summary, with_limits
 from coordinator.membership import MEMBER, Membership, Worker
 from coordinator.metrics import MetricsBook, serve_metrics
 from coordinator.sources import SnapshotSources
-from coordinator.spools import AdoptionSweep, QueueError, queue_command
-from coordinator.tenant_edit import EditError, edit_countries
+from coordinator.spools import CHANGES, AdoptionSweep, QueueError, queue_command
+from coordinator.state_store import FileStore, SupportStore
+from coordinator.support import SupportDesk, SupportError, text
+from coordinator.why import WhyError, why
 
 TICK = 0.5               # file watch and heartbeat check
 SILENCE = 5.0            # a member that has not reported for this long leaves
@@ -66,10 +67,13 @@ def write_state(runtime_dir: Path, version: int, epoch: int) -> None:
 
 class Coordinator:
     def __init__(self, sources: SnapshotSources, runtime_dir: Path,
-                 membership: Membership) -> None:
+                 membership: Membership, store: SupportStore | None = None) -> None:
         self.sources = sources
         self.runtime_dir = runtime_dir
         self.membership = membership
+        self.desk = SupportDesk(store or FileStore(sources.settings.cluster.state_dir),
+                                sources, self._publish_snapshot)
+        self._lapsing: asyncio.Task[None] | None = None
         self.metrics = MetricsBook()
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
@@ -124,6 +128,12 @@ class Coordinator:
             context.term()
         log_event("coordinator_stopped")
         return 0
+
+    async def _lapse(self) -> None:
+        try:
+            await self.desk.lapse()
+        except SupportError as exc:
+            log_event("lapse_failed", logging.ERROR, error=str(exc))
 
     def _on_hup(self) -> None:
         self._hup = True
@@ -200,6 +210,8 @@ class Coordinator:
                     await self._send(self._supervisor_of.get(worker.name, self.supervisor),
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
+            if self._lapsing is None or self._lapsing.done():
+                self._lapsing = asyncio.create_task(self._lapse())
             if self.supervisor:
                 self.adoption.tick(now, self.membership, self.target_workers)
             self.metrics.refresh(self.sources.version, self.membership.epoch,
@@ -278,17 +290,21 @@ class Coordinator:
         handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "status": self._status,
             "scale": self._scale,
-            "allow-country": partial(self._edit_country, allow=True),
-            "disallow-country": partial(self._edit_country, allow=False),
+            "allow-country": self.desk.allow_country,
+            "disallow-country": self.desk.disallow_country,
+            "history": self.desk.history,
+            "suspend": self.desk.suspend,
+            "unsuspend": self.desk.unsuspend,
             "inspect": self._inspect,
             "queue": self._queue,
+            "why": self._why,
         }
         handler = handlers.get(request.command)
         try:
             if handler is None:
                 raise AdminError(f"unknown command {request.command!r}")
             reply = wire.AdminReply(True, await handler(request.args))
-        except AdminError as exc:
+        except (AdminError, SupportError, WhyError) as exc:
             reply = wire.AdminReply(False, {}, str(exc))
         except Exception as exc:
             logging.getLogger(__name__).exception("admin %s", request.command)
@@ -341,24 +357,6 @@ class Coordinator:
         self.target_workers = count
         return {"workers": count, "previous": previous}
 
-    async def _edit_country(self, args: dict[str, Any], allow: bool) -> dict[str, Any]:
-        settings = self.sources.settings
-        try:
-            result = await asyncio.to_thread(
-                edit_countries, settings.tenants_file, str(args.get("domain", "")),
-                str(args.get("country", "")), allow, settings.geoip.default_countries)
-        except (EditError, OSError) as exc:
-            raise AdminError(str(exc)) from None
-        if result.changed:
-            log_event("tenant_edit", domain=result.domain, countries=list(result.countries),
-                      allow=allow)
-            if self.sources.force_tenants():
-                await self._publish_snapshot()
-        return {"domain": result.domain, "countries": list(result.countries),
-                "changed": result.changed,
-                "tenants_version": self.sources.tenants.directory.version,
-                "config_version": self.sources.version}
-
     async def _inspect(self, args: dict[str, Any]) -> dict[str, Any]:
         try:
             keys = subject_keys(str(args.get("kind", "")), str(args.get("subject", "")))
@@ -375,17 +373,43 @@ class Coordinator:
                 continue
             if not reply.ok:
                 raise AdminError(f"{worker.name}: {reply.error}")
-            rows = reply.data.get("rows", {})
-            return {"keys": keys, "worker": worker.name,
-                    "rows": with_limits(rows, self.sources.settings,
-                                        self.sources.tenants.directory)}
+            rows = with_limits(reply.data.get("rows", {}), self.sources.settings,
+                               self.sources.tenants.directory)
+            result = {"keys": keys, "worker": worker.name, "rows": rows,
+                      **summary(str(args.get("kind")), rows, self.sources.settings)}
+            if args.get("kind") == "account":
+                result["suspension"] = self.desk.suspension_of(keys[0].partition(":")[2])
+            return result
         raise AdminError("no worker answered in time")
 
+    async def _why(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await why(list(self.membership.workers.values()), self._ask, args)
+
     async def _queue(self, args: dict[str, Any]) -> dict[str, Any]:
+        change = args.get("action") in CHANGES
+        if change:
+            by, reason = text(args, "by", required=True), text(args, "reason")
         try:
-            return await queue_command(list(self.membership.workers.values()), self._ask, args)
+            result = await queue_command(list(self.membership.workers.values()), self._ask, args)
         except QueueError as exc:
             raise AdminError(str(exc)) from None
+        if change:
+            await self._audit_queue(result, by, reason)
+        return result
+
+    async def _audit_queue(self, result: dict[str, Any], by: str, reason: str) -> None:
+        """One entry per tenant whose messages the purge, hold or release touched."""
+        by_domain: dict[str, list[str]] = {}
+        for message in result["messages"]:
+            domain = str(message.get("account", "")).rpartition("@")[2]
+            by_domain.setdefault(domain, []).append(message["queue_id"])
+        for domain, ids in sorted(by_domain.items()):
+            subject = result.get("account") or result.get("client") or ", ".join(ids)
+            details: dict[str, Any] = {"messages": len(ids), "queue_ids": ids}
+            if result["action"] == "purge":
+                details["bounce"] = bool(result.get("bounce"))
+            await self.desk.audit(by, f"queue-{result['action']}", subject, domain, reason,
+                                  details=details)
 
     async def _ask(self, worker: Worker, command: str, args: dict[str, Any],
                    timeout: float) -> wire.AdminReply | None:
