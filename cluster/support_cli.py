@@ -118,7 +118,7 @@ def _request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any], Formatte
             _address(args.subject)
         else:
             _account(args.subject)
-        return "counters-reset", {"kind": args.kind, "subject": args.subject, "by": args.by,
+        return "reset", {"kind": args.kind, "subject": args.subject, "by": args.by,
                                   "reason": args.reason}, format_reset
     if args.action == "history":
         return "history", {"domain": args.domain}, format_history
@@ -186,7 +186,7 @@ def format_suspension(data: dict[str, Any]) -> str:
 
 
 def format_reset(data: dict[str, Any]) -> str:
-    return (f"reset {data['counters']} counters of {', '.join(data['keys'])} "
+    return (f"reset {data['cleared']} counters of {', '.join(data['keys'])} "
             f"(on {', '.join(data.get('owners', [])) or 'no owner'})")
 
 

@@ -43,6 +43,7 @@ TICK = 0.5               # file watch and heartbeat check
 SILENCE = 5.0            # a member that has not reported for this long leaves
 RECOVERY = 2.5           # after a restart: rebuild membership from reports first
 INSPECT_TIMEOUT = 3.0
+RESET_TIMEOUT = 6.0      # the worker gives its owners 5 s
 RESEND_AFTER = 3.0       # a lagging worker gets the snapshot again at most this often
 MAX_WORKERS = 256
 STATE_FILE = "coordinator.state"
@@ -296,6 +297,7 @@ class Coordinator:
             "suspend": self.desk.suspend,
             "unsuspend": self.desk.unsuspend,
             "inspect": self._inspect,
+            "reset": self._reset,
             "queue": self._queue,
             "why": self._why,
         }
@@ -380,6 +382,36 @@ class Coordinator:
             if args.get("kind") == "account":
                 result["suspension"] = self.desk.suspension_of(keys[0].partition(":")[2])
             return result
+        raise AdminError("no worker answered in time")
+
+    async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every counter of an address or an account, on its owner and replica, once."""
+        by, reason = text(args, "by", required=True), text(args, "reason")
+        kind, subject = str(args.get("kind", "")), str(args.get("subject", ""))
+        try:
+            keys = subject_keys(kind, subject)
+        except SubjectError as exc:
+            raise AdminError(str(exc)) from None
+        candidates = [w for w in self.membership.workers.values()
+                      if w.state == MEMBER and w.identity]
+        if not candidates:
+            raise AdminError("no worker is in the ring to ask")
+        # One id for the whole reset: a second worker asked after a silent first one
+        # reaches owners that answer it again without resetting twice.
+        payload = {"keys": keys, "reset_id": uuid.uuid4().hex}
+        for worker in candidates[:2]:
+            reply = await self._ask(worker, "reset", payload, RESET_TIMEOUT)
+            if reply is None:
+                continue
+            if not reply.ok:
+                raise AdminError(f"{worker.name}: {reply.error}")
+            cleared = int(reply.data.get("cleared", 0))
+            owners = list(reply.data.get("owners", []))
+            log_event("counters_reset", keys=keys, cleared=cleared, by=by)
+            domain = keys[0].partition(":")[2].rpartition("@")[2] if kind == "account" else ""
+            await self.desk.audit(by, "counters-reset", keys[0].partition(":")[2], domain,
+                                  reason, details={"keys": keys, "counters": cleared})
+            return {"keys": keys, "cleared": cleared, "owners": owners, "worker": worker.name}
         raise AdminError("no worker answered in time")
 
     async def _why(self, args: dict[str, Any]) -> dict[str, Any]:

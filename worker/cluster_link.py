@@ -51,6 +51,7 @@ REPORT_INTERVAL = 1.0
 class RingNode(Protocol):
     async def apply_ring(self, epoch: int, members: Sequence[tuple[str, str]]) -> None: ...
     async def inspect(self, key: str) -> list[dict[str, Any]]: ...
+    async def reset(self, keys: Sequence[str], rid: str) -> tuple[int, list[str]]: ...
 
 
 def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> Snapshot:
@@ -251,6 +252,12 @@ class ClusterLink:
         return {"decisions": recent.session(str(args.get("sid", ""))),
                 "kept": {"decisions": recent.max_decisions, "seconds": recent.max_age}}
 
+    async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._node is not None
+        keys = [str(key) for key in args.get("keys", [])]
+        cleared, owners = await self._node.reset(keys, str(args.get("reset_id", "")))
+        return {"cleared": cleared, "owners": owners}
+
     def _serving(self) -> DeliveryAgent:
         if self.delivery is None:
             raise _Refused(f"{self.name} has not loaded its spool yet")
@@ -305,7 +312,9 @@ class ClusterLink:
             elif isinstance(message, wire.RingMessage):
                 self._offer_ring(message)
             elif isinstance(message, wire.AdminRequest):
-                work = {"inspect": self._inspect if self._node is not None else None,
+                ring = self._node is not None
+                work = {"inspect": self._inspect if ring else None,
+                        "reset": self._reset if ring else None,
                         "queue": self._queue, "adopt": self._adopt,
                         "why": self._why}.get(message.command)
                 if work is not None:
