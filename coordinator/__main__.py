@@ -2,7 +2,7 @@
 
 Exit status: 0 stopped, 2 the configuration, tenant directory or GeoIP
 database is bad at start (one line on stderr naming file, key and value),
-3 it cannot boot (the metrics address is taken).
+3 it cannot boot (the metrics or admin HTTP address is taken).
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ def main() -> int:
         except StoreError as exc:
             raise ConfigError(settings_path, "cluster.state_dir", str(exc),
                               show_value=False) from None
+        admin = sources.settings.admin
+        users = None
+        if admin.listen is not None and admin.users_file is not None:
+            from coordinator.http_users import AdminUsers
+
+            users = AdminUsers(settings_path, admin.users_file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -61,7 +67,7 @@ def main() -> int:
     import zmq
 
     try:
-        return uvloop.run(Coordinator(sources, runtime_dir, membership, store).run())
+        return uvloop.run(Coordinator(sources, runtime_dir, membership, store, users).run())
     except (OSError, zmq.ZMQError) as exc:
         print(f"sendguard: coordinator cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED

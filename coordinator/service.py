@@ -30,14 +30,16 @@ import zmq.asyncio
 from cluster import wire
 from cluster.hosts import bind_coordinator
 from cluster.logjson import log_event
+from coordinator.errors import AdminError, Unavailable
+from coordinator.http_users import AdminUsers
 from coordinator.inspect import SubjectError, subject_keys, summary, with_limits
 from coordinator.membership import MEMBER, Membership, Worker
 from coordinator.metrics import MetricsBook, serve_metrics
 from coordinator.sources import SnapshotSources
 from coordinator.spools import CHANGES, AdoptionSweep, QueueError, queue_command
 from coordinator.state_store import FileStore, SupportStore
-from coordinator.support import SupportDesk, SupportError, text
-from coordinator.why import WhyError, why
+from coordinator.support import SupportDesk, text
+from coordinator.why import why
 
 TICK = 0.5               # file watch and heartbeat check
 SILENCE = 5.0            # a member that has not reported for this long leaves
@@ -68,13 +70,15 @@ def write_state(runtime_dir: Path, version: int, epoch: int) -> None:
 
 class Coordinator:
     def __init__(self, sources: SnapshotSources, runtime_dir: Path,
-                 membership: Membership, store: SupportStore | None = None) -> None:
+                 membership: Membership, store: SupportStore | None = None,
+                 users: AdminUsers | None = None) -> None:
         self.sources = sources
         self.runtime_dir = runtime_dir
         self.membership = membership
         self.desk = SupportDesk(store or FileStore(sources.settings.cluster.state_dir),
                                 sources, self._publish_snapshot)
         self._lapsing: asyncio.Task[None] | None = None
+        self.users = users  # the HTTP admin API's, when [admin] listen is set
         self.metrics = MetricsBook()
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
@@ -109,6 +113,17 @@ class Coordinator:
         listen = self.sources.settings.metrics_listen
         if listen is not None:
             metrics_server = serve_metrics(self.metrics, *listen)
+        http = None
+        admin_listen = self.sources.settings.admin.listen
+        if admin_listen is not None and self.users is not None:
+            from coordinator.http_api import serve
+
+            try:
+                http = await serve(self.call, self.users, *admin_listen)
+            except OSError:
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                raise
         self._persist()
         log_event("coordinator_ready", pid=os.getpid(), version=self.sources.version,
                   epoch=self.membership.epoch)
@@ -120,6 +135,10 @@ class Coordinator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.adoption.close()
+            if http is not None:
+                await http.cleanup()
+            if self.users is not None:
+                self.users.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
             self.router.close()
@@ -133,7 +152,7 @@ class Coordinator:
     async def _lapse(self) -> None:
         try:
             await self.desk.lapse()
-        except SupportError as exc:
+        except AdminError as exc:
             log_event("lapse_failed", logging.ERROR, error=str(exc))
 
     def _on_hup(self) -> None:
@@ -288,11 +307,23 @@ class Coordinator:
     # -- admin ---------------------------------------------------------------
 
     async def _admin(self, identity: bytes, request: wire.AdminRequest) -> None:
+        try:
+            reply = wire.AdminReply(True, await self.call(request.command, request.args))
+        except AdminError as exc:
+            reply = wire.AdminReply(False, {}, str(exc))
+        except Exception as exc:
+            logging.getLogger(__name__).exception("admin %s", request.command)
+            reply = wire.AdminReply(False, {}, f"internal error: {exc}")
+        await self._send(identity, reply)
+
+    async def call(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One admin command, from the admin socket or the HTTP API; raises AdminError."""
         handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "status": self._status,
             "scale": self._scale,
             "allow-country": self.desk.allow_country,
             "disallow-country": self.desk.disallow_country,
+            "countries": self._countries,
             "history": self.desk.history,
             "suspend": self.desk.suspend,
             "unsuspend": self.desk.unsuspend,
@@ -301,17 +332,13 @@ class Coordinator:
             "queue": self._queue,
             "why": self._why,
         }
-        handler = handlers.get(request.command)
-        try:
-            if handler is None:
-                raise AdminError(f"unknown command {request.command!r}")
-            reply = wire.AdminReply(True, await handler(request.args))
-        except (AdminError, SupportError, WhyError) as exc:
-            reply = wire.AdminReply(False, {}, str(exc))
-        except Exception as exc:
-            logging.getLogger(__name__).exception("admin %s", request.command)
-            reply = wire.AdminReply(False, {}, f"internal error: {exc}")
-        await self._send(identity, reply)
+        handler = handlers.get(command)
+        if handler is None:
+            raise AdminError(f"unknown command {command!r}")
+        return await handler(args)
+
+    async def _countries(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.desk.countries_of(self.desk.hosted_domain(args))
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
@@ -367,7 +394,7 @@ class Coordinator:
         candidates = [w for w in self.membership.workers.values()
                       if w.state == MEMBER and w.identity]
         if not candidates:
-            raise AdminError("no worker is in the ring to ask")
+            raise Unavailable("no worker is in the ring to ask")
         # A worker asks each key's owner through its counter node; try another if one is slow.
         for worker in candidates[:2]:
             reply = await self._ask(worker, "inspect", {"keys": keys}, INSPECT_TIMEOUT)
@@ -382,7 +409,7 @@ class Coordinator:
             if args.get("kind") == "account":
                 result["suspension"] = self.desk.suspension_of(keys[0].partition(":")[2])
             return result
-        raise AdminError("no worker answered in time")
+        raise Unavailable("no worker answered in time")
 
     async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
         """Every counter of an address or an account, on its owner and replica, once."""
@@ -395,7 +422,7 @@ class Coordinator:
         candidates = [w for w in self.membership.workers.values()
                       if w.state == MEMBER and w.identity]
         if not candidates:
-            raise AdminError("no worker is in the ring to ask")
+            raise Unavailable("no worker is in the ring to ask")
         # One id for the whole reset: a second worker asked after a silent first one
         # reaches owners that answer it again without resetting twice.
         payload = {"keys": keys, "reset_id": uuid.uuid4().hex}
@@ -412,7 +439,7 @@ class Coordinator:
             await self.desk.audit(by, "counters-reset", keys[0].partition(":")[2], domain,
                                   reason, details={"keys": keys, "counters": cleared})
             return {"keys": keys, "cleared": cleared, "owners": owners, "worker": worker.name}
-        raise AdminError("no worker answered in time")
+        raise Unavailable("no worker answered in time")
 
     async def _why(self, args: dict[str, Any]) -> dict[str, Any]:
         return await why(list(self.membership.workers.values()), self._ask, args)
@@ -457,6 +484,3 @@ class Coordinator:
         finally:
             self._asks.pop(rid, None)
 
-
-class AdminError(Exception):
-    pass

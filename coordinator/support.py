@@ -32,16 +32,13 @@ from cluster.support_state import (
     iso_utc,
 )
 from cluster.validate import parse_duration
+from coordinator.errors import AdminError, NotFound
 from coordinator.sources import SnapshotSources
 from coordinator.state_store import SupportStore
 from coordinator.tenant_edit import EditError, edit_countries
 
 SYSTEM = "sendguard"  # the ``by`` of what sendguard does by itself (a lapse)
 MAX_TEXT = 500        # a reason or a name longer than this is a paste gone wrong
-
-
-class SupportError(Exception):
-    """The action cannot be done; str() says why, for the person who asked."""
 
 
 class SupportDesk:
@@ -102,13 +99,13 @@ class SupportDesk:
         domain = self._domain(args)
         country = str(args.get("country", "")).upper()
         if not is_country_code(country):
-            raise SupportError(f'{args.get("country")!r} is not a two-letter country code '
+            raise AdminError(f'{args.get("country")!r} is not a two-letter country code '
                                'like "PL"')
         by = text(args, "by", required=True)
         reason = text(args, "reason")
         lasting = duration(args, "for")
         if lasting is not None and not allow:
-            raise SupportError("--for goes with allow-country only")
+            raise AdminError("--for goes with allow-country only")
         async with self._lock:
             if lasting is not None:
                 result = await self._grant(domain, country, by, reason, lasting)
@@ -140,7 +137,7 @@ class SupportDesk:
                 edit_countries, settings.tenants_file, domain, country, allow,
                 settings.geoip.default_countries)
         except (EditError, OSError) as exc:
-            raise SupportError(str(exc)) from None
+            raise AdminError(str(exc)) from None
         changed = edited.changed
         if changed:
             log_event("tenant_edit", domain=edited.domain, countries=list(edited.countries),
@@ -235,22 +232,26 @@ class SupportDesk:
         try:
             return await work
         except OSError as exc:
-            raise SupportError(f"the state store cannot be written: {exc}") from None
+            raise AdminError(f"the state store cannot be written: {exc}") from None
 
     def _account(self, args: dict[str, Any]) -> str:
         account = normalised_account(args)
         if self.sources.tenants.directory.account(account) is None:
-            raise SupportError(f"no account {account} in the tenant directory")
+            raise NotFound(f"no account {account} in the tenant directory")
         return account
+
+    def hosted_domain(self, args: dict[str, Any]) -> str:
+        """``args["domain"]`` in A-label form; NotFound unless the tenant directory has it."""
+        return self._domain(args)
 
     def _domain(self, args: dict[str, Any], hosted: bool = True) -> str:
         raw = str(args.get("domain", ""))
         try:
             domain = to_alabel(raw)
         except BadDomain:
-            raise SupportError(f"{raw!r} is not a domain name") from None
+            raise AdminError(f"{raw!r} is not a domain name") from None
         if hosted and self.sources.tenants.directory.domain(domain) is None:
-            raise SupportError(f"no domain {raw} in the tenant directory")
+            raise NotFound(f"no domain {raw} in the tenant directory")
         return domain
 
 
@@ -259,17 +260,17 @@ def normalised_account(args: dict[str, Any]) -> str:
     try:
         return normalise_address(raw)
     except BadDomain:
-        raise SupportError(f"{raw!r} is not an account like user@domain") from None
+        raise AdminError(f"{raw!r} is not an account like user@domain") from None
 
 
 def text(args: dict[str, Any], name: str, required: bool = False) -> str:
     value = args.get(name)
     if value is None or value == "":
         if required:
-            raise SupportError(f"{name} is required")
+            raise AdminError(f"{name} is required")
         return ""
     if not isinstance(value, str) or not value.isprintable() or len(value) > MAX_TEXT:
-        raise SupportError(f"{name} must be one line of at most {MAX_TEXT} characters")
+        raise AdminError(f"{name} must be one line of at most {MAX_TEXT} characters")
     return value.strip()
 
 
@@ -280,10 +281,10 @@ def duration(args: dict[str, Any], name: str) -> float | None:
     try:
         seconds = parse_duration(value)
     except ValueError:
-        raise SupportError(f'{name} must be a duration like "30m", "12h" or "7d" '
+        raise AdminError(f'{name} must be a duration like "30m", "12h" or "7d" '
                            f"(got {value!r})") from None
     if seconds <= 0:
-        raise SupportError(f"{name} must be longer than zero")
+        raise AdminError(f"{name} must be longer than zero")
     return seconds
 
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from coordinator.errors import AdminError, NotFound, Unavailable
 from coordinator.membership import Worker
 from coordinator.spools import Ask, order
 
@@ -21,17 +22,13 @@ WHY_TIMEOUT = 3.0
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9]{22}")  # SPEC §1
 
 
-class WhyError(Exception):
-    pass
-
-
 async def why(workers: Sequence[Worker], ask: Ask, args: dict[str, Any]) -> dict[str, Any]:
     sid = args.get("sid")
     if not isinstance(sid, str) or not SESSION_ID_RE.fullmatch(sid):
-        raise WhyError(f"{sid!r} is not a session id (22 letters and digits)")
+        raise AdminError(f"{sid!r} is not a session id (22 letters and digits)")
     targets = sorted((w for w in workers if w.identity), key=lambda w: order(w.name))
     if not targets:
-        raise WhyError("no worker is running to ask")
+        raise Unavailable("no worker is running to ask")
     replies = await asyncio.gather(*(ask(w, "why", {"sid": sid}, WHY_TIMEOUT) for w in targets))
     decisions: list[dict[str, Any]] = []
     unanswered: dict[str, str] = {}
@@ -51,7 +48,7 @@ async def why(workers: Sequence[Worker], ask: Ask, args: dict[str, Any]) -> dict
         if unanswered:
             message += "; not answering: " + "; ".join(
                 f"{name}: {why}" for name, why in sorted(unanswered.items()))
-        raise WhyError(message)
+        raise NotFound(message)
     return {"sid": sid, "decisions": decisions, "unanswered": unanswered}
 
 
