@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
+from cluster.admin import window_text
 from coordinator.errors import AdminError
 
 AdminCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -40,6 +41,7 @@ _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("coordinator", "templates"),
     autoescape=True,
 )
+_TEMPLATES.filters["window"] = window_text
 
 
 def session_ids(text: str) -> list[str]:

@@ -115,7 +115,8 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
     response.headers.setdefault("Cache-Control", "no-store")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # Not "no-referrer": with it a browser sends "Origin: null" on our own forms.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     return response
 
 
