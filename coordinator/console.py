@@ -21,6 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -38,7 +39,7 @@ _SID_IN_BANNER = re.compile(r"\bsendguard ([A-Za-z0-9]{22})\b")
 _SID_ANYWHERE = re.compile(r"(?<![A-Za-z0-9])([A-Za-z0-9]{22})(?![A-Za-z0-9])")
 
 _TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader("coordinator", "templates"),
+    loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
     autoescape=True,
 )
 _TEMPLATES.filters["window"] = window_text

@@ -133,10 +133,13 @@ class FileStore:
         write_atomically(self.folder / name, data)
 
     def _append(self, data: bytes) -> None:
-        fd = os.open(self.folder / AUDIT, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+        fd = os.open(self.folder / AUDIT, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                      0o600)
         try:
-            created = os.fstat(fd).st_size == 0
+            size = os.fstat(fd).st_size
+            created = size == 0
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # after a torn line: keep this entry on a line of its own
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
