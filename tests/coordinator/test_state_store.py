@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.support_state import AuditEntry, CountryException, Suspension, SupportState
+from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
 from coordinator.state_store import AUDIT, EXCEPTIONS, SUSPENSIONS, FileStore, StoreError
 
 NOW = 1_700_000_000.0
