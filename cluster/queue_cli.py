@@ -19,6 +19,7 @@ from cluster.admin import count_text, duration_text, execute, table, usage
 from cluster.support_cli import default_by
 
 QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")  # SPEC §1
+LISTED = 10  # a purge of more messages is summed up, not listed (--json lists them)
 
 
 def add_parser(commands: Any, name: str,
@@ -95,7 +96,9 @@ def format_queue(data: dict[str, Any]) -> str:
                                in data.get("per_worker", {}).items())
         bounced = " with a bounce to each sender" if data.get("bounce") else ""
         lines.append(f"{done} {count_text(data['touched'], 'message')}{bounced} ({per_worker})")
-        lines += [f"  {m['queue_id']} ({m['worker']})" for m in data.get("messages", [])]
+        touched = data.get("messages", [])
+        if len(touched) <= LISTED:
+            lines += [f"  {m['queue_id']} ({m['worker']})" for m in touched]
     else:
         lines.append(f"deleted {data['queue_id']} (queued on {data['worker']})")
     for name, why in sorted(data.get("unanswered", {}).items()):

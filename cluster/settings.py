@@ -64,7 +64,8 @@ class ClusterSettings:
 class AdminSettings:
     listen: tuple[str, int] | None
     users_file: Path | None
-    # Per worker, for ``sendguard why``: how many recent decisions, and for how long.
+    # For ``sendguard why``: how many recent decisions the host keeps in memory (shared
+    # out among its workers), and for how long.
     recent_decisions: int
     recent_decisions_for: float
 
@@ -351,7 +352,7 @@ def _admin(s: Section, base: Path) -> AdminSettings:
     settings = AdminSettings(
         listen=read_endpoint(s, "listen", listen) if listen else None,
         users_file=users_file,
-        recent_decisions=s.integer("recent_decisions", 1_000_000, minimum=0),
+        recent_decisions=s.integer("recent_decisions", 2_000_000, minimum=0),
         recent_decisions_for=s.duration("recent_decisions_for", "24h"),
     )
     s.reject_unknown()

@@ -193,8 +193,12 @@ def format_reset(data: dict[str, Any]) -> str:
 def format_tenant(data: dict[str, Any]) -> str:
     countries = ", ".join(data["countries"]) or "none"
     lines = []
+    granted = data.get("granted")
     if data.get("note"):
         lines.append(f"{data['domain']}: unchanged: {data['note']}")
+    elif granted:
+        lines.append(f"{data['domain']}: {granted['country']} allowed until "
+                     f"{granted['until']}, countries for good {countries}")
     elif not data["changed"]:
         lines.append(f"{data['domain']}: unchanged, countries {countries}")
     else:

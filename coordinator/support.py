@@ -127,7 +127,7 @@ class SupportDesk:
                          details={"country": country})
         log_event("country_exception", domain=domain, country=country, by=by,
                   until=iso_utc(item.until))
-        return {"changed": True}
+        return {"changed": True, "granted": {"country": country, "until": iso_utc(item.until)}}
 
     async def _edit(self, domain: str, country: str, by: str, reason: str,
                     allow: bool) -> dict[str, Any]:

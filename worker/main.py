@@ -104,12 +104,20 @@ async def build_worker(settings: Settings, name: str = "w0", *,
         scanner=lambda: scanner,
         spool=spool,
         on_queued=delivery.enqueue,
-        recent=RecentDecisions(settings.admin.recent_decisions,
-                               settings.admin.recent_decisions_for),
+        recent=RecentDecisions(recent_share(settings), settings.admin.recent_decisions_for),
     )
     engine.on_decision = metrics.decision
     return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
                        delivery)
+
+
+def recent_share(settings: Settings) -> int:
+    """This worker's part of ``admin.recent_decisions``: connections are spread evenly over
+    the workers, so each keeps its share and the host holds about the whole bound."""
+    total = settings.admin.recent_decisions
+    if total <= 0:
+        return 0
+    return max(1, total // (settings.server.workers or os.cpu_count() or 1))
 
 
 async def _housekeeping(parts: WorkerParts) -> None:

@@ -86,7 +86,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert delivery.max_queue_time == 432000.0
     admin = settings.admin
     assert (admin.listen, admin.users_file, admin.recent_decisions,
-            admin.recent_decisions_for) == (None, None, 1_000_000, 86400.0)
+            admin.recent_decisions_for) == (None, None, 2_000_000, 86400.0)
 
 
 def test_state_dir_defaults_by_user_and_follows_the_config_folder(
