@@ -37,6 +37,7 @@ from worker.spool.record import SpoolRecord
 from worker.submission import complete_headers, spam_headers, trace_headers
 
 _CLEARS_KEPT = 10_000
+_CLEARS_FOR = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +87,9 @@ class PolicyEngine:
         self.spam_grace = SpamGracePolicy()
         # Told every verdict that is logged (the worker's metrics).
         self.on_decision: Callable[[str, Verdict], None] | None = None
-        # (key, series, window) -> when a full window lets the next message in; it cannot
-        # move earlier while the window stays full, so a refusal asks the owner once.
-        self._clears: dict[tuple[str, str, float], float] = {}
+        # (key, series, window) -> (when a full window lets the next message in, when that
+        # was asked): a burst of refusals of one key asks its owner once.
+        self._clears: dict[tuple[str, str, float], tuple[float, float]] = {}
 
     # -- AUTH ---------------------------------------------------------------
 
@@ -281,20 +282,22 @@ class PolicyEngine:
 
     async def _clears_at(self, op: Op) -> float | None:
         """When the oldest counted message of the full window leaves it, by the owner's rows."""
-        ident = (op.key, op.series, op.window)
+        ident, now = (op.key, op.series, op.window), self.clock()
         known = self._clears.get(ident)
-        if known is not None and known > self.clock():
-            return known
+        # Kept briefly: a reset or a released reservation can move it.
+        if known is not None and known[0] > now and now - known[1] < _CLEARS_FOR:
+            return known[0]
         try:
             rows = (await self.counters.inspect([op.key])).get(op.key, [])
         except CounterUnavailable:
             return None
-        clears = next((row.get("clears_at") for row in rows if row.get("series") == op.series
-                       and row.get("window") == op.window), None)
-        if isinstance(clears, (int, float)):
+        row = next((row for row in rows if row.get("series") == op.series
+                    and row.get("window") == op.window), {})
+        clears = fits_again_at(row, op.max or 0, op.amount)
+        if clears is not None:
             if len(self._clears) >= _CLEARS_KEPT:
                 self._clears.clear()
-            self._clears[ident] = float(clears)
+            self._clears[ident] = (float(clears), now)
             return float(clears)
         return None
 
@@ -330,6 +333,22 @@ class PolicyEngine:
         if self.on_decision is not None:
             self.on_decision(stage, verdict)
         return verdict
+
+
+def fits_again_at(row: dict[str, object], limit: int, amount: int) -> float | None:
+    """When enough of a full window's oldest counts have left it for ``amount`` more to fit
+    under ``limit``, from an owner's row (``CounterShard.snapshot``)."""
+    buckets = row.get("buckets")
+    count = row.get("count")
+    if not isinstance(buckets, list) or not isinstance(count, int):
+        clears = row.get("clears_at")  # an owner that does not list its buckets
+        return float(clears) if isinstance(clears, (int, float)) else None
+    excess = count + amount - limit
+    for ends_at, n in buckets:
+        excess -= n
+        if excess <= 0:
+            return float(ends_at)
+    return None  # it can never fit (a message larger than the limit)
 
 
 def _scan_fields(scan: ScanResult) -> dict[str, object]:

@@ -210,8 +210,9 @@ class CounterShard:
         return self._sweep(self._now(), math.inf)
 
     def snapshot(self, key: str) -> list[dict[str, Any]]:
-        """Per (series, window) of `key`: its count and when the oldest counted
-        bucket stops counting (None when empty)."""
+        """Per (series, window) of `key`: its count, when the oldest counted
+        bucket stops counting (None when empty), and every counted bucket as
+        [when it stops counting, count], oldest first."""
         now = self._now()
         entry = self._keys.get(key)
         if entry is None:
@@ -222,6 +223,8 @@ class CounterShard:
                 "window": float(window),
                 "count": counter.count(now),
                 "clears_at": counter.clears_at(now),
+                "buckets": [[counter.ends_at(index), n]
+                            for index, n in sorted(counter.buckets.items())],
             }
             for (series, window), counter in sorted(entry.windows.items())
         ]
