@@ -61,6 +61,7 @@ file = "tenants.toml"
 
 [cluster]
 runtime_dir = "{folder}/run"
+state_dir = "{folder}/state"
 
 [geoip]
 database = "{ROOT / 'examples' / 'GeoLite2-Country-example.mmdb'}"
