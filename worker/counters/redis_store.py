@@ -33,6 +33,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from cluster import keys as keynames
 from cluster.counting import Op, Outcome
+from cluster.settings import Settings
 from worker.counters import redis_scripts as scripts
 from worker.counters.client import RESERVATION_TTL, CounterUnavailable
 
@@ -310,6 +311,17 @@ class RedisCounters:
         task.add_done_callback(self._background.discard)
 
 
+def counters_for(settings: Settings, ring: Any,
+                 observe: Callable[[float, bool], None] | None = None) -> Any:
+    """The counter client ``[counters] backend`` asks for: this host's ``ring``
+    client, or Redis shared by every host. Changing it takes a restart."""
+    counters = settings.counters
+    if counters.backend != "redis":
+        return ring
+    return connect(counters.redis_url, counters.redis_cluster, settings.cluster.request_timeout,
+                   observe)
+
+
 def connect(redis_url: str, cluster_nodes: Sequence[tuple[str, int]], timeout: float,
             observe: Callable[[float, bool], None] | None = None) -> RedisCounters:
     """A client for one server (``redis_url``) or a Redis Cluster (seed nodes).
@@ -326,8 +338,8 @@ def connect(redis_url: str, cluster_nodes: Sequence[tuple[str, int]], timeout: f
             socket_timeout=timeout, socket_connect_timeout=timeout)
     else:
         from redis.asyncio import Redis
-        from redis.backoff import NoBackoff
         from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         # No retries inside the client: a dead server must give 451 within the
         # timeout, and only reserve and release are safe to send twice.
