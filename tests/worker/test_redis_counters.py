@@ -285,3 +285,16 @@ async def test_every_operation_on_a_redis_cluster(tmp_path: Path) -> None:
     finally:
         await store.aclose()
         cluster.stop()
+
+
+async def test_an_unreachable_redis_cluster_is_unavailable() -> None:
+    from redisserver import free_port
+
+    store = connect("", [("127.0.0.1", free_port(cluster=True))], timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(CounterUnavailable):
+            await store.check([Op(ACCT, "msg", 60.0, 5)])
+        assert time.monotonic() - started < 1.5
+    finally:
+        await store.aclose()

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from cluster import keys as keynames
 from cluster.counting import Op, Outcome
@@ -257,7 +257,7 @@ class RedisCounters:
                     self._pipeline([batch[i] for i in missing], use_sha=False), self.timeout)
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             problem = CounterUnavailable(f"redis: {_describe(exc)}")
             for *_, future in batch:
                 if not future.done():
