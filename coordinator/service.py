@@ -78,7 +78,7 @@ class Coordinator:
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
         self.target_workers = 0
-        self.shared = SharedCounters(lambda: self.sources.settings)
+        self.shared = SharedCounters(sources.settings)
         self._asks: dict[str, asyncio.Future[wire.AdminReply]] = {}
         self.adoption = AdoptionSweep(self._ask)
         self._resent: dict[str, float] = {}
