@@ -8,7 +8,9 @@ splits a decision by subject and makes a reservation across them.
 
 Data, per subject tag ``T`` (``{ip:192.0.2.1}``, ``{acct:jan@kowalski.pl}``):
 
-``sg:T:KEY|SERIES|WINDOW``  a hash, bucket index -> count; the bucket of time
+``sg:T:KIND|SERIES|WINDOW``  a hash, bucket index -> count, for the counter
+    key ``KIND:subject`` (``sg:{ip:192.0.2.1}:bounce|acc|3600.0`` counts
+    ``bounce:192.0.2.1``, series ``acc``, 1 h window); the bucket of time
     ``t`` is ``floor(t / (WINDOW / 60))`` and a bucket is counted while its
     index is at least ``floor(now / width) - 60``, exactly as
     :mod:`worker.counters.window` does; the hash expires when its newest
@@ -23,8 +25,10 @@ Data, per subject tag ``T`` (``{ip:192.0.2.1}``, ``{acct:jan@kowalski.pl}``):
 
 Arguments common to every script: ``ARGV[1]`` is the time in seconds, or ""
 for the Redis server's own clock (one clock for every host). A decision's
-ops follow as triples ``window, max ("" for none), amount`` (``mark``:
-``window, at ("" for now), amount``), one per counter hash in ``KEYS``.
+ops are ``ARGV[2]``, one string ``window,max,amount;...`` with max "" for
+none (``mark``: ``window,at,amount;...``, at "" for now), one op per counter
+hash in ``KEYS``: one argument per call, not three per op, is what keeps
+the client's packing cheap.
 Outcomes come back as ``{ok, denied, count, ...}`` with ``denied`` the
 1-based index of the first op that did not fit, 0 for none.
 
@@ -89,15 +93,22 @@ local function ends_ms(index, width)
   return math.ceil((index + SLOTS + 1) * width * 1000)
 end
 
--- Evaluate the ops of KEYS[first..first+n-1]: {ok, denied, counts...}, counts by op.
-local function evaluate(first, n, now, prune)
+-- ARGV[2]: "window,max,amount;..." (max "" for none); for mark() "window,at,amount;...".
+local function parse_ops(text)
+  local ops = {}
+  for window, middle, amount in string.gmatch(text, '([^,;]+),([^,;]*),([^,;]+)') do
+    ops[#ops + 1] = {tonumber(window) / SLOTS, middle, tonumber(amount)}
+  end
+  return ops
+end
+
+-- Evaluate `ops` on KEYS[first..]: {ok, denied, counts...}, counts by op.
+local function evaluate(first, ops, now, prune)
   local out = {1, 0}
   local seen, pending = {}, {}
-  for i = 1, n do
+  for i, op in ipairs(ops) do
     local name = KEYS[first + i - 1]
-    local a = 2 + 3 * (i - 1)
-    local width = tonumber(ARGV[a]) / SLOTS
-    local limit, amount = ARGV[a + 1], tonumber(ARGV[a + 2])
+    local width, limit, amount = op[1], op[2], op[3]
     local c = seen[name]
     if c == nil then
       c = count(name, width, now, prune)
@@ -114,22 +125,24 @@ local function evaluate(first, n, now, prune)
 end
 
 -- Add every positive amount at `now`; the entries a release would undo.
-local function apply(first, n, now, index_set)
-  local entries = {}
-  for i = 1, n do
+local function apply(first, ops, now, index_set)
+  local entries, names, last = {}, {}, 0
+  for i, op in ipairs(ops) do
     local name = KEYS[first + i - 1]
-    local a = 2 + 3 * (i - 1)
-    local amount = tonumber(ARGV[a + 2])
+    local width, amount = op[1], op[3]
     if amount > 0 then
-      local width = tonumber(ARGV[a]) / SLOTS
       local index = math.floor(now / width)
       local applied = bump(name, index, amount)
       local ends = ends_ms(index, width)
       keep_until(name, ends)
-      redis.call('SADD', index_set, name)
-      keep_until(index_set, ends)
+      names[#names + 1] = name
+      if ends > last then last = ends end
       entries[#entries + 1] = {name, field(index), applied}
     end
+  end
+  if #names > 0 then
+    redis.call('SADD', index_set, unpack(names))
+    keep_until(index_set, last)
   end
   return entries
 end
@@ -137,14 +150,15 @@ end
 
 # KEYS: counter hashes.  ARGV: now, ops.
 CHECK = _COMMON + """
-return evaluate(1, #KEYS, clock(ARGV[1]), false)
+return evaluate(1, parse_ops(ARGV[2]), clock(ARGV[1]), false)
 """
 
 # KEYS: index set, counter hashes.  ARGV: now, ops.
 ADD = _COMMON + """
 local now = clock(ARGV[1])
-local out = evaluate(2, #KEYS - 1, now, true)
-apply(2, #KEYS - 1, now, KEYS[1])
+local ops = parse_ops(ARGV[2])
+local out = evaluate(2, ops, now, true)
+apply(2, ops, now, KEYS[1])
 return out
 """
 
@@ -155,25 +169,25 @@ return out
 RESERVE = _COMMON + """
 local now = clock(ARGV[1])
 local now_ms = math.floor(now * 1000)
-local ttl_ms = math.ceil(tonumber(ARGV[#ARGV]) * 1000)
-local n = #KEYS - 3
+local ttl_ms = math.ceil(tonumber(ARGV[4]) * 1000)
 local known = redis.call('HMGET', KEYS[1], 's', 'o', 'x')
 if known[1] and tonumber(known[3]) > now_ms then
   local out = cjson.decode(known[2])
   if known[1] == 'void' then out[1], out[2] = 0, 1 end
   return out
 end
-local out = evaluate(4, n, now, true)
+local ops = parse_ops(ARGV[2])
+local out = evaluate(4, ops, now, true)
 local state, entries = 'denied', {}
 if out[1] == 1 then
   state = 'open'
-  entries = apply(4, n, now, KEYS[3])
+  entries = apply(4, ops, now, KEYS[3])
 end
 redis.call('HSET', KEYS[1], 's', state, 'o', cjson.encode(out), 'e', cjson.encode(entries),
            'x', field(now_ms + ttl_ms))
 redis.call('PEXPIRE', KEYS[1], field(ttl_ms))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', field(now_ms))
-redis.call('ZADD', KEYS[2], field(now_ms + ttl_ms), ARGV[#ARGV - 1])
+redis.call('ZADD', KEYS[2], field(now_ms + ttl_ms), ARGV[3])
 keep_until(KEYS[2], now_ms + ttl_ms)
 return out
 """
@@ -204,14 +218,12 @@ redis.call('HSET', KEYS[1], 's', 'released', 'e', '[]')
 return 1
 """
 
-# KEYS: index set, counter hashes.  ARGV: now, then per op window, at, amount.
+# KEYS: index set, counter hashes.  ARGV: now, ops ("window,at,amount;...").
 MARK = _COMMON + """
 local now = clock(ARGV[1])
-for i = 2, #KEYS do
-  local name = KEYS[i]
-  local a = 2 + 3 * (i - 2)
-  local width = tonumber(ARGV[a]) / SLOTS
-  local at, amount = ARGV[a + 1], tonumber(ARGV[a + 2])
+for i, op in ipairs(parse_ops(ARGV[2])) do
+  local name = KEYS[i + 1]
+  local width, at, amount = op[1], op[2], op[3]
   local index = math.floor((at == '' and now or tonumber(at)) / width)
   if amount ~= 0 and index >= math.floor(now / width) - SLOTS then
     if amount < 0 then
@@ -228,7 +240,7 @@ end
 return 1
 """
 
-# KEYS: index set.  ARGV: now, then the hash-name prefixes ("sg:T:KEY|") asked for.
+# KEYS: index set.  ARGV: now, then the hash-name prefixes ("sg:T:KIND|") asked for.
 # Per live counter: {name, count, oldest counted bucket}.
 INSPECT = _COMMON + """
 local now = clock(ARGV[1])

@@ -53,7 +53,13 @@ def subject_tag(key: str) -> str:
 
 
 def counter_name(tag: str, key: str, series: str, window: float) -> str:
-    return f"{PREFIX}{tag}:{key}|{series}|{float(window)!r}"
+    # The tag already holds the subject: the key's kind is all the name needs.
+    return f"{PREFIX}{tag}:{key.partition(':')[0]}|{series}|{float(window)!r}"
+
+
+def _key_prefix(key: str) -> str:
+    """What the name of every counter of ``key`` starts with."""
+    return f"{PREFIX}{subject_tag(key)}:{key.partition(':')[0]}|"
 
 
 class _Script:
@@ -102,7 +108,7 @@ class RedisCounters:
             return Outcome(True, (), None)
         groups = _by_subject(ops)
         now = self._now()
-        calls = [(_CHECK, [_name(tag, ops[i]) for i in idx], [now, *_op_args(ops, idx)])
+        calls = [(_CHECK, [_name(tag, ops[i]) for i in idx], [now, _op_args(ops, idx)])
                  for tag, idx in groups]
         return _merge(ops, groups, _raise_first(await self._run(calls)))
 
@@ -120,7 +126,7 @@ class RedisCounters:
             names = [_name(tag, ops[i]) for i in idx]
             parts.append((tag, names))
             calls.append((_RESERVE, [_rsv(tag, rid), _rsvs(tag), _index(tag), *names],
-                          [now, *_op_args(ops, idx), rid, ttl]))
+                          [now, _op_args(ops, idx), rid, ttl]))
         self._remember(rid, parts)
         results = await self._run(calls)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -152,7 +158,7 @@ class RedisCounters:
         groups = _by_subject(ops)
         now = self._now()
         calls = [(_ADD, [_index(tag), *(_name(tag, ops[i]) for i in idx)],
-                  [now, *_op_args(ops, idx)]) for tag, idx in groups]
+                  [now, _op_args(ops, idx)]) for tag, idx in groups]
         return _merge(ops, groups, _raise_first(await self._run(calls)))
 
     async def mark(self, ops: Sequence[Op]) -> None:
@@ -164,12 +170,8 @@ class RedisCounters:
         now = self._now()
         calls = []
         for tag, idx in groups:
-            args = [now]
-            for i in idx:
-                op = ops[i]
-                args += [repr(float(op.window)), "" if op.at is None else repr(float(op.at)),
-                         str(op.amount)]
-            calls.append((_MARK, [_index(tag), *(_name(tag, ops[i]) for i in idx)], args))
+            calls.append((_MARK, [_index(tag), *(_name(tag, ops[i]) for i in idx)],
+                          [now, _mark_args(ops, idx)]))
         _raise_first(await self._run(calls))
 
     # -- support -----------------------------------------------------------------
@@ -188,7 +190,7 @@ class RedisCounters:
         calls = [(_INSPECT, [_index(tag)], [self._now(), *prefixes])
                  for tag, prefixes in by_subject.items()]
         out: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
-        prefix_of = {f"{PREFIX}{subject_tag(key)}:{key}|": key for key in keys}
+        prefix_of = {_key_prefix(key): key for key in keys}
         for rows in _raise_first(await self._run(calls)):
             for name, count, oldest in rows:
                 name = _text(name)
@@ -373,12 +375,18 @@ def _rsvs(tag: str) -> str:
     return f"{PREFIX}{tag}:rsvs"
 
 
-def _op_args(ops: Sequence[Op], idx: list[int]) -> list[str]:
-    args: list[str] = []
+def _mark_args(ops: Sequence[Op], idx: list[int]) -> str:
+    parts = []
     for i in idx:
-        op = ops[i]
-        args += [repr(float(op.window)), "" if op.max is None else str(op.max), str(op.amount)]
-    return args
+        at = ops[i].at
+        parts.append(f"{float(ops[i].window)!r},{'' if at is None else repr(float(at))},"
+                     f"{ops[i].amount}")
+    return ";".join(parts)
+
+
+def _op_args(ops: Sequence[Op], idx: list[int]) -> str:
+    return ";".join(f"{float(ops[i].window)!r},{'' if ops[i].max is None else ops[i].max},"
+                    f"{ops[i].amount}" for i in idx)
 
 
 def _no_negative(ops: Sequence[Op]) -> None:
@@ -412,7 +420,7 @@ def _prefixes_by_subject(keys: Iterable[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for key in keys:
         tag = subject_tag(key)
-        out.setdefault(tag, []).append(f"{PREFIX}{tag}:{key}|")
+        out.setdefault(tag, []).append(_key_prefix(key))
     return out
 
 
