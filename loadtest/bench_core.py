@@ -60,6 +60,7 @@ file = "tenants.toml"
 
 [cluster]
 runtime_dir = "{folder}/run"
+state_dir = "{folder}/state"
 
 [geoip]
 database = "{ROOT / 'examples' / 'GeoLite2-Country-example.mmdb'}"

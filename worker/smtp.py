@@ -31,7 +31,7 @@ from cluster.logjson import log_event
 from cluster.names import client_key, plain_ip
 from cluster.sessionid import new_session_id
 from worker import replies, smtp_speedups
-from worker.policies import Client
+from worker.policies import Client, reject
 
 smtp_speedups.install()
 
@@ -113,8 +113,7 @@ class GatewaySMTP(SMTP):
             reply = replies.AUTH_REQUIRED.format(sid=self.sid)
             if caller_method == "MAIL":
                 assert self.client is not None
-                log_event("decision", sid=self.sid, client_ip=self.client.ip, stage="MAIL",
-                          policy="auth", verdict="reject", reply=reply)
+                self.engine.log_decision(self.client, "MAIL", reject("auth", reply))
             await self.push(reply)
             return True
         return False

@@ -104,8 +104,8 @@ async def test_random_decisions_match_the_shard(store: RedisCounters, clock: Clo
 
 
 def _rows(rows: list[dict[str, object]]) -> list[tuple[object, ...]]:
-    return sorted((r["series"], r["window"], r["count"], r["clears_at"]) for r in rows
-                  if r["count"])
+    return sorted((r["series"], r["window"], r["count"], r["clears_at"], str(r["buckets"]))
+                  for r in rows if r["count"])
 
 
 # -- each operation ------------------------------------------------------------------------

@@ -241,7 +241,7 @@ return 1
 """
 
 # KEYS: index set.  ARGV: now, then the hash-name prefixes ("sg:T:KIND|") asked for.
-# Per live counter: {name, count, oldest counted bucket}.
+# Per counter with a count: {name, {bucket, count, bucket, count, ...}}, counted buckets only.
 INSPECT = _COMMON + """
 local now = clock(ARGV[1])
 local rows = {}
@@ -251,15 +251,14 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       local width = tonumber(string.match(name, '|([^|]*)$')) / SLOTS
       local low = math.floor(now / width) - SLOTS
       local flat = redis.call('HGETALL', name)
-      local total, oldest = 0, false
+      local live = {}
       for i = 1, #flat, 2 do
-        local index = tonumber(flat[i])
-        if index >= low then
-          total = total + tonumber(flat[i + 1])
-          if not oldest or index < oldest then oldest = index end
+        if tonumber(flat[i]) >= low and tonumber(flat[i + 1]) > 0 then
+          live[#live + 1] = flat[i]
+          live[#live + 1] = flat[i + 1]
         end
       end
-      if total > 0 then rows[#rows + 1] = {name, total, field(oldest)} end
+      if #live > 0 then rows[#rows + 1] = {name, live} end
       break
     end
   end

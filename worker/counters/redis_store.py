@@ -184,7 +184,8 @@ class RedisCounters:
         return sum(int(r) for r in _raise_first(await self._run(calls)))
 
     async def inspect(self, keys: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-        """Per key, its counters: series, window, count and clears_at (epoch seconds)."""
+        """Per key, its counters as :meth:`CounterShard.snapshot` gives them: series,
+        window, count, clears_at (epoch seconds) and buckets ([ends at, count], oldest first)."""
         keys = list(dict.fromkeys(keys))
         by_subject = _prefixes_by_subject(keys)
         calls = [(_INSPECT, [_index(tag)], [self._now(), *prefixes])
@@ -192,14 +193,18 @@ class RedisCounters:
         out: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
         prefix_of = {_key_prefix(key): key for key in keys}
         for rows in _raise_first(await self._run(calls)):
-            for name, count, oldest in rows:
+            for name, flat in rows:
                 name = _text(name)
                 prefix = next(p for p in prefix_of if name.startswith(p))
                 series, _, window_text = name[len(prefix):].rpartition("|")
                 window = float(window_text)
+                width = window / scripts.SLOTS
+                live = sorted((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2))
                 out[prefix_of[prefix]].append({
-                    "series": series, "window": window, "count": int(count),
-                    "clears_at": (int(oldest) + scripts.SLOTS + 1) * (window / scripts.SLOTS)})
+                    "series": series, "window": window, "count": sum(n for _, n in live),
+                    # When the oldest counted bucket stops counting, and every bucket's end.
+                    "clears_at": (live[0][0] + scripts.SLOTS + 1) * width,
+                    "buckets": [[(index + scripts.SLOTS + 1) * width, n] for index, n in live]})
         for rows in out.values():
             rows.sort(key=lambda row: (row["series"], row["window"]))
         return out
