@@ -204,7 +204,8 @@ class SupportDesk:
 
         Each removal and its record are one change of the store, made only
         if the entry is still there: with a shared store, the host that
-        gets there first records it, the others just drop it."""
+        gets there first records it (``recorded`` in its log line), the
+        others just stop publishing it."""
         if self.sources.support.lapsed(self._clock()) == ([], []):
             return 0
         async with self._lock:
@@ -214,16 +215,16 @@ class SupportDesk:
                 entry = AuditEntry(self._clock(), SYSTEM, "suspension-lapsed", item.account,
                                    _domain_of(item.account), item.reason, item.until,
                                    {"suspended_by": item.by})
-                if await self._guard(self.store.expire_suspension(item, entry)):
-                    log_event("suspension_lapsed", account=item.account)
+                recorded = await self._guard(self.store.expire_suspension(item, entry))
+                log_event("suspension_lapsed", account=item.account, recorded=recorded)
                 support = support.without_suspension(item.account)
             for grant in exceptions:
                 entry = AuditEntry(self._clock(), SYSTEM, "exception-lapsed", grant.domain,
                                    grant.domain, grant.reason, grant.until,
                                    {"country": grant.country, "granted_by": grant.by})
-                if await self._guard(self.store.expire_exception(grant, entry)):
-                    log_event("country_exception_lapsed", domain=grant.domain,
-                              country=grant.country)
+                recorded = await self._guard(self.store.expire_exception(grant, entry))
+                log_event("country_exception_lapsed", domain=grant.domain,
+                          country=grant.country, recorded=recorded)
                 support = support.without_exception(grant.domain, grant.country)
             await self._put_in_force(support)
         return len(suspensions) + len(exceptions)
