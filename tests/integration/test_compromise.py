@@ -21,6 +21,7 @@ import pytest
 from clusterproc import Cluster, free_port, wait_for
 from gateway import COUNTRIES, GTUBE, UNKNOWN_IP
 from geoipdb import write_country_db
+from test_admin_http import start
 from test_support import ANNA, JAN, as_json, cli, close, history, mail_code, moment, refused_sid
 
 pytestmark = pytest.mark.integration
@@ -182,9 +183,8 @@ def test_countries_and_spam_suspend_once_tell_the_provider_and_show_why(
 def test_a_lapsed_suspension_is_made_again_while_the_signals_continue(
         make_cluster: Callable[..., Cluster], receiver: tuple[type[Receiver], str]) -> None:
     handler, url = receiver
-    cluster = make_cluster(workers=2, compromise={"countries": 0, "spam_messages": 2,
-                                                  "suspend_for": "4s", "notify_url": url})
-    cluster.start()
+    cluster, http = start(make_cluster, compromise={"countries": 0, "spam_messages": 2,
+                                                    "suspend_for": "4s", "notify_url": url})
     # Logins from three countries are not watched with countries = 0.
     for source in (POLAND, GERMANY, AMERICA):
         log_in(cluster, source, ANNA)
@@ -204,3 +204,12 @@ def test_a_lapsed_suspension_is_made_again_while_the_signals_continue(
     assert [b["signal"] for b in handler.bodies] == ["spam", "spam"]
     assert handler.bodies[0]["ts"] != handler.bodies[1]["ts"]
     assert evidence(cluster, ANNA)["countries"] == {}
+
+    # The HTTP API and the support console show the evidence as inspect does.
+    status, data = http("GET", f"/api/accounts/{ANNA}")
+    assert status == 200 and data["compromise"]["spam_messages"] == 2
+    assert data["suspension"]["by"] == "auto"
+    status, page = http("GET", "/?account=" + ANNA)
+    assert status == 200
+    assert ('<p id="compromise">compromise evidence in 1h: 2 of 2 spam messages</p>'
+            in page), page
