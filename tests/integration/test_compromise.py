@@ -122,7 +122,7 @@ def test_countries_and_spam_suspend_once_tell_the_provider_and_show_why(
         finally:
             close(client)
 
-    sid = wait_for(refused, 20, "MAIL refused once suspended", every=0.1)
+    sid = str(wait_for(refused, 20, "MAIL refused once suspended", every=0.1))
     [suspended] = auto_suspensions(cluster, "kowalski.pl")
     assert (suspended["by"], suspended["subject"], suspended["reason"]) == ("auto", JAN, reason)
     assert suspended["details"]["countries"] == ["DE", "PL", "US"]
