@@ -162,13 +162,19 @@ def test_countries_and_spam_suspend_once_tell_the_provider_and_show_why(
     wait_for(lambda: len(handler.bodies) == 3, 30, "anna's notification")
     assert (handler.bodies[2]["account"], handler.bodies[2]["signal"]) == (ANNA, "spam")
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    for line in ('sendguard_compromise_suspensions_total{signal="countries"} 1.0',
-                 'sendguard_compromise_suspensions_total{signal="spam"} 1.0',
-                 'sendguard_compromise_notifications_total{result="delivered"} 2.0',
-                 'sendguard_compromise_notifications_total{result="retried"} 1.0'):
-        assert line in metrics.splitlines(), line
+    expected = {'sendguard_compromise_suspensions_total{signal="countries"} 1.0',
+                'sendguard_compromise_suspensions_total{signal="spam"} 1.0',
+                'sendguard_compromise_notifications_total{result="delivered"} 2.0',
+                'sendguard_compromise_notifications_total{result="retried"} 1.0',
+                'sendguard_compromise_notifications_total{result="failed"} 0.0'}
+
+    def metrics() -> set[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as response:
+            return set(response.read().decode().splitlines())
+
+    # The receiver has the body before the coordinator has its answer: wait for the count.
+    wait_for(lambda: expected <= metrics(), 20, "the metrics of both suspensions")
 
     # Still one suspension of jan, and one notification (sent twice), for one incident.
     assert len(auto_suspensions(cluster, "kowalski.pl")) == 1
