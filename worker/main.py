@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cluster.hosts import Uplink
-from cluster.logjson import log_event, setup_logging
+from cluster.logjson import flush_log, log_event, setup_logging
 from cluster.settings import Settings
 from cluster.validate import ConfigError
 from worker.auth import PasswordVerifier
@@ -290,3 +290,5 @@ def _run(main: Awaitable[int], name: str) -> int:
         log_event("boot_failed", logging.ERROR, worker=name, error=str(exc))
         print(f"sendguard: {name}: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
+    finally:
+        flush_log()  # lines of the loop's last turns (the loop is gone)

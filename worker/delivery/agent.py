@@ -75,6 +75,7 @@ class DeliveryAgent:
         messages_per_connection: int = 100,
         connect_timeout: float = 30.0,
         command_timeout: float = 300.0,
+        idle_timeout: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
@@ -88,7 +89,8 @@ class DeliveryAgent:
         self.pool = SessionPool(settings, Router(resolver), self._job_done,
                                 per_destination=per_destination, max_connections=max_connections,
                                 messages_per_connection=messages_per_connection,
-                                connect_timeout=connect_timeout, command_timeout=command_timeout)
+                                connect_timeout=connect_timeout, command_timeout=command_timeout,
+                                idle_timeout=idle_timeout)
         self.stats = {DELIVERED: 0, DEFERRED: 0, BOUNCED: 0, "dsn": 0}
 
     # -- lifecycle -------------------------------------------------------------
