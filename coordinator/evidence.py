@@ -3,9 +3,11 @@
 Workers send what they saw (:mod:`worker.evidence`): a successful login
 from a country, a message classified as spam. The coordinator is one
 process and applies the notes one at a time, so what it counts is exact
-across workers and hosts, as counters are; and it is where the suspension
+across the host's workers, as counters are; and it is where the suspension
 is made, so a signal reaches its threshold and the suspension follows
-without another hop.
+without another hop. Suspensions are kept per host (``cluster.state_dir``),
+and so is this evidence: hosts sharing counters in Redis do not add up each
+other's logins.
 
 Why not counters: "distinct countries in a window" is a set, not a count.
 Kept in counters it would need a series per country and, at every login,
