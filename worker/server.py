@@ -23,7 +23,7 @@ from typing import Any
 
 from cluster.logjson import log_event
 from cluster.names import plain_ip
-from cluster.settings import Network, ServerSettings
+from cluster.settings import Network
 from worker.engine import PolicyEngine
 from worker.handler import GatewayHandler
 from worker.proxy import ProxyError, read_header
@@ -83,12 +83,15 @@ class SmtpServer:
     def _trusted(self, ip: str) -> bool:
         return _in_networks(ip, self.snapshot().settings.server.trusted_networks)
 
-    def _factory(self, settings: ServerSettings, context: ssl.SSLContext | None,
+    def _factory(self, context: ssl.SSLContext | None,
                  implicit_tls: bool) -> Callable[..., GatewaySMTP]:
-        handler = GatewayHandler(self.engine, settings.max_recipients)
+        handler = GatewayHandler(self.engine)
         loop = asyncio.get_running_loop()
 
         def make(peer: tuple[str, int] | None = None, proxy: str | None = None) -> GatewaySMTP:
+            # Read for every connection, so a reload (SIGHUP) applies to every
+            # new session: host name, SIZE, AUTH over plain text, timeouts.
+            settings = self.snapshot().settings.server
             return GatewaySMTP(
                 handler,
                 engine=self.engine,
@@ -119,7 +122,7 @@ class SmtpServer:
             sockets += [(listening_socket(h, p), True) for h, p in settings.listen_tls]
         loop = asyncio.get_running_loop()
         for sock, implicit in sockets:
-            factory = self._factory(settings, context, implicit)
+            factory = self._factory(context, implicit)
             tls = context if implicit else None
             if settings.proxy_protocol:
                 self._proxy_sockets.append(sock)
