@@ -62,6 +62,10 @@ def test_a_line_over_998_octets_is_taken_and_delivered_broken_with_its_content(
     html_end = body.index(b"</p>\r\n") + len(b"</p>")
     assert body[:html_end].replace(b"\r\n", b"") == html
     assert body[html_end + 2:-2].replace(b"\r\n ", b"") == blob
+    # The login name is not in the delivered message (SPEC §3).
+    received = delivered.content.split(b"\r\n\r\n", 1)[0].split(b"\r\nFrom: ")[0]
+    assert received.startswith(b"Received: ") and b"(session " in received
+    assert USER.encode() not in received and b"authenticated as" not in received
 
 
 def test_bare_lf_is_a_line_end_and_dot_unstuffing_follows_it(
