@@ -19,7 +19,9 @@ Signals:
            ``server.drain_timeout``), then everything stops; exit 0
     INT    stop at once (sessions get 421 now); exit 0
     HUP    the coordinator rereads the configuration; workers stay (on a
-           host that joins another's coordinator: nothing, send it there)
+           host that joins another's coordinator: nothing, send it there);
+           a changed ``server.workers`` scales, ``server.drain_timeout``
+           applies to the next stop
     TTIN   one worker more
     TTOU   one worker less (never below one)
 
@@ -55,6 +57,7 @@ from cluster import wire
 from cluster.hosts import HOST_FILE, Uplink, uplink_for, worker_index, write_host_file
 from cluster.logjson import log_event, setup_logging
 from cluster.quietstart import spawn_quietly
+from cluster.reload import load_for_reload
 from cluster.settings import Settings
 from cluster.supervisor_line import SupervisorLine
 from cluster.validate import ConfigError
@@ -265,6 +268,15 @@ class Supervisor:
         if coordinator is not None and coordinator.alive:
             assert coordinator.process is not None
             coordinator.process.send_signal(signal.SIGHUP)
+        # What the supervisor itself uses: the worker count and the drain timeout.
+        # The coordinator checks the same file the same way, and logs a refusal.
+        try:
+            settings = load_for_reload(self.settings.path)
+        except ConfigError:
+            return
+        previous, self.settings = self.settings, settings
+        if settings.server.workers != previous.server.workers:
+            self.scale(worker_count(settings.server.workers))
 
     def handle_ttin(self) -> None:
         self.scale(self.target + 1)

@@ -23,7 +23,7 @@ from typing import Any
 
 from cluster.logjson import log_event
 from cluster.names import plain_ip
-from cluster.settings import Network
+from cluster.settings import Network, ServerSettings
 from worker.engine import PolicyEngine
 from worker.handler import GatewayHandler
 from worker.proxy import ProxyError, read_header
@@ -79,6 +79,9 @@ class SmtpServer:
         self._proxy_sockets: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
+        # The TLS context in use, and the files it was loaded from (a reload may change them).
+        self._tls: ssl.SSLContext | None = None
+        self._tls_files: tuple[object, ...] = ()
 
     def _trusted(self, ip: str) -> bool:
         return _in_networks(ip, self.snapshot().settings.server.trusted_networks)
@@ -117,6 +120,7 @@ class SmtpServer:
         context = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             context = tls_context(settings.tls_cert, settings.tls_key)
+            self._tls, self._tls_files = context, _files(settings.tls_cert, settings.tls_key)
         if sockets is None:
             sockets = [(listening_socket(h, p), False) for h, p in settings.listen]
             sockets += [(listening_socket(h, p), True) for h, p in settings.listen_tls]
@@ -134,6 +138,27 @@ class SmtpServer:
             self.addresses.append((host, port, implicit))
             log_event("listening", address=f"{host}:{port}", implicit_tls=implicit,
                       proxy_protocol=settings.proxy_protocol)
+
+    def refresh_tls(self, settings: ServerSettings) -> None:
+        """New certificate or key files (a reload, a renewal): new handshakes use them.
+
+        The context in use is loaded again in place, so every listener and
+        STARTTLS pick the new pair up; a pair that does not load is refused
+        and the old one stays. Turning TLS on or off needs a restart.
+        """
+        if self._tls is None or settings.tls_cert is None or settings.tls_key is None:
+            return
+        files = _files(settings.tls_cert, settings.tls_key)
+        if files == self._tls_files:
+            return
+        self._tls_files = files
+        try:
+            tls_context(settings.tls_cert, settings.tls_key)  # a trial; the live one is untouched
+        except BootError as exc:
+            log_event("reload_refused", logging.ERROR, source="tls", error=str(exc))
+            return
+        self._tls.load_cert_chain(settings.tls_cert, settings.tls_key)
+        log_event("tls_reloaded", cert=str(settings.tls_cert), key=str(settings.tls_key))
 
     # -- PROXY protocol -----------------------------------------------------------
 
@@ -208,6 +233,18 @@ class SmtpServer:
         log_event("drained", cut_sessions=cut)
         for server in self._servers:
             await server.wait_closed()
+
+
+def _files(*paths: Path) -> tuple[object, ...]:
+    """The paths and what is at them now (a file replaced in place counts as new)."""
+    stamps: list[object] = []
+    for path in paths:
+        try:
+            info = path.stat()
+            stamps.append((str(path), info.st_mtime_ns, info.st_size, info.st_ino))
+        except OSError:
+            stamps.append((str(path), None))
+    return tuple(stamps)
 
 
 def _in_networks(ip: str, networks: Iterable[Network]) -> bool:
