@@ -1,7 +1,7 @@
 #!/bin/sh
-# Installs the content scanners the test suite runs against: rspamd and
-# SpamAssassin's spamd, from Debian's packages. Idempotent: does nothing when
-# both daemons are already there.
+# Installs the programs the test suite runs for real: the content scanners
+# rspamd and SpamAssassin's spamd, and the SMTP client swaks, from Debian's
+# packages. Idempotent: does nothing when all of them are already there.
 #
 # The tests start each daemon themselves, on loopback, with a private
 # configuration in a temporary folder; nothing here configures or starts
@@ -16,6 +16,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=""
 have rspamd || missing="$missing rspamd"
 have spamd || missing="$missing spamd spamassassin"
+have swaks || missing="$missing swaks"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -37,4 +38,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086  # the list is meant to split into package names
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
-have rspamd && have spamd
+have rspamd && have spamd && have swaks
