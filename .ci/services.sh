@@ -1,7 +1,10 @@
 #!/bin/sh
-# Installs the programs the test suite runs for real: the content scanners
-# rspamd and SpamAssassin's spamd, and the SMTP client swaks, from Debian's
-# packages. Idempotent: does nothing when all of them are already there.
+# Installs what the test suite drives for real, from Debian's packages: the
+# content scanners (rspamd and SpamAssassin's spamd), redis-server (the
+# shared counter backend; redis-cli makes the test Redis Cluster), a
+# headless browser for the support console (chromium and its chromedriver)
+# and the SMTP client swaks (client compatibility tests).
+# Idempotent: does nothing when all of them are already there.
 #
 # The tests start each daemon themselves, on loopback, with a private
 # configuration in a temporary folder; nothing here configures or starts
@@ -16,6 +19,9 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=""
 have rspamd || missing="$missing rspamd"
 have spamd || missing="$missing spamd spamassassin"
+{ have redis-server && have redis-cli; } || missing="$missing redis-server redis-tools"
+have chromium || missing="$missing chromium"
+have chromedriver || missing="$missing chromium-driver"
 have swaks || missing="$missing swaks"
 [ -z "$missing" ] && exit 0
 
@@ -38,4 +44,5 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086  # the list is meant to split into package names
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
-have rspamd && have spamd && have swaks
+have rspamd && have spamd && have redis-server && have redis-cli && have chromium \
+    && have chromedriver && have swaks

@@ -67,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: dict[str, str] = {
     "status": "cluster.admin",
     "scale": "cluster.admin",
-    "tenant": "cluster.admin",
+    "tenant": "cluster.support_cli",
     "inspect": "cluster.admin",
-    "queue": "cluster.admin",
-    "keygen": "cluster.curve",
+    "queue": "cluster.queue_cli",
+    "why": "cluster.support_cli",
+    "account": "cluster.support_cli",
+    "counters": "cluster.support_cli",
     "loadtest": "loadtest.cli",
 }
 
@@ -81,7 +83,7 @@ def load_or_exit(path: str, *, open_files: bool = False) -> Settings:
         settings = load_settings(path)
         if open_files:
             check_files(settings)
-        elif not settings.cluster.coordinator:  # else another host's coordinator reads them
+        else:
             load_tenants(settings.tenants_file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)

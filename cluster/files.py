@@ -86,49 +86,37 @@ def check_log_file(settings: Settings) -> None:
 
 
 def check_spool(settings: Settings) -> None:
-    spool = settings.delivery.spool
-    if spool.exists():
-        if not spool.is_dir():
-            raise ConfigError(settings.path, "delivery.spool", "is not a folder", str(spool))
-        if not os.access(spool, os.W_OK | os.X_OK):
-            raise ConfigError(settings.path, "delivery.spool", "is not writable", str(spool))
-        return
-    parent = _existing_parent(spool)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(settings.path, "delivery.spool",
-                          f"does not exist and cannot be made in {parent}", str(spool))
+    _writable_folder(settings, "delivery.spool", settings.delivery.spool)
 
 
-def check_cluster_keys(settings: Settings) -> None:
-    from cluster.hosts import uplink_for
-
-    uplink_for(settings)  # raises ConfigError for a CURVE key file it cannot use
+def check_state_dir(settings: Settings) -> None:
+    _writable_folder(settings, "cluster.state_dir", settings.cluster.state_dir)
 
 
-# In order; a host that joins another's coordinator reads neither the tenant
-# directory nor the GeoIP database (that host's coordinator does). The DKIM
-# keys ({dkim.keys_dir}/{domain}/{selector}.pem of every domain with a
-# dkim_selector) get their check here, next to the tenant directory.
+def check_admin_users(settings: Settings) -> None:
+    # Its lines are read by the coordinator at start, with the same one-line errors.
+    if settings.admin.users_file is not None:
+        _readable(settings, "admin.users_file", settings.admin.users_file)
+
+
+# In order. The DKIM keys ({dkim.keys_dir}/{domain}/{selector}.pem of every
+# domain with a dkim_selector) get their check here, next to the tenant directory.
 FILE_CHECKS: dict[str, Callable[[Settings], None]] = {
     "server.tls_cert": check_tls,
     "tenants.file": check_tenants,
     "geoip.database": check_geoip,
     "log.file": check_log_file,
     "delivery.spool": check_spool,
-    "cluster.curve_secret_key": check_cluster_keys,
+    "cluster.state_dir": check_state_dir,
+    "admin.users_file": check_admin_users,
 }
-_ON_THE_COORDINATOR_HOST = {"tenants.file", "geoip.database"}
 
 
 def check_files(settings: Settings, *, only: tuple[str, ...] = ()) -> None:
     """Raises ConfigError for the first file that cannot be used (``only``: just those checks)."""
-    joining = bool(settings.cluster.coordinator)
     for name, check in FILE_CHECKS.items():
-        if only and name not in only:
-            continue
-        if joining and name in _ON_THE_COORDINATOR_HOST:
-            continue
-        check(settings)
+        if not only or name in only:
+            check(settings)
 
 
 def _readable(settings: Settings, key: str, path: Path) -> None:
@@ -160,6 +148,19 @@ def _writable_file(settings: Settings, key: str, path: Path) -> None:
                           str(path))
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise ConfigError(settings.path, key, f"cannot be created in {path.parent}", str(path))
+
+
+def _writable_folder(settings: Settings, key: str, folder: Path) -> None:
+    if folder.exists():
+        if not folder.is_dir():
+            raise ConfigError(settings.path, key, "is not a folder", str(folder))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(settings.path, key, "is not writable", str(folder))
+        return
+    parent = _existing_parent(folder)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(settings.path, key, f"does not exist and cannot be made in {parent}",
+                          str(folder))
 
 
 def _existing_parent(path: Path) -> Path:

@@ -18,19 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from cluster.files import check_files
 from cluster.settings import Settings, load_settings
-
-
-def _raw(section: str, key: str) -> Callable[[Settings], Any]:
-    """A key read straight from the file (for sections without a typed field)."""
-    def read(settings: Settings) -> Any:
-        table = settings.raw.get(section)
-        return table.get(key) if isinstance(table, dict) else None
-    return read
-
 
 RESTART_ONLY: dict[str, Callable[[Settings], object]] = {
     # Listening sockets, bound by each worker (and the coordinator) at start.
@@ -38,20 +28,21 @@ RESTART_ONLY: dict[str, Callable[[Settings], object]] = {
     "server.listen_tls": lambda s: s.server.listen_tls,
     "server.proxy_protocol": lambda s: s.server.proxy_protocol,
     "metrics.listen": lambda s: s.metrics_listen,
-    "admin.listen": _raw("admin", "listen"),
+    "admin.listen": lambda s: s.admin.listen,
+    # Files opened once under their path (their contents are reread when they change).
+    "admin.users_file": lambda s: s.admin.users_file,
     # TLS on or off (a new certificate or key file applies on reload).
     "server.tls_cert": lambda s: s.server.tls_cert is None,
-    # The cluster's own wiring, and where each process keeps its state.
+    # The cluster's own wiring, and where processes keep their state and memory.
     "cluster.runtime_dir": lambda s: s.cluster.runtime_dir,
-    "cluster.coordinator": lambda s: s.cluster.coordinator,
-    "cluster.bind": lambda s: s.cluster.bind,
-    "cluster.curve_secret_key": lambda s: s.cluster.curve_secret_key,
-    "cluster.curve_public_keys": lambda s: s.cluster.curve_public_keys,
+    "cluster.state_dir": lambda s: s.cluster.state_dir,
     "cluster.request_timeout": lambda s: s.cluster.request_timeout,
-    "cluster.state_dir": _raw("cluster", "state_dir"),
-    "counters.backend": _raw("counters", "backend"),
-    "counters.redis_url": _raw("counters", "redis_url"),
-    "counters.redis_cluster": _raw("counters", "redis_cluster"),
+    "admin.recent_decisions": lambda s: s.admin.recent_decisions,
+    "admin.recent_decisions_for": lambda s: s.admin.recent_decisions_for,
+    # Never half-applied: a reload that changes them is refused (coordinator/sources.py).
+    "counters.backend": lambda s: s.counters.backend,
+    "counters.redis_url": lambda s: s.counters.redis_url,
+    "counters.redis_cluster": lambda s: s.counters.redis_cluster,
     "delivery.spool": lambda s: s.delivery.spool,
     "log.file": lambda s: s.log_file,
 }

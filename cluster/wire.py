@@ -7,13 +7,13 @@ decoded into plain data and checked, so a malformed frame raises
 :class:`WireError` instead of running anything.
 
 Sockets and frames (every path under ``cluster.runtime_dir``, a 0700 folder;
-with ``cluster.bind`` the workers' sockets and the coordinator's are also on
-``tcp://`` with CURVE, ports in :mod:`cluster.hosts`):
+no process talks to another host):
 
 - ``w-<name>.sock`` — a worker's ROUTER for counter traffic. Peers connect a
   DEALER and send one frame: ``CounterRequest``, ``Replicate``, ``Handoff``,
-  ``HandoffDone`` or ``InspectRequest``; the ROUTER answers on the same
-  identity with ``CounterReply``, ``ReplicateAck`` or ``InspectReply``.
+  ``HandoffDone``, ``InspectRequest`` or ``ResetRequest``; the ROUTER answers
+  on the same identity with ``CounterReply``, ``ReplicateAck``,
+  ``InspectReply`` or ``ResetReply``.
 - ``coord.sock`` — the coordinator's ROUTER. Workers send ``Hello``,
   ``SnapshotRequest``, ``Ready`` and ``MetricsReport``; the supervisor sends
   ``SupervisorHello`` and ``ProcessEvent``; the admin CLI sends
@@ -202,6 +202,30 @@ class InspectReply(Message):
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class ResetRequest(Message):
+    """Forget every count of ``keys`` (``sendguard counters reset``). To the keys' owner,
+    which applies it and sends it on to each key's replica with ``replica`` set. ``rid``
+    names one owner's part of one reset: a repeat is answered without resetting again."""
+
+    TYPE: ClassVar[str] = "reset"
+    rid: str
+    epoch: int
+    keys: list[str]
+    replica: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResetReply(Message):
+    """``status`` as ``CounterReply``'s; ``cleared``: counters that held something."""
+
+    TYPE: ClassVar[str] = "reset-reply"
+    rid: str
+    status: str
+    epoch: int
+    cleared: int = 0
+
+
 # -- workers, supervisor and admin with the coordinator ---------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +254,8 @@ class SnapshotMessage(Message):
     tenants_version: str
     geoip: bytes | None
     geoip_version: str
+    # Suspensions and country exceptions (``cluster.support_state.SupportState.to_wire``).
+    support: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +312,8 @@ class ScaleCommand(Message):
 
 @dataclass(frozen=True, slots=True)
 class AdminRequest(Message):
-    """``command``: status | scale | allow-country | disallow-country | inspect | queue."""
+    """``command``: status | scale | allow-country | disallow-country | inspect | queue |
+    why | suspend | unsuspend | reset | history (``coordinator.service``)."""
 
     TYPE: ClassVar[str] = "admin"
     command: str
@@ -311,23 +338,6 @@ def events_endpoint(runtime_dir: str | os.PathLike[str]) -> str:
     return f"ipc://{runtime_dir}/events.sock"
 
 
-def coordinator_tcp_endpoints(bind: str) -> tuple[str, str]:
-    """The coordinator's ROUTER and PUB for other hosts: ``bind``'s port and the next."""
-    return bind, events_tcp_endpoint(bind)
-
-
-def events_tcp_endpoint(coordinator: str) -> str:
-    host, _, port = coordinator.rpartition(":")
-    return f"{host}:{int(port) + 1}"
-
-
-def worker_endpoint(runtime_dir: str | os.PathLike[str], bind: str, name: str) -> str:
-    """A worker's counter ROUTER: ipc on one host; with ``cluster.bind`` set, that
-    address's port plus two plus the worker's number (``mx1-w3`` → port + 5);
-    the two below are the coordinator's (``cluster.hosts``)."""
-    if not bind:
-        return f"ipc://{runtime_dir}/w-{name}.sock"
-    host, _, port = bind.rpartition(":")
-    digits = name.rpartition("w")[2]
-    offset = int(digits) if digits.isdigit() else 0
-    return f"{host}:{int(port) + 2 + offset}"
+def worker_endpoint(runtime_dir: str | os.PathLike[str], name: str) -> str:
+    """A worker's counter ROUTER."""
+    return f"ipc://{runtime_dir}/w-{name}.sock"

@@ -18,6 +18,7 @@ from typing import Any
 from cluster.logjson import log_event
 from cluster.reload import load_for_reload, needs_restart
 from cluster.settings import Settings, load_settings
+from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory, read_tenant_file
 from cluster.validate import ConfigError
 from cluster.wire import SnapshotMessage
@@ -80,12 +81,16 @@ class SnapshotSources:
         self.tenants = read_tenants(self.settings.tenants_file)
         self.geoip = read_geoip(self.settings)
         self._stamps = self._current_stamps()
+        self.support = SupportState()
         self.version = first_version
         self.message = self._build()
 
-    def start_at(self, version: int) -> None:
-        """Number from ``version`` on: a restarted coordinator continues its predecessor's count."""
+    def start_at(self, version: int, support: SupportState | None = None) -> None:
+        """Number from ``version`` on: a restarted coordinator continues its predecessor's
+        count; ``support`` is the state kept from before the restart."""
         self.version = version
+        if support is not None:
+            self.support = support
         self.message = self._build()
 
     def _current_stamps(self) -> tuple[Stamp, Stamp]:
@@ -101,6 +106,7 @@ class SnapshotSources:
             tenants_version=self.tenants.directory.version,
             geoip=geoip.blob if geoip is not None else None,
             geoip_version=geoip.version if geoip is not None else "",
+            support=self.support.to_wire(),
         )
 
     def _publish(self, reason: str) -> None:
@@ -158,6 +164,13 @@ class SnapshotSources:
         except ConfigError as exc:
             log_event("reload_refused", logging.ERROR, source="config", error=str(exc))
             return False
+        if settings.counters != self.settings.counters:
+            # Workers keep the counter store they started with, and one restarted
+            # later would take the new one: two stores would each see part of the counts.
+            log_event("reload_refused", logging.ERROR, source="config",
+                      error=f"{self.config_path}: counters: changes only with a restart "
+                            "of the gateway")
+            return False
         waiting = needs_restart(self.settings, settings)
         if waiting:
             # One line for the whole reload: what is in force is everything else.
@@ -168,6 +181,11 @@ class SnapshotSources:
         self._stamps = self._current_stamps()
         self._publish("config")
         return True
+
+    def set_support(self, support: SupportState) -> None:
+        """Suspensions or country exceptions changed: a new version for the workers."""
+        self.support = support
+        self._publish("support")
 
     def force_tenants(self) -> bool:
         """The coordinator itself rewrote the tenant file: in force now, not at the next poll."""

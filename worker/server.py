@@ -23,7 +23,8 @@ from typing import Any
 
 from cluster.logjson import log_event
 from cluster.names import plain_ip
-from cluster.settings import Network, ServerSettings
+from cluster.settings import Network, Settings
+from cluster.validate import ConfigError
 from worker.engine import PolicyEngine
 from worker.handler import GatewayHandler
 from worker.proxy import ProxyError, read_header
@@ -139,26 +140,30 @@ class SmtpServer:
             log_event("listening", address=f"{host}:{port}", implicit_tls=implicit,
                       proxy_protocol=settings.proxy_protocol)
 
-    def refresh_tls(self, settings: ServerSettings) -> None:
+    def refresh_tls(self, settings: Settings) -> None:
         """New certificate or key files (a reload, a renewal): new handshakes use them.
 
         The context in use is loaded again in place, so every listener and
-        STARTTLS pick the new pair up; a pair that does not load is refused
-        and the old one stays. Turning TLS on or off needs a restart.
+        STARTTLS pick the new pair up; a pair that does not load, or whose key
+        is not the certificate's, is refused and the old one stays. Turning
+        TLS on or off needs a restart.
         """
-        if self._tls is None or settings.tls_cert is None or settings.tls_key is None:
+        cert, key = settings.server.tls_cert, settings.server.tls_key
+        if self._tls is None or cert is None or key is None:
             return
-        files = _files(settings.tls_cert, settings.tls_key)
+        files = _files(cert, key)
         if files == self._tls_files:
             return
         self._tls_files = files
+        from cluster.files import check_tls  # only on a reload: it imports cryptography
+
         try:
-            tls_context(settings.tls_cert, settings.tls_key)  # a trial; the live one is untouched
-        except BootError as exc:
+            check_tls(settings)  # the live context is touched only when the pair is good
+            self._tls.load_cert_chain(cert, key)
+        except (ConfigError, OSError, ssl.SSLError) as exc:
             log_event("reload_refused", logging.ERROR, source="tls", error=str(exc))
             return
-        self._tls.load_cert_chain(settings.tls_cert, settings.tls_key)
-        log_event("tls_reloaded", cert=str(settings.tls_cert), key=str(settings.tls_key))
+        log_event("tls_reloaded", cert=str(cert), key=str(key))
 
     # -- PROXY protocol -----------------------------------------------------------
 

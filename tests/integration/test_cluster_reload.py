@@ -227,7 +227,8 @@ def test_sighup_applies_the_worker_count_resolvers_and_a_renewed_certificate(
         before = version(cluster)
         cluster.signal(signal.SIGHUP)
         refusal = wait_for(lambda: [line for line in cluster.log_lines()
-                                    if line["event"] == "reload_refused"], 5, "a refusal")
+                                    if line["event"] == "reload_refused"
+                                    and line["process"] == "coordinator"], 5, "a refusal")
         assert refusal[0]["error"].startswith(f"{cluster.config_path}: server.tls_key: ")
         assert version(cluster) == before
         assert all(served_certificate(cluster) == renewed for _ in range(6))

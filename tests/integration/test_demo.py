@@ -56,7 +56,7 @@ def test_demo_serves_the_example_account_and_shows_what_it_delivers(
         short_tmp: Path, dns: TestDNSServer) -> None:
     folder = short_tmp / "examples"
     shutil.copytree(ROOT / "examples", folder,
-                    ignore=shutil.ignore_patterns("tls", "spool", "mail"))
+                    ignore=shutil.ignore_patterns("tls", "spool", "state", "mail"))
     port, tls_port, sink_port = free_port(), free_port(), free_port()
     config = folder / "sendguard.toml"
     text = config.read_text().replace("127.0.0.1:2587", f"127.0.0.1:{port}")
@@ -64,7 +64,9 @@ def test_demo_serves_the_example_account_and_shows_what_it_delivers(
     text = text.replace("127.0.0.1:2525", f"127.0.0.1:{sink_port}")
     # As the README says to on a host without a resolver of its own.
     text = text.replace("nameservers = []", f'nameservers = ["{dns.address}"]')
-    config.write_text(text + f'\n[cluster]\nruntime_dir = "{short_tmp}/run"\n')
+    assert "\n[cluster]\n" in text
+    config.write_text(text.replace("\n[cluster]\n",
+                                   f'\n[cluster]\nruntime_dir = "{short_tmp}/run"\n'))
     log = (short_tmp / "stderr.txt").open("w")
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "demo", "--dir", str(folder)],
                                stderr=log)
