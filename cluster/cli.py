@@ -62,6 +62,7 @@ _EXTRA_COMMANDS: dict[str, str] = {
     "inspect": "cluster.admin",
     "queue": "cluster.admin",
     "keygen": "cluster.curve",
+    "dkim": "cluster.dkimkeys",
     "loadtest": "loadtest.cli",
 }
 
@@ -86,6 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cluster(settings)
     if args.command == "check-config":
         settings = load_or_exit(args.config)
+        if not settings.cluster.coordinator:  # else no tenant directory here names the keys
+            from cluster.dkimkeys import check_dkim_keys
+
+            try:
+                check_dkim_keys(settings, load_tenants(settings.tenants_file))
+            except ConfigError as exc:
+                print(str(exc), file=sys.stderr)
+                return EXIT_USAGE
         print(f"{settings.path}: ok")
         return EXIT_OK
     if args.command == "demo":

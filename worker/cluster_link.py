@@ -38,6 +38,7 @@ from cluster.settings import parse_settings
 from cluster.tenants import parse_tenants
 from cluster.validate import ConfigError
 from worker.delivery import DeliveryAgent
+from worker.dkim import DkimKeyring
 from worker.geo import CountryDatabase, GeoDatabaseError
 from worker.snapshot import Snapshot
 from worker.spool.adoption import adopt_orphans
@@ -66,7 +67,9 @@ def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> 
             except GeoDatabaseError as exc:
                 raise ConfigError(settings.path, "geoip.database", str(exc),
                                   show_value=False) from None
-    return Snapshot(settings, tenants, geoip, message.version)
+    dkim = DkimKeyring.load(settings.dkim.keys_dir, tenants,
+                            previous.dkim if previous is not None else None)
+    return Snapshot(settings, tenants, geoip, message.version, dkim)
 
 
 class ClusterLink:

@@ -6,10 +6,11 @@ the one it read, so a reload never tears a decision in half.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.settings import Settings
 from cluster.tenants import TenantDirectory
+from worker.dkim import EMPTY_KEYRING, DkimKeyring
 from worker.geo import CountryDatabase
 
 
@@ -19,3 +20,4 @@ class Snapshot:
     tenants: TenantDirectory
     geoip: CountryDatabase | None
     version: int = 0
+    dkim: DkimKeyring = field(default=EMPTY_KEYRING)  # read with the tenant directory
