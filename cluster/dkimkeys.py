@@ -110,8 +110,7 @@ def read_signing_key(path: Path, domain: str, selector: str) -> SigningKey:
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                  serialization.NoEncryption())
         return SigningKey(domain, selector, ED25519_SHA256, base64.b64encode(seed), path)
-    raise DkimKeyError(f"is a {type(key).__name__.removeprefix('_')} key: DKIM signs with "
-                       "RSA or Ed25519")
+    raise DkimKeyError("is neither an RSA nor an Ed25519 key (the two DKIM signs with)")
 
 
 def _probe_rsa(key: rsa.RSAPrivateKey) -> None:
