@@ -11,8 +11,8 @@ one of its aliases and that domain has a ``dkim_selector``: a tenant never
 gets another tenant's signature, whatever ``policy.from_alignment`` says.
 
 Keys are read with the tenant directory (:class:`DkimKeyring`, one per
-snapshot); a key that cannot be used is logged once, and its domain's mail
-goes unsigned.
+snapshot); a key that cannot be used is logged once (when mail from its
+domain first needs it), and that mail goes unsigned.
 
 Signing runs on a small thread pool: OpenSSL releases the GIL while it signs
 (see :func:`_openssl_rsassa_sign`), so the event loop keeps serving other
@@ -65,11 +65,16 @@ log = logging.getLogger(__name__)
 Stamp = tuple[int, int, int] | None
 
 
-@dataclass(frozen=True, slots=True)
 class _KeyFile:
-    stamp: Stamp
-    key: SigningKey | None
-    problem: str
+    """One key file as last read; kept across reloads while the file is unchanged."""
+
+    __slots__ = ("stamp", "key", "problem", "reported")
+
+    def __init__(self, stamp: Stamp, key: SigningKey | None, problem: str) -> None:
+        self.stamp = stamp
+        self.key = key
+        self.problem = problem
+        self.reported = False
 
 
 def _stamp(path: Path) -> Stamp:
@@ -84,42 +89,60 @@ class DkimKeyring:
     """The signing keys of one tenant directory, by d= domain (A-label)."""
 
     def __init__(self, keys: dict[str, SigningKey] | None = None,
-                 unavailable: dict[str, str] | None = None,
+                 wanted: dict[str, tuple[str, Path]] | None = None,
                  files: dict[Path, _KeyFile] | None = None) -> None:
         self.keys = keys or {}
-        self.unavailable = unavailable or {}  # domain -> why it goes unsigned
+        self._wanted = wanted or {}  # signing domain -> (tenant domain, key file)
         self._files = files or {}
 
     @classmethod
     def load(cls, keys_dir: Path, tenants: TenantDirectory,
              previous: DkimKeyring | None = None) -> DkimKeyring:
-        """Reads what changed since ``previous`` (by mtime, size and inode) and logs a
-        key that cannot be used once, not at every reload."""
+        """Reads only what changed since ``previous`` (by mtime, size and inode)."""
         old = previous._files if previous is not None else {}
         keys: dict[str, SigningKey] = {}
-        unavailable: dict[str, str] = {}
         files: dict[Path, _KeyFile] = {}
+        wanted: dict[str, tuple[str, Path]] = {}
         for owner, domain, selector in wanted_keys(tenants):
             path = key_path(keys_dir, domain, selector)
             stamp = _stamp(path)
-            known = old.get(path) or files.get(path)
-            if known is not None and known.stamp == stamp:
-                entry = known
-            else:
+            entry = old.get(path) or files.get(path)
+            if entry is None or entry.stamp != stamp:
                 entry = _read(path, domain, selector, stamp)
-                if entry.key is None:
-                    log_event("dkim_key_unavailable", logging.ERROR, domain=domain,
-                              selector=selector, tenant=owner, path=str(path),
-                              error=entry.problem, note="mail from this domain goes unsigned")
             files[path] = entry
+            wanted[domain] = (owner, path)
             if entry.key is not None:
                 keys[domain] = entry.key
-            else:
-                unavailable[domain] = f"key {path} {entry.problem}"
-        return cls(keys, unavailable, files)
+        return cls(keys, wanted, files)
+
+    @property
+    def wanted(self) -> bool:
+        """Whether any domain of this directory is to be signed."""
+        return bool(self._wanted)
 
     def get(self, domain: str) -> SigningKey | None:
         return self.keys.get(domain)
+
+    def unavailable(self, domain: str) -> str | None:
+        """Why a domain that should be signed cannot be (None: nothing to sign with).
+
+        Logged the first time it matters, once per problem and process: at
+        load time a worker may not have its log file yet, and check-config
+        lists every problem before a start.
+        """
+        found = self._wanted.get(domain)
+        if found is None:
+            return None
+        owner, path = found
+        entry = self._files[path]
+        if entry.key is not None:
+            return None
+        if not entry.reported:
+            entry.reported = True
+            log_event("dkim_key_unavailable", logging.ERROR, domain=domain,
+                      selector=path.stem, tenant=owner, path=str(path), error=entry.problem,
+                      note="mail from this domain goes unsigned")
+        return f"key {path} {entry.problem}"
 
 
 def _read(path: Path, domain: str, selector: str, stamp: Stamp) -> _KeyFile:
@@ -153,13 +176,13 @@ class DkimSigner:
                content: bytes) -> tuple[SigningKey | None, str | None]:
         """The key for this message, or None with why (None when nothing was due)."""
         account = client.account
-        if account is None or not keyring.keys and not keyring.unavailable:
+        if account is None or not keyring.wanted:
             return None, None
         domain = header_from_domain(content)
         if domain is None or domain not in tenants.sender_domains(account):
             return None, None
         key = keyring.get(domain)
-        return key, None if key is not None else keyring.unavailable.get(domain)
+        return key, None if key is not None else keyring.unavailable(domain)
 
     async def sign(self, keyring: DkimKeyring, tenants: TenantDirectory, client: Client,
                    content: bytes) -> Signed:
