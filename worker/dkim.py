@@ -54,7 +54,7 @@ SIGNED_HEADERS = (
 )
 MAX_LINE = 998  # RFC 5322 §2.1.1, without the CRLF
 _LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d}" % (MAX_LINE + 1))  # from line starts: linear
 _HEADER_SCAN_LIMIT = 256 * 1024
 
 log = logging.getLogger(__name__)
