@@ -57,8 +57,6 @@ _LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d}" % (MAX_LINE + 1))  # from line starts: linear
 _HEADER_SCAN_LIMIT = 256 * 1024
 
-log = logging.getLogger(__name__)
-
 
 # -- keys ---------------------------------------------------------------------------
 
@@ -211,9 +209,7 @@ def sign_message(content: bytes, key: SigningKey) -> Signed:
         header = dkim.sign(message, key.selector.encode("ascii"), key.domain.encode("ascii"),
                            key.secret, canonicalize=(b"relaxed", b"relaxed"),
                            signature_algorithm=key.algorithm, include_headers=SIGNED_HEADERS)
-    except dkim.DKIMException as exc:
-        log_event("dkim_unsignable", logging.WARNING, domain=key.domain, selector=key.selector,
-                  error=str(exc))
+    except dkim.DKIMException as exc:  # the decision line says why (dkim_skipped)
         return Signed(content, skipped=f"unsignable message: {exc}")
     return Signed(header + message, by=key.label)
 
