@@ -7,9 +7,10 @@ Three measurements, each bounded in count and time, on loopback only:
 1. ``sign_message`` alone, CPU per message: RSA-2048 through OpenSSL (what
    sendguard does), RSA-2048 with dkimpy's own pure-Python RSA (the
    baseline), Ed25519; messages of 1 KB and 64 KB.
-2. The event loop while 16 signings are in flight: the longest and the
-   99th-percentile gap seen by a 1 ms ticker, signing on the loop against
-   signing on the signer's thread pool (what sendguard does).
+2. The event loop while 16 signings are in flight, signing on the loop
+   against signing on the signer's thread pool (what sendguard does): the
+   99th-percentile gap seen by a 1 ms ticker, and the CPU the loop thread
+   itself spends per message (the part machine load does not blur).
 3. ``sendguard run`` with one worker: server CPU per accepted message (utime
    + stime of every sendguard process, from /proc) with the sender's domain
    unsigned, signed with RSA-2048 and signed with Ed25519, switched by
@@ -88,7 +89,9 @@ def signing_alone(keys: dict[str, signing.SigningKey], count: int) -> None:
 
 async def loop_gaps(key: signing.SigningKey, count: int, offload: bool) -> tuple[float, float,
                                                                                     float]:
-    """(longest gap ms, p99 gap ms, signed messages/s) with 16 signings in flight."""
+    """(p99 gap of a 1 ms ticker in ms, the loop thread's CPU ms per message, messages/s)
+    with 16 signings in flight. The CPU figure is what the loop itself spends (signing,
+    or handing it to the pool), the part that machine load does not blur."""
     body = message(1024)
     pool = ThreadPoolExecutor(2, thread_name_prefix="dkim")  # as DkimSigner makes it
     gaps: list[float] = []
@@ -118,25 +121,26 @@ async def loop_gaps(key: signing.SigningKey, count: int, offload: bool) -> tuple
         await asyncio.gather(*(one() for _ in range(16)))
         done.set()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     await asyncio.gather(ticker(), sign_all())
+    loop_cpu = (time.thread_time() - cpu) / count * 1000
     elapsed = time.perf_counter() - started
     pool.shutdown()
     gaps.sort()
-    return gaps[-1] * 1000, gaps[int(len(gaps) * 0.99)] * 1000, count / elapsed
+    return gaps[int(len(gaps) * 0.99)] * 1000, loop_cpu, count / elapsed
 
 
 def event_loop(keys: dict[str, signing.SigningKey], count: int) -> None:
     import uvloop
 
-    print("2. event loop with 16 signings in flight (1 KB messages): longest / p99 gap "
-          "of a 1 ms ticker, messages/s")
+    print("2. event loop with 16 signings in flight (1 KB messages): p99 gap of a 1 ms "
+          "ticker, the loop thread's CPU per message, messages/s")
     for selector, name in (("rsa1", "RSA-2048"), ("ed1", "Ed25519")):
         for offload in (False, True):
-            longest, p99, rate = uvloop.run(loop_gaps(keys[selector], count, offload))
+            p99, loop_cpu, rate = uvloop.run(loop_gaps(keys[selector], count, offload))
             where = "thread pool" if offload else "on the loop"
-            print(f"   {name:8s} {where:11s}: longest {longest:6.2f} ms, p99 {p99:6.2f} ms, "
-                  f"{rate:6.0f} msgs/s", flush=True)
+            print(f"   {name:8s} {where:11s}: p99 gap {p99:6.2f} ms, loop thread "
+                  f"{loop_cpu:5.3f} ms CPU per message, {rate:6.0f} msgs/s", flush=True)
 
 
 # -- 3. in the gateway ------------------------------------------------------------------
