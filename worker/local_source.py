@@ -43,7 +43,7 @@ def load_snapshot(settings: Settings, version: int = 1,
                               str(settings.geoip.database)) from None
     dkim = DkimKeyring.load(settings.dkim.keys_dir, tenants,
                             previous.dkim if previous is not None else None)
-    return Snapshot(settings, tenants, geoip, version, dkim)
+    return Snapshot(settings, tenants, geoip, version, dkim=dkim)
 
 
 class LocalSnapshotSource:
