@@ -100,3 +100,11 @@ def test_recipient_limits_are_exact_across_workers(
                for line in shadow)
     assert sorted(line["count"] for line in shadow if line["stage"] == "DATA") == [2, 3, 4, 5]
     assert [line["count"] for line in shadow if line["stage"] == "MAIL"] == [6] * 5
+
+    # And `why` shows it, from the workers' memory.
+    sid = shadow[0]["sid"]
+    why = cluster.admin("why", sid, "--json")
+    assert why.returncode == 0, why.stderr
+    [remembered] = [d for d in json.loads(why.stdout)["decisions"] if d["verdict"] == "shadow"]
+    assert remembered["reply"] == f"550 5.1.0 {sid} policy violation"
+    assert (remembered["key"], remembered["max"]) == (f"acct:{ACCOUNT}", 2)
