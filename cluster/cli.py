@@ -64,7 +64,6 @@ _EXTRA_COMMANDS: dict[str, str] = {
     "why": "cluster.support_cli",
     "account": "cluster.support_cli",
     "counters": "cluster.support_cli",
-    "keygen": "cluster.curve",
     "dkim": "cluster.dkimkeys",
     "loadtest": "loadtest.cli",
 }
@@ -73,8 +72,7 @@ _EXTRA_COMMANDS: dict[str, str] = {
 def load_or_exit(path: str) -> Settings:
     try:
         settings = load_settings(path)
-        if not settings.cluster.coordinator:  # else another host's coordinator reads them
-            load_tenants(settings.tenants_file)
+        load_tenants(settings.tenants_file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
@@ -90,14 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cluster(settings)
     if args.command == "check-config":
         settings = load_or_exit(args.config)
-        if not settings.cluster.coordinator:  # else no tenant directory here names the keys
-            from cluster.dkimkeys import check_dkim_keys
+        from cluster.dkimkeys import check_dkim_keys
 
-            try:
-                check_dkim_keys(settings, load_tenants(settings.tenants_file))
-            except ConfigError as exc:
-                print(str(exc), file=sys.stderr)
-                return EXIT_USAGE
+        try:
+            check_dkim_keys(settings, load_tenants(settings.tenants_file))
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_USAGE
         print(f"{settings.path}: ok")
         return EXIT_OK
     if args.command == "demo":
