@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
 
-from cluster.files import check_files
+from cluster.files import OPTIONAL_AT_START, check_files
 from cluster.settings import Settings, load_settings
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
@@ -73,16 +73,18 @@ _EXTRA_COMMANDS: dict[str, str] = {
     "why": "cluster.support_cli",
     "account": "cluster.support_cli",
     "counters": "cluster.support_cli",
+    "dkim": "cluster.dkimkeys",
     "loadtest": "loadtest.cli",
 }
 
 
-def load_or_exit(path: str, *, open_files: bool = False) -> Settings:
-    """The settings, or exit 2 with one line; ``open_files``: every file they name too."""
+def load_or_exit(path: str, *, open_files: bool = False, strict: bool = False) -> Settings:
+    """The settings, or exit 2 with one line; ``open_files``: every file they name too
+    (``strict``: also those the gateway can run without, as check-config does)."""
     try:
         settings = load_settings(path)
         if open_files:
-            check_files(settings)
+            check_files(settings, skip=() if strict else OPTIONAL_AT_START)
         else:
             load_tenants(settings.tenants_file)
     except ConfigError as exc:
@@ -112,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_cluster(settings)
     if args.command == "check-config":
-        settings = load_or_exit(args.config, open_files=True)
+        settings = load_or_exit(args.config, open_files=True, strict=True)
         print(f"{settings.path}: ok")
         return EXIT_OK
     if args.command == "demo":
