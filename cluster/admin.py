@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster import wire
+from cluster.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from cluster.settings import load_settings
 from cluster.validate import ConfigError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 TIMEOUT = 10.0
 
 

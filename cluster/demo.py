@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.files import load_or_exit
 from cluster.quietstart import spawn_quietly
 from cluster.selfsigned import write_self_signed
 from cluster.settings import Settings, load_settings
@@ -43,7 +44,6 @@ def prepare_demo(folder: Path | None = None) -> Path:
 
 def run_demo(folder: Path | None = None) -> int:
     """Prepare the example, start the sink, run the cluster until it stops."""
-    from cluster.cli import load_or_exit
     from cluster.supervisor import run_cluster
 
     config = prepare_demo(folder)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 
 from cluster.countrydb import check_country_reader
 from cluster.dkimkeys import check_dkim_keys
-from cluster.settings import Settings
+from cluster.exits import EXIT_USAGE
+from cluster.settings import Settings, load_settings
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
 
@@ -130,6 +132,21 @@ def check_files(settings: Settings, *, only: tuple[str, ...] = (),
     for name, check in FILE_CHECKS.items():
         if (not only or name in only) and name not in skip:
             check(settings)
+
+
+def load_or_exit(path: str, *, open_files: bool = False, strict: bool = False) -> Settings:
+    """The settings, or exit 2 with one line; ``open_files``: every file they name too
+    (``strict``: also those the gateway can run without, as check-config does)."""
+    try:
+        settings = load_settings(path)
+        if open_files:
+            check_files(settings, skip=() if strict else OPTIONAL_AT_START)
+        else:
+            load_tenants(settings.tenants_file)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    return settings
 
 
 def _readable(settings: Settings, key: str, path: Path) -> None:

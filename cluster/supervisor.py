@@ -49,18 +49,16 @@ from pathlib import Path
 import zmq
 
 from cluster import wire
+from cluster.exits import EXIT_BOOT_FAILED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from cluster.logjson import log_event, setup_logging
 from cluster.quietstart import spawn_quietly
 from cluster.reload import load_for_reload
 from cluster.settings import Settings
 from cluster.validate import ConfigError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
 # A child that exits with one of these will fail again the same way.
-CHILD_CONFIG_ERROR = 2
-CHILD_BOOT_FAILED = 3
+CHILD_CONFIG_ERROR = EXIT_USAGE
+CHILD_BOOT_FAILED = EXIT_BOOT_FAILED
 
 COORDINATOR = "coordinator"
 _BACKOFF_START = 0.5
@@ -337,7 +335,7 @@ class Supervisor:
                   file=sys.stderr)
         # A configuration error is already on stderr as the one line SPEC §5 asks for.
         self.stop(graceful=False)
-        self.exit_code = EXIT_CONFIG if code == CHILD_CONFIG_ERROR else EXIT_FAILED
+        self.exit_code = EXIT_USAGE if code == CHILD_CONFIG_ERROR else EXIT_FAILED
 
     def manage_workers(self) -> None:
         if not self.coordinator_answered:

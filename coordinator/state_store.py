@@ -4,8 +4,8 @@
 the coordinator's logic knows nothing of files. :class:`FileStore` keeps it
 under ``cluster.state_dir`` (one host, the ring backend); with ``[counters]
 backend = "redis"`` :class:`coordinator.redis_state.RedisStore` keeps it in
-Redis, shared by every host, behind the same calls (:func:`open_store`
-picks one).
+Redis, shared by every host, behind the same calls (the coordinator's
+start picks one, ``coordinator/__main__.py``).
 
 Files (JSON, so an operator can read them; every one validated when read):
 
@@ -31,8 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from cluster.logjson import flush_log, log_event
-from cluster.settings import Settings
+from cluster.logjson import log_event
 from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
 
 FORMAT_VERSION = 1
@@ -75,23 +74,6 @@ class SupportStore(Protocol):
     async def record(self, entry: AuditEntry) -> None: ...
     async def history(self, domain: str) -> list[AuditEntry]: ...
     async def close(self) -> None: ...
-
-
-def open_store(settings: Settings) -> tuple[SupportStore, SupportState]:
-    """The store ``[counters] backend`` goes with, and the state to start from.
-
-    Raises StoreError for a table that cannot be read (the coordinator then
-    does not start). Blocking: called before the coordinator's event loop runs."""
-    if settings.counters.backend == "redis":
-        from coordinator.redis_state import RedisStore
-
-        shared = RedisStore.for_settings(settings)
-        try:
-            return shared, asyncio.run(shared.start())
-        finally:
-            flush_log()  # what start() logged, before another event loop takes over
-    store = FileStore(settings.cluster.state_dir)
-    return store, store.load_now()
 
 
 class FileStore:
