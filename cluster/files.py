@@ -7,7 +7,7 @@ before a new configuration replaces the one in force. Each check raises
 the key: ``FILE: KEY: what is wrong (got VALUE)``.
 
 The checks open the files the way their users will (an SSL context for
-the certificate, maxminddb for the GeoIP database) but keep nothing open.
+the certificate, geoip2 for the GeoIP database) but keep nothing open.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import maxminddb
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cluster.countrydb import check_country_reader
 from cluster.dkimkeys import check_dkim_keys
 from cluster.exits import EXIT_USAGE
+from cluster.geoip import CountryDatabase, GeoDatabaseError
 from cluster.settings import Settings, load_settings
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
@@ -66,16 +65,9 @@ def check_geoip(settings: Settings) -> None:
         return
     _readable(settings, "geoip.database", path)
     try:
-        reader = maxminddb.open_database(str(path), maxminddb.MODE_MMAP)
-    except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
-        raise ConfigError(settings.path, "geoip.database",
-                          f"{path}: not a readable MaxMind database: {exc}", str(path)) from None
-    try:
-        check_country_reader(reader, str(path))
-    except ValueError as exc:
+        CountryDatabase.from_path(path).close()
+    except GeoDatabaseError as exc:
         raise ConfigError(settings.path, "geoip.database", str(exc), str(path)) from None
-    finally:
-        reader.close()
 
 
 def check_tenants(settings: Settings) -> None:

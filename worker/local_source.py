@@ -11,12 +11,12 @@ import asyncio
 import logging
 from pathlib import Path
 
+from cluster.geoip import CountryDatabase, GeoDatabaseError
 from cluster.logjson import log_event
 from cluster.settings import Settings
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
 from worker.dkim import DkimKeyring
-from worker.geo import CountryDatabase, GeoDatabaseError
 from worker.snapshot import Snapshot
 
 
