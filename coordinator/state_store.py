@@ -22,15 +22,14 @@ the tables on disk change in the order the coordinator made the changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from cluster.durable import fsync_folder, write_atomically
 from cluster.logjson import log_event
 from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
 
@@ -241,27 +240,3 @@ def entry_json(entry: AuditEntry) -> str:
 
 def audit_line(entry: AuditEntry) -> bytes:
     return (entry_json(entry) + "\n").encode("utf-8")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file (O_EXCL), write, fsync, rename over ``path``, fsync the folder."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import time
 
+from worker.headers import after_last_header_line
 from worker.policies import Client
 from worker.spam import ScanResult
 
@@ -23,7 +24,7 @@ def complete_headers(content: bytes, hostname: str, queue_id: str, now: float) -
     Done before the content scan, so a scanner does not score the absence of
     headers the gateway adds anyway.
     """
-    head_end = _header_end(content)
+    head_end = after_last_header_line(content, _HEADER_SCAN_LIMIT)
     head = content[:head_end].lower()
     added = []
     if not _has_header(head, b"message-id"):
@@ -84,18 +85,6 @@ def _folded(name: str, words: list[str]) -> str:
             line += piece
     lines.append(line)
     return "\r\n".join(lines) + "\r\n"
-
-
-def _header_end(content: bytes) -> int:
-    """Offset just past the last header line (before the blank line), or 0."""
-    limit = content[:_HEADER_SCAN_LIMIT]
-    if limit.startswith((b"\r\n", b"\n")):
-        return 0
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        index = limit.find(separator)
-        if index >= 0:
-            return index + len(separator) // 2
-    return len(content) if content.endswith(b"\n") else 0
 
 
 def _has_header(head: bytes, name: bytes) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .base import BaseSpool, SpoolError, SpoolLocked, SpoolWriteError
-from .filespool import FileSpool
 from .record import CorruptRecord, SpoolRecord, decode, encode, new_queue_id
 from .segspool import SegmentSpool
 from .store import Spool
@@ -11,7 +10,6 @@ from .store import Spool
 __all__ = [
     "BaseSpool",
     "CorruptRecord",
-    "FileSpool",
     "SegmentSpool",
     "Spool",
     "SpoolError",
