@@ -7,28 +7,33 @@ import json
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from worker.spool import (
     CorruptRecord,
+    Recipient,
     SegmentSpool,
     Spool,
     SpoolError,
     SpoolLocked,
     SpoolRecord,
     SpoolWriteError,
+    Status,
     decode,
     encode,
     new_queue_id,
     seglog,
 )
 from worker.spool.base import BaseSpool
+from worker.spool.record import MAGIC, _frame
 
 SHAPES: dict[str, type[BaseSpool]] = {"segment": SegmentSpool}
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,13 +81,38 @@ def test_record_round_trip() -> None:
     rec = make(1, rcpts=("a@example.com", "zażółć@example.pl"))
     rec.attempts = 3
     rec.next_attempt = 1234.5
-    rec.recipients[0].update(status="deferred", last_error="451 4.7.1 greylisted")
-    rec.recipients[1].update(status="delivered")
+    rec.recipients[0].status = Status.DEFERRED
+    rec.recipients[0].last_error = "451 4.7.1 greylisted"
+    rec.recipients[1].status = Status.DELIVERED
     data = encode(rec)
     assert data.startswith(b"sendguard-spool/1\n")
     assert re.search(rb"END [0-9a-f]{32}\n\Z", data)
     assert decode(data) == rec
     assert decode(encode(make(2, size=0))).message == b"Subject: 2\r\n\r\n"
+
+
+def test_recipients_are_plain_maps_on_disk_both_ways() -> None:
+    # The header a record has always had: a reader of this format that predates the
+    # typed recipients reads new records, and this one reads records written before.
+    rec = make(1, rcpts=("a@example.com", "b@example.com"))
+    rec.recipients[1].status = Status.BOUNCED
+    rec.recipients[1].last_error = "550 5.1.1 no such user"
+    data = encode(rec)
+    (hlen,) = struct.unpack_from(">I", data, len(MAGIC))
+    header = msgpack.unpackb(data[len(MAGIC) + 4:len(MAGIC) + 4 + hlen])
+    assert header["recipients"] == [
+        {"rcpt": "a@example.com", "status": "pending", "last_error": None},
+        {"rcpt": "b@example.com", "status": "bounced", "last_error": "550 5.1.1 no such user"},
+    ]
+    old_style = dict(header, recipients=[dict(r) for r in header["recipients"]])
+    loaded = decode(_frame(old_style, rec.message))
+    assert loaded == rec
+    assert [r.status for r in loaded.recipients] == [Status.PENDING, Status.BOUNCED]
+    assert loaded.recipients[1].status.final and not loaded.recipients[0].status.final
+    bad = dict(header, recipients=[{"rcpt": "a@example.com", "status": "lost",
+                                    "last_error": None}])
+    with pytest.raises(CorruptRecord, match="bad recipient state"):
+        decode(_frame(bad, rec.message))
 
 
 def test_record_damage_is_detected() -> None:
@@ -442,8 +472,9 @@ async def test_update_and_remove(tmp_path: Path, shape: type[BaseSpool]) -> None
         await spool.store(a)
     a.attempts = 1
     a.next_attempt = a.received_at + 60
-    a.recipients[0].update(status="delivered")
-    a.recipients[1].update(status="deferred", last_error="451 4.2.0 try later")
+    a.recipients[0].status = Status.DELIVERED
+    a.recipients[1].status = Status.DEFERRED
+    a.recipients[1].last_error = "451 4.2.0 try later"
     await spool.update(a)
     await spool.remove(b.queue_id)
     with pytest.raises(KeyError):
@@ -455,12 +486,9 @@ async def test_update_and_remove(tmp_path: Path, shape: type[BaseSpool]) -> None
     try:
         [got] = again.load_all()
         assert got == a and got.attempts == 1 and not got.done
-        assert got.recipients[1] == {
-            "rcpt": "y@example.com",
-            "status": "deferred",
-            "last_error": "451 4.2.0 try later",
-        }
-        got.recipients[1]["status"] = "bounced"
+        assert got.recipients[1] == Recipient("y@example.com", Status.DEFERRED,
+                                              "451 4.2.0 try later")
+        got.recipients[1].status = Status.BOUNCED
         await again.update(got)
         assert got.done
         await again.remove(got.queue_id)

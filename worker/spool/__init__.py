@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import BaseSpool, SpoolError, SpoolLocked, SpoolWriteError
-from .record import CorruptRecord, SpoolRecord, decode, encode, new_queue_id
+from .record import CorruptRecord, Recipient, SpoolRecord, Status, decode, encode, new_queue_id
 from .segspool import SegmentSpool
 from .store import Spool
 
@@ -11,11 +11,13 @@ __all__ = [
     "BaseSpool",
     "CorruptRecord",
     "SegmentSpool",
+    "Recipient",
     "Spool",
     "SpoolError",
     "SpoolLocked",
     "SpoolRecord",
     "SpoolWriteError",
+    "Status",
     "decode",
     "encode",
     "new_queue_id",
