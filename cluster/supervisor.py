@@ -49,6 +49,7 @@ from pathlib import Path
 import zmq
 
 from cluster import wire
+from cluster.admin_wire import AdminFailed, StatusReply, StatusRequest
 from cluster.exits import EXIT_BOOT_FAILED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from cluster.logjson import log_event, setup_logging
 from cluster.quietstart import spawn_quietly
@@ -291,11 +292,11 @@ class Supervisor:
                     and hung.process.pid == message.pid:
                 log_event("process_hung", process_name=hung.name, pid=message.pid)
                 hung.process.kill()  # reaped and restarted like any crash
-        elif isinstance(message, wire.AdminReply):
+        elif isinstance(message, AdminFailed):
             self.coordinator_answered = True
-            if not message.ok:
-                return
-            workers = message.data.get("workers", [])
+        elif isinstance(message, StatusReply):
+            self.coordinator_answered = True
+            workers = message.workers
             self._phases = {w.get("name", ""): w.get("phase", "") for w in workers
                             if isinstance(w, dict)}
 
@@ -342,7 +343,7 @@ class Supervisor:
             now = time.monotonic()
             if now - self._asked_at >= _ASK_COORDINATOR_EVERY:
                 self._asked_at = now
-                self.tell(wire.AdminRequest("status", {}))
+                self.tell(StatusRequest())
             return
         now = time.monotonic()
         for child in list(self.children.values()):
@@ -406,7 +407,7 @@ class Supervisor:
             if not released and now >= next_status:
                 # Drained workers keep their counters up for the others' last transactions;
                 # once every one is drained they may all go.
-                self.tell(wire.AdminRequest("status", {}))
+                self.tell(StatusRequest())
                 next_status = now + 0.2
                 names = {c.name for c in workers if c.alive}
                 if names and all(self._phases.get(name) == "drained" for name in names):

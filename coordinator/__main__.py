@@ -38,7 +38,7 @@ def main() -> int:
 
     from cluster.logjson import setup_logging
     from coordinator.membership import Membership
-    from coordinator.service import RECOVERY, SILENCE, Coordinator, read_state
+    from coordinator.service import RECOVERY, SILENCE, read_state, serve_coordinator
     from coordinator.sources import SnapshotSources
     from coordinator.state_store import StoreError
 
@@ -72,7 +72,7 @@ def main() -> int:
     import zmq
 
     try:
-        return uvloop.run(Coordinator(sources, runtime_dir, membership, store, users).run())
+        return uvloop.run(serve_coordinator(sources, runtime_dir, membership, store, users))
     except (OSError, zmq.ZMQError) as exc:
         print(f"sendguard: coordinator cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
