@@ -45,7 +45,25 @@ class JsonFormatter(logging.Formatter):
             line["process"] = self.process_name
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return one_line(line)
+
+
+def one_line(fields: dict[str, Any]) -> str:
+    """``fields`` as one line of JSON whatever a client sent.
+
+    Newlines and control characters are escaped by JSON itself. A client's
+    bytes that are not UTF-8 reach us as lone surrogates (aiosmtpd decodes
+    with ``surrogateescape``), which no UTF-8 log file can hold: such a line
+    is written with every non-ASCII character escaped (``\\udc80``) instead
+    of failing in the handler with a multi-line report.
+    """
+    text = json.dumps(fields, ensure_ascii=False, default=str)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(fields, ensure_ascii=True, default=str)
+    return text
 
 
 def setup_logging(file: Path | None, process: str = "", level: int = logging.INFO) -> None:

@@ -50,6 +50,13 @@ COUNTRIES = {
 UNKNOWN_IP = "127.9.0.1"  # outside every network of the database below
 MESSAGE = (b"From: Jan <jan@kowalski.pl>\r\nTo: <a@example.org>\r\nSubject: Hello\r\n\r\n"
            b"An ordinary message about the invoice we discussed.\r\n")
+
+
+def message_from(sender: str) -> bytes:
+    """MESSAGE with a header From: naming ``sender`` (SPEC §3.8 checks it)."""
+    return MESSAGE.replace(b"<jan@kowalski.pl>", f"<{sender}>".encode())
+
+
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
@@ -225,8 +232,12 @@ class Gateway:
 
     def send(self, client: smtplib.SMTP, sender: str = "jan@kowalski.pl",
              recipients: tuple[str, ...] = ("someone@example.org",),
-             body: bytes = MESSAGE) -> tuple[int, str]:
-        """One full transaction; the reply that ended it (MAIL, RCPT or end of DATA)."""
+             body: bytes | None = None) -> tuple[int, str]:
+        """One full transaction; the reply that ended it (MAIL, RCPT or end of DATA).
+
+        The default message's header From: is the envelope sender."""
+        if body is None:
+            body = message_from(sender)
         code, text = client.mail(sender)
         if code != 250:
             return code, text.decode()

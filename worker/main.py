@@ -35,7 +35,7 @@ from cluster.hosts import Uplink
 from cluster.logjson import log_event, setup_logging
 from cluster.settings import Settings
 from cluster.validate import ConfigError
-from worker.auth import PasswordVerifier
+from worker.auth import PasswordVerifier, threads_per_worker
 from worker.counters.client import CounterClient, LocalCounters
 from worker.counters.shard import CounterShard
 from worker.delivery import DeliveryAgent
@@ -98,13 +98,15 @@ async def build_worker(settings: Settings, name: str = "w0", *,
     engine = PolicyEngine(
         snapshot=source.current,
         counters=counters,
-        verifier=PasswordVerifier(max_concurrent=max(2, (os.cpu_count() or 2))),
+        # Sized per host: every worker of the host has a pool of its own.
+        verifier=PasswordVerifier(max_concurrent=threads_per_worker(
+            settings.server.workers or os.cpu_count() or 1)),
         recipient_domain=RecipientDomainPolicy(resolver),
         scanner=lambda: scanner,
         spool=spool,
         on_queued=delivery.enqueue,
+        on_decision=metrics.decision,
     )
-    engine.on_decision = metrics.decision
     return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
                        delivery)
 
@@ -115,6 +117,7 @@ async def _housekeeping(parts: WorkerParts) -> None:
         if isinstance(parts.source, LocalSnapshotSource):
             parts.source.reload()
         parts.shard.expire()
+        parts.engine.connections.expire()
 
 
 class _Stop:

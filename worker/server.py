@@ -83,16 +83,19 @@ class SmtpServer:
     def _trusted(self, ip: str) -> bool:
         return _in_networks(ip, self.snapshot().settings.server.trusted_networks)
 
+    def _server_settings(self) -> ServerSettings:
+        return self.snapshot().settings.server
+
     def _factory(self, settings: ServerSettings, context: ssl.SSLContext | None,
                  implicit_tls: bool) -> Callable[..., GatewaySMTP]:
-        handler = GatewayHandler(self.engine, settings.max_recipients)
+        handler = GatewayHandler(self.engine)
         loop = asyncio.get_running_loop()
 
         def make(peer: tuple[str, int] | None = None, proxy: str | None = None) -> GatewaySMTP:
             return GatewaySMTP(
                 handler,
-                engine=self.engine,
                 sessions=self.sessions,
+                server_settings=self._server_settings,
                 trusted=self._trusted,
                 peer=peer,
                 proxy=proxy,
@@ -103,7 +106,6 @@ class SmtpServer:
                 auth_required=True,
                 auth_require_tls=settings.require_tls_for_auth and not implicit_tls,
                 auth_exclude_mechanism=[],
-                timeout=300,
                 loop=loop,
             )
 

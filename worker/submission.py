@@ -17,8 +17,9 @@ _HEADER_SCAN_LIMIT = 256 * 1024
 _FOLD_AT = 76
 
 
-def complete_headers(content: bytes, hostname: str, queue_id: str, now: float) -> bytes:
-    """The client's message with Message-ID and Date added when missing.
+def complete_headers(content: bytes, hostname: str, queue_id: str, now: float,
+                     sender: str = "") -> bytes:
+    """The client's message with From (the envelope sender), Message-ID and Date when missing.
 
     Done before the content scan, so a scanner does not score the absence of
     headers the gateway adds anyway.
@@ -26,13 +27,15 @@ def complete_headers(content: bytes, hostname: str, queue_id: str, now: float) -
     head_end = _header_end(content)
     head = content[:head_end].lower()
     added = []
+    if sender and not _has_header(head, b"from"):
+        added.append(f"From: <{sender}>\r\n")
     if not _has_header(head, b"message-id"):
         added.append(f"Message-ID: <{queue_id}@{hostname}>\r\n")
     if not _has_header(head, b"date"):
         added.append(f"Date: {email.utils.formatdate(now)}\r\n")
     if not added:
         return content
-    extra = "".join(added).encode("ascii", "replace")
+    extra = "".join(added).encode("utf-8", "surrogateescape")
     return content[:head_end] + extra + content[head_end:]
 
 
@@ -40,11 +43,12 @@ def trace_headers(hostname: str, client: Client, queue_id: str, spam_header: str
                   now: float | None = None) -> bytes:
     """Our ``Received:`` line, then the ``X-Spam-*`` lines of :func:`spam_headers`."""
     now = time.time() if now is None else now
-    user = client.account.user if client.account else ""
+    # The login name stays out: it is half of the account's credentials and
+    # would travel to every recipient (the session id finds it in our logs).
     received = (
         f"Received: from {_clean(client.helo) or 'unknown'} ([{client.ip}])\r\n"
         f"\tby {hostname} (sendguard) with ESMTPSA id {queue_id}\r\n"
-        f"\t(session {client.sid}; authenticated as {_clean(user)});\r\n"
+        f"\t(session {client.sid});\r\n"
         f"\t{email.utils.formatdate(now)}\r\n"
     )
     return received.encode("utf-8", "surrogateescape") + spam_header.encode("ascii", "replace")
@@ -80,6 +84,24 @@ def _folded(name: str, words: list[str]) -> str:
             line += piece
     lines.append(line)
     return "\r\n".join(lines) + "\r\n"
+
+
+def header_fields(content: bytes, names: tuple[bytes, ...]) -> list[str]:
+    """The unfolded values of the header fields called ``names`` (lower case), in order."""
+    fields: list[list[bytes]] = []
+    current: list[bytes] | None = None
+    for line in content[:_header_end(content)].splitlines():
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        name, colon, value = line.partition(b":")
+        if colon and name.rstrip().lower() in names:
+            current = [value]
+            fields.append(current)
+        else:
+            current = None
+    return [b"".join(parts).decode("utf-8", "surrogateescape").strip() for parts in fields]
 
 
 def _header_end(content: bytes) -> int:

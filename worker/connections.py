@@ -1,0 +1,107 @@
+"""Open connections per client address, counted across the workers of one host.
+
+``server.max_connections_per_ip`` caps the connections one client address
+(an IPv6 client by its /64) holds open on a host, whichever worker the
+kernel's SO_REUSEPORT handed each one to. The cap is checked when a
+connection opens, before the banner, so it must cost nothing a session
+would notice, and it must never count a connection that no longer exists.
+
+How it is counted:
+
+- Each worker counts its own open connections per client key, exactly, in
+  a dict: one increment at the banner, one decrement when the connection is
+  gone. No message, no lock, no round trip on the path of a session.
+- Each worker puts the keys it holds at least :data:`REPORT_FROM`
+  connections of into the report it already sends the coordinator every
+  second (sooner, at most every :data:`EARLY_REPORT` seconds, while a key
+  keeps growing). A report is the worker's whole table, not a change, so a
+  lost report loses nothing.
+- The coordinator publishes the tables of the workers that are alive
+  (``ConnectionCounts``), twice a second while any is non-empty and soon
+  after one changes. A worker that exits, crashes or stops reporting leaves
+  the coordinator's membership and its table goes with it: its connections
+  died with it, and they are no longer counted from the next publication.
+- A worker refuses a connection when its own count plus the other workers'
+  published counts on its host reach the cap. Published counts older than
+  :data:`STALE_AFTER` are dropped, so a coordinator that went away cannot
+  freeze an address out either.
+
+What that costs in precision: the other workers' counts are a fraction of
+a second old, and connections a worker holds only one of are not reported
+(that keeps the common case, one connection per address, out of every
+report). A burst of connections from one address opened faster than a
+report travels can exceed the cap by up to the cap on each other worker;
+once the reports arrive every further connection is refused until enough
+have closed. A single worker (or a worker running alone) is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+# Keys held this many times or more are reported to the other workers.
+REPORT_FROM = 2
+# Other workers' counts older than this are forgotten.
+STALE_AFTER = 5.0
+# While a key grows, the worker reports this soon instead of within a second.
+EARLY_REPORT = 0.1
+
+
+def host_of(worker: str) -> str:
+    """``mx1-w3`` → ``mx1``; ``w3`` → ``""`` (the workers of one supervisor share a host)."""
+    return worker.rpartition("-")[0]
+
+
+class ConnectionTable:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._local: dict[str, int] = {}
+        self._others: dict[str, int] = {}
+        self._others_at = -STALE_AFTER
+        # Told when a reported key grows, so the worker can report early.
+        self.on_growth: Callable[[], None] | None = None
+
+    def admit(self, key: str, cap: int) -> bool:
+        """Count one more connection of ``key`` unless the host already has ``cap``."""
+        held = self._local.get(key, 0)
+        if cap and held + self._others.get(key, 0) >= cap:
+            return False
+        self._local[key] = held + 1
+        if held + 1 >= REPORT_FROM and self.on_growth is not None:
+            self.on_growth()
+        return True
+
+    def release(self, key: str) -> None:
+        held = self._local.get(key, 0)
+        if held <= 1:
+            self._local.pop(key, None)
+        else:
+            self._local[key] = held - 1
+
+    def held(self, key: str) -> int:
+        """This worker's connections of ``key``."""
+        return self._local.get(key, 0)
+
+    def others(self, key: str) -> int:
+        """The other workers' connections of ``key``, as last published."""
+        return self._others.get(key, 0)
+
+    def report(self) -> dict[str, int]:
+        return {key: held for key, held in self._local.items() if held >= REPORT_FROM}
+
+    def update(self, tables: Mapping[str, Mapping[str, int]], me: str) -> None:
+        """A publication: every live worker's reported table, by worker name."""
+        host = host_of(me)
+        others: dict[str, int] = {}
+        for worker, table in tables.items():
+            if worker == me or host_of(worker) != host:
+                continue
+            for key, held in table.items():
+                others[key] = others.get(key, 0) + held
+        self._others = others
+        self._others_at = self._clock()
+
+    def expire(self) -> None:
+        if self._others and self._clock() - self._others_at > STALE_AFTER:
+            self._others = {}
