@@ -29,7 +29,7 @@ from cluster.logjson import log_event
 from cluster.settings import Settings
 from worker.delivery.result import DEFERRED, Result, local
 from worker.delivery.route import RouteError, Router
-from worker.delivery.transport import ConnectError, Connection, opportunistic_tls
+from worker.delivery.transport import ConnectError, Connection, tls_policy
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class SessionPool:
         self.messages_per_connection = messages_per_connection
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
-        self._tls = opportunistic_tls()
         self._destinations: dict[str, Destination] = {}
         self._waiting: OrderedDict[str, Destination] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,7 +144,8 @@ class SessionPool:
             try:
                 settings = self._settings()
                 hops = await self._router.hops(dest.domain, settings.delivery)
-                conn = await Connection.open(hops, helo=settings.server.hostname, tls=self._tls,
+                tls = tls_policy(settings.delivery.tls, settings.delivery.tls_ca)
+                conn = await Connection.open(hops, helo=settings.server.hostname, tls=tls,
                                              connect_timeout=self.connect_timeout,
                                              timeout=self.command_timeout)
             except RouteError as exc:
