@@ -80,6 +80,9 @@ class ClusterLink:
         self.member = False
         self.removed = asyncio.Event()
         self.report_values: Callable[[], dict[str, Any]] = dict
+        # Told every ConnectionCounts publication (worker/connections.py).
+        self.on_connections: Callable[[dict[str, dict[str, int]]], None] | None = None
+        self._report_soon: asyncio.TimerHandle | None = None
         self.delivery: DeliveryAgent | None = None
         self._snapshot: Snapshot | None = None
         self._have_snapshot = asyncio.Event()
@@ -103,6 +106,7 @@ class ClusterLink:
             sock.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_SNAPSHOT)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_RING)
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_CONNECTIONS)
         for sock in (self.sub, self.dealer):
             self.uplink.secure(sock)
         self.sub.connect(self.uplink.events)
@@ -198,6 +202,19 @@ class ClusterLink:
                       ring_epoch=self.ring_epoch)
         await self._send(wire.MetricsReport(self.name, os.getpid(), values))
 
+    def report_soon(self, delay: float) -> None:
+        """An extra report within ``delay`` (at most one pending), between the regular ones."""
+        if self._report_soon is not None or not self._tasks:
+            return
+
+        def send() -> None:
+            self._report_soon = None
+            task = asyncio.ensure_future(self.report())
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+        self._report_soon = asyncio.get_running_loop().call_later(delay, send)
+
     async def _report_loop(self) -> None:
         while True:
             await self.report()
@@ -265,6 +282,9 @@ class ClusterLink:
                 self._offer_snapshot(message)
             elif isinstance(message, wire.RingMessage):
                 self._offer_ring(message)
+            elif isinstance(message, wire.ConnectionCounts):
+                if self.on_connections is not None and isinstance(message.tables, dict):
+                    self.on_connections(message.tables)
             elif isinstance(message, wire.AdminRequest):
                 work = {"inspect": self._inspect if self._node is not None else None,
                         "queue": self._queue, "adopt": self._adopt}.get(message.command)
@@ -274,6 +294,8 @@ class ClusterLink:
                     task.add_done_callback(self._requests.discard)
 
     async def close(self) -> None:
+        if self._report_soon is not None:
+            self._report_soon.cancel()
         tasks = [*self._tasks, *self._requests]
         for task in tasks:
             task.cancel()

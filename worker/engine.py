@@ -147,7 +147,13 @@ class PolicyEngine:
     # -- AUTH ---------------------------------------------------------------
 
     async def authenticate(self, client: Client, credentials: Credentials) -> Verdict:
-        verdict = await self.authenticator.authenticate(client, credentials)
+        try:
+            verdict = await self.authenticator.authenticate(client, credentials)
+        except asyncio.CancelledError:
+            # The client hung up during the check: its failure stays counted.
+            self._log(client, "AUTH", reject("auth", "", "abandoned during the check"),
+                      account=credentials.login, mechanism=credentials.mechanism)
+            raise
         return self._log(client, "AUTH", verdict, account=credentials.login,
                          mechanism=credentials.mechanism)
 

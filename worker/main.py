@@ -36,6 +36,7 @@ from cluster.logjson import log_event, setup_logging
 from cluster.settings import Settings
 from cluster.validate import ConfigError
 from worker.auth import PasswordVerifier, threads_per_worker
+from worker.connections import EARLY_REPORT
 from worker.counters.client import CounterClient, LocalCounters
 from worker.counters.shard import CounterShard
 from worker.delivery import DeliveryAgent
@@ -202,7 +203,11 @@ async def serve_cluster(runtime_dir: Path, name: str, uplink: Uplink | None = No
         parts = await build_worker(settings, name, source=link, shard=shard,
                                    counters=node.client, metrics=metrics)
         sessions = parts.server.sessions
-        link.report_values = lambda: metrics.values(len(sessions), sessions.total)
+        connections = parts.engine.connections
+        link.report_values = lambda: {**metrics.values(len(sessions), sessions.total),
+                                      "connections": connections.report()}
+        link.on_connections = lambda tables: connections.update(tables, name)
+        connections.on_growth = lambda: link.report_soon(EARLY_REPORT)
         await link.join(node, node.endpoint)  # a tcp:// port may have been chosen at bind
         while not stop.any.is_set() and not node.active():
             await _first(node.wait_active(5.0), stop.any.wait())
