@@ -163,9 +163,10 @@ class PolicyEngine:
         snapshot = self.snapshot()
         # The login is checked again first: an account removed, or whose
         # password changed, since this session's AUTH may no longer send.
+        login = client.account.user if client.account else None
         relogin = recheck_login(snapshot, client)
         if relogin is not None:
-            return self._log(client, "MAIL", relogin, sender=sender)
+            return self._log(client, "MAIL", relogin, sender=sender, account=login)
         for policy in (self.sender_domain, self.geoip):
             verdict = policy.check(snapshot, client, sender)
             if not verdict.ok:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 BAD_BASE64 = "501 5.5.2 Can't decode base64"
 BAD_PLAIN = "501 5.5.2 Can't split auth value"
+TOO_LONG = "500 5.5.6 Authentication exchange line is too long"  # RFC 4954 §4
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +43,18 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+async def _challenge(server: SMTP, challenge: str) -> bytes | None:
+    try:
+        answer = await server.challenge_auth(challenge)
+    except ValueError:  # the answer overran the stream's line limit
+        await server.push(TOO_LONG)
+        return None
+    return None if answer is MISSING else answer  # type: ignore[return-value]
+
+
 async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -> bytes | None:
     if len(args) == 1:
-        answer = await server.challenge_auth(challenge)
-        return None if answer is MISSING else answer  # type: ignore[return-value]
+        return await _challenge(server, challenge)
     try:
         return b64decode(args[1].encode(), validate=True)
     except (binascii.Error, ValueError):
@@ -69,8 +78,7 @@ async def read_login(server: SMTP, args: list[str]) -> Credentials | None:
     login = await _initial_or_challenge(server, args, server.AuthLoginUsernameChallenge)
     if login is None:
         return None
-    password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
-    if password is MISSING:
+    password = await _challenge(server, server.AuthLoginPasswordChallenge)
+    if password is None:
         return None
-    assert isinstance(password, bytes)
     return Credentials("LOGIN", _text(login), _text(password))

@@ -48,7 +48,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException
 
 from cluster.logjson import log_event
 from cluster.names import address_problem, client_key, has_unusable_characters, plain_ip
@@ -285,6 +285,11 @@ class GatewaySMTP(SMTP):
         self.sessions.finished(self)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client's handshake failed: aiosmtpd closes the connection, no reply.
+            log_event("tls_failed", sid=self.sid, client_ip=self.client and self.client.ip,
+                      error=str(error.__cause__ or error))
+            return ""
         # aiosmtpd would answer "500 Error: (TypeError) ..." and log a traceback.
         return self.event_handler.internal_error(self, self._command, error)
 
