@@ -464,10 +464,6 @@ def _index(child: Child) -> int:
 
 def run_cluster(settings: Settings) -> int:
     setup_logging(settings.log_file, process="supervisor")
-    if os.geteuid() == 0:
-        log_event("running_as_root", logging.WARNING,
-                  advice="run as an unprivileged user (examples/sendguard.service: "
-                         "User=sendguard with CAP_NET_BIND_SERVICE for ports below 1024)")
     runtime_dir = settings.cluster.runtime_dir
     try:
         lock = lock_runtime_dir(runtime_dir)
@@ -485,6 +481,10 @@ def run_cluster(settings: Settings) -> int:
         print(str(exc), file=sys.stderr)
         os.close(lock)
         return EXIT_CONFIG
+    if os.geteuid() == 0:
+        log_event("running_as_root", logging.WARNING,
+                  advice="run as an unprivileged user (examples/sendguard.service: "
+                         "User=sendguard with CAP_NET_BIND_SERVICE for ports below 1024)")
     try:
         clear_runtime_dir(runtime_dir)
         return Supervisor(settings, uplink).run()

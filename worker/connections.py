@@ -13,9 +13,12 @@ How it is counted:
   gone. No message, no lock, no round trip on the path of a session.
 - Each worker puts the keys it holds at least :data:`REPORT_FROM`
   connections of into the report it already sends the coordinator every
-  second (sooner, at most every :data:`EARLY_REPORT` seconds, while a key
-  keeps growing). A report is the worker's whole table, not a change, so a
-  lost report loses nothing.
+  second, and also every key it holds at all that another worker reported
+  (a "hot" key): one connection per address, the common case, is never in
+  a report, yet the count of an address that matters is complete. Reports
+  go out sooner (after :data:`EARLY_REPORT` seconds) while a reported key
+  grows or a held key turns hot. A report is the worker's whole table, not
+  a change, so a lost report loses nothing.
 - The coordinator publishes the tables of the workers that are alive
   (``ConnectionCounts``), twice a second while any is non-empty and soon
   after one changes. A worker that exits, crashes or stops reporting leaves
@@ -27,12 +30,11 @@ How it is counted:
   freeze an address out either.
 
 What that costs in precision: the other workers' counts are a fraction of
-a second old, and connections a worker holds only one of are not reported
-(that keeps the common case, one connection per address, out of every
-report). A burst of connections from one address opened faster than a
-report travels can exceed the cap by up to the cap on each other worker;
-once the reports arrive every further connection is refused until enough
-have closed. A single worker (or a worker running alone) is exact.
+a second old. A burst of connections from one address opened faster than
+a report travels (a report and a publication, about 0.2 s while it grows)
+can exceed the cap by up to the cap on each other worker; once the reports
+arrive every further connection is refused until enough have closed. A
+single worker (or a worker running alone) is exact.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class ConnectionTable:
         if cap and held + self._others.get(key, 0) >= cap:
             return False
         self._local[key] = held + 1
-        if held + 1 >= REPORT_FROM and self.on_growth is not None:
+        if self.on_growth is not None and (held + 1 >= REPORT_FROM or key in self._others):
             self.on_growth()
         return True
 
@@ -88,7 +90,10 @@ class ConnectionTable:
         return self._others.get(key, 0)
 
     def report(self) -> dict[str, int]:
-        return {key: held for key, held in self._local.items() if held >= REPORT_FROM}
+        """Keys held :data:`REPORT_FROM` times or more, and hot keys held at all."""
+        others = self._others
+        return {key: held for key, held in self._local.items()
+                if held >= REPORT_FROM or key in others}
 
     def update(self, tables: Mapping[str, Mapping[str, int]], me: str) -> None:
         """A publication: every live worker's reported table, by worker name."""
@@ -99,8 +104,11 @@ class ConnectionTable:
                 continue
             for key, held in table.items():
                 others[key] = others.get(key, 0) + held
+        turned_hot = any(key in self._local and key not in self._others for key in others)
         self._others = others
         self._others_at = self._clock()
+        if turned_hot and self.on_growth is not None:
+            self.on_growth()  # our single connections of that key count now
 
     def expire(self) -> None:
         if self._others and self._clock() - self._others_at > STALE_AFTER:
