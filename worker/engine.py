@@ -259,7 +259,13 @@ class PolicyEngine:
         # cancels this coroutine, but the store and the hand-over to delivery
         # finish (or release the reservation) all the same, so no stored
         # message is left that delivery never heard of.
-        failure = await asyncio.shield(self._commit(record, reservation))
+        commit = asyncio.ensure_future(self._commit(record, reservation))
+        try:
+            failure = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            commit.add_done_callback(
+                lambda done: self._log_unheard(client, done, queue_id, len(record.message)))
+            raise
         if failure is not None:
             verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid),
                                str(failure))
@@ -272,6 +278,17 @@ class PolicyEngine:
         return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned,
                                     recipients=len(transaction.rcpt_tos),
                                     size=len(record.message), **noted), queue_id)
+
+    def _log_unheard(self, client: Client, commit: asyncio.Future[SpoolError | None],
+                     queue_id: str, size: int) -> None:
+        """What became of a message whose client left before its reply."""
+        if commit.cancelled() or commit.exception() is not None or commit.result() is not None:
+            verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid),
+                               "not stored; the client had left")
+        else:
+            verdict = Verdict(Action.CONTINUE, replies.QUEUED.format(queue_id=queue_id), "data",
+                              "queued; the client left before the reply")
+        self._log(client, "DATA", verdict, queue_id=queue_id, size=size)
 
     async def _commit(self, record: SpoolRecord, reservation: str) -> SpoolError | None:
         """Store and enqueue, or release the reservation: either way, all of it."""
