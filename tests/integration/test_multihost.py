@@ -30,7 +30,7 @@ import pytest
 import zmq
 import zmq.auth
 from clusterproc import ROOT, Cluster, listeners, wait_for
-from gateway import MESSAGE, TENANTS
+from gateway import TENANTS, message_from
 
 from cluster import wire
 from cluster.admin import AdminFailure, request
@@ -162,7 +162,7 @@ def race(jobs: list[tuple[Host, str, str]]) -> list[tuple[int, str]]:
                 code, text = client.rcpt("someone@example.org")
             gate.wait()
             if code == 250:
-                code, text = client.data(MESSAGE)
+                code, text = client.data(message_from(user))
             return code, text.decode()
         finally:
             client.close()
