@@ -132,6 +132,13 @@ class PasswordVerifier:
             self._cache_put(key)
         return ok
 
+    def known_good(self, user: str, stored: str, password: str) -> bool:
+        """Whether this exact login succeeded lately (the cache): no hashing needed."""
+        if self._cache_get(self._cache_key(user, stored, password)):
+            self.cache_hits += 1
+            return True
+        return False
+
     async def verify_decoy(self, model: str, password: str, *,
                            max_waiting: int | None = None) -> bool:
         """The work of :meth:`verify` against a hash as costly as ``model``; always False."""

@@ -19,6 +19,13 @@ Order, for one AUTH whose credentials have been read:
 
 An internal error releases the reservation too (nothing counted) and goes
 on to the SMTP layer, which answers 451.
+
+One shortcut: credentials the verifier's cache knows as good (this exact
+user, stored hash and password succeeded lately) need no hashing, so they
+need no failure slot either; they only read the address's failures (454
+when it is locked out). Only the right password can take that path, and
+it spares the busy client that logs in for every message a reservation
+and its release.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
+from cluster.counting import Op
 from cluster.logjson import log_event
 from cluster.names import BadDomain, normalise_address
 from cluster.passwords import PasswordSchemeError
@@ -57,14 +65,16 @@ class Authenticator:
         """The verdict for one AUTH; sets ``client.account`` on success. Not logged here."""
         snapshot = self.snapshot()
         ops = self.throttle.ops(snapshot, client)
+        known = self._known_good(snapshot, credentials)
+        if known is not None:
+            return await self._without_hashing(client, ops, known)
         reservation = ""
         if ops:
             reservation = f"{client.sid}.auth{next(_attempts)}"
             try:
                 outcome = await self.counters.reserve(reservation, ops)
             except CounterUnavailable as exc:
-                return tempfail(self.throttle.name,
-                                replies.POLICY_TEMPFAIL.format(sid=client.sid), str(exc))
+                return _counter_tempfail(client, exc)
             if not outcome.ok:
                 return self.throttle.refusal(client, outcome.counts)
         try:
@@ -81,6 +91,35 @@ class Authenticator:
         if verdict.ok:
             self._undo(reservation)
         return verdict
+
+    def _known_good(self, snapshot: Snapshot, credentials: Credentials) -> Account | None:
+        """The account, when these exact credentials succeeded lately (the verifier's cache).
+
+        Only the right password can hit that cache, and it costs no hash: such a
+        login needs no failure slot, so the busy client that logs in for every
+        message pays one counter read instead of a reservation and its release.
+        """
+        if credentials.authzid and not _same_user(credentials.authzid, credentials.login):
+            return None
+        account = snapshot.tenants.account(credentials.login)
+        if account is None:
+            return None
+        if self.verifier.known_good(account.user, account.password, credentials.password):
+            return account
+        return None
+
+    async def _without_hashing(self, client: Client, ops: list[Op], account: Account) -> Verdict:
+        # A locked-out address stays locked out, whatever it knows.
+        if ops:
+            try:
+                outcome = await self.counters.check(ops)
+            except CounterUnavailable as exc:
+                return _counter_tempfail(client, exc)
+            if any(count >= (op.max or 0) for op, count in zip(ops, outcome.counts,
+                                                                strict=True)):
+                return self.throttle.refusal(client, outcome.counts)
+        client.account = account
+        return Verdict(Action.CONTINUE, replies.AUTH_OK, "auth")
 
     def _undo(self, reservation: str) -> None:
         if reservation:
@@ -136,6 +175,10 @@ def recheck_login(snapshot: Snapshot, client: Client) -> Verdict | None:
     client.account = None
     return reject("auth", replies.AUTH_REQUIRED.format(sid=client.sid),
                   "account removed" if current is None else "password changed")
+
+
+def _counter_tempfail(client: Client, exc: Exception) -> Verdict:
+    return tempfail("auth_throttle", replies.POLICY_TEMPFAIL.format(sid=client.sid), str(exc))
 
 
 def _same_user(authzid: str, login: str) -> bool:

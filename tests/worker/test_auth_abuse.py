@@ -152,6 +152,8 @@ def test_a_success_gives_its_reserved_failure_back(gateway: Gateway) -> None:
     codes = [code_of(client, "AUTH PLAIN " + plain_auth("jan@kowalski.pl", "guess"))
              for _ in range(4)]
     assert codes == [535, 535, 535, 454]
+    # The right password, which the verifier has cached: still locked out.
+    assert code_of(client, "AUTH PLAIN " + plain_auth("jan@kowalski.pl", PASSWORD)) == 454
     client.quit()
 
 
