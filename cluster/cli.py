@@ -58,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: dict[str, str] = {
     "status": "cluster.admin",
     "scale": "cluster.admin",
-    "tenant": "cluster.admin",
+    "tenant": "cluster.support_cli",
     "inspect": "cluster.admin",
-    "queue": "cluster.admin",
+    "queue": "cluster.queue_cli",
+    "why": "cluster.support_cli",
+    "account": "cluster.support_cli",
+    "counters": "cluster.support_cli",
     "keygen": "cluster.curve",
     "loadtest": "loadtest.cli",
 }

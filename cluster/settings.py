@@ -66,6 +66,17 @@ class ClusterSettings:
     bind: str
     curve_secret_key: Path | None
     curve_public_keys: Path | None
+    state_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: tuple[str, int] | None
+    users_file: Path | None
+    # For ``sendguard why``: how many recent decisions the host keeps in memory (shared
+    # out among its workers), and for how long.
+    recent_decisions: int
+    recent_decisions_for: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +137,7 @@ class Settings:
     tenants_file: Path
     cluster: ClusterSettings
     metrics_listen: tuple[str, int] | None
+    admin: AdminSettings
     auth: AuthSettings
     geoip: GeoipSettings
     limits: tuple[Limit, ...]
@@ -164,6 +176,7 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
                                    joining=_joins_another_host(top.raw("cluster"))),
         cluster=_cluster(Section(path, "cluster", top.raw("cluster")), path),
         metrics_listen=_metrics(Section(path, "metrics", top.raw("metrics"))),
+        admin=_admin(Section(path, "admin", top.raw("admin")), base),
         auth=_auth(Section(path, "auth", top.raw("auth"))),
         geoip=_geoip(Section(path, "geoip", top.raw("geoip")), base),
         limits=read_limits(path, "limits", top.raw("limits"), DEFAULT_LIMITS),
@@ -296,9 +309,30 @@ def _cluster(s: Section, config_path: Path) -> ClusterSettings:
         bind=bind,
         curve_secret_key=secret,
         curve_public_keys=s.path("curve_public_keys", "", config_path.parent),
+        state_dir=_state_dir(s, config_path.parent),
     )
     s.reject_unknown()
     return settings
+
+
+def _state_dir(s: Section, base: Path) -> Path:
+    path = s.path("state_dir", "", base) or default_state_dir()
+    if path.exists() and not path.is_dir():
+        raise s.error("state_dir", "is not a folder", str(path))
+    return path
+
+
+def default_state_dir() -> Path:
+    """Where the coordinator keeps suspensions, country exceptions and the audit log."""
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)  # StateDirectory= of the service unit
+    if os.geteuid() == 0:
+        return Path("/var/lib/sendguard")
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG specification says to ignore a relative value.
+    base = Path(xdg) if xdg.startswith("/") else Path.home() / ".local" / "state"
+    return base / "sendguard"
 
 
 _WILDCARDS = ("*", "0.0.0.0", "[::]", "::")
@@ -347,6 +381,23 @@ def _metrics(s: Section) -> tuple[str, int] | None:
     from cluster.validate import read_endpoint
 
     return read_endpoint(s, "listen", value)
+
+
+def _admin(s: Section, base: Path) -> AdminSettings:
+    from cluster.validate import read_endpoint
+
+    listen = s.string("listen", "")
+    users_file = s.path("users_file", "", base)
+    if listen and users_file is None:
+        raise s.error("users_file", "is required when admin.listen is set", "")
+    settings = AdminSettings(
+        listen=read_endpoint(s, "listen", listen) if listen else None,
+        users_file=users_file,
+        recent_decisions=s.integer("recent_decisions", 2_000_000, minimum=0),
+        recent_decisions_for=s.duration("recent_decisions_for", "24h"),
+    )
+    s.reject_unknown()
+    return settings
 
 
 def _auth(s: Section) -> AuthSettings:

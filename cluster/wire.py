@@ -12,8 +12,9 @@ with ``cluster.bind`` the workers' sockets and the coordinator's are also on
 
 - ``w-<name>.sock`` — a worker's ROUTER for counter traffic. Peers connect a
   DEALER and send one frame: ``CounterRequest``, ``Replicate``, ``Handoff``,
-  ``HandoffDone`` or ``InspectRequest``; the ROUTER answers on the same
-  identity with ``CounterReply``, ``ReplicateAck`` or ``InspectReply``.
+  ``HandoffDone``, ``InspectRequest`` or ``ResetRequest``; the ROUTER answers
+  on the same identity with ``CounterReply``, ``ReplicateAck``,
+  ``InspectReply`` or ``ResetReply``.
 - ``coord.sock`` — the coordinator's ROUTER. Workers send ``Hello``,
   ``SnapshotRequest``, ``Ready`` and ``MetricsReport``; the supervisor sends
   ``SupervisorHello`` and ``ProcessEvent``; the admin CLI sends
@@ -206,6 +207,30 @@ class InspectReply(Message):
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class ResetRequest(Message):
+    """Forget every count of ``keys`` (``sendguard counters reset``). To the keys' owner,
+    which applies it and sends it on to each key's replica with ``replica`` set. ``rid``
+    names one owner's part of one reset: a repeat is answered without resetting again."""
+
+    TYPE: ClassVar[str] = "reset"
+    rid: str
+    epoch: int
+    keys: list[str]
+    replica: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResetReply(Message):
+    """``status`` as ``CounterReply``'s; ``cleared``: counters that held something."""
+
+    TYPE: ClassVar[str] = "reset-reply"
+    rid: str
+    status: str
+    epoch: int
+    cleared: int = 0
+
+
 # -- workers, supervisor and admin with the coordinator ---------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +259,8 @@ class SnapshotMessage(Message):
     tenants_version: str
     geoip: bytes | None
     geoip_version: str
+    # Suspensions and country exceptions (``cluster.support_state.SupportState.to_wire``).
+    support: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +325,8 @@ class ScaleCommand(Message):
 
 @dataclass(frozen=True, slots=True)
 class AdminRequest(Message):
-    """``command``: status | scale | allow-country | disallow-country | inspect | queue."""
+    """``command``: status | scale | allow-country | disallow-country | inspect | queue |
+    why | suspend | unsuspend | reset | history (``coordinator.service``)."""
 
     TYPE: ClassVar[str] = "admin"
     command: str

@@ -20,7 +20,6 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,22 @@ from cluster import wire
 from cluster.hosts import bind_coordinator
 from cluster.logjson import log_event
 from coordinator.connections import SOON, ConnectionBoard
-from coordinator.inspect import SubjectError, subject_keys, with_limits
+from coordinator.errors import AdminError, Unavailable
+from coordinator.http_users import AdminUsers
+from coordinator.inspect import SubjectError, subject_keys, summary, with_limits
 from coordinator.membership import MEMBER, Membership, Worker
 from coordinator.metrics import MetricsBook, serve_metrics
 from coordinator.sources import SnapshotSources
-from coordinator.spools import AdoptionSweep, QueueError, queue_command
-from coordinator.tenant_edit import EditError, edit_countries
+from coordinator.spools import CHANGES, AdoptionSweep, QueueError, queue_command
+from coordinator.state_store import FileStore, SupportStore
+from coordinator.support import SupportDesk, text
+from coordinator.why import why
 
 TICK = 0.5               # file watch and heartbeat check
 SILENCE = 5.0            # a member that has not reported for this long leaves
 RECOVERY = 2.5           # after a restart: rebuild membership from reports first
 INSPECT_TIMEOUT = 3.0
+RESET_TIMEOUT = 6.0      # the worker gives its owners 5 s
 RESEND_AFTER = 3.0       # a lagging worker gets the snapshot again at most this often
 MAX_WORKERS = 256
 STATE_FILE = "coordinator.state"
@@ -67,10 +71,15 @@ def write_state(runtime_dir: Path, version: int, epoch: int) -> None:
 
 class Coordinator:
     def __init__(self, sources: SnapshotSources, runtime_dir: Path,
-                 membership: Membership) -> None:
+                 membership: Membership, store: SupportStore | None = None,
+                 users: AdminUsers | None = None) -> None:
         self.sources = sources
         self.runtime_dir = runtime_dir
         self.membership = membership
+        self.desk = SupportDesk(store or FileStore(sources.settings.cluster.state_dir),
+                                sources, self._publish_snapshot)
+        self._lapsing: asyncio.Task[None] | None = None
+        self.users = users  # the HTTP admin API's, when [admin] listen is set
         self.metrics = MetricsBook()
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
@@ -107,6 +116,17 @@ class Coordinator:
         listen = self.sources.settings.metrics_listen
         if listen is not None:
             metrics_server = serve_metrics(self.metrics, *listen)
+        http = None
+        admin_listen = self.sources.settings.admin.listen
+        if admin_listen is not None and self.users is not None:
+            from coordinator.http_api import serve
+
+            try:
+                http = await serve(self.call, self.users, *admin_listen)
+            except OSError:
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                raise
         self._persist()
         log_event("coordinator_ready", pid=os.getpid(), version=self.sources.version,
                   epoch=self.membership.epoch)
@@ -120,6 +140,10 @@ class Coordinator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.adoption.close()
+            if http is not None:
+                await http.cleanup()
+            if self.users is not None:
+                self.users.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
             self.router.close()
@@ -129,6 +153,12 @@ class Coordinator:
             context.term()
         log_event("coordinator_stopped")
         return 0
+
+    async def _lapse(self) -> None:
+        try:
+            await self.desk.lapse()
+        except AdminError as exc:
+            log_event("lapse_failed", logging.ERROR, error=str(exc))
 
     def _on_hup(self) -> None:
         self._hup = True
@@ -206,6 +236,8 @@ class Coordinator:
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
             await self._publish_connections()
+            if self._lapsing is None or self._lapsing.done():
+                self._lapsing = asyncio.create_task(self._lapse())
             if self.supervisor:
                 self.adoption.tick(now, self.membership, self.target_workers)
             self.metrics.refresh(self.sources.version, self.membership.epoch,
@@ -305,25 +337,38 @@ class Coordinator:
     # -- admin ---------------------------------------------------------------
 
     async def _admin(self, identity: bytes, request: wire.AdminRequest) -> None:
-        handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-            "status": self._status,
-            "scale": self._scale,
-            "allow-country": partial(self._edit_country, allow=True),
-            "disallow-country": partial(self._edit_country, allow=False),
-            "inspect": self._inspect,
-            "queue": self._queue,
-        }
-        handler = handlers.get(request.command)
         try:
-            if handler is None:
-                raise AdminError(f"unknown command {request.command!r}")
-            reply = wire.AdminReply(True, await handler(request.args))
+            reply = wire.AdminReply(True, await self.call(request.command, request.args))
         except AdminError as exc:
             reply = wire.AdminReply(False, {}, str(exc))
         except Exception as exc:
             logging.getLogger(__name__).exception("admin %s", request.command)
             reply = wire.AdminReply(False, {}, f"internal error: {exc}")
         await self._send(identity, reply)
+
+    async def call(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One admin command, from the admin socket or the HTTP API; raises AdminError."""
+        handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "status": self._status,
+            "scale": self._scale,
+            "allow-country": self.desk.allow_country,
+            "disallow-country": self.desk.disallow_country,
+            "countries": self._countries,
+            "history": self.desk.history,
+            "suspend": self.desk.suspend,
+            "unsuspend": self.desk.unsuspend,
+            "inspect": self._inspect,
+            "reset": self._reset,
+            "queue": self._queue,
+            "why": self._why,
+        }
+        handler = handlers.get(command)
+        if handler is None:
+            raise AdminError(f"unknown command {command!r}")
+        return await handler(args)
+
+    async def _countries(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.desk.countries_of(self.desk.hosted_domain(args))
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
@@ -371,24 +416,6 @@ class Coordinator:
         self.target_workers = count
         return {"workers": count, "previous": previous}
 
-    async def _edit_country(self, args: dict[str, Any], allow: bool) -> dict[str, Any]:
-        settings = self.sources.settings
-        try:
-            result = await asyncio.to_thread(
-                edit_countries, settings.tenants_file, str(args.get("domain", "")),
-                str(args.get("country", "")), allow, settings.geoip.default_countries)
-        except (EditError, OSError) as exc:
-            raise AdminError(str(exc)) from None
-        if result.changed:
-            log_event("tenant_edit", domain=result.domain, countries=list(result.countries),
-                      allow=allow)
-            if self.sources.force_tenants():
-                await self._publish_snapshot()
-        return {"domain": result.domain, "countries": list(result.countries),
-                "changed": result.changed,
-                "tenants_version": self.sources.tenants.directory.version,
-                "config_version": self.sources.version}
-
     async def _inspect(self, args: dict[str, Any]) -> dict[str, Any]:
         try:
             keys = subject_keys(str(args.get("kind", "")), str(args.get("subject", "")))
@@ -397,7 +424,7 @@ class Coordinator:
         candidates = [w for w in self.membership.workers.values()
                       if w.state == MEMBER and w.identity]
         if not candidates:
-            raise AdminError("no worker is in the ring to ask")
+            raise Unavailable("no worker is in the ring to ask")
         # A worker asks each key's owner through its counter node; try another if one is slow.
         for worker in candidates[:2]:
             reply = await self._ask(worker, "inspect", {"keys": keys}, INSPECT_TIMEOUT)
@@ -405,17 +432,73 @@ class Coordinator:
                 continue
             if not reply.ok:
                 raise AdminError(f"{worker.name}: {reply.error}")
-            rows = reply.data.get("rows", {})
-            return {"keys": keys, "worker": worker.name,
-                    "rows": with_limits(rows, self.sources.settings,
-                                        self.sources.tenants.directory)}
-        raise AdminError("no worker answered in time")
+            rows = with_limits(reply.data.get("rows", {}), self.sources.settings,
+                               self.sources.tenants.directory)
+            result = {"keys": keys, "worker": worker.name, "rows": rows,
+                      **summary(str(args.get("kind")), rows, self.sources.settings)}
+            if args.get("kind") == "account":
+                result["suspension"] = self.desk.suspension_of(keys[0].partition(":")[2])
+            return result
+        raise Unavailable("no worker answered in time")
+
+    async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every counter of an address or an account, on its owner and replica, once."""
+        by, reason = text(args, "by", required=True), text(args, "reason")
+        kind, subject = str(args.get("kind", "")), str(args.get("subject", ""))
+        try:
+            keys = subject_keys(kind, subject)
+        except SubjectError as exc:
+            raise AdminError(str(exc)) from None
+        candidates = [w for w in self.membership.workers.values()
+                      if w.state == MEMBER and w.identity]
+        if not candidates:
+            raise Unavailable("no worker is in the ring to ask")
+        # One id for the whole reset: a second worker asked after a silent first one
+        # reaches owners that answer it again without resetting twice.
+        payload = {"keys": keys, "reset_id": uuid.uuid4().hex}
+        for worker in candidates[:2]:
+            reply = await self._ask(worker, "reset", payload, RESET_TIMEOUT)
+            if reply is None:
+                continue
+            if not reply.ok:
+                raise AdminError(f"{worker.name}: {reply.error}")
+            cleared = int(reply.data.get("cleared", 0))
+            owners = list(reply.data.get("owners", []))
+            log_event("counters_reset", keys=keys, cleared=cleared, by=by)
+            domain = keys[0].partition(":")[2].rpartition("@")[2] if kind == "account" else ""
+            await self.desk.audit(by, "counters-reset", keys[0].partition(":")[2], domain,
+                                  reason, details={"keys": keys, "counters": cleared})
+            return {"keys": keys, "cleared": cleared, "owners": owners, "worker": worker.name}
+        raise Unavailable("no worker answered in time")
+
+    async def _why(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await why(list(self.membership.workers.values()), self._ask, args)
 
     async def _queue(self, args: dict[str, Any]) -> dict[str, Any]:
+        change = args.get("action") in CHANGES
+        if change:
+            by, reason = text(args, "by", required=True), text(args, "reason")
         try:
-            return await queue_command(list(self.membership.workers.values()), self._ask, args)
+            result = await queue_command(list(self.membership.workers.values()), self._ask, args)
         except QueueError as exc:
             raise AdminError(str(exc)) from None
+        if change:
+            await self._audit_queue(result, by, reason)
+        return result
+
+    async def _audit_queue(self, result: dict[str, Any], by: str, reason: str) -> None:
+        """One entry per tenant whose messages the purge, hold or release touched."""
+        by_domain: dict[str, list[str]] = {}
+        for message in result["messages"]:
+            domain = str(message.get("account", "")).rpartition("@")[2]
+            by_domain.setdefault(domain, []).append(message["queue_id"])
+        for domain, ids in sorted(by_domain.items()):
+            subject = result.get("account") or result.get("client") or ", ".join(ids)
+            details: dict[str, Any] = {"messages": len(ids), "queue_ids": ids}
+            if result["action"] == "purge":
+                details["bounce"] = bool(result.get("bounce"))
+            await self.desk.audit(by, f"queue-{result['action']}", subject, domain, reason,
+                                  details=details)
 
     async def _ask(self, worker: Worker, command: str, args: dict[str, Any],
                    timeout: float) -> wire.AdminReply | None:
@@ -431,6 +514,3 @@ class Coordinator:
         finally:
             self._asks.pop(rid, None)
 
-
-class AdminError(Exception):
-    pass

@@ -64,7 +64,8 @@ def add_parser(commands: Any, name: str,
     accuracy.add_argument("--keep", action="store_true", help="keep the run's folder")
     accuracy.add_argument("--json", action="store_true", help="machine-readable output")
     bench = scenarios.add_parser(
-        "bench", help="msgs/s of sendguard at 1..N workers, a bare sink and Postfix")
+        "bench", help="msgs/s and CPU per message of sendguard at 1..N workers, "
+        "a stock aiosmtpd server and Postfix")
     bench.add_argument("--workers", type=_positive, default=os.cpu_count() or 2,
                        help="measure sendguard at 1..N workers (default: one per CPU)")
     bench.add_argument("--rounds", type=_positive, default=3, help="repeat every measurement")
@@ -72,6 +73,12 @@ def add_parser(commands: Any, name: str,
                        help="messages per measurement at 1 message per session (x3 at 100)")
     bench.add_argument("--concurrency", type=_positive, default=20, help="sessions in flight")
     bench.add_argument("--clients", type=_positive, default=2, help="client processes")
+    bench.add_argument("--compare", action="append", default=[], metavar="DIR",
+                       help="also measure sendguard from this source tree (e.g. an earlier "
+                       "commit unpacked with git archive), in the same rounds; repeatable")
+    bench.add_argument("--no-bare", action="store_true",
+                       help="leave out the bare sink with the gateway's aiosmtpd speedups "
+                       "(the stock aiosmtpd baseline always runs)")
     postfix = bench.add_mutually_exclusive_group()
     postfix.add_argument("--install-postfix", action="store_true",
                          help="apt-get install postfix first (it REPLACES any other MTA)")

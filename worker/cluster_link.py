@@ -13,8 +13,9 @@ left out of a later one has been retired: :attr:`removed` is set.
 
 The coordinator also forwards admin work here as ``AdminRequest``s whose
 ``rid`` the ``AdminReply`` carries back: ``inspect`` (the counter node asks
-each key's owner), ``queue`` (``sendguard queue list|flush|delete`` on this
-worker's delivery agent) and ``adopt`` (claim orphaned spool folders, see
+each key's owner), ``queue`` (``sendguard queue list|flush|delete|purge|
+hold|release`` on this worker's delivery agent), ``why`` (the session's
+recent decisions, :mod:`worker.recent`) and ``adopt`` (claim orphaned spool folders, see
 :mod:`worker.spool.adoption`). Queue work is answered only once the worker
 is serving, i.e. its spool is loaded and :attr:`delivery` set.
 """
@@ -35,10 +36,12 @@ from cluster import wire
 from cluster.hosts import Uplink
 from cluster.logjson import log_event
 from cluster.settings import parse_settings
+from cluster.support_state import SupportState
 from cluster.tenants import parse_tenants
 from cluster.validate import ConfigError
 from worker.delivery import DeliveryAgent
 from worker.geo import CountryDatabase, GeoDatabaseError
+from worker.recent import RecentDecisions
 from worker.snapshot import Snapshot
 from worker.spool.adoption import adopt_orphans
 
@@ -48,13 +51,32 @@ REPORT_INTERVAL = 1.0
 class RingNode(Protocol):
     async def apply_ring(self, epoch: int, members: Sequence[tuple[str, str]]) -> None: ...
     async def inspect(self, key: str) -> list[dict[str, Any]]: ...
+    async def reset(self, keys: Sequence[str], rid: str) -> tuple[int, list[str]]: ...
 
 
 def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> Snapshot:
-    """Raises ConfigError when the snapshot cannot be used (it was validated upstream)."""
-    settings = parse_settings(Path(message.config_path), message.config)
-    tenants = parse_tenants(settings.tenants_file, message.tenants,
-                            version=message.tenants_version)
+    """Raises ConfigError when the snapshot cannot be used (it was validated upstream).
+
+    What did not change is taken from ``previous`` as it is: a new version may
+    only carry a suspension, and a large tenant directory costs a noticeable
+    time to parse again."""
+    if (previous is not None and str(previous.settings.path) == message.config_path
+            and previous.settings.raw == message.config):
+        settings = previous.settings
+    else:
+        settings = parse_settings(Path(message.config_path), message.config)
+    if (previous is not None and message.tenants_version
+            and previous.tenants.version == message.tenants_version
+            and previous.settings.tenants_file == settings.tenants_file):
+        tenants = previous.tenants
+    else:
+        tenants = parse_tenants(settings.tenants_file, message.tenants,
+                                version=message.tenants_version)
+    try:
+        support = SupportState.from_wire(message.support or {})
+    except ValueError as exc:
+        raise ConfigError(settings.path, "cluster.state_dir", f"bad support state: {exc}",
+                          show_value=False) from None
     geoip = None
     if message.geoip is not None:
         old = previous.geoip if previous is not None else None
@@ -66,7 +88,7 @@ def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> 
             except GeoDatabaseError as exc:
                 raise ConfigError(settings.path, "geoip.database", str(exc),
                                   show_value=False) from None
-    return Snapshot(settings, tenants, geoip, message.version)
+    return Snapshot(settings, tenants, geoip, message.version, support)
 
 
 class ClusterLink:
@@ -84,6 +106,7 @@ class ClusterLink:
         self.on_connections: Callable[[dict[str, dict[str, int]]], None] | None = None
         self._report_soon: asyncio.TimerHandle | None = None
         self.delivery: DeliveryAgent | None = None
+        self.recent: RecentDecisions | None = None
         self._snapshot: Snapshot | None = None
         self._have_snapshot = asyncio.Event()
         self._snapshot_error: ConfigError | None = None
@@ -239,6 +262,19 @@ class ClusterLink:
         keys = args.get("keys", [])
         return {"rows": {str(key): await self._node.inspect(str(key)) for key in keys}}
 
+    async def _why(self, args: dict[str, Any]) -> dict[str, Any]:
+        recent = self.recent
+        if recent is None:
+            raise _Refused(f"{self.name} is not serving yet")
+        return {"decisions": recent.session(str(args.get("sid", ""))),
+                "kept": {"decisions": recent.max_decisions, "seconds": recent.max_age}}
+
+    async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._node is not None
+        keys = [str(key) for key in args.get("keys", [])]
+        cleared, owners = await self._node.reset(keys, str(args.get("reset_id", "")))
+        return {"cleared": cleared, "owners": owners}
+
     def _serving(self) -> DeliveryAgent:
         if self.delivery is None:
             raise _Refused(f"{self.name} has not loaded its spool yet")
@@ -253,6 +289,16 @@ class ClusterLink:
             return {"started": delivery.flush()}
         if action == "delete":
             return {"deleted": await delivery.delete(str(args.get("queue_id", "")))}
+        if action in ("purge", "hold", "release"):
+            records = delivery.matching(ids=frozenset(map(str, args.get("ids") or ())),
+                                        account=str(args.get("account") or ""),
+                                        client=str(args.get("client") or ""))
+            if action == "purge":
+                touched = await delivery.purge(records, bool(args.get("bounce")))
+            else:
+                touched = await delivery.hold(records, action == "hold")
+            return {"touched": [{"queue_id": r.queue_id, "account": r.account}
+                                for r in touched]}
         raise _Refused(f"unknown queue action {action!r}")
 
     async def _adopt(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -286,8 +332,11 @@ class ClusterLink:
                 if self.on_connections is not None and isinstance(message.tables, dict):
                     self.on_connections(message.tables)
             elif isinstance(message, wire.AdminRequest):
-                work = {"inspect": self._inspect if self._node is not None else None,
-                        "queue": self._queue, "adopt": self._adopt}.get(message.command)
+                ring = self._node is not None
+                work = {"inspect": self._inspect if ring else None,
+                        "reset": self._reset if ring else None,
+                        "queue": self._queue, "adopt": self._adopt,
+                        "why": self._why}.get(message.command)
                 if work is not None:
                     task = asyncio.create_task(self._answer(message, work))
                     self._requests.add(task)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cluster.hosts import Uplink
-from cluster.logjson import log_event, setup_logging
+from cluster.logjson import flush_log, log_event, setup_logging
 from cluster.settings import Settings
 from cluster.validate import ConfigError
 from worker.auth import PasswordVerifier, threads_per_worker
@@ -45,6 +45,7 @@ from worker.engine import PolicyEngine
 from worker.local_source import LocalSnapshotSource
 from worker.metrics import WorkerMetrics
 from worker.policies.recipient_domain import RecipientDomainPolicy
+from worker.recent import RecentDecisions
 from worker.server import BootError, SmtpServer
 from worker.snapshot import Snapshot
 from worker.spam import make_scanner
@@ -107,9 +108,19 @@ async def build_worker(settings: Settings, name: str = "w0", *,
         spool=spool,
         on_queued=delivery.enqueue,
         on_decision=metrics.decision,
+        recent=RecentDecisions(recent_share(settings), settings.admin.recent_decisions_for),
     )
     return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
                        delivery)
+
+
+def recent_share(settings: Settings) -> int:
+    """This worker's part of ``admin.recent_decisions``: connections are spread evenly over
+    the workers, so each keeps its share and the host holds about the whole bound."""
+    total = settings.admin.recent_decisions
+    if total <= 0:
+        return 0
+    return max(1, total // (settings.server.workers or os.cpu_count() or 1))
 
 
 async def _housekeeping(parts: WorkerParts) -> None:
@@ -217,6 +228,7 @@ async def serve_cluster(runtime_dir: Path, name: str, uplink: Uplink | None = No
             return EXIT_OK
         await parts.start()
         link.delivery = parts.delivery  # queue commands and spool adoption
+        link.recent = parts.engine.recent  # sendguard why
         link.phase = "serving"
         await link.report()
         housekeeping = asyncio.create_task(_housekeeping(parts))
@@ -285,3 +297,5 @@ def _run(main: Awaitable[int], name: str) -> int:
         log_event("boot_failed", logging.ERROR, worker=name, error=str(exc))
         print(f"sendguard: {name}: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
+    finally:
+        flush_log()  # lines of the loop's last turns (the loop is gone)

@@ -5,6 +5,8 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
 
 - a session id per connection, in the banner and the replies, kept across
   STARTTLS (aiosmtpd recreates ``session`` there);
+- STARTTLS through the event loop's own TLS (worker/starttls.py; its tests are in
+  ``tests/worker/test_starttls.py``);
 - the connection cap per client address, decided before the banner;
 - SPEC's texts for MAIL before AUTH, for SIZE at MAIL (checked before AUTH,
   as SPEC orders it) and for too much data after DATA; addresses with
@@ -48,13 +50,13 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException
+from aiosmtpd.smtp import SMTP, AuthResult, syntax
 
 from cluster.logjson import log_event
 from cluster.names import address_problem, client_key, has_unusable_characters, plain_ip
 from cluster.sessionid import new_session_id
 from cluster.settings import ServerSettings
-from worker import replies, smtp_speedups
+from worker import replies, smtp_speedups, starttls
 from worker.policies import Client
 
 smtp_speedups.install()
@@ -178,7 +180,6 @@ class GatewaySMTP(SMTP):
             assert self._handler_coroutine is not None
             self._handler_coroutine.add_done_callback(_retrieve)
         else:
-            self.client.tls = True  # connection_made again means STARTTLS completed
             super().connection_made(transport)
         if self._peer is not None and self.session is not None:
             self.session.peer = self._peer  # type: ignore[assignment]  # aiosmtpd set it
@@ -189,6 +190,15 @@ class GatewaySMTP(SMTP):
         if self._in_data:
             self._last_data = self.loop.time()
         super().data_received(data)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        # uvloop's TLS, not aiosmtpd's pure-Python one: see worker/starttls.py.
+        assert self.client is not None
+        if await starttls.upgrade(self, arg, sid=self.client.sid, client_ip=self.client.ip):
+            self.client.tls = True
+            if self._peer is not None and self.session is not None:
+                self.session.peer = self._peer  # type: ignore[assignment]
 
     def eof_received(self) -> bool | None:
         if self._refused:
@@ -285,11 +295,6 @@ class GatewaySMTP(SMTP):
         self.sessions.finished(self)
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, TLSSetupException):
-            # The client's handshake failed: aiosmtpd closes the connection, no reply.
-            log_event("tls_failed", sid=self.sid, client_ip=self.client and self.client.ip,
-                      error=str(error.__cause__ or error))
-            return ""
         # aiosmtpd would answer "500 Error: (TypeError) ..." and log a traceback.
         return self.event_handler.internal_error(self, self._command, error)
 

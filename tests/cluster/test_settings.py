@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,35 @@ def test_defaults(tmp_path: Path) -> None:
     assert delivery.spool == Path("/var/spool/sendguard")
     assert delivery.retry == (60.0, 300.0, 900.0, 3600.0, 14400.0)
     assert delivery.max_queue_time == 432000.0
+    admin = settings.admin
+    assert (admin.listen, admin.users_file, admin.recent_decisions,
+            admin.recent_decisions_for) == (None, None, 2_000_000, 86400.0)
+
+
+def test_state_dir_defaults_by_user_and_follows_the_config_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, MINIMAL)
+    if os.geteuid() == 0:
+        assert load_settings(path).cluster.state_dir == Path("/var/lib/sendguard")
+    else:
+        monkeypatch.setenv("XDG_STATE_HOME", "/srv/state")
+        assert load_settings(path).cluster.state_dir == Path("/srv/state/sendguard")
+        monkeypatch.setenv("XDG_STATE_HOME", "relative/is/ignored")
+        assert load_settings(path).cluster.state_dir == \
+            Path.home() / ".local" / "state" / "sendguard"
+    path = write(tmp_path, MINIMAL + '[cluster]\nstate_dir = "state"\n')
+    assert load_settings(path).cluster.state_dir == tmp_path / "state"
+    (tmp_path / "file").write_text("")
+    path = write(tmp_path, MINIMAL + '[cluster]\nstate_dir = "file"\n')
+    assert error_of(path) == f'{path}: cluster.state_dir: is not a folder (got "{tmp_path}/file")'
+
+
+def test_admin_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + '[admin]\nlisten = "127.0.0.1:8026"\nusers_file = "u"\n'
+                 'recent_decisions = 10\nrecent_decisions_for = "1h"\n')
+    admin = load_settings(path).admin
+    assert (admin.listen, admin.users_file, admin.recent_decisions,
+            admin.recent_decisions_for) == (("127.0.0.1", 8026), tmp_path / "u", 10, 3600.0)
 
 
 def test_the_default_runtime_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,6 +212,16 @@ def test_limits_list(tmp_path: Path) -> None:
     ('[auth]\nmax_pending = 0\n', "auth.max_pending: must be at least 1 (got 0)"),
     ('[delivery]\ntls = "required"\n',
      'delivery.tls: must be one of may, encrypt, verify (got "required")'),
+    ('[admin]\nlisten = "127.0.0.1:8026"\n',
+     'admin.users_file: is required when admin.listen is set (got "")'),
+    ('[admin]\nlisten = "localhost"\nusers_file = "u"\n',
+     'admin.listen: must be "ADDRESS:PORT" like "0.0.0.0:587" (got "localhost")'),
+    ('[admin]\nrecent_decisions = -1\n', "admin.recent_decisions: must be at least 0 (got -1)"),
+    ('[admin]\nrecent_decisions_for = "forever"\n',
+     'admin.recent_decisions_for: must be a duration like "500ms", "2s", "1m", "12h" or "5d" '
+     '(got "forever")'),
+    ('[admin]\nport = 1\n', "admin.port: is not a known setting (got 1)"),
+    ('[cluster]\nstate_dir = 5\n', "cluster.state_dir: must be a string (got 5)"),
 ])
 def test_bad_settings(tmp_path: Path, body: str, message: str) -> None:
     path = write(tmp_path, MINIMAL + body)

@@ -276,7 +276,8 @@ def test_snapshot_reports_when_the_oldest_bucket_clears(shard: CounterShard, clo
         shard.add(fail)
         clock.advance(10)
     assert shard.snapshot("auth-fail:127.0.0.5") == [
-        {"series": "fail", "window": 300.0, "count": 3, "clears_at": T0 + 305.0}
+        {"series": "fail", "window": 300.0, "count": 3, "clears_at": T0 + 305.0,
+         "buckets": [[T0 + 305.0, 1], [T0 + 315.0, 1], [T0 + 325.0, 1]]}
     ]
     clock.t = T0 + 305.0
     assert shard.snapshot("auth-fail:127.0.0.5")[0]["count"] == 2

@@ -8,7 +8,7 @@ raises :class:`CounterUnavailable` when an owner does not answer in time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from cluster.counting import Op, Outcome
 from worker.counters.shard import CounterShard
@@ -29,6 +29,7 @@ class CounterClient(Protocol):
     async def release(self, rid: str) -> bool: ...
     async def add(self, ops: Sequence[Op]) -> Outcome: ...
     async def mark(self, ops: Sequence[Op]) -> None: ...
+    async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]: ...
 
 
 class LocalCounters:
@@ -52,3 +53,7 @@ class LocalCounters:
 
     async def mark(self, ops: Sequence[Op]) -> None:
         self.shard.mark(ops)
+
+    async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Each key's rows: series, window, count, clears_at (``CounterShard.snapshot``)."""
+        return {key: self.shard.snapshot(key) for key in keys}

@@ -2,7 +2,7 @@
 
 One `CounterNode` per worker process, created inside its running event loop.
 It binds a ROUTER that peers send `CounterRequest`, `Replicate`, `Handoff`,
-`HandoffDone` and `InspectRequest` to, and keeps one DEALER per peer for its
+`HandoffDone`, `InspectRequest` and `ResetRequest` to, and keeps one DEALER per peer for its
 own requests, with replies matched by rid (frames: ``cluster.wire``).
 
 Correctness rests on four rules (ARCHITECTURE, "Counters and the ring"):
@@ -48,6 +48,7 @@ from cluster.ring import Ring
 from worker.counters.client import CounterClient, CounterUnavailable
 from worker.counters.owner import ERROR, MOVED, OK, RETRY, OwnedKeys
 from worker.counters.peer import CurveKeys, MemberKeys, Peer, check_endpoint, dealer
+from worker.counters.reset import KeyResets
 from worker.counters.routing import Call, RoutedCounters
 from worker.counters.shard import CounterShard
 
@@ -108,6 +109,7 @@ class CounterNode:
         self._seq = count()
         self._owned = OwnedKeys(self)
         self._client = RoutedCounters(self)
+        self._resets = KeyResets(self)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -352,6 +354,8 @@ class CounterNode:
             self._on_done(message)
         elif isinstance(message, wire.InspectRequest):
             self._reply(ident, wire.InspectReply(message.rid, self.shard.snapshot(message.key)))
+        elif isinstance(message, wire.ResetRequest):
+            self._resets.on_request(ident, message)
         else:
             log.warning("counter node %s: unexpected %s dropped", self.name, message.TYPE)
 
@@ -385,6 +389,12 @@ class CounterNode:
         if not isinstance(reply, wire.InspectReply):
             raise CounterUnavailable(f"{owner} answered an inspect with {reply.TYPE}")
         return list(reply.rows)
+
+    async def reset(self, keys: Sequence[str], rid: str,
+                    timeout: float = 5.0) -> tuple[int, list[str]]:
+        """Forget every count of ``keys`` on their owners and replicas, once per ``rid``
+        (:mod:`worker.counters.reset`); returns (counters cleared, owners)."""
+        return await self._resets.reset(keys, rid, timeout)
 
     async def _ring_for(self, call: Call) -> tuple[Ring, int]:
         while self._ring is None:

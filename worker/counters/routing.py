@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cluster import wire
 from cluster.counting import Op, Outcome
@@ -99,6 +99,10 @@ class RoutedCounters:
 
     async def mark(self, ops: Sequence[Op]) -> None:
         await self._decision("mark", ops)
+
+    async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Each key's rows as its owner sees them (``CounterShard.snapshot``)."""
+        return {key: await self._node.inspect(key) for key in keys}
 
     async def _decision(self, kind: str, ops: Sequence[Op]) -> Outcome:
         ops, call = tuple(ops), self._node._call()

@@ -183,6 +183,25 @@ class CounterShard:
             counter.add(index, op.amount)
             self._extend(op.key, key, counter.ends_at(index))
 
+    def reset(self, keys: Iterable[str]) -> int:
+        """Forget every count of ``keys`` (``sendguard counters reset``); returns how many
+        counters (series and window) held something.
+
+        Open reservations keep their other keys but no longer undo anything on
+        these: a release after the reset must not take back a later message's count.
+        """
+        now = self._now()
+        cleared = 0
+        for name in dict.fromkeys(keys):
+            key = self._keys.pop(name, None)
+            if key is not None:
+                cleared += sum(1 for counter in key.windows.values() if counter.count(now))
+            for rid in self._rsv_by_key.get(name, {}):
+                rec = self._reservations.get(rid)
+                if rec is not None:
+                    rec.entries = tuple(e for e in rec.entries if e[0] != name)
+        return cleared
+
     # -- housekeeping ----------------------------------------------------
 
     def expire(self) -> int:
@@ -191,8 +210,9 @@ class CounterShard:
         return self._sweep(self._now(), math.inf)
 
     def snapshot(self, key: str) -> list[dict[str, Any]]:
-        """Per (series, window) of `key`: its count and when the oldest counted
-        bucket stops counting (None when empty)."""
+        """Per (series, window) of `key`: its count, when the oldest counted
+        bucket stops counting (None when empty), and every counted bucket as
+        [when it stops counting, count], oldest first."""
         now = self._now()
         entry = self._keys.get(key)
         if entry is None:
@@ -203,6 +223,8 @@ class CounterShard:
                 "window": float(window),
                 "count": counter.count(now),
                 "clears_at": counter.clears_at(now),
+                "buckets": [[counter.ends_at(index), n]
+                            for index, n in sorted(counter.buckets.items())],
             }
             for (series, window), counter in sorted(entry.windows.items())
         ]
@@ -434,7 +456,9 @@ class CounterShard:
         while budget > 0 and heap and heap[0][0] <= now:
             _, name = heapq.heappop(heap)
             budget -= 1
-            key = self._keys[name]
+            key = self._keys.get(name)
+            if key is None:
+                continue  # reset: gone already, or back with an entry of its own
             if key.expires <= now:
                 del self._keys[name]
                 dropped += 1
