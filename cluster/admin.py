@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from cluster import wire
-from cluster.hosts import Uplink, find_coordinator, uplink_for
 from cluster.settings import load_settings
 from cluster.validate import ConfigError
 
@@ -55,39 +54,27 @@ def add_parser(commands: Any, name: str,
 
 
 def request(runtime_dir: Path, command: str, args: dict[str, Any],
-            timeout: float = TIMEOUT, uplink: Uplink | None = None) -> dict[str, Any]:
-    """One admin round trip; raises AdminFailure with a sentence for the operator.
-
-    ``uplink``: how this host reaches the coordinator (``cluster.hosts``),
-    by default the ipc socket in ``runtime_dir``."""
+            timeout: float = TIMEOUT) -> dict[str, Any]:
+    """One admin round trip; raises AdminFailure with a sentence for the operator."""
     import zmq
 
-    uplink = uplink or Uplink.local(runtime_dir)
-    if uplink.remote:
-        found = find_coordinator(uplink, timeout)
-        if found is None:
-            raise AdminFailure(f"the coordinator at {uplink.coordinator} did not let this "
-                               f"host in within {timeout:g} s (is it running, and is this "
-                               "host's public key in its curve_public_keys folder?)")
-        uplink = found
-    else:
-        lock = runtime_dir / "sendguard.lock"
-        if not _running(lock) or not (runtime_dir / "coord.sock").exists():
-            raise AdminFailure("no cluster is running for this configuration "
-                               f"(nothing in {runtime_dir})")
+    lock = runtime_dir / "sendguard.lock"
+    if not _running(lock) or not (runtime_dir / "coord.sock").exists():
+        raise AdminFailure("no cluster is running for this configuration "
+                           f"(nothing in {runtime_dir})")
+    endpoint = wire.coordinator_endpoint(runtime_dir)
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        uplink.secure(sock)
-        sock.connect(uplink.coordinator)
+        sock.connect(endpoint)
         sock.send(wire.encode(wire.AdminRequest(command, args)))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000)):
                 raise AdminFailure(f"the cluster did not answer within {timeout:g} s "
-                                   f"(coordinator at {uplink.coordinator})")
+                                   f"(coordinator at {endpoint})")
             reply = wire.decode(sock.recv())
             if isinstance(reply, wire.AdminReply):
                 break
@@ -125,12 +112,11 @@ def execute(args: argparse.Namespace, command: str, payload: dict[str, Any],
     """Send one request to the cluster of ``args.config``; print a table or ``--json``."""
     try:
         settings = load_settings(args.config)
-        uplink = uplink_for(settings)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     try:
-        data = request(settings.cluster.runtime_dir, command, payload, uplink=uplink)
+        data = request(settings.cluster.runtime_dir, command, payload)
     except AdminFailure as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -199,6 +185,8 @@ def format_inspect(data: dict[str, Any]) -> str:
     lines = []
     if "suspension" in data:
         lines.append(suspension_text(data.get("suspension")))
+    if data.get("compromise"):
+        lines.append(compromise_text(data["compromise"]))
     auth = data.get("auth_failures")
     if auth:
         state = "locked out of AUTH" if auth["locked"] else "not locked out"
@@ -223,6 +211,20 @@ def suspension_text(suspension: dict[str, Any] | None) -> str:
     until = f" until {suspension['until']}" if suspension.get("until") else " until lifted"
     return (f"SUSPENDED{until}, by {suspension['by']} at {suspension['at']}: "
             f"{suspension['reason']}")
+
+
+def compromise_text(evidence: dict[str, Any]) -> str:
+    """What counts towards compromise detection now (SPEC §3.10)."""
+    window = window_text(evidence["window"])
+    countries = evidence.get("countries") or {}
+    parts = []
+    if evidence.get("countries_max"):
+        seen = f" ({', '.join(countries)})" if countries else ""
+        parts.append(f"logins from {len(countries)} of {evidence['countries_max']} "
+                     f"countries{seen}")
+    if evidence.get("spam_max"):
+        parts.append(f"{evidence['spam_messages']} of {evidence['spam_max']} spam messages")
+    return f"compromise evidence in {window}: {', '.join(parts) or 'not watched'}"
 
 
 def clears_text(iso: str | None, now: float | None = None) -> str | None:

@@ -64,7 +64,6 @@ _EXTRA_COMMANDS: dict[str, str] = {
     "why": "cluster.support_cli",
     "account": "cluster.support_cli",
     "counters": "cluster.support_cli",
-    "keygen": "cluster.curve",
     "loadtest": "loadtest.cli",
 }
 
@@ -72,8 +71,7 @@ _EXTRA_COMMANDS: dict[str, str] = {
 def load_or_exit(path: str) -> Settings:
     try:
         settings = load_settings(path)
-        if not settings.cluster.coordinator:  # else another host's coordinator reads them
-            load_tenants(settings.tenants_file)
+        load_tenants(settings.tenants_file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -13,9 +13,11 @@ import ipaddress
 import os
 import socket
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cluster.validate import ConfigError, Section, read_duration
 
@@ -62,11 +64,14 @@ class PolicySettings:
 class ClusterSettings:
     request_timeout: float
     runtime_dir: Path
-    coordinator: str
-    bind: str
-    curve_secret_key: Path | None
-    curve_public_keys: Path | None
     state_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSettings:
+    backend: str                                # "ring" | "redis"
+    redis_url: str                              # one server
+    redis_cluster: tuple[tuple[str, int], ...]  # Redis Cluster seed nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +135,24 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CompromiseSettings:
+    """SPEC §3.10: when an account counts as compromised, and what then."""
+
+    window: float
+    countries: int            # distinct countries of successful logins; 0: not a signal
+    spam_messages: int        # spam-classified messages; 0: not a signal
+    suspend_for: float
+    notify_url: str           # "" : no notification
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     path: Path
     server: ServerSettings
     policy: PolicySettings
     tenants_file: Path
     cluster: ClusterSettings
+    counters: CounterSettings
     metrics_listen: tuple[str, int] | None
     admin: AdminSettings
     auth: AuthSettings
@@ -146,6 +163,7 @@ class Settings:
     dns: DnsSettings
     log_file: Path | None
     delivery: DeliverySettings
+    compromise: CompromiseSettings | None = None  # None: [compromise] absent, detection off
     raw: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
 
 
@@ -172,9 +190,9 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
         path=path,
         server=_server(Section(path, "server", top.raw("server")), base),
         policy=_policy(Section(path, "policy", top.raw("policy"))),
-        tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base,
-                                   joining=_joins_another_host(top.raw("cluster"))),
+        tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base),
         cluster=_cluster(Section(path, "cluster", top.raw("cluster")), path),
+        counters=_counters(Section(path, "counters", top.raw("counters"))),
         metrics_listen=_metrics(Section(path, "metrics", top.raw("metrics"))),
         admin=_admin(Section(path, "admin", top.raw("admin")), base),
         auth=_auth(Section(path, "auth", top.raw("auth"))),
@@ -185,6 +203,8 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
         dns=_dns(Section(path, "dns", top.raw("dns"))),
         log_file=_log(Section(path, "log", top.raw("log")), base),
         delivery=_delivery(Section(path, "delivery", top.raw("delivery")), base),
+        compromise=_compromise(Section(path, "compromise", top.raw("compromise")),
+                               geoip=top.raw("geoip"), present=top.has("compromise")),
         raw=data,
     )
     top.reject_unknown()
@@ -262,16 +282,8 @@ def _policy(s: Section) -> PolicySettings:
     return settings
 
 
-def _joins_another_host(cluster: Any) -> bool:
-    return isinstance(cluster, dict) and bool(cluster.get("coordinator"))
-
-
-def _tenants_file(s: Section, base: Path, joining: bool = False) -> Path:
+def _tenants_file(s: Section, base: Path) -> Path:
     value = s.raw("file")
-    if joining and value is None:
-        # The coordinator's host owns the tenant directory; this one never reads it.
-        s.reject_unknown()
-        return Path(os.devnull)
     if value is None or value == "":
         raise s.error("file", "is required: the tenant directory", show_value=value is not None)
     path = s.path("file", "", base)
@@ -288,27 +300,9 @@ def _cluster(s: Section, config_path: Path) -> ClusterSettings:
             runtime_dir = config_path.parent / runtime_dir
     else:
         runtime_dir = default_runtime_dir()
-    coordinator = s.string("coordinator", "")
-    if coordinator and not _tcp_endpoint(coordinator):
-        raise s.error("coordinator", 'must be "" or "tcp://HOST:PORT"', coordinator)
-    bind = s.string("bind", "")
-    if bind and not _tcp_endpoint(bind):
-        raise s.error("bind", 'must be "" or "tcp://ADDRESS:PORT"', bind)
-    if bind and _tcp_endpoint(bind) in _WILDCARDS:
-        # The address is handed to the other hosts, who must be able to connect to it.
-        raise s.error("bind", "must be an address the other hosts reach this one at, "
-                      "not a wildcard", bind)
-    secret = s.path("curve_secret_key", "", config_path.parent)
-    if (bind or coordinator) and secret is None:
-        raise s.error("curve_secret_key", "is required when cluster.bind or cluster.coordinator "
-                      "uses tcp://", "")
     settings = ClusterSettings(
         request_timeout=s.duration("request_timeout", "500ms"),
         runtime_dir=runtime_dir,
-        coordinator=coordinator,
-        bind=bind,
-        curve_secret_key=secret,
-        curve_public_keys=s.path("curve_public_keys", "", config_path.parent),
         state_dir=_state_dir(s, config_path.parent),
     )
     s.reject_unknown()
@@ -335,19 +329,44 @@ def default_state_dir() -> Path:
     return base / "sendguard"
 
 
-_WILDCARDS = ("*", "0.0.0.0", "[::]", "::")
-# Ports above the coordinator's two and the workers' (cluster.hosts) must fit.
-_MAX_BASE_PORT = 65535 - 2 - 256
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-def _tcp_endpoint(value: str) -> str:
-    """The host part of ``tcp://HOST:PORT``, or "" when ``value`` is not one."""
-    if not value.startswith("tcp://"):
-        return ""
-    host, _, port = value[len("tcp://"):].rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) <= _MAX_BASE_PORT:
-        return ""
-    return host
+def _counters(s: Section) -> CounterSettings:
+    backend = s.choice("backend", "ring", ("ring", "redis"))
+    url = s.string("redis_url", "")
+    nodes = s.strings("redis_cluster", [])
+    if backend == "ring":
+        # A Redis address left with the ring would look shared and not be.
+        for name, value in (("redis_url", url), ("redis_cluster", list(nodes))):
+            if value:
+                raise s.error(name, 'is only used with counters.backend = "redis"', value)
+    elif url and nodes:
+        raise s.error("redis_cluster", "set either counters.redis_url (one server) or "
+                      "counters.redis_cluster (seed nodes), not both", list(nodes))
+    elif not url and not nodes:
+        raise s.error("redis_url", 'with counters.backend = "redis", set redis_url (one '
+                      "server) or redis_cluster (seed nodes of a Redis Cluster)", url)
+    if url:
+        parsed = urlsplit(url)
+        if parsed.scheme not in _REDIS_SCHEMES or not (parsed.hostname or parsed.path):
+            raise s.error("redis_url", 'must be like "redis://HOST:PORT/DB" (or rediss://, '
+                          "unix://)", url)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise s.error("redis_url", "has a bad port", url)
+    seeds = []
+    for item in nodes:
+        host, _, number = item.rpartition(":")
+        if not host or not number.isdigit() or not 0 < int(number) < 65536:
+            raise s.error("redis_cluster", 'must list seed nodes like "10.0.0.5:7000"', item)
+        seeds.append((host.strip("[]"), int(number)))
+    settings = CounterSettings(backend=backend, redis_url=url, redis_cluster=tuple(seeds))
+    s.reject_unknown()
+    return settings
 
 
 def default_runtime_dir() -> Path:
@@ -506,5 +525,33 @@ def _delivery(s: Section, base: Path) -> DeliverySettings:
     )
     if settings.port > 65535:
         raise s.error("port", "must be a TCP port (1-65535)", settings.port)
+    s.reject_unknown()
+    return settings
+
+
+def _compromise(s: Section, geoip: Any, present: bool) -> CompromiseSettings | None:
+    if not present:
+        s.reject_unknown()
+        return None
+    countries = s.integer("countries", 3, minimum=0)
+    if countries == 1:
+        # One country is every login: the account would be suspended at its first.
+        raise s.error("countries", "must be at least 2 (or 0: not a signal)", countries)
+    database = geoip.get("database", "") if isinstance(geoip, dict) else ""
+    if countries and not database:
+        raise s.error("countries", "needs geoip.database to place logins in countries; "
+                      "set 0 to watch spam only", countries)
+    url = s.string("notify_url", "")
+    if url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise s.error("notify_url", 'must be "" or an http:// or https:// URL', url)
+    settings = CompromiseSettings(
+        window=s.duration("window", "1h"),
+        countries=countries,
+        spam_messages=s.integer("spam_messages", 3, minimum=0),
+        suspend_for=s.duration("suspend_for", "24h"),
+        notify_url=url,
+    )
     s.reject_unknown()
     return settings

@@ -7,8 +7,7 @@ decoded into plain data and checked, so a malformed frame raises
 :class:`WireError` instead of running anything.
 
 Sockets and frames (every path under ``cluster.runtime_dir``, a 0700 folder;
-with ``cluster.bind`` the workers' sockets and the coordinator's are also on
-``tcp://`` with CURVE, ports in :mod:`cluster.hosts`):
+no process talks to another host):
 
 - ``w-<name>.sock`` — a worker's ROUTER for counter traffic. Peers connect a
   DEALER and send one frame: ``CounterRequest``, ``Replicate``, ``Handoff``,
@@ -16,7 +15,8 @@ with ``cluster.bind`` the workers' sockets and the coordinator's are also on
   on the same identity with ``CounterReply``, ``ReplicateAck``,
   ``InspectReply`` or ``ResetReply``.
 - ``coord.sock`` — the coordinator's ROUTER. Workers send ``Hello``,
-  ``SnapshotRequest``, ``Ready`` and ``MetricsReport``; the supervisor sends
+  ``SnapshotRequest``, ``Ready``, ``MetricsReport`` and ``Evidence`` (never
+  answered); the supervisor sends
   ``SupervisorHello`` and ``ProcessEvent``; the admin CLI sends
   ``AdminRequest``. Answers: ``SnapshotMessage``, ``RingMessage``,
   ``AdminReply``; the supervisor receives ``ScaleCommand`` and, after a
@@ -299,6 +299,17 @@ class ConnectionCounts(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Evidence(Message):
+    """What a worker saw that may mean a stolen password (SPEC §3.10), sent without waiting
+    for an answer. ``notes``: ``[kind, account, detail, sid, at]`` lists, where ``kind`` is
+    ``login`` (``detail``: the client's country) or ``spam`` (``detail``: the queue id)."""
+
+    TYPE: ClassVar[str] = "evidence"
+    name: str
+    notes: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class SupervisorHello(Message):
     TYPE: ClassVar[str] = "supervisor-hello"
     pid: int
@@ -351,23 +362,6 @@ def events_endpoint(runtime_dir: str | os.PathLike[str]) -> str:
     return f"ipc://{runtime_dir}/events.sock"
 
 
-def coordinator_tcp_endpoints(bind: str) -> tuple[str, str]:
-    """The coordinator's ROUTER and PUB for other hosts: ``bind``'s port and the next."""
-    return bind, events_tcp_endpoint(bind)
-
-
-def events_tcp_endpoint(coordinator: str) -> str:
-    host, _, port = coordinator.rpartition(":")
-    return f"{host}:{int(port) + 1}"
-
-
-def worker_endpoint(runtime_dir: str | os.PathLike[str], bind: str, name: str) -> str:
-    """A worker's counter ROUTER: ipc on one host; with ``cluster.bind`` set, that
-    address's port plus two plus the worker's number (``mx1-w3`` → port + 5);
-    the two below are the coordinator's (``cluster.hosts``)."""
-    if not bind:
-        return f"ipc://{runtime_dir}/w-{name}.sock"
-    host, _, port = bind.rpartition(":")
-    digits = name.rpartition("w")[2]
-    offset = int(digits) if digits.isdigit() else 0
-    return f"{host}:{int(port) + 2 + offset}"
+def worker_endpoint(runtime_dir: str | os.PathLike[str], name: str) -> str:
+    """A worker's counter ROUTER."""
+    return f"ipc://{runtime_dir}/w-{name}.sock"

@@ -5,7 +5,10 @@ workers, the supervisor and the admin CLI, and a PUB at ``events.sock`` for
 snapshots and rings. Everything runs on one event loop; only the Prometheus
 endpoint has a thread of its own, reading an immutable aggregate. Admin
 work that needs the workers (``inspect``, ``queue``, spool adoption) is
-sent to them as ``AdminRequest``s and matched to their replies by ``rid``.
+sent to them as ``AdminRequest``s and matched to their replies by ``rid``;
+with ``[counters] backend = "redis"`` the coordinator reads and resets
+counters in Redis itself (:mod:`coordinator.shared_counters`), so every
+host's coordinator sees and changes the same counts.
 
 Signals: HUP rereads the configuration (a bad file is refused, the old one
 stays); TERM and INT stop.
@@ -28,19 +31,21 @@ import zmq
 import zmq.asyncio
 
 from cluster import wire
-from cluster.hosts import bind_coordinator
 from cluster.logjson import log_event
+from coordinator.compromise import CompromiseWatch
 from coordinator.connections import SOON, ConnectionBoard
 from coordinator.errors import AdminError, Unavailable
 from coordinator.http_users import AdminUsers
 from coordinator.inspect import SubjectError, subject_keys, summary, with_limits
 from coordinator.membership import MEMBER, Membership, Worker
 from coordinator.metrics import MetricsBook, serve_metrics
+from coordinator.shared_counters import SharedCounters
 from coordinator.sources import SnapshotSources
 from coordinator.spools import CHANGES, AdoptionSweep, QueueError, queue_command
 from coordinator.state_store import FileStore, SupportStore
 from coordinator.support import SupportDesk, text
 from coordinator.why import why
+from worker.counters.client import CounterUnavailable
 
 TICK = 0.5               # file watch and heartbeat check
 SILENCE = 5.0            # a member that has not reported for this long leaves
@@ -81,12 +86,12 @@ class Coordinator:
         self._lapsing: asyncio.Task[None] | None = None
         self.users = users  # the HTTP admin API's, when [admin] listen is set
         self.metrics = MetricsBook()
+        # Workers' evidence of stolen passwords, and the suspensions it makes (SPEC §3.10).
+        self.compromise = CompromiseWatch(self.desk, sources, self.metrics)
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
         self.target_workers = 0
-        # Between hosts there is one supervisor per host: each scales its own workers.
-        self.supervisors: dict[bytes, int] = {}
-        self._supervisor_of: dict[str, bytes] = {}
+        self.shared = SharedCounters(sources.settings)
         self._asks: dict[str, asyncio.Future[wire.AdminReply]] = {}
         self.adoption = AdoptionSweep(self._ask)
         self._resent: dict[str, float] = {}
@@ -106,8 +111,8 @@ class Coordinator:
         self.pub = context.socket(zmq.PUB)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 0)
-        # With cluster.bind also on tcp:// for other hosts, every client with CURVE.
-        authenticator = bind_coordinator(context, self.sources.settings, self.router, self.pub)
+        self.router.bind(wire.coordinator_endpoint(self.runtime_dir))
+        self.pub.bind(wire.events_endpoint(self.runtime_dir))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -140,6 +145,7 @@ class Coordinator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.adoption.close()
+            await self.compromise.close()
             if http is not None:
                 await http.cleanup()
             if self.users is not None:
@@ -148,8 +154,7 @@ class Coordinator:
                 metrics_server.shutdown()
             self.router.close()
             self.pub.close()
-            if authenticator is not None:
-                authenticator.stop()
+            await self.shared.close()
             context.term()
         log_event("coordinator_stopped")
         return 0
@@ -232,10 +237,11 @@ class Coordinator:
                 self.metrics.retire(worker.name)
                 if self.supervisor:
                     # Hung, not dead: it still holds its listening socket, so it is replaced.
-                    await self._send(self._supervisor_of.get(worker.name, self.supervisor),
+                    await self._send(self.supervisor,
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
             await self._publish_connections()
+            self.compromise.tick()
             if self._lapsing is None or self._lapsing.done():
                 self._lapsing = asyncio.create_task(self._lapse())
             if self.supervisor:
@@ -252,6 +258,8 @@ class Coordinator:
             if worker is not None:
                 await self._catch_up(worker.name, identity, message.values, now)
                 self._connections_changed()
+        elif isinstance(message, wire.Evidence):
+            self.compromise.receive(message.name, message.notes)
         elif isinstance(message, wire.SnapshotRequest):
             await self._send(identity, self._snapshot_bytes())
         elif isinstance(message, wire.Hello):
@@ -274,14 +282,12 @@ class Coordinator:
         elif isinstance(message, wire.SupervisorHello):
             self.supervisor, self.supervisor_pid = identity, message.pid
             self.target_workers = message.workers
-            self.supervisors[identity] = message.pid
         elif isinstance(message, wire.ProcessEvent):
             await self._process_event(identity, message, now)
 
     async def _process_event(self, identity: bytes, event: wire.ProcessEvent,
                              now: float) -> None:
         self.supervisor = identity
-        self._supervisor_of[event.name] = identity
         log_event("process_event", worker=event.name, process_event=event.event,
                   pid=event.pid, detail=event.detail or None)
         self.adoption.event(event.name, event.event, now)
@@ -356,7 +362,7 @@ class Coordinator:
             "countries": self._countries,
             "history": self.desk.history,
             "suspend": self.desk.suspend,
-            "unsuspend": self.desk.unsuspend,
+            "unsuspend": self._unsuspend,
             "inspect": self._inspect,
             "reset": self._reset,
             "queue": self._queue,
@@ -366,6 +372,12 @@ class Coordinator:
         if handler is None:
             raise AdminError(f"unknown command {command!r}")
         return await handler(args)
+
+    async def _unsuspend(self, args: dict[str, Any]) -> dict[str, Any]:
+        result = await self.desk.unsuspend(args)
+        # Support has dealt with it: the same evidence must not suspend the account again.
+        self.compromise.forget(result["account"])
+        return result
 
     async def _countries(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.desk.countries_of(self.desk.hosted_domain(args))
@@ -411,8 +423,7 @@ class Coordinator:
         if not self.supervisor:
             raise AdminError("no supervisor is connected to this coordinator")
         previous = self.target_workers
-        for supervisor in {self.supervisor, *self.supervisors}:
-            await self._send(supervisor, wire.ScaleCommand(count))
+        await self._send(self.supervisor, wire.ScaleCommand(count))
         self.target_workers = count
         return {"workers": count, "previous": previous}
 
@@ -421,6 +432,26 @@ class Coordinator:
             keys = subject_keys(str(args.get("kind", "")), str(args.get("subject", "")))
         except SubjectError as exc:
             raise AdminError(str(exc)) from None
+        if self.shared.enabled():
+            # Redis holds every host's counts: read them there, no worker needed.
+            try:
+                found, worker = await self.shared.inspect(keys), "redis"
+            except CounterUnavailable as exc:
+                raise Unavailable(str(exc)) from None
+        else:
+            found, worker = await self._inspect_on_workers(keys)
+        rows = with_limits(found, self.sources.settings, self.sources.tenants.directory)
+        result = {"keys": keys, "worker": worker, "rows": rows,
+                  **summary(str(args.get("kind")), rows, self.sources.settings)}
+        if args.get("kind") == "account":
+            account = keys[0].partition(":")[2]
+            result["suspension"] = self.desk.suspension_of(account)
+            evidence = self.compromise.evidence_of(account)
+            if evidence is not None:
+                result["compromise"] = evidence
+        return result
+
+    async def _inspect_on_workers(self, keys: list[str]) -> tuple[dict[str, Any], str]:
         candidates = [w for w in self.membership.workers.values()
                       if w.state == MEMBER and w.identity]
         if not candidates:
@@ -432,23 +463,36 @@ class Coordinator:
                 continue
             if not reply.ok:
                 raise AdminError(f"{worker.name}: {reply.error}")
-            rows = with_limits(reply.data.get("rows", {}), self.sources.settings,
-                               self.sources.tenants.directory)
-            result = {"keys": keys, "worker": worker.name, "rows": rows,
-                      **summary(str(args.get("kind")), rows, self.sources.settings)}
-            if args.get("kind") == "account":
-                result["suspension"] = self.desk.suspension_of(keys[0].partition(":")[2])
-            return result
+            return dict(reply.data.get("rows", {})), worker.name
         raise Unavailable("no worker answered in time")
 
     async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Every counter of an address or an account, on its owner and replica, once."""
+        """Every counter of an address or an account, on its owner and replica (or in
+        Redis), and their part of open reservations, once."""
         by, reason = text(args, "by", required=True), text(args, "reason")
         kind, subject = str(args.get("kind", "")), str(args.get("subject", ""))
         try:
             keys = subject_keys(kind, subject)
         except SubjectError as exc:
             raise AdminError(str(exc)) from None
+        if self.shared.enabled():
+            try:
+                cleared = await self.shared.reset(keys)
+            except CounterUnavailable as exc:
+                raise Unavailable(str(exc)) from None
+            result: dict[str, Any] = {"keys": keys, "cleared": cleared, "owners": ["redis"],
+                                      "worker": "redis"}
+        else:
+            result = await self._reset_on_workers(keys)
+        log_event("counters_reset", keys=keys, cleared=result["cleared"], by=by)
+        domain = keys[0].partition(":")[2].rpartition("@")[2] if kind == "account" else ""
+        if kind == "account":
+            self.compromise.forget(keys[0].partition(":")[2])
+        await self.desk.audit(by, "counters-reset", keys[0].partition(":")[2], domain,
+                              reason, details={"keys": keys, "counters": result["cleared"]})
+        return result
+
+    async def _reset_on_workers(self, keys: list[str]) -> dict[str, Any]:
         candidates = [w for w in self.membership.workers.values()
                       if w.state == MEMBER and w.identity]
         if not candidates:
@@ -462,13 +506,8 @@ class Coordinator:
                 continue
             if not reply.ok:
                 raise AdminError(f"{worker.name}: {reply.error}")
-            cleared = int(reply.data.get("cleared", 0))
-            owners = list(reply.data.get("owners", []))
-            log_event("counters_reset", keys=keys, cleared=cleared, by=by)
-            domain = keys[0].partition(":")[2].rpartition("@")[2] if kind == "account" else ""
-            await self.desk.audit(by, "counters-reset", keys[0].partition(":")[2], domain,
-                                  reason, details={"keys": keys, "counters": cleared})
-            return {"keys": keys, "cleared": cleared, "owners": owners, "worker": worker.name}
+            return {"keys": keys, "cleared": int(reply.data.get("cleared", 0)),
+                    "owners": list(reply.data.get("owners", [])), "worker": worker.name}
         raise Unavailable("no worker answered in time")
 
     async def _why(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -182,6 +182,13 @@ class SnapshotSources:
         except ConfigError as exc:
             log_event("reload_refused", logging.ERROR, source="config", error=str(exc))
             return False
+        if settings.counters != self.settings.counters:
+            # Workers keep the counter store they started with, and one restarted
+            # later would take the new one: two stores would each see part of the counts.
+            log_event("reload_refused", logging.ERROR, source="config",
+                      error=f"{self.config_path}: counters: changes only with a restart "
+                            "of the gateway")
+            return False
         for key, read in _FIXED_AT_START.items():
             if read(self.settings) != read(settings):
                 log_event("reload_partial", logging.WARNING, key=key,

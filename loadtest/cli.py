@@ -59,6 +59,11 @@ def add_parser(commands: Any, name: str,
                           help="SIGKILL a worker while the load runs")
     accuracy.add_argument("--ip-limit", type=_positive, default=100,
                           help="messages per hour per client address")
+    accuracy.add_argument("--until-limits", type=int, default=0, metavar="N",
+                          help="after --duration, go on until the N smallest account limits "
+                          "were reached (at most --max-duration)")
+    accuracy.add_argument("--max-duration", type=_duration, default=0.0,
+                          help="longest load with --until-limits (default: --duration)")
     accuracy.add_argument("--settle", type=_duration, default=90.0,
                           help="longest wait for the sink to receive what was acknowledged")
     accuracy.add_argument("--keep", action="store_true", help="keep the run's folder")
@@ -104,7 +109,8 @@ def _accuracy(args: argparse.Namespace) -> int:
 
     scenario = Scenario(workers=args.workers, users=args.users, duration=args.duration,
                         scale_to=args.scale_to, kill_worker=args.kill_worker,
-                        ip_limit=args.ip_limit, settle=args.settle, keep=args.keep)
+                        ip_limit=args.ip_limit, until_limits=args.until_limits,
+                        max_duration=args.max_duration, settle=args.settle, keep=args.keep)
     if args.users < 2:
         print("sendguard: loadtest accuracy: --users must be 2 or more "
               "(one per group of keys)", file=sys.stderr)

@@ -33,7 +33,6 @@ import zmq
 import zmq.asyncio
 
 from cluster import wire
-from cluster.hosts import Uplink
 from cluster.logjson import log_event
 from cluster.settings import parse_settings
 from cluster.support_state import SupportState
@@ -92,9 +91,8 @@ def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> 
 
 
 class ClusterLink:
-    def __init__(self, runtime_dir: Path, name: str, uplink: Uplink | None = None) -> None:
+    def __init__(self, runtime_dir: Path, name: str) -> None:
         self.runtime_dir = runtime_dir
-        self.uplink = uplink or Uplink.local(runtime_dir)
         self.name = name
         self.endpoint = ""
         self.phase = "starting"
@@ -130,10 +128,8 @@ class ClusterLink:
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_SNAPSHOT)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_RING)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_CONNECTIONS)
-        for sock in (self.sub, self.dealer):
-            self.uplink.secure(sock)
-        self.sub.connect(self.uplink.events)
-        self.dealer.connect(self.uplink.coordinator)
+        self.sub.connect(wire.events_endpoint(self.runtime_dir))
+        self.dealer.connect(wire.coordinator_endpoint(self.runtime_dir))
         self._tasks += [asyncio.create_task(self._receive(self.sub)),
                         asyncio.create_task(self._receive(self.dealer))]
 
@@ -159,7 +155,7 @@ class ClusterLink:
         if old is not None and message.version <= old.version:
             return
         try:
-            snapshot = build_snapshot(self.uplink.adapt(message), old)
+            snapshot = build_snapshot(message, old)
         except ConfigError as exc:
             if old is None:
                 # Nothing to fall back on: the worker cannot start.
@@ -309,6 +305,15 @@ class ClusterLink:
         keep = [str(name) for name in args.get("keep", [])]
         async with self._adopting:
             return await adopt_orphans(delivery.spool, keep, delivery.enqueue)
+
+    def send_evidence(self, notes: list[list[Any]]) -> None:
+        """Compromise evidence (:mod:`worker.evidence`): sent in the background, never
+        awaited by a session, never answered."""
+        if self.dealer.closed:
+            return  # a batch flushed while the worker stops
+        task = asyncio.create_task(self._send(wire.Evidence(self.name, notes)))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
     async def _send(self, message: wire.Message) -> None:
         try:

@@ -25,7 +25,8 @@ How it is counted:
   the coordinator's membership and its table goes with it: its connections
   died with it, and they are no longer counted from the next publication.
 - A worker refuses a connection when its own count plus the other workers'
-  published counts on its host reach the cap. Published counts older than
+  published counts reach the cap (a coordinator serves the workers of one
+  host only). Published counts older than
   :data:`STALE_AFTER` are dropped, so a coordinator that went away cannot
   freeze an address out either.
 
@@ -48,11 +49,6 @@ REPORT_FROM = 2
 STALE_AFTER = 5.0
 # While a key grows, the worker reports this soon instead of within a second.
 EARLY_REPORT = 0.1
-
-
-def host_of(worker: str) -> str:
-    """``mx1-w3`` → ``mx1``; ``w3`` → ``""`` (the workers of one supervisor share a host)."""
-    return worker.rpartition("-")[0]
 
 
 class ConnectionTable:
@@ -97,10 +93,9 @@ class ConnectionTable:
 
     def update(self, tables: Mapping[str, Mapping[str, int]], me: str) -> None:
         """A publication: every live worker's reported table, by worker name."""
-        host = host_of(me)
         others: dict[str, int] = {}
         for worker, table in tables.items():
-            if worker == me or host_of(worker) != host:
+            if worker == me:
                 continue
             for key, held in table.items():
                 others[key] = others.get(key, 0) + held

@@ -25,6 +25,7 @@ from worker.auth import PasswordVerifier
 from worker.authentication import Authenticator, recheck_login
 from worker.connections import ConnectionTable
 from worker.counters.client import CounterClient, CounterUnavailable
+from worker.evidence import EvidenceNotes
 from worker.policies import CONTINUE, Action, Client, Verdict, reject, tempfail
 from worker.policies.bounce_ratio import BounceRatioPolicy
 from worker.policies.geoip import GeoipPolicy, client_country
@@ -94,6 +95,8 @@ class PolicyEngine:
         self.recipient_domain = recipient_domain
         self.header_sender = HeaderSenderPolicy()
         self.spam_grace = SpamGracePolicy()
+        # Successful logins and spam for compromise detection, sent to the coordinator.
+        self.evidence = EvidenceNotes()
         # Told every verdict that is logged (the worker's metrics).
         self.on_decision = on_decision
         self._background: set[asyncio.Task[None]] = set()
@@ -167,6 +170,8 @@ class PolicyEngine:
             self._log(client, "AUTH", reject("auth", "", "abandoned during the check"),
                       account=credentials.login, mechanism=credentials.mechanism)
             raise
+        if verdict.ok:
+            self.evidence.login(self.snapshot(), client)
         return self._log(client, "AUTH", verdict, account=credentials.login,
                          mechanism=credentials.mechanism)
 
@@ -255,6 +260,8 @@ class PolicyEngine:
             raise
         if not outcome.ok:
             verdict = self._refusal(client, ops, outcome, scan, spam_ops)
+            if verdict.policy == self.spam_grace.name:
+                self.evidence.spam(snapshot, client, queue_id)
             facts = {}
             if verdict.policy == self.rate_limit.name:
                 facts = await self._limit_facts(ops, outcome.counts, outcome.denied)
@@ -292,6 +299,8 @@ class PolicyEngine:
             verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid),
                                str(failure))
             return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned))
+        if scan.spam:
+            self.evidence.spam(snapshot, client, queue_id)
         # The reservation stands as the message's count: owners keep an open
         # reservation when it expires, so no confirm round trip is needed
         # before the 250 (only a failed spool write releases it).

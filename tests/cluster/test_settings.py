@@ -64,7 +64,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.policy.from_alignment == "enforce"
     assert settings.tenants_file == tmp_path / "tenants.toml"
     assert settings.cluster.request_timeout == 0.5
-    assert settings.cluster.coordinator == ""
+    assert settings.counters.backend == "ring"
+    assert settings.counters.redis_url == ""
+    assert settings.counters.redis_cluster == ()
     assert len(str(settings.cluster.runtime_dir)) < 60
     assert settings.metrics_listen is None
     assert settings.auth.max_failures == 10
@@ -193,8 +195,27 @@ def test_limits_list(tmp_path: Path) -> None:
     ('[[limits]]\nwindow = "1m"\nmax = 5\n[[limits]]\nwindow = "1m"\nmax = 6\n',
      "limits: lists the same window twice (got [{window = \"1m\", max = 5}, "
      "{window = \"1m\", max = 6}])"),
-    ('[cluster]\ncoordinator = "10.0.0.1:7700"\n',
-     'cluster.coordinator: must be "" or "tcp://HOST:PORT" (got "10.0.0.1:7700")'),
+    ('[cluster]\ncoordinator = "tcp://10.0.0.1:7700"\n',
+     'cluster.coordinator: is not a known setting (got "tcp://10.0.0.1:7700")'),
+    ('[counters]\nbackend = "memcached"\n',
+     'counters.backend: must be one of ring, redis (got "memcached")'),
+    ('[counters]\nbackend = "redis"\n',
+     'counters.redis_url: with counters.backend = "redis", set redis_url (one server) or '
+     'redis_cluster (seed nodes of a Redis Cluster) (got "")'),
+    ('[counters]\nbackend = "redis"\nredis_url = "redis://10.0.0.5:6379/0"\n'
+     'redis_cluster = ["10.0.0.5:7000"]\n',
+     "counters.redis_cluster: set either counters.redis_url (one server) or "
+     'counters.redis_cluster (seed nodes), not both (got ["10.0.0.5:7000"])'),
+    ('[counters]\nredis_url = "redis://10.0.0.5:6379/0"\n',
+     'counters.redis_url: is only used with counters.backend = "redis" '
+     '(got "redis://10.0.0.5:6379/0")'),
+    ('[counters]\nbackend = "redis"\nredis_url = "10.0.0.5:6379"\n',
+     'counters.redis_url: must be like "redis://HOST:PORT/DB" (or rediss://, unix://) '
+     '(got "10.0.0.5:6379")'),
+    ('[counters]\nbackend = "redis"\nredis_url = "redis://10.0.0.5:99999/0"\n',
+     'counters.redis_url: has a bad port (got "redis://10.0.0.5:99999/0")'),
+    ('[counters]\nbackend = "redis"\nredis_cluster = ["10.0.0.5"]\n',
+     'counters.redis_cluster: must list seed nodes like "10.0.0.5:7000" (got "10.0.0.5")'),
     ('[metrics]\nlisten = "9464"\n',
      'metrics.listen: must be "ADDRESS:PORT" like "0.0.0.0:587" (got "9464")'),
     ('[sever]\nhostname = "x"\n', 'sever: is not a known setting (got {hostname = "x"})'),
@@ -226,6 +247,15 @@ def test_limits_list(tmp_path: Path) -> None:
 def test_bad_settings(tmp_path: Path, body: str, message: str) -> None:
     path = write(tmp_path, MINIMAL + body)
     assert error_of(path) == f"{path}: {message}"
+
+
+def test_redis_backends(tmp_path: Path) -> None:
+    one = load_settings(write(tmp_path, MINIMAL + '[counters]\nbackend = "redis"\n'
+                              'redis_url = "redis://10.0.0.5:6379/0"\n'))
+    assert one.counters.redis_url == "redis://10.0.0.5:6379/0"
+    many = load_settings(write(tmp_path, MINIMAL + '[counters]\nbackend = "redis"\n'
+                               'redis_cluster = ["10.0.0.5:7000", "[2001:db8::6]:7001"]\n'))
+    assert many.counters.redis_cluster == (("10.0.0.5", 7000), ("2001:db8::6", 7001))
 
 
 def test_tenants_file_is_required(tmp_path: Path) -> None:
