@@ -8,6 +8,8 @@ scanner thought of a message that was delivered anyway.
 from __future__ import annotations
 
 import email.utils
+import functools
+import re
 import time
 
 from worker.policies import Client
@@ -87,21 +89,21 @@ def _folded(name: str, words: list[str]) -> str:
 
 
 def header_fields(content: bytes, names: tuple[bytes, ...]) -> list[str]:
-    """The unfolded values of the header fields called ``names`` (lower case), in order."""
-    fields: list[list[bytes]] = []
-    current: list[bytes] | None = None
-    for line in content[:_header_end(content)].splitlines():
-        if line[:1] in (b" ", b"\t"):
-            if current is not None:
-                current.append(line)
-            continue
-        name, colon, value = line.partition(b":")
-        if colon and name.rstrip().lower() in names:
-            current = [value]
-            fields.append(current)
-        else:
-            current = None
-    return [b"".join(parts).decode("utf-8", "surrogateescape").strip() for parts in fields]
+    """The unfolded values of the header fields called ``names``, in order."""
+    head = content[:_header_end(content)]
+    return [_FOLD.sub(b"", match.group(1)).decode("utf-8", "surrogateescape").strip()
+            for match in _field_pattern(names).finditer(head)]
+
+
+@functools.lru_cache(maxsize=8)
+def _field_pattern(names: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    # A field starts a line; its continuation lines start with a space or a tab.
+    alternatives = b"|".join(re.escape(name) for name in names)
+    return re.compile(rb"^(?:" + alternatives + rb")[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                      re.IGNORECASE | re.MULTILINE)
+
+
+_FOLD = re.compile(rb"\r?\n")
 
 
 def _header_end(content: bytes) -> int:

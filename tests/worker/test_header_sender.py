@@ -86,3 +86,25 @@ def test_log_and_off_let_the_message_through(short_tmp: Path, dns: Any, mode: st
                 "would refuse: 550 5.1.0 <boss@bank.example> sender rejected")
         else:
             assert "from_alignment" not in line
+
+
+SIMPLE_AND_NOT = [
+    "Jan <jan@kowalski.pl>", "jan@kowalski.pl", "<jan@kowalski.pl>", '"Jan K." <jan@kowalski.pl>',
+    "=?utf-8?q?Jan?= <JAN@Kowalski.PL>", '"boss@bank.example" <jan@kowalski.pl>',
+    "Jan K. <jan@x.pl>", "jan@kowalski.pl, evil@x.example", "boss@bank.example <jan@kowalski.pl>",
+    '"jan@kowalski.pl" <boss@bank.example>', "Jan Kowalski", "undisclosed:;",
+    "<jan@kowalski.pl> (comment)", "jan.k+tag@sub.kowalski.pl", "Jan <jan@zażółć.pl>",
+    '"a\\"b" <x@y.pl>', "a@b@c", "<a@b", "Jan <jan@kowalski.pl>, ", " Jan  <jan@kowalski.pl> ",
+    '"" <jan@x.pl>', "x@y.pl\udc80", "Jan <jan@kowalski.pl", "a <b> <c@d.pl>", "(x) a@b.pl",
+    "Jan <jan@[127.0.0.1]>", "jan@kowalski.pl;", "Jan: <jan@kowalski.pl>", "<@route:jan@x.pl>",
+]
+
+
+@pytest.mark.parametrize("value", SIMPLE_AND_NOT)
+def test_the_quick_parse_agrees_with_the_email_package(value: str) -> None:
+    import email.utils
+
+    from worker.policies.header_sender import addresses_of
+
+    expected = [address for _, address in email.utils.getaddresses([value])]
+    assert addresses_of([value]) == expected

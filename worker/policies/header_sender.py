@@ -13,6 +13,7 @@ the message through and says which address would have been refused,
 from __future__ import annotations
 
 import email.utils
+import re
 
 from worker import replies
 from worker.policies import CONTINUE, Client, Verdict, reject
@@ -21,6 +22,22 @@ from worker.snapshot import Snapshot
 from worker.submission import header_fields
 
 _FIELDS = (b"from", b"sender")
+# The forms nearly every message uses, with one address and nothing to interpret:
+# ``addr``, ``<addr>``, ``Name <addr>``, ``"Name" <addr>``. Anything else (groups,
+# comments, several addresses, quoted local parts) goes to the email package's parser.
+_ATOMS = r'[^\s<>()\[\]:;@\\,."]+(?:\.[^\s<>()\[\]:;@\\,."]+)*'
+_ADDRESS = rf"{_ATOMS}@{_ATOMS}"
+_SIMPLE = re.compile(
+    rf'\s*(?:({_ADDRESS})|(?:"[^"\\\r\n]*"\s*|[^"<>()\[\]:;@\\,]*)<({_ADDRESS})>)\s*')
+
+
+def addresses_of(values: list[str]) -> list[str]:
+    """Every address in header field values; display names ignored."""
+    if len(values) == 1:
+        simple = _SIMPLE.fullmatch(values[0])
+        if simple is not None:
+            return [simple.group(1) or simple.group(2)]
+    return [address for _, address in email.utils.getaddresses(values)]
 
 
 class HeaderSenderPolicy:
@@ -31,7 +48,7 @@ class HeaderSenderPolicy:
         account = client.account
         assert account is not None, "runs after AUTH"
         values = header_fields(content, _FIELDS)
-        addresses = [address for _, address in email.utils.getaddresses(values)]
+        addresses = addresses_of(values)
         if values and not addresses:
             addresses = [""]  # a field with nothing in it that parses as an address
         for address in addresses:
