@@ -231,7 +231,12 @@ class GatewaySMTP(SMTP):
     async def _run(self, command: str, arg: str | None) -> None:
         """Every command line the client sends, recognised or not."""
         self._command = command
-        if self._out_of_errors():
+        limits = self._server_settings()
+        if limits.command_timeout != self._timeout_duration:
+            # A reload changed it: aiosmtpd re-arms its idle timer with this from now on.
+            self._timeout_duration = limits.command_timeout
+            self._reset_timeout()
+        if limits.max_errors and self._errors >= limits.max_errors:
             await self._end(replies.TOO_MANY_ERRORS, "max_errors",
                             f"{self._errors} refused commands")
             return
@@ -250,9 +255,6 @@ class GatewaySMTP(SMTP):
     def _out_of_errors(self) -> bool:
         limit = self._server_settings().max_errors
         return bool(limit) and self._errors >= limit
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        super()._reset_timeout(duration or self._server_settings().command_timeout)
 
     def _timeout_cb(self) -> None:
         timeout = self._server_settings().command_timeout

@@ -143,3 +143,26 @@ def test_every_refusal_is_one_decision_line(gateway: Gateway) -> None:
     assert [(line["stage"], line["policy"], line["reply"]) for line in lines] == [
         ("MAIL", "sequence", replies[0]), ("MAIL", "message_size", replies[2])]
     client.close()
+
+
+def test_new_limits_apply_to_open_sessions_after_a_reload(short_tmp: Path, dns: Any) -> None:
+    import dataclasses
+
+    from cluster.settings import load_settings
+
+    with running_gateway(short_tmp, dns, server={"command_timeout": "1h"}) as gateway:
+        client = Raw(gateway)
+        assert client.command("EHLO client.test").startswith("250 ")
+        # What a SIGHUP does in the cluster: a new snapshot swapped in by reference.
+        text = gateway.config_path.read_text().replace('command_timeout = "1h"',
+                                                       'command_timeout = "1s"')
+        gateway.config_path.write_text(text)
+        settings = load_settings(gateway.config_path)
+        source = gateway.parts.source
+        gateway.call(lambda: setattr(source, "_snapshot",
+                                     dataclasses.replace(source.current(), settings=settings)))
+        assert client.command("NOOP").startswith("250")  # the next command takes it
+        started = time.monotonic()
+        assert client.reply() == f"421 4.4.2 {client.sid} timeout, closing connection"
+        assert time.monotonic() - started < 10
+        client.close()
