@@ -15,10 +15,12 @@ How it is counted:
   connections of into the report it already sends the coordinator every
   second, and also every key it holds at all that another worker reported
   (a "hot" key): one connection per address, the common case, is never in
-  a report, yet the count of an address that matters is complete. Reports
-  go out sooner (after :data:`EARLY_REPORT` seconds) while a reported key
-  grows or a held key turns hot. A report is the worker's whole table, not
-  a change, so a lost report loses nothing.
+  a report, yet the count of an address that matters is complete. A report
+  is the worker's whole table, not a change, so a lost report loses nothing.
+- A report goes out early (after :data:`EARLY_REPORT` seconds rather than
+  within the second) only when an address holds half the cap or more on
+  the host: that is where a fraction of a second matters, and offices
+  behind one address, which hold a few connections each, send nothing extra.
 - The coordinator publishes the tables of the workers that are alive
   (``ConnectionCounts``), twice a second while any is non-empty and soon
   after one changes. A worker that exits, crashes or stops reporting leaves
@@ -26,13 +28,12 @@ How it is counted:
   died with it, and they are no longer counted from the next publication.
 - A worker refuses a connection when its own count plus the other workers'
   published counts reach the cap (a coordinator serves the workers of one
-  host only). Published counts older than
-  :data:`STALE_AFTER` are dropped, so a coordinator that went away cannot
-  freeze an address out either.
+  host only). Published counts older than :data:`STALE_AFTER` are dropped,
+  so a coordinator that went away cannot freeze an address out either.
 
 What that costs in precision: the other workers' counts are a fraction of
 a second old. A burst of connections from one address opened faster than
-a report travels (a report and a publication, about 0.2 s while it grows)
+a report travels (a report and a publication, about 0.2 s near the cap)
 can exceed the cap by up to the cap on each other worker; once the reports
 arrive every further connection is refused until enough have closed. A
 single worker (or a worker running alone) is exact.
@@ -57,18 +58,24 @@ class ConnectionTable:
         self._local: dict[str, int] = {}
         self._others: dict[str, int] = {}
         self._others_at = -STALE_AFTER
-        # Told when a reported key grows, so the worker can report early.
+        self._cap = 0  # the cap last applied, for when to report early
+        # Told when an address nears the cap, so the worker reports early.
         self.on_growth: Callable[[], None] | None = None
 
     def admit(self, key: str, cap: int) -> bool:
         """Count one more connection of ``key`` unless the host already has ``cap``."""
         held = self._local.get(key, 0)
-        if cap and held + self._others.get(key, 0) >= cap:
+        others = self._others.get(key, 0)
+        if cap and held + others >= cap:
             return False
         self._local[key] = held + 1
-        if self.on_growth is not None and (held + 1 >= REPORT_FROM or key in self._others):
+        self._cap = cap
+        if self.on_growth is not None and self._near_cap(held + 1 + others):
             self.on_growth()
         return True
+
+    def _near_cap(self, total: int) -> bool:
+        return bool(self._cap) and total >= max(REPORT_FROM, self._cap // 2)
 
     def release(self, key: str) -> None:
         held = self._local.get(key, 0)
@@ -99,11 +106,12 @@ class ConnectionTable:
                 continue
             for key, held in table.items():
                 others[key] = others.get(key, 0) + held
-        turned_hot = any(key in self._local and key not in self._others for key in others)
+        near = any(key not in self._others and self._near_cap(self._local.get(key, 0) + held)
+                   for key, held in others.items() if key in self._local)
         self._others = others
         self._others_at = self._clock()
-        if turned_hot and self.on_growth is not None:
-            self.on_growth()  # our single connections of that key count now
+        if near and self.on_growth is not None:
+            self.on_growth()  # our connections of an address near the cap count now
 
     def expire(self) -> None:
         if self._others and self._clock() - self._others_at > STALE_AFTER:

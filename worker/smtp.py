@@ -230,7 +230,8 @@ class GatewaySMTP(SMTP):
 
     async def _run(self, command: str, arg: str | None) -> None:
         """Every command line the client sends, recognised or not."""
-        self._command = command
+        # The stage of its decision lines: a verb, not whatever bytes came first.
+        self._command = command if command.isalnum() and len(command) <= 16 else "UNKNOWN"
         limits = self._server_settings()
         if limits.command_timeout != self._timeout_duration:
             # A reload changed it: aiosmtpd re-arms its idle timer with this from now on.
@@ -243,7 +244,7 @@ class GatewaySMTP(SMTP):
         method = self._smtp_methods.methods.get(command)  # type: ignore[attr-defined]
         if method is None:
             await self.push(self.event_handler.refused(
-                self, command, "syntax", replies.UNKNOWN_COMMAND.format(sid=self.sid),
+                self, self._command, "syntax", replies.UNKNOWN_COMMAND.format(sid=self.sid),
                 f"unknown command {replies.printable(command, 40)}"))
             return
         self._running = True
