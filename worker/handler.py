@@ -36,6 +36,9 @@ class GatewayHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         _client(server).helo = hostname
+        # Commands are read and answered one after another, in order, so
+        # pipelined commands need nothing more than saying so.
+        responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_HELO(self, server: GatewaySMTP, session: Session, envelope: Envelope,

@@ -32,6 +32,10 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
   instead of once per connection (worker/smtp_speedups.py);
 - graceful shutdown: 421 at once outside a transaction, after the reply to
   the end of DATA inside one;
+- DATA read as SPEC §3 wants it (worker/smtp_data.py): lines of any length,
+  a bare LF as a line end, the end only at CRLF.CRLF; a message over the
+  size limit and a command line too long are logged, the latter answered
+  with the session id;
 - behind a load balancer, the client address from the PROXY header (read by
   worker/server.py before this object exists) instead of the peer's, for the
   policies and for aiosmtpd's ``session.peer``. aiosmtpd's own PROXY support
@@ -50,7 +54,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from cluster.logjson import log_event
 from cluster.names import address_problem, client_key, has_unusable_characters, plain_ip
@@ -58,6 +62,7 @@ from cluster.sessionid import new_session_id
 from cluster.settings import ServerSettings
 from worker import replies, smtp_speedups, starttls
 from worker.policies import Client
+from worker.smtp_data import TooMuchData, read_data, unstuff
 
 smtp_speedups.install()
 
@@ -66,7 +71,9 @@ if TYPE_CHECKING:
     from worker.sessions import SessionRegistry
 
 _SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
-_TOO_MUCH_DATA = "552 Error: Too much mail data"
+# aiosmtpd's reply to a command line longer than its reader takes (or than
+# the command's size limit), from _handle_client.
+_COMMAND_TOO_LONG = "500 Command line too long"
 
 # aiosmtpd's per-command budgets (``command_call_limit``): commands that move
 # no mail are bounded per session; MAIL, RCPT, DATA, RSET and QUIT are not
@@ -327,6 +334,37 @@ class GatewaySMTP(SMTP):
             return
         await super().smtp_MAIL(arg)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's own checks and texts, then our reader instead of its line loop.
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            raw = await read_data(self._reader, self.data_size_limit)
+        except TooMuchData:
+            self._set_post_data_state()
+            await self.push(self.event_handler.refused(
+                self, "DATA", "message_size", replies.SIZE_EXCEEDED,
+                f"more than {self.data_size_limit} bytes"))
+            return
+        except asyncio.CancelledError:
+            self._writer.close()  # the connection went away during DATA
+            raise
+        content = unstuff(raw)
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
             return
@@ -359,9 +397,10 @@ class GatewaySMTP(SMTP):
         return True
 
     async def push(self, status: Any) -> None:
-        if status == _TOO_MUCH_DATA:
-            status = self.event_handler.refused(self, "DATA", "message_size",
-                                                replies.SIZE_EXCEEDED, "too much data")
+        if status == _COMMAND_TOO_LONG:
+            status = self.event_handler.refused(
+                self, "SESSION", "line_length", replies.LINE_TOO_LONG.format(sid=self.sid),
+                "a command line longer than the command may be")
         final = not _continues(status)
         if final and _is_refusal(status):
             if self._out_of_errors() and not self._closing:

@@ -43,10 +43,13 @@ def complete_headers(content: bytes, hostname: str, queue_id: str, now: float,
 
 def trace_headers(hostname: str, client: Client, queue_id: str, spam_header: str = "",
                   now: float | None = None) -> bytes:
-    """Our ``Received:`` line, then the ``X-Spam-*`` lines of :func:`spam_headers`."""
+    """Our ``Received:`` line, then the ``X-Spam-*`` lines of :func:`spam_headers`.
+
+    The login name stays out (SPEC §3): a recipient must not learn which
+    account of the tenant sent the message; support staff find it from the
+    session id.
+    """
     now = time.time() if now is None else now
-    # The login name stays out: it is half of the account's credentials and
-    # would travel to every recipient (the session id finds it in our logs).
     received = (
         f"Received: from {_clean(client.helo) or 'unknown'} ([{client.ip}])\r\n"
         f"\tby {hostname} (sendguard) with ESMTPSA id {queue_id}\r\n"
