@@ -325,7 +325,7 @@ class GatewaySMTP(SMTP):
             match = _SIZE_PARAM.search(arg)
             if match and int(match.group(1)) > self.data_size_limit:
                 await self.push(self.event_handler.refused(
-                    self, "MAIL", "message_size", replies.SIZE_EXCEEDED,
+                    self, "MAIL", "size", replies.SIZE_EXCEEDED,
                     f"declared {match.group(1)}, max {self.data_size_limit}"))
                 return
         if await self.check_auth_needed("MAIL"):
@@ -353,7 +353,7 @@ class GatewaySMTP(SMTP):
         except TooMuchData:
             self._set_post_data_state()
             await self.push(self.event_handler.refused(
-                self, "DATA", "message_size", replies.SIZE_EXCEEDED,
+                self, "DATA", "size", replies.SIZE_EXCEEDED,
                 f"more than {self.data_size_limit} bytes"))
             return
         except asyncio.CancelledError:

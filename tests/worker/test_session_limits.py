@@ -141,7 +141,7 @@ def test_every_refusal_is_one_decision_line(gateway: Gateway) -> None:
     client.command("QUIT")
     lines = decisions(gateway, client.sid)
     assert [(line["stage"], line["policy"], line["reply"]) for line in lines] == [
-        ("MAIL", "sequence", replies[0]), ("MAIL", "message_size", replies[2])]
+        ("MAIL", "sequence", replies[0]), ("MAIL", "size", replies[2])]
     client.close()
 
 
