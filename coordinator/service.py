@@ -9,7 +9,8 @@ reading an immutable aggregate.
 :class:`Coordinator` is a composition of one part per job, each made with
 the parts it uses: snapshots (:mod:`coordinator.snapshots`), membership and
 the ring (:mod:`coordinator.ring_keeper`), the supervisor
-(:mod:`coordinator.supervisor_link`), support state and compromise
+(:mod:`coordinator.supervisor_link`), the connection tables for the cap
+per client address (:mod:`coordinator.connections`), support state and compromise
 detection (:mod:`coordinator.support`, :mod:`coordinator.compromise`), the
 admin commands (:mod:`coordinator.admin_router`), requests to workers
 (:mod:`coordinator.worker_rpc`) and spool adoption
@@ -41,6 +42,7 @@ from cluster.admin_wire import AdminRequestMessage
 from cluster.logjson import log_event
 from coordinator.admin_router import AdminRouter
 from coordinator.compromise import CompromiseWatch
+from coordinator.connections import ConnectionPublisher
 from coordinator.counter_commands import CounterCommands
 from coordinator.errors import AdminError
 from coordinator.http_users import AdminUsers
@@ -77,6 +79,7 @@ class Coordinator:
                                            lambda: membership.epoch)
         self.ring = RingKeeper(membership, outbox, self.snapshots.persist, SILENCE)
         self.supervisor = SupervisorLink(outbox)
+        self.connections = ConnectionPublisher(membership, outbox)
         self.desk = SupportDesk(store, sources, self.snapshots.publish)
         # Workers' evidence of stolen passwords, and the suspensions it makes (SPEC §3.10).
         self.compromise = CompromiseWatch(self.desk, sources, self.metrics)
@@ -122,6 +125,7 @@ class Coordinator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.connections.close()
             await self.adoption.close()
             await self.compromise.close()
             if http is not None:
@@ -161,6 +165,7 @@ class Coordinator:
             if worker is not None:
                 await self.snapshots.catch_up(worker.name, identity,
                                               message.values.get("snapshot_version"), now)
+                self.connections.reported()
         elif isinstance(message, wire.Evidence):
             self.compromise.receive(message.name, message.notes)
         elif isinstance(message, wire.SnapshotRequest):
@@ -192,6 +197,7 @@ class Coordinator:
                 self.metrics.retire(worker.name)
                 await self.supervisor.silent(worker.name, worker.pid)
             await self.ring.update()
+            await self.connections.publish()
             self.compromise.tick()
             if self._support_task is None or self._support_task.done():
                 self._support_task = asyncio.create_task(self._support_tick())
