@@ -1,8 +1,8 @@
 """``sendguard status | scale N | inspect ip|account``, and what every admin command shares.
 
 Each command finds the running cluster through ``-c CONFIG`` (its runtime
-folder), sends one ``AdminRequest`` to the coordinator's socket and prints
-the ``AdminReply``: a table for people, ``--json`` for scripts
+folder), sends one request of :mod:`cluster.admin_wire` to the coordinator's
+socket and prints its reply: a table for people, ``--json`` for scripts
 (:func:`execute`). Exit status: 0 done, 1 failed (also: no cluster
 running), 2 bad usage. The support commands live in
 :mod:`cluster.support_cli`, the queue's in :mod:`cluster.queue_cli`.
@@ -22,12 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from cluster import wire
+from cluster.admin_wire import (
+    AdminFailed,
+    AdminReplyMessage,
+    AdminRequestMessage,
+    InspectSubjectRequest,
+    ScaleRequest,
+    StatusRequest,
+)
+from cluster.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from cluster.settings import load_settings
 from cluster.validate import ConfigError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 TIMEOUT = 10.0
 
 
@@ -53,8 +59,8 @@ def add_parser(commands: Any, name: str,
             config_arg(sub)
 
 
-def request(runtime_dir: Path, command: str, args: dict[str, Any],
-            timeout: float = TIMEOUT) -> dict[str, Any]:
+def request(runtime_dir: Path, message: AdminRequestMessage,
+            timeout: float = TIMEOUT) -> AdminReplyMessage:
     """One admin round trip; raises AdminFailure with a sentence for the operator."""
     import zmq
 
@@ -68,7 +74,7 @@ def request(runtime_dir: Path, command: str, args: dict[str, Any],
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        sock.send(wire.encode(wire.AdminRequest(command, args)))
+        sock.send(wire.encode(message))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -76,14 +82,14 @@ def request(runtime_dir: Path, command: str, args: dict[str, Any],
                 raise AdminFailure(f"the cluster did not answer within {timeout:g} s "
                                    f"(coordinator at {endpoint})")
             reply = wire.decode(sock.recv())
-            if isinstance(reply, wire.AdminReply):
+            if isinstance(reply, AdminReplyMessage | AdminFailed):
                 break
     finally:
         sock.close()
         context.term()
-    if not reply.ok:
+    if isinstance(reply, AdminFailed):
         raise AdminFailure(reply.error)
-    return reply.data
+    return reply
 
 
 def _running(lock: Path) -> bool:
@@ -101,13 +107,13 @@ def usage(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    command, payload, show = _request_of(args)
-    if command is None:
-        return usage(str(payload))
-    return execute(args, command, payload, show)
+    message, show = _request_of(args)
+    if isinstance(message, str):
+        return usage(message)
+    return execute(args, message, show)
 
 
-def execute(args: argparse.Namespace, command: str, payload: dict[str, Any],
+def execute(args: argparse.Namespace, message: AdminRequestMessage,
             show: Callable[[dict[str, Any]], str]) -> int:
     """Send one request to the cluster of ``args.config``; print a table or ``--json``."""
     try:
@@ -116,7 +122,7 @@ def execute(args: argparse.Namespace, command: str, payload: dict[str, Any],
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     try:
-        data = request(settings.cluster.runtime_dir, command, payload)
+        data = request(settings.cluster.runtime_dir, message).to_json()
     except AdminFailure as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -129,22 +135,25 @@ def execute(args: argparse.Namespace, command: str, payload: dict[str, Any],
     return EXIT_OK
 
 
-def _request_of(args: argparse.Namespace) -> tuple[Any, Any, Callable[[dict[str, Any]], str]]:
-    """(command, args, formatter), or (None, usage message, ...) for bad input."""
+Formatter = Callable[[dict[str, Any]], str]
+
+
+def _request_of(args: argparse.Namespace) -> tuple[AdminRequestMessage | str, Formatter]:
+    """(request, formatter), or (usage message, ...) for bad input."""
     if args.command == "status":
-        return "status", {}, format_status
+        return StatusRequest(), format_status
     if args.command == "scale":
         if args.workers < 1:
-            return None, "scale: the number of workers must be 1 or more", str
-        return "scale", {"workers": args.workers}, format_scale
+            return "scale: the number of workers must be 1 or more", str
+        return ScaleRequest(args.workers), format_scale
     if args.kind == "ip":
         try:
             ipaddress.ip_address(args.subject)
         except ValueError:
-            return None, f'inspect ip: "{args.subject}" is not an IP address', str
+            return f'inspect ip: "{args.subject}" is not an IP address', str
     elif "@" not in args.subject:
-        return None, f'inspect account: "{args.subject}" is not an account like user@domain', str
-    return "inspect", {"kind": args.kind, "subject": args.subject}, format_inspect
+        return f'inspect account: "{args.subject}" is not an account like user@domain', str
+    return InspectSubjectRequest(args.kind, args.subject), format_inspect
 
 
 # -- tables ------------------------------------------------------------------------

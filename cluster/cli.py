@@ -14,14 +14,9 @@ from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
 
-from cluster.files import OPTIONAL_AT_START, check_files
-from cluster.settings import Settings, load_settings
-from cluster.tenants import load_tenants
-from cluster.validate import ConfigError
+from cluster.exits import EXIT_OK, EXIT_USAGE
+from cluster.files import load_or_exit
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 DEFAULT_CONFIG = "/etc/sendguard/sendguard.toml"
 
 
@@ -73,24 +68,9 @@ _EXTRA_COMMANDS: dict[str, str] = {
     "why": "cluster.support_cli",
     "account": "cluster.support_cli",
     "counters": "cluster.support_cli",
-    "dkim": "cluster.dkimkeys",
+    "dkim": "cluster.dkim_cli",
     "loadtest": "loadtest.cli",
 }
-
-
-def load_or_exit(path: str, *, open_files: bool = False, strict: bool = False) -> Settings:
-    """The settings, or exit 2 with one line; ``open_files``: every file they name too
-    (``strict``: also those the gateway can run without, as check-config does)."""
-    try:
-        settings = load_settings(path)
-        if open_files:
-            check_files(settings, skip=() if strict else OPTIONAL_AT_START)
-        else:
-            load_tenants(settings.tenants_file)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
-    return settings
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

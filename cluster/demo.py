@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.files import load_or_exit
+from cluster.hostport import split_host_port
 from cluster.quietstart import spawn_quietly
 from cluster.selfsigned import write_self_signed
 from cluster.settings import Settings, load_settings
@@ -43,7 +45,6 @@ def prepare_demo(folder: Path | None = None) -> Path:
 
 def run_demo(folder: Path | None = None) -> int:
     """Prepare the example, start the sink, run the cluster until it stops."""
-    from cluster.cli import load_or_exit
     from cluster.supervisor import run_cluster
 
     config = prepare_demo(folder)
@@ -68,8 +69,7 @@ def start_sink(settings: Settings, folder: Path) -> subprocess.Popen[bytes] | No
     delivery = settings.delivery
     if delivery.mode != "smarthost":
         return None
-    host, _, port = delivery.smarthost.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_host_port(delivery.smarthost)  # checked with the settings
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
@@ -79,7 +79,7 @@ def start_sink(settings: Settings, folder: Path) -> subprocess.Popen[bytes] | No
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
+        sock.bind((host, port))
         sock.listen(64)
     except OSError as exc:
         sock.close()

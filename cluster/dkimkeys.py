@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from cluster.names import BadDomain, to_alabel
 from cluster.settings import Settings
-from cluster.tenants import TenantDirectory, selector_ok
+from cluster.tenants import TenantDirectory
 from cluster.validate import ConfigError
 
 RSA = "rsa"
@@ -202,69 +200,3 @@ def key_record(path: Path) -> str:
         return record_value(key)
     except ValueError as exc:
         raise DkimKeyError(str(exc)) from None
-
-
-# -- command line -------------------------------------------------------------------
-
-def add_parser(commands: Any, name: str, config_arg: Any) -> None:
-    dkim = commands.add_parser(name, help="DKIM signing keys")
-    actions = dkim.add_subparsers(dest="dkim_command", required=True, metavar="ACTION")
-    keygen = actions.add_parser("keygen", help="make a key and print its DNS record")
-    keygen.add_argument("domain")
-    keygen.add_argument("--selector", required=True)
-    keygen.add_argument("--type", choices=[RSA, ED25519], default=RSA, dest="key_type")
-    keygen.add_argument("--bits", type=int, default=DEFAULT_RSA_BITS,
-                        help=f"RSA key size (default {DEFAULT_RSA_BITS})")
-    config_arg(keygen)
-    record = actions.add_parser("record", help="print the DNS record of an existing key")
-    record.add_argument("domain")
-    record.add_argument("--selector", required=True)
-    config_arg(record)
-
-
-def run(args: Any) -> int:
-    from cluster.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-    from cluster.settings import load_settings
-
-    try:
-        domain = to_alabel(args.domain)
-    except BadDomain:
-        print(f"sendguard dkim: {args.domain!r} is not a domain name", file=sys.stderr)
-        return EXIT_USAGE
-    if not selector_ok(args.selector):
-        print(f"sendguard dkim: {args.selector!r} is not a selector: a DNS label like "
-              '"sg2026"', file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_USAGE
-    path = key_path(settings.dkim.keys_dir, domain, args.selector)
-    if args.dkim_command == "record":
-        try:
-            value = key_record(path)
-        except DkimKeyError as exc:
-            print(f"sendguard dkim: {path} {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        print(zone_line(domain, args.selector, value))
-        return EXIT_OK
-    if args.key_type == RSA and not MIN_RSA_BITS <= args.bits <= MAX_RSA_BITS:
-        print(f"sendguard dkim: --bits must be between {MIN_RSA_BITS} and {MAX_RSA_BITS} "
-              f"(got {args.bits})", file=sys.stderr)
-        return EXIT_USAGE
-    if path.exists():
-        print(f"sendguard dkim: {path} exists; to rotate, make a key under a new selector",
-              file=sys.stderr)
-        return EXIT_FAILED
-    pem, value = generate_key(args.key_type, args.bits)
-    try:
-        write_key(path, pem)
-    except OSError as exc:
-        print(f"sendguard dkim: cannot write {path}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"sendguard dkim: wrote {path}; publish this record, then set "
-          f'dkim_selector = "{args.selector}" for {domain}', file=sys.stderr)
-    print(zone_line(domain, args.selector, value))
-    return EXIT_OK
-

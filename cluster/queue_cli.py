@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster.admin import count_text, duration_text, execute, table, usage
+from cluster.admin_wire import QueueRequest
 from cluster.support_cli import default_by
 
 QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")  # SPEC §1
@@ -55,30 +56,32 @@ def _change(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    payload: dict[str, Any] = {"action": args.action}
-    if args.action == "delete":
+    action = args.action
+    if action == "delete":
         if not QUEUE_ID_RE.fullmatch(args.queue_id):
             return usage(f'queue delete: "{args.queue_id}" is not a queue id')
-        payload["queue_id"] = args.queue_id
-    elif args.action in ("purge", "hold", "release"):
-        payload.update(by=args.by, reason=args.reason)
-        if args.action == "purge":
-            if args.ip:
-                try:
-                    ipaddress.ip_address(args.ip)
-                except ValueError:
-                    return usage(f'queue purge: "{args.ip}" is not an IP address')
-            payload.update(account=args.account, ip=args.ip, bounce=args.bounce)
-        else:
-            if bool(args.ids) == bool(args.account):
-                return usage(f"queue {args.action}: name queue ids or --account USER")
-            bad = [i for i in args.ids if not QUEUE_ID_RE.fullmatch(i)]
-            if bad:
-                return usage(f'queue {args.action}: "{bad[0]}" is not a queue id')
-            payload.update(ids=args.ids, account=args.account)
-        if payload.get("account") and "@" not in payload["account"]:
-            return usage(f'queue {args.action}: "{payload["account"]}" is not an account')
-    return execute(args, "queue", payload, format_queue)
+        return execute(args, QueueRequest(action, queue_id=args.queue_id), format_queue)
+    if action not in ("purge", "hold", "release"):
+        return execute(args, QueueRequest(action), format_queue)
+    if action == "purge":
+        if args.ip:
+            try:
+                ipaddress.ip_address(args.ip)
+            except ValueError:
+                return usage(f'queue purge: "{args.ip}" is not an IP address')
+        message = QueueRequest(action, account=args.account, ip=args.ip, bounce=args.bounce,
+                               by=args.by, reason=args.reason)
+    else:
+        if bool(args.ids) == bool(args.account):
+            return usage(f"queue {action}: name queue ids or --account USER")
+        bad = [i for i in args.ids if not QUEUE_ID_RE.fullmatch(i)]
+        if bad:
+            return usage(f'queue {action}: "{bad[0]}" is not a queue id')
+        message = QueueRequest(action, ids=list(args.ids), account=args.account, by=args.by,
+                               reason=args.reason)
+    if message.account and "@" not in message.account:
+        return usage(f'queue {action}: "{message.account}" is not an account')
+    return execute(args, message, format_queue)
 
 
 def format_queue(data: dict[str, Any]) -> str:

@@ -51,18 +51,17 @@ from pathlib import Path
 import zmq
 
 from cluster import wire
+from cluster.admin_wire import AdminFailed, StatusReply, StatusRequest
+from cluster.exits import EXIT_BOOT_FAILED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from cluster.logjson import log_event, setup_logging
 from cluster.quietstart import spawn_quietly
 from cluster.reload import load_for_reload
 from cluster.settings import Settings
 from cluster.validate import ConfigError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
 # A child that exits with one of these will fail again the same way.
-CHILD_CONFIG_ERROR = 2
-CHILD_BOOT_FAILED = 3
+CHILD_CONFIG_ERROR = EXIT_USAGE
+CHILD_BOOT_FAILED = EXIT_BOOT_FAILED
 
 COORDINATOR = "coordinator"
 _BACKOFF_START = 0.5
@@ -328,11 +327,11 @@ class Supervisor:
                     and hung.process.pid == message.pid:
                 log_event("process_hung", process_name=hung.name, pid=message.pid)
                 hung.process.kill()  # reaped and restarted like any crash
-        elif isinstance(message, wire.AdminReply):
+        elif isinstance(message, AdminFailed):
             self.coordinator_answered = True
-            if not message.ok:
-                return
-            workers = message.data.get("workers", [])
+        elif isinstance(message, StatusReply):
+            self.coordinator_answered = True
+            workers = message.workers
             self._phases = {w.get("name", ""): w.get("phase", "") for w in workers
                             if isinstance(w, dict)}
 
@@ -372,14 +371,14 @@ class Supervisor:
                   file=sys.stderr)
         # A configuration error is already on stderr as the one line SPEC §5 asks for.
         self.stop(graceful=False)
-        self.exit_code = EXIT_CONFIG if code == CHILD_CONFIG_ERROR else EXIT_FAILED
+        self.exit_code = EXIT_USAGE if code == CHILD_CONFIG_ERROR else EXIT_FAILED
 
     def manage_workers(self) -> None:
         if not self.coordinator_answered:
             now = time.monotonic()
             if now - self._asked_at >= _ASK_COORDINATOR_EVERY:
                 self._asked_at = now
-                self.tell(wire.AdminRequest("status", {}))
+                self.tell(StatusRequest())
             return
         now = time.monotonic()
         for child in list(self.children.values()):
@@ -443,7 +442,7 @@ class Supervisor:
             if not released and now >= next_status:
                 # Drained workers keep their counters up for the others' last transactions;
                 # once every one is drained they may all go.
-                self.tell(wire.AdminRequest("status", {}))
+                self.tell(StatusRequest())
                 next_status = now + 0.2
                 names = {c.name for c in workers if c.alive}
                 if names and all(self._phases.get(name) == "drained" for name in names):
@@ -493,7 +492,7 @@ def run_cluster(settings: Settings) -> int:
     except UnsafeRuntimeDir as exc:
         print(ConfigError(settings.path, "cluster.runtime_dir", str(exc), str(runtime_dir)),
               file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     if os.geteuid() == 0:
         log_event("running_as_root", logging.WARNING,
                   advice="run as an unprivileged user (examples/sendguard.service: "

@@ -18,6 +18,16 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster.admin import clears_text, execute, suspension_text, table, usage
+from cluster.admin_wire import (
+    AdminRequestMessage,
+    AllowCountryRequest,
+    DisallowCountryRequest,
+    HistoryRequest,
+    ResetCountersRequest,
+    SuspendRequest,
+    UnsuspendRequest,
+    WhyRequest,
+)
 from cluster.settings import is_country_code
 from cluster.validate import parse_duration
 
@@ -92,43 +102,42 @@ def default_by() -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        command, payload, show = _request_of(args)
+        message, show = _request_of(args)
     except _Usage as exc:
         return usage(str(exc))
-    return execute(args, command, payload, show)
+    return execute(args, message, show)
 
 
 class _Usage(Exception):
     pass
 
 
-def _request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any], Formatter]:
+def _request_of(args: argparse.Namespace) -> tuple[AdminRequestMessage, Formatter]:
     if args.command == "why":
         if not SESSION_ID_RE.fullmatch(args.sid):
             raise _Usage(f'why: "{args.sid}" is not a session id (22 letters and digits)')
-        return "why", {"sid": args.sid}, format_why
+        return WhyRequest(args.sid), format_why
     if args.command == "account":
         _account(args.user)
-        payload = {"account": args.user, "by": args.by, "reason": args.reason}
         if args.action == "suspend":
-            payload["for"] = _duration(getattr(args, "lasting", None))
-        return args.action, payload, format_suspension
+            return SuspendRequest(args.user, args.by, reason=args.reason,
+                                  lasting=_duration(getattr(args, "lasting", None))), \
+                format_suspension
+        return UnsuspendRequest(args.user, args.by, reason=args.reason), format_suspension
     if args.command == "counters":
         if args.kind == "ip":
             _address(args.subject)
         else:
             _account(args.subject)
-        return "reset", {"kind": args.kind, "subject": args.subject, "by": args.by,
-                                  "reason": args.reason}, format_reset
+        return ResetCountersRequest(args.kind, args.subject, args.by, args.reason), format_reset
     if args.action == "history":
-        return "history", {"domain": args.domain}, format_history
+        return HistoryRequest(args.domain), format_history
     if not is_country_code(args.country):
         raise _Usage(f'tenant: "{args.country}" is not a two-letter country code')
-    payload = {"domain": args.domain, "country": args.country.upper(), "by": args.by,
-               "reason": args.reason}
-    if getattr(args, "lasting", None):
-        payload["for"] = _duration(args.lasting)
-    return args.action, payload, format_tenant
+    lasting = _duration(args.lasting) if getattr(args, "lasting", None) else None
+    change = AllowCountryRequest if args.action == "allow-country" else DisallowCountryRequest
+    return change(args.domain, args.country.upper(), args.by, reason=args.reason,
+                  lasting=lasting), format_tenant
 
 
 def _account(text: str) -> None:

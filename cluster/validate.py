@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cluster.hostport import split_host_port
+
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
 
 class ConfigError(Exception):
     """A configuration value is missing or wrong; str() is the operator's line."""
@@ -29,7 +30,6 @@ class ConfigError(Exception):
         got = f" (got {_show(value)})" if show_value else ""
         super().__init__(f"{self.file}: {key}: {problem}{got}")
 
-
 def _show(value: object) -> str:
     if isinstance(value, str):
         return repr(value).replace("'", '"') if not value.isprintable() else f'"{value}"'
@@ -41,14 +41,12 @@ def _show(value: object) -> str:
         return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
     return str(value)
 
-
 def parse_duration(text: str) -> float:
     """``"500ms"`` → 0.5; raises ValueError for anything but one number and one unit."""
     match = _DURATION.match(text) if isinstance(text, str) else None
     if not match:
         raise ValueError(text)
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
 
 class Section:
     """One TOML table being read; remembers which keys were used to catch typos."""
@@ -148,7 +146,6 @@ class Section:
         for name in self.unknown_keys():
             raise self.error(name, "is not a known setting", self.data[name])
 
-
 def read_duration(section: Section, name: str, value: Any, *, allow_zero: bool = False) -> float:
     try:
         seconds = parse_duration(value)
@@ -160,17 +157,10 @@ def read_duration(section: Section, name: str, value: Any, *, allow_zero: bool =
         raise section.error(name, "must be longer than zero", value)
     return seconds
 
-
 def read_endpoint(section: Section, name: str, item: str) -> tuple[str, int]:
-    host, sep, port = item.rpartition(":")
-    host = host.strip("[]")
     try:
-        if not sep or not host:
-            raise ValueError
+        host, number = split_host_port(item, allow_zero=True)
         ipaddress.ip_address(host)
-        number = int(port)
-        if not 0 <= number <= 65535:
-            raise ValueError
     except ValueError:
         raise section.error(name, 'must be "ADDRESS:PORT" like "0.0.0.0:587"', item) from None
     return host, number

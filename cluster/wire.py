@@ -3,8 +3,10 @@
 Encoding: msgpack of ``[TYPE, VERSION, field, field, ...]`` in the order the
 dataclass declares its fields; nested counter types use their own
 ``to_wire()`` forms (``cluster.counting``). Plain data only: a peer's bytes are
-decoded into plain data and checked, so a malformed frame raises
-:class:`WireError` instead of running anything.
+decoded into plain data and every field is checked against the type the
+dataclass declares for it, in one place (:func:`decode`), so a malformed
+frame raises :class:`WireError` instead of running anything. The admin
+commands' requests and replies are in :mod:`cluster.admin_wire`.
 
 Sockets and frames (every path under ``cluster.runtime_dir``, a 0700 folder;
 no process talks to another host):
@@ -40,6 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -103,24 +109,104 @@ def decode(frame: bytes) -> Message:
         raise WireError(f"unknown message type {kind!r}")
     if version != PROTOCOL_VERSION:
         raise WireError(f"{kind}: protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    if len(values) != len(fields):
-        raise WireError(f"{kind}: {len(values)} fields, expected {len(fields)}")
+    readers = _READERS.get(cls) or _readers_of(cls)
+    if len(values) != len(readers):
+        raise WireError(f"{kind}: {len(values)} fields, expected {len(readers)}")
     try:
-        return cls(**{f.name: _from_wire(f.type, v) for f, v in zip(fields, values, strict=True)})
+        return cls(**{name: read(value) for (name, read), value
+                      in zip(readers, values, strict=True)})
     except (TypeError, ValueError) as exc:
         raise WireError(f"{kind}: {exc}") from None
 
 
-def _from_wire(annotation: Any, value: Any) -> Any:
-    text = str(annotation)
-    if text.startswith("list[Op]") or text.startswith("tuple[Op"):
-        if not isinstance(value, list):
-            raise ValueError("ops must be a list")
-        return tuple(Op.from_wire(v) for v in value)
-    if text.startswith("Outcome"):
-        return None if value is None else Outcome.from_wire(value)
+# -- field types, checked on decode ---------------------------------------------------
+#
+# Each message type's fields are read by functions made once from its type hints:
+# a value of the wrong type raises ValueError (a WireError for the caller), a list
+# declared as a tuple becomes one, and a type with ``from_wire`` (``cluster.counting``)
+# builds itself. A field type with no reader here is refused when the message type
+# is first decoded, so a new message cannot slip through unchecked.
+
+Reader = Callable[[Any], Any]
+_READERS: dict[type[Message], tuple[tuple[str, Reader], ...]] = {}
+
+
+def _readers_of(cls: type[Message]) -> tuple[tuple[str, Reader], ...]:
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    readers = tuple((item.name, _reader(hints[item.name], item.name))
+                    for item in dataclasses.fields(cls))  # type: ignore[arg-type]
+    _READERS[cls] = readers
+    return readers
+
+
+def _same(value: Any) -> Any:
     return value
+
+
+def _instance(kind: type | tuple[type, ...], name: str, what: str) -> Reader:
+    def read(value: Any) -> Any:
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+            raise ValueError(f"{name} must be {what}, got {_short(value)}")
+        return value
+    return read
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_SCALARS: dict[Any, tuple[type | tuple[type, ...], str]] = {
+    str: (str, "a string"),
+    bytes: (bytes, "bytes"),
+    bool: (bool, "a boolean"),
+    int: (int, "an integer"),
+    float: ((float, int), "a number"),
+}
+
+
+def _reader(hint: Any, name: str) -> Reader:
+    if hint is Any:
+        return _same
+    if hint in _SCALARS:
+        kind, what = _SCALARS[hint]
+        check = _instance(kind, name, what)
+        return (lambda value: float(check(value))) if hint is float else check
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [arg for arg in args if arg is not type(None)]
+        if len(inner) != 1 or len(args) != 2:
+            raise TypeError(f"{name}: no wire form for {hint!r}")
+        read = _reader(inner[0], name)
+        return lambda value: None if value is None else read(value)
+    if origin in (list, tuple):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            raise TypeError(f"{name}: no wire form for {hint!r} (use tuple[X, ...])")
+        item = _reader(args[0], f"{name}[]")
+        as_list = _instance(list, name, "a list")
+        if origin is tuple:
+            return lambda value: tuple(item(v) for v in as_list(value))
+        if item is _same:
+            return as_list
+        return lambda value: [item(v) for v in as_list(value)]
+    if origin is dict:
+        key, val = _reader(args[0], f"{name} key"), _reader(args[1], f"{name} value")
+        as_map = _instance(dict, name, "a map")
+
+        def read_map(value: Any) -> Any:
+            for k, v in as_map(value).items():
+                key(k)
+                val(v)
+            return value
+        return read_map
+    from_wire = getattr(hint, "from_wire", None)
+    if isinstance(hint, type) and callable(from_wire):
+        return typing.cast(Reader, from_wire)
+    raise TypeError(f"{name}: no wire form for {hint!r}")
 
 
 # -- counter traffic between workers -------------------------------------------

@@ -11,13 +11,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from cluster.exits import EXIT_BOOT_FAILED, EXIT_USAGE
 from cluster.lifeline import die_with_parent
 from cluster.quietstart import stop_signals_end_quietly
 from cluster.validate import ConfigError
 
-EXIT_CONFIG_ERROR = 2
-EXIT_BOOT_FAILED = 3
+if TYPE_CHECKING:
+    from cluster.settings import Settings
+    from cluster.support_state import SupportState
+    from coordinator.state_store import SupportStore
 
 
 def main() -> int:
@@ -34,9 +38,9 @@ def main() -> int:
 
     from cluster.logjson import setup_logging
     from coordinator.membership import Membership
-    from coordinator.service import RECOVERY, SILENCE, Coordinator, read_state
+    from coordinator.service import RECOVERY, SILENCE, read_state, serve_coordinator
     from coordinator.sources import SnapshotSources
-    from coordinator.state_store import StoreError, open_store
+    from coordinator.state_store import StoreError
 
     try:
         settings_path = Path(args.config).absolute()
@@ -56,7 +60,7 @@ def main() -> int:
                               show_value=False) from None
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return EXIT_USAGE
     runtime_dir = sources.settings.cluster.runtime_dir
     runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # A coordinator restarted within a running cluster continues its numbering.
@@ -68,10 +72,32 @@ def main() -> int:
     import zmq
 
     try:
-        return uvloop.run(Coordinator(sources, runtime_dir, membership, store, users).run())
+        return uvloop.run(serve_coordinator(sources, runtime_dir, membership, store, users))
     except (OSError, zmq.ZMQError) as exc:
         print(f"sendguard: coordinator cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
+
+
+def open_store(settings: Settings) -> tuple[SupportStore, SupportState]:
+    """The store ``[counters] backend`` goes with, and the state to start from.
+
+    Raises StoreError for a table that cannot be read (the coordinator then
+    does not start). Blocking: called before the coordinator's event loop runs."""
+    import asyncio
+
+    from cluster.logjson import flush_log
+    from coordinator.state_store import FileStore
+
+    if settings.counters.backend == "redis":
+        from coordinator.redis_state import RedisStore
+
+        shared = RedisStore.for_settings(settings)
+        try:
+            return shared, asyncio.run(shared.start())
+        finally:
+            flush_log()  # what start() logged, before another event loop takes over
+    store = FileStore(settings.cluster.state_dir)
+    return store, store.load_now()
 
 
 if __name__ == "__main__":

@@ -16,10 +16,14 @@ of a second rather than on the next tick.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
-from coordinator.membership import Worker
+from cluster import wire
+from coordinator.membership import Membership, Worker
+from coordinator.outbox import Outbox
 
 # After a table changes, publish this soon (and no sooner, to batch bursts).
 SOON = 0.05
@@ -57,3 +61,41 @@ class ConnectionBoard:
 
     def published(self, tables: dict[str, dict[str, int]]) -> None:
         self._published = tables
+
+
+class ConnectionPublisher:
+    """Publishes the board on the tick, and soon after a report changed a table."""
+
+    def __init__(self, membership: Membership, outbox: Outbox) -> None:
+        self.membership = membership
+        self._outbox = outbox
+        self.board = ConnectionBoard()
+        self._soon: asyncio.Task[None] | None = None
+
+    async def publish(self, force: bool = False) -> None:
+        """The live workers' connection tables (worker/connections.py), when there is news."""
+        tables = self.board.collect(self.membership.workers.values())
+        if not (force and self.board.changed(tables)) and not self.board.due(tables):
+            return
+        await self._outbox.publish(wire.TOPIC_CONNECTIONS,
+                                   wire.encode(wire.ConnectionCounts(tables)))
+        self.board.published(tables)
+
+    def reported(self) -> None:
+        """A report came in: if it changed a table, publish soon rather than on the tick."""
+        if self._soon is not None and not self._soon.done():
+            return
+        if not self.board.changed(self.board.collect(self.membership.workers.values())):
+            return
+
+        async def soon() -> None:
+            await asyncio.sleep(SOON)
+            await self.publish(force=True)
+
+        self._soon = asyncio.create_task(soon())
+
+    async def close(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._soon

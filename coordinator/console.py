@@ -28,10 +28,11 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
+from cluster import admin_wire as aw
 from cluster.admin import compromise_text, window_text
 from coordinator.errors import AdminError
 
-AdminCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+AdminCall = Callable[[aw.AdminRequestMessage], Awaitable[aw.AdminReplyMessage]]
 TOKEN_TTL = 12 * 3600.0
 # A session id follows the status code in our replies and "sendguard" in the banner.
 _SID_AFTER_REPLY = re.compile(r"\b[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3} ([A-Za-z0-9]{22})\b")
@@ -88,8 +89,8 @@ class Console:
                 view["account"] = accounts[-1] if accounts else ""
         if view["account"]:
             try:
-                view["inspect"] = await self._call("inspect", {"kind": "account",
-                                                               "subject": view["account"]})
+                view["inspect"] = await self._ask(
+                    aw.InspectSubjectRequest("account", view["account"]))
             except AdminError as exc:
                 view["account_error"] = str(exc)
             if view["inspect"] and view["inspect"].get("compromise"):
@@ -98,8 +99,8 @@ class Console:
                 view["domain"] = view["account"].rpartition("@")[2]
         if view["domain"]:
             try:
-                view["countries"] = await self._call("countries", {"domain": view["domain"]})
-                view["history"] = await self._call("history", {"domain": view["domain"]})
+                view["countries"] = await self._ask(aw.CountriesRequest(view["domain"]))
+                view["history"] = await self._ask(aw.HistoryRequest(view["domain"]))
             except AdminError as exc:
                 view["domain_error"] = str(exc)
         html = _TEMPLATES.get_template("console.html").render(**view)
@@ -114,7 +115,7 @@ class Console:
         last = ""
         for sid in candidates[:5]:
             try:
-                return await self._call("why", {"sid": sid}), ""
+                return await self._ask(aw.WhyRequest(sid)), ""
             except AdminError as exc:
                 last = str(exc)
         return None, last
@@ -124,39 +125,42 @@ class Console:
     async def suspend(self, request: web.Request) -> web.Response:
         form = await self._form(request)
         account = form.get("account", "")
-        return await self._change(request, "suspend", {
-            "account": account, "reason": form.get("reason", ""),
-            "for": form.get("for", "") or None}, {"account": account},
-            f"{account} suspended")
+        return await self._change(request, lambda by: aw.SuspendRequest(
+            account, by, reason=form.get("reason", ""), lasting=form.get("for", "") or None),
+            {"account": account}, f"{account} suspended")
 
     async def unsuspend(self, request: web.Request) -> web.Response:
         form = await self._form(request)
         account = form.get("account", "")
-        return await self._change(request, "unsuspend", {"account": account,
-                                                         "reason": form.get("reason", "")},
-                                  {"account": account}, f"{account} unsuspended")
+        return await self._change(request, lambda by: aw.UnsuspendRequest(
+            account, by, reason=form.get("reason", "")),
+            {"account": account}, f"{account} unsuspended")
 
     async def allow_country(self, request: web.Request) -> web.Response:
         form = await self._form(request)
         domain, country = form.get("domain", ""), form.get("country", "").upper()
         lasting = form.get("for", "") or None
-        return await self._change(request, "allow-country", {
-            "domain": domain, "country": country, "for": lasting,
-            "reason": form.get("reason", "")}, {"domain": domain},
+        return await self._change(request, lambda by: aw.AllowCountryRequest(
+            domain, country, by, reason=form.get("reason", ""), lasting=lasting),
+            {"domain": domain},
             f"{country} allowed for {domain}" + (f" for {lasting}" if lasting else ""))
 
     async def disallow_country(self, request: web.Request) -> web.Response:
         form = await self._form(request)
         domain, country = form.get("domain", ""), form.get("country", "").upper()
-        return await self._change(request, "disallow-country", {
-            "domain": domain, "country": country, "reason": form.get("reason", "")},
+        return await self._change(request, lambda by: aw.DisallowCountryRequest(
+            domain, country, by, reason=form.get("reason", "")),
             {"domain": domain}, f"{country} no longer allowed for {domain}")
 
-    async def _change(self, request: web.Request, command: str, args: dict[str, Any],
+    async def _ask(self, request: aw.AdminRequestMessage) -> dict[str, Any]:
+        """The reply as the page shows it: the JSON the API answers."""
+        return (await self._call(request)).to_json()
+
+    async def _change(self, request: web.Request,
+                      make: Callable[[str], aw.AdminRequestMessage],
                       back: dict[str, str], done: str) -> web.Response:
-        args["by"] = str(request["user"])
         try:
-            await self._call(command, args)
+            await self._call(make(str(request["user"])))
             back["notice"] = done
         except AdminError as exc:
             back["problem"] = str(exc)

@@ -1,7 +1,7 @@
 """The HTTP admin API and support console (``[admin] listen``), served by the coordinator.
 
 aiohttp, on the coordinator's own event loop: the admin commands are
-coroutines there already (:meth:`coordinator.service.Coordinator.call`),
+coroutines there already (:meth:`coordinator.admin_router.AdminRouter.call`),
 so a request is one await away from the same code the CLI reaches over
 the admin socket, and answers the same JSON. aiohttp is already installed
 with geoip2 and parses HTTP properly; the standard library has no asyncio
@@ -37,12 +37,14 @@ from typing import Any
 
 from aiohttp import web
 
+from cluster import admin_wire as aw
 from cluster.logjson import log_event
 from coordinator.console import Console
 from coordinator.errors import AdminError
 from coordinator.http_users import AdminUsers
+from coordinator.support import duration, text
 
-AdminCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+AdminCall = Callable[[aw.AdminRequestMessage], Awaitable[aw.AdminReplyMessage]]
 MAX_BODY = 64 * 1024
 REALM = 'Basic realm="sendguard admin", charset="UTF-8"'
 
@@ -127,47 +129,47 @@ class _Api:
         self._call = call
 
     async def session(self, request: web.Request) -> web.Response:
-        return await self._answer("why", {"sid": request.match_info["sid"]})
+        return await self._answer(lambda: aw.WhyRequest(request.match_info["sid"]))
 
     async def account(self, request: web.Request) -> web.Response:
-        return await self._answer("inspect", {"kind": "account",
-                                              "subject": request.match_info["user"]})
+        return await self._answer(
+            lambda: aw.InspectSubjectRequest("account", request.match_info["user"]))
 
     async def address(self, request: web.Request) -> web.Response:
-        return await self._answer("inspect", {"kind": "ip", "subject": request.match_info["addr"]})
+        return await self._answer(
+            lambda: aw.InspectSubjectRequest("ip", request.match_info["addr"]))
 
     async def suspend(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        return await self._answer("suspend", {"account": request.match_info["user"],
-                                              "reason": body.get("reason"),
-                                              "for": body.get("for"), "by": user_of(request)})
+        return await self._answer(lambda: aw.SuspendRequest(
+            request.match_info["user"], user_of(request), reason=_text(body, "reason"),
+            lasting=_text(body, "for")))
 
     async def unsuspend(self, request: web.Request) -> web.Response:
         body = await _json(request, required=False)
-        return await self._answer("unsuspend", {"account": request.match_info["user"],
-                                                "reason": body.get("reason"),
-                                                "by": user_of(request)})
+        return await self._answer(lambda: aw.UnsuspendRequest(
+            request.match_info["user"], user_of(request), reason=_text(body, "reason")))
 
     async def domain(self, request: web.Request) -> web.Response:
-        return await self._answer("countries", {"domain": request.match_info["domain"]})
+        return await self._answer(lambda: aw.CountriesRequest(request.match_info["domain"]))
 
     async def countries(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        command = "disallow-country" if body.get("allow", True) is False else "allow-country"
-        return await self._answer(command, {"domain": request.match_info["domain"],
-                                            "country": body.get("country"),
-                                            "for": body.get("for"), "reason": body.get("reason"),
-                                            "by": user_of(request)})
+        change = (aw.DisallowCountryRequest if body.get("allow", True) is False
+                  else aw.AllowCountryRequest)
+        return await self._answer(lambda: change(
+            request.match_info["domain"], _country(body), user_of(request),
+            reason=_text(body, "reason"), lasting=_text(body, "for")))
 
     async def history(self, request: web.Request) -> web.Response:
-        return await self._answer("history", {"domain": request.match_info["domain"]})
+        return await self._answer(lambda: aw.HistoryRequest(request.match_info["domain"]))
 
-    async def _answer(self, command: str, args: dict[str, Any]) -> web.Response:
+    async def _answer(self, make: Callable[[], aw.AdminRequestMessage]) -> web.Response:
         try:
-            data = await self._call(command, args)
+            reply = await self._call(make())
         except AdminError as exc:
             return web.json_response({"ok": False, "error": str(exc)}, status=exc.status)
-        return web.json_response(data, dumps=_dumps)
+        return web.json_response(reply.to_json(), dumps=_dumps)
 
 
 async def _json(request: web.Request, required: bool = True) -> dict[str, Any]:
@@ -184,6 +186,24 @@ async def _json(request: web.Request, required: bool = True) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text="400: the body must be a JSON object\n")
     return body
+
+
+def _text(body: dict[str, Any], name: str) -> str | None:
+    """A string field of the body; None when absent or null. Any other JSON value is
+    refused with the sentence the coordinator has for a bad one."""
+    value = body.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    if name == "for":
+        return str(duration(value, name))  # raises: a number is not a duration like "12h"
+    return text(value, name)  # raises: not one line of text
+
+
+def _country(body: dict[str, Any]) -> str | None:
+    value = body.get("country")
+    if value is None or isinstance(value, str):
+        return value
+    raise AdminError(f'{value!r} is not a two-letter country code like "PL"')
 
 
 def _dumps(data: Any) -> str:

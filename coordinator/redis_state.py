@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError
 
+from cluster.durable import write_atomically
 from cluster.logjson import log_event
 from cluster.settings import Settings
 from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
@@ -58,7 +59,6 @@ from coordinator.state_store import (
     FileStore,
     StoreUnavailable,
     entry_json,
-    write_atomically,
 )
 from worker.counters.redis_store import redis_client
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.geoip import CountryDatabase, GeoDatabaseError
 from cluster.logjson import log_event
 from cluster.reload import load_for_reload, needs_restart
 from cluster.settings import Settings, load_settings
@@ -22,7 +23,6 @@ from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory, read_tenant_file
 from cluster.validate import ConfigError
 from cluster.wire import SnapshotMessage
-from worker.geo import CountryDatabase, GeoDatabaseError
 
 Stamp = tuple[int, int, int] | None
 

@@ -21,24 +21,22 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from cluster import wire
+from cluster.admin_wire import QUEUE_ACTIONS, QueueReply, QueueRequest
 from cluster.logjson import log_event
 from cluster.names import BadDomain, client_key, normalise_address
 from coordinator.membership import MEMBER, Membership, Worker
+from coordinator.worker_rpc import Ask, ask_all
 
 QUEUE_TIMEOUT = 5.0
 ADOPT_EVERY = 2.0
 ADOPT_TIMEOUT = 60.0     # a large orphaned queue is read whole before the answer
 RESTART_GRACE = 60.0     # twice the supervisor's longest restart backoff
-ACTIONS = ("list", "flush", "delete", "purge", "hold", "release")
 CHANGES = ("purge", "hold", "release")  # audited by the caller
 QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")  # SPEC §1
 _NAME_RE = re.compile(r"(?:(.+)-)?w(\d+)")  # w3 on one host, HOST-w3 between hosts
-
-Ask = Callable[[Worker, str, dict[str, Any], float], Awaitable[wire.AdminReply | None]]
 
 
 class QueueError(Exception):
@@ -46,70 +44,58 @@ class QueueError(Exception):
 
 
 async def queue_command(workers: Sequence[Worker], ask: Ask,
-                        args: dict[str, Any]) -> dict[str, Any]:
-    action = args.get("action")
-    if action not in ACTIONS:
+                        request: QueueRequest) -> QueueReply:
+    action = request.action
+    if action not in QUEUE_ACTIONS:
         raise QueueError(f"queue: unknown action {action!r} (list, flush or delete)")
     payload: dict[str, Any] = {"action": action}
     if action == "delete":
-        queue_id = args.get("queue_id")
+        queue_id = request.queue_id
         if not isinstance(queue_id, str) or not QUEUE_ID_RE.fullmatch(queue_id):
             raise QueueError(f"queue delete: {queue_id!r} is not a queue id")
         payload["queue_id"] = queue_id
     elif action in CHANGES:
-        payload.update(selection(action, args))
+        payload.update(selection(request))
     targets = sorted((w for w in workers if w.identity), key=lambda w: order(w.name))
     if not targets:
         raise QueueError("no worker is running to ask")
-    replies = await asyncio.gather(*(ask(w, "queue", payload, QUEUE_TIMEOUT) for w in targets))
-    answers: dict[str, dict[str, Any]] = {}
-    unanswered: dict[str, str] = {}
-    for worker, reply in zip(targets, replies, strict=True):
-        if reply is None:
-            unanswered[worker.name] = f"no answer within {QUEUE_TIMEOUT:g} s"
-        elif not reply.ok:
-            unanswered[worker.name] = reply.error
-        else:
-            answers[worker.name] = reply.data
-    result: dict[str, Any] = {"action": action, "workers": sorted(answers, key=order),
-                              "unanswered": unanswered}
+    answers, unanswered = await ask_all(ask, targets, "queue", payload, QUEUE_TIMEOUT)
+    answered = sorted(answers, key=order)
+    if action != "delete" and not answers:
+        raise QueueError("no worker answered: " + _reasons(unanswered))
     if action == "list":
-        if not answers:
-            raise QueueError("no worker answered: " + _reasons(unanswered))
         messages = [{**message, "worker": name} for name, data in answers.items()
                     for message in data.get("messages", [])]
         messages.sort(key=lambda m: (m.get("arrival", 0.0), m.get("queue_id", "")))
-        result["messages"] = messages
-    elif action == "flush":
-        if not answers:
-            raise QueueError("no worker answered: " + _reasons(unanswered))
+        return QueueReply(action, answered, unanswered, messages=messages)
+    if action == "flush":
         per_worker = {name: int(data.get("started", 0)) for name, data in answers.items()}
-        result.update(started=sum(per_worker.values()), per_worker=per_worker)
-    elif action in CHANGES:
-        if not answers:
-            raise QueueError("no worker answered: " + _reasons(unanswered))
+        return QueueReply(action, answered, unanswered, started=sum(per_worker.values()),
+                          per_worker=per_worker)
+    if action in CHANGES:
         touched = [{**item, "worker": name} for name, data in answers.items()
                    for item in data.get("touched", [])]
-        result.update(touched=len(touched), messages=touched,
-                      per_worker={name: sum(1 for t in touched if t["worker"] == name)
-                                  for name in answers},
-                      **{k: v for k, v in payload.items() if k != "action"})
-    else:
-        found = [name for name, data in answers.items() if data.get("deleted")]
-        if not found:
-            message = f"no queued message has the id {payload['queue_id']}"
-            if unanswered:
-                message += f" on the workers that answered ({_reasons(unanswered)})"
-            raise QueueError(message)
-        result.update(queue_id=payload["queue_id"], deleted=True, worker=found[0])
-    return result
+        return QueueReply(action, answered, unanswered, messages=touched, touched=len(touched),
+                          per_worker={name: sum(1 for t in touched if t["worker"] == name)
+                                      for name in answers},
+                          ids=payload.get("ids"), account=payload.get("account"),
+                          client=payload.get("client"), bounce=payload.get("bounce"))
+    found = [name for name, data in answers.items() if data.get("deleted")]
+    if not found:
+        message = f"no queued message has the id {payload['queue_id']}"
+        if unanswered:
+            message += f" on the workers that answered ({_reasons(unanswered)})"
+        raise QueueError(message)
+    return QueueReply(action, answered, unanswered, queue_id=payload["queue_id"], deleted=True,
+                      worker=found[0])
 
 
-def selection(action: str, args: dict[str, Any]) -> dict[str, Any]:
+def selection(request: QueueRequest) -> dict[str, Any]:
     """Which messages a purge, hold or release is about: ids, an account or an address."""
-    ids = args.get("ids") or []
-    account = args.get("account") or ""
-    address = args.get("ip") or ""
+    action = request.action
+    ids = request.ids or []
+    account = request.account or ""
+    address = request.ip or ""
     chosen = [name for name, value in (("ids", ids), ("account", account), ("ip", address))
               if value]
     allowed = ("account", "ip") if action == "purge" else ("ids", "account")
@@ -117,7 +103,7 @@ def selection(action: str, args: dict[str, Any]) -> dict[str, Any]:
         raise QueueError(f"queue {action}: name exactly one of "
                          + " or ".join({"ids": "queue ids", "account": "--account USER",
                                         "ip": "--ip ADDR"}[a] for a in allowed))
-    extra = {"bounce": bool(args.get("bounce"))} if action == "purge" else {}
+    extra = {"bounce": bool(request.bounce)} if action == "purge" else {}
     if ids:
         if not isinstance(ids, list) or not all(isinstance(i, str) and QUEUE_ID_RE.fullmatch(i)
                                                 for i in ids):

@@ -4,8 +4,8 @@
 the coordinator's logic knows nothing of files. :class:`FileStore` keeps it
 under ``cluster.state_dir`` (one host, the ring backend); with ``[counters]
 backend = "redis"`` :class:`coordinator.redis_state.RedisStore` keeps it in
-Redis, shared by every host, behind the same calls (:func:`open_store`
-picks one).
+Redis, shared by every host, behind the same calls (the coordinator's
+start picks one, ``coordinator/__main__.py``).
 
 Files (JSON, so an operator can read them; every one validated when read):
 
@@ -22,17 +22,15 @@ the tables on disk change in the order the coordinator made the changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from cluster.logjson import flush_log, log_event
-from cluster.settings import Settings
+from cluster.durable import fsync_folder, write_atomically
+from cluster.logjson import log_event
 from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
 
 FORMAT_VERSION = 1
@@ -75,23 +73,6 @@ class SupportStore(Protocol):
     async def record(self, entry: AuditEntry) -> None: ...
     async def history(self, domain: str) -> list[AuditEntry]: ...
     async def close(self) -> None: ...
-
-
-def open_store(settings: Settings) -> tuple[SupportStore, SupportState]:
-    """The store ``[counters] backend`` goes with, and the state to start from.
-
-    Raises StoreError for a table that cannot be read (the coordinator then
-    does not start). Blocking: called before the coordinator's event loop runs."""
-    if settings.counters.backend == "redis":
-        from coordinator.redis_state import RedisStore
-
-        shared = RedisStore.for_settings(settings)
-        try:
-            return shared, asyncio.run(shared.start())
-        finally:
-            flush_log()  # what start() logged, before another event loop takes over
-    store = FileStore(settings.cluster.state_dir)
-    return store, store.load_now()
 
 
 class FileStore:
@@ -259,27 +240,3 @@ def entry_json(entry: AuditEntry) -> str:
 
 def audit_line(entry: AuditEntry) -> bytes:
     return (entry_json(entry) + "\n").encode("utf-8")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file (O_EXCL), write, fsync, rename over ``path``, fsync the folder."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,11 +18,24 @@ account at once end in one of their two states, never a mix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cluster.admin_wire import (
+    AllowCountryRequest,
+    CountriesReply,
+    CountriesRequest,
+    DisallowCountryRequest,
+    HistoryReply,
+    HistoryRequest,
+    SuspendRequest,
+    SuspensionReply,
+    UnsuspendRequest,
+)
 from cluster.logjson import log_event
 from cluster.names import BadDomain, normalise_address, to_alabel
 from cluster.settings import is_country_code
@@ -56,11 +69,11 @@ class SupportDesk:
 
     # -- suspensions -------------------------------------------------------------
 
-    async def suspend(self, args: dict[str, Any]) -> dict[str, Any]:
-        account = self._account(args)
-        reason = text(args, "reason", required=True)
-        by = text(args, "by", required=True)
-        lasting = duration(args, "for")
+    async def suspend(self, request: SuspendRequest) -> SuspensionReply:
+        account = self._account(request.account)
+        reason = text(request.reason, "reason", required=True)
+        by = text(request.by, "by", required=True)
+        lasting = duration(request.lasting, "for")
         async with self._lock:
             await self._sync()
             now = self._clock()
@@ -70,23 +83,23 @@ class SupportDesk:
             await self.audit(by, "suspend", account, _domain_of(account), reason, item.until)
         log_event("account_suspended", account=account, by=by, reason=reason,
                   until=iso_utc(item.until))
-        return {"account": account, "suspended": True, "changed": True, **_suspension(item)}
+        return SuspensionReply(account, True, True, **_suspension(item))
 
-    async def unsuspend(self, args: dict[str, Any]) -> dict[str, Any]:
-        account = normalised_account(args)
-        by = text(args, "by", required=True)
-        reason = text(args, "reason")
+    async def unsuspend(self, request: UnsuspendRequest) -> SuspensionReply:
+        account = normalised_account(request.account)
+        by = text(request.by, "by", required=True)
+        reason = text(request.reason, "reason")
         async with self._lock:
             await self._sync()
             current = self.sources.support.suspension(account, self._clock())
             if current is None:
-                return {"account": account, "suspended": False, "changed": False}
+                return SuspensionReply(account, False, False)
             await self._guard(self.store.drop_suspension(account))
             await self._put_in_force(self.sources.support.without_suspension(account))
             await self.audit(by, "unsuspend", account, _domain_of(account), reason,
                              details={"was": current.reason, "suspended_by": current.by})
         log_event("account_unsuspended", account=account, by=by)
-        return {"account": account, "suspended": False, "changed": True}
+        return SuspensionReply(account, False, True)
 
     async def suspend_automatically(self, account: str, reason: str, lasting: float,
                                     details: dict[str, Any]) -> Suspension | None:
@@ -114,21 +127,22 @@ class SupportDesk:
 
     # -- countries -----------------------------------------------------------------
 
-    async def allow_country(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._country(args, allow=True)
+    async def allow_country(self, request: AllowCountryRequest) -> CountriesReply:
+        return await self._country(request, allow=True)
 
-    async def disallow_country(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._country(args, allow=False)
+    async def disallow_country(self, request: DisallowCountryRequest) -> CountriesReply:
+        return await self._country(request, allow=False)
 
-    async def _country(self, args: dict[str, Any], allow: bool) -> dict[str, Any]:
-        domain = self._domain(args)
-        country = str(args.get("country", "")).upper()
+    async def _country(self, request: AllowCountryRequest | DisallowCountryRequest,
+                       allow: bool) -> CountriesReply:
+        domain = self._domain(request.domain)
+        given = request.country
+        country = str("" if given is None else given).upper()
         if not is_country_code(country):
-            raise AdminError(f'{args.get("country")!r} is not a two-letter country code '
-                               'like "PL"')
-        by = text(args, "by", required=True)
-        reason = text(args, "reason")
-        lasting = duration(args, "for")
+            raise AdminError(f'{given!r} is not a two-letter country code like "PL"')
+        by = text(request.by, "by", required=True)
+        reason = text(request.reason, "reason")
+        lasting = duration(request.lasting, "for")
         if lasting is not None and not allow:
             raise AdminError("--for goes with allow-country only")
         async with self._lock:
@@ -137,8 +151,7 @@ class SupportDesk:
                 result = await self._grant(domain, country, by, reason, lasting)
             else:
                 result = await self._edit(domain, country, by, reason, allow)
-        result.update(self.countries_of(domain))
-        return result
+        return dataclasses.replace(self.countries_of(domain), **result)
 
     async def _grant(self, domain: str, country: str, by: str, reason: str,
                      lasting: float) -> dict[str, Any]:
@@ -179,19 +192,19 @@ class SupportDesk:
                              domain, reason, details={"country": country})
         return {"changed": changed}
 
-    def countries_of(self, domain: str) -> dict[str, Any]:
+    def countries_of(self, domain: str) -> CountriesReply:
         now = self._clock()
         granted = self.sources.support.exceptions.get(domain, {})
-        return {
-            "domain": domain,
-            "countries": sorted(self._permanent(domain)),
-            "exceptions": [{"country": e.country, "until": iso_utc(e.until), "reason": e.reason,
-                            "by": e.by, "at": iso_utc(e.at)}
-                           for e in sorted(granted.values(), key=lambda e: e.country)
-                           if e.active(now)],
-            "tenants_version": self.sources.tenants.directory.version,
-            "config_version": self.sources.version,
-        }
+        return CountriesReply(
+            domain=domain,
+            countries=sorted(self._permanent(domain)),
+            exceptions=[{"country": e.country, "until": iso_utc(e.until), "reason": e.reason,
+                         "by": e.by, "at": iso_utc(e.at)}
+                        for e in sorted(granted.values(), key=lambda e: e.country)
+                        if e.active(now)],
+            tenants_version=self.sources.tenants.directory.version,
+            config_version=self.sources.version,
+        )
 
     def _permanent(self, domain: str) -> frozenset[str]:
         hosted = self.sources.tenants.directory.domain(domain)
@@ -213,10 +226,10 @@ class SupportDesk:
             log_event("audit_not_recorded", logging.ERROR, action=action, subject=subject,
                       by=by, error=str(exc))
 
-    async def history(self, args: dict[str, Any]) -> dict[str, Any]:
-        domain = self._domain(args, hosted=False)
+    async def history(self, request: HistoryRequest) -> HistoryReply:
+        domain = self._domain(request.domain, hosted=False)
         entries = await self._guard(self.store.history(domain))
-        return {"domain": domain, "entries": [history_row(e) for e in entries]}
+        return HistoryReply(domain, [history_row(e) for e in entries])
 
     # -- lapses ------------------------------------------------------------------------
 
@@ -257,6 +270,17 @@ class SupportDesk:
         async with self._lock:
             return await self._sync()
 
+    async def fresh(self) -> None:
+        """Before showing suspensions or exceptions: another host's latest change (a
+        shared store), when the store answers; else what is in force, at most a tick old."""
+        with contextlib.suppress(AdminError):
+            await self.sync()
+
+    async def countries(self, request: CountriesRequest) -> CountriesReply:
+        domain = self.hosted_domain(request.domain)
+        await self.fresh()
+        return self.countries_of(domain)
+
     async def _sync(self) -> bool:
         fresh = await self._guard(self.store.refresh())
         if fresh is None or fresh == self.sources.support:
@@ -281,18 +305,18 @@ class SupportDesk:
         except OSError as exc:
             raise AdminError(f"the state store cannot be written: {exc}") from None
 
-    def _account(self, args: dict[str, Any]) -> str:
-        account = normalised_account(args)
+    def _account(self, raw: str) -> str:
+        account = normalised_account(raw)
         if self.sources.tenants.directory.account(account) is None:
             raise NotFound(f"no account {account} in the tenant directory")
         return account
 
-    def hosted_domain(self, args: dict[str, Any]) -> str:
-        """``args["domain"]`` in A-label form; NotFound unless the tenant directory has it."""
-        return self._domain(args)
+    def hosted_domain(self, raw: str) -> str:
+        """``raw`` in A-label form; NotFound unless the tenant directory has it."""
+        return self._domain(raw)
 
-    def _domain(self, args: dict[str, Any], hosted: bool = True) -> str:
-        raw = str(args.get("domain", ""))
+    def _domain(self, given: object, hosted: bool = True) -> str:
+        raw = str(given)
         try:
             domain = to_alabel(raw)
         except BadDomain:
@@ -302,16 +326,16 @@ class SupportDesk:
         return domain
 
 
-def normalised_account(args: dict[str, Any]) -> str:
-    raw = str(args.get("account", ""))
+def normalised_account(given: object) -> str:
+    raw = str(given)
     try:
         return normalise_address(raw)
     except BadDomain:
         raise AdminError(f"{raw!r} is not an account like user@domain") from None
 
 
-def text(args: dict[str, Any], name: str, required: bool = False) -> str:
-    value = args.get(name)
+def text(value: object, name: str, required: bool = False) -> str:
+    """A reason or a name as given: one printable line; "" when not given."""
     if value is None or value == "":
         if required:
             raise AdminError(f"{name} is required")
@@ -321,8 +345,8 @@ def text(args: dict[str, Any], name: str, required: bool = False) -> str:
     return value.strip()
 
 
-def duration(args: dict[str, Any], name: str) -> float | None:
-    value = args.get(name)
+def duration(value: Any, name: str) -> float | None:
+    """Seconds of a duration like "12h" as given; None when not given."""
     if value is None or value == "":
         return None
     try:

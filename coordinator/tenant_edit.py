@@ -10,14 +10,13 @@ then puts it in force.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.durable import write_atomically
 from cluster.names import BadDomain, to_alabel
 from cluster.settings import is_country_code
 from cluster.tenants import parse_tenants
@@ -149,26 +148,14 @@ def edit_countries(path: Path, domain: str, country: str, allow: bool,
 
 
 def replace_atomically(path: Path, data: bytes, expected: os.stat_result) -> None:
-    """Temp file, fsync, rename over ``path``, fsync the folder; refuse if ``path`` moved on."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, expected.st_mode & 0o7777)
+    """Written as :func:`~cluster.durable.write_atomically` does, keeping the file's mode;
+    refused if ``path`` moved on since ``expected`` was taken of it."""
+
+    def unchanged() -> None:
         now = path.stat()
         if (now.st_mtime_ns, now.st_size, now.st_ino) != (
                 expected.st_mtime_ns, expected.st_size, expected.st_ino):
             raise EditError(f"{path} changed while it was being edited; try again")
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+
+    write_atomically(path, data, mode=expected.st_mode & 0o7777, check=unchanged)
 

@@ -9,38 +9,33 @@ the answers are merged in time order. Workers keep what
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Sequence
 from typing import Any
 
+from cluster.admin_wire import WhyReply, WhyRequest
 from coordinator.errors import AdminError, NotFound, Unavailable
 from coordinator.membership import Worker
-from coordinator.spools import Ask, order
+from coordinator.spools import order
+from coordinator.worker_rpc import Ask, ask_all
 
 WHY_TIMEOUT = 3.0
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9]{22}")  # SPEC §1
 
 
-async def why(workers: Sequence[Worker], ask: Ask, args: dict[str, Any]) -> dict[str, Any]:
-    sid = args.get("sid")
+async def why(workers: Sequence[Worker], ask: Ask, request: WhyRequest) -> WhyReply:
+    sid = request.sid
     if not isinstance(sid, str) or not SESSION_ID_RE.fullmatch(sid):
         raise AdminError(f"{sid!r} is not a session id (22 letters and digits)")
     targets = sorted((w for w in workers if w.identity), key=lambda w: order(w.name))
     if not targets:
         raise Unavailable("no worker is running to ask")
-    replies = await asyncio.gather(*(ask(w, "why", {"sid": sid}, WHY_TIMEOUT) for w in targets))
+    answers, unanswered = await ask_all(ask, targets, "why", {"sid": sid}, WHY_TIMEOUT)
     decisions: list[dict[str, Any]] = []
-    unanswered: dict[str, str] = {}
     kept: dict[str, Any] = {}
-    for worker, reply in zip(targets, replies, strict=True):
-        if reply is None:
-            unanswered[worker.name] = f"no answer within {WHY_TIMEOUT:g} s"
-        elif not reply.ok:
-            unanswered[worker.name] = reply.error
-        else:
-            decisions += [{**d, "worker": worker.name} for d in reply.data.get("decisions", [])]
-            kept = reply.data.get("kept", kept)
+    for name, data in answers.items():
+        decisions += [{**d, "worker": name} for d in data.get("decisions", [])]
+        kept = data.get("kept", kept)
     decisions.sort(key=lambda d: d.get("ts", ""))
     if not decisions:
         message = (f"no decision of session {sid} is remembered by the workers"
@@ -49,7 +44,7 @@ async def why(workers: Sequence[Worker], ask: Ask, args: dict[str, Any]) -> dict
             message += "; not answering: " + "; ".join(
                 f"{name}: {why}" for name, why in sorted(unanswered.items()))
         raise NotFound(message)
-    return {"sid": sid, "decisions": decisions, "unanswered": unanswered}
+    return WhyReply(sid, decisions, unanswered)
 
 
 def _kept(kept: dict[str, Any]) -> str:

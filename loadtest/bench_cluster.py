@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from cluster.admin import AdminFailure, request
+from cluster.admin_wire import StatusRequest
 from loadtest.bench_core import PASSWORD, run_clients, write_config
 from loadtest.cpu import tree_cpu
 from loadtest.loopback import LoopbackDNS, free_port
@@ -40,7 +41,7 @@ def wait_serving(runtime_dir: Path, workers: int, process: subprocess.Popen[byte
         if process.poll() is not None:
             raise RuntimeError(f"sendguard run exited {process.returncode}")
         try:
-            status = request(runtime_dir, "status", {})
+            status = request(runtime_dir, StatusRequest()).to_json()
         except AdminFailure:
             status = {"ring": [], "workers": []}
         serving = [w for w in status["workers"] if w["member"] and w["phase"] == "serving"]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.spool import BaseSpool, FileSpool, SegmentSpool, SpoolRecord
+from worker.spool import BaseSpool, SegmentSpool, SpoolRecord
 
 
 @dataclass
@@ -41,12 +41,8 @@ class Result:
 
 CONFIGS: list[tuple[str, int | None, Callable[[Path], BaseSpool]]] = [
     # (label, concurrency override, factory); None keeps --concurrency
-    ("file, fsync, one at a time", 1, lambda d: FileSpool(d, "w0", group_commit=False)),
-    ("file, fsync per message, concurrent", None, lambda d: FileSpool(d, "w0", group_commit=False)),
-    ("file, group commit", None, lambda d: FileSpool(d, "w0")),
     ("segment, fsync per message", None, lambda d: SegmentSpool(d, "w0", group_commit=False)),
     ("segment, group commit", None, lambda d: SegmentSpool(d, "w0")),
-    ("file, no fsync", None, lambda d: FileSpool(d, "w0", fsync=False)),
     ("segment, no fsync", None, lambda d: SegmentSpool(d, "w0", fsync=False)),
 ]
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from cluster.admin import request
+from cluster.admin_wire import SuspendRequest, UnsuspendRequest
 from loadtest.bench_core import PASSWORD, write_config
 from loadtest.bench_redis import RedisProcess
 from loadtest.loopback import free_port
@@ -74,9 +75,9 @@ def start_host(folder: Path, dns: str, counters: str) -> ClusterProcess:
 def one_round(a: ClusterProcess, b: ClusterProcess) -> tuple[float, float]:
     on_a, on_b = login(a.port), login(b.port)
     try:
-        request(a.runtime_dir, "suspend", {"account": USER, "reason": "bench", "by": "bench"})
+        request(a.runtime_dir, SuspendRequest(USER, "bench", reason="bench"))
         suspended = until_mail(on_b, 550)
-        request(b.runtime_dir, "unsuspend", {"account": USER, "by": "bench"})
+        request(b.runtime_dir, UnsuspendRequest(USER, "bench"))
         lifted = until_mail(on_a, 250)
     finally:
         on_a.close()

@@ -15,11 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from cluster.validate import parse_duration
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _duration(text: str) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.admin import AdminFailure, request
+from cluster.admin_wire import ScaleRequest, StatusRequest
 from loadtest.bench_core import ROOT, wait_for_banner
 from loadtest.loopback import LoopbackDNS
 
@@ -71,7 +72,7 @@ class ClusterProcess:
         return self.process is not None and self.process.poll() is None
 
     def status(self) -> dict[str, Any]:
-        return request(self.runtime_dir, "status", {})
+        return request(self.runtime_dir, StatusRequest()).to_json()
 
     def serving(self, count: int) -> dict[str, Any] | None:
         try:
@@ -99,7 +100,7 @@ class ClusterProcess:
             time.sleep(0.2)
 
     def scale(self, workers: int) -> dict[str, Any]:
-        return request(self.runtime_dir, "scale", {"workers": workers})
+        return request(self.runtime_dir, ScaleRequest(workers)).to_json()
 
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.poll()

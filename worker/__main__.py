@@ -11,12 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from cluster.exits import EXIT_USAGE
 from cluster.lifeline import die_with_parent
 from cluster.quietstart import stop_signals_end_quietly
 from cluster.settings import load_settings
 from cluster.validate import ConfigError
-
-EXIT_CONFIG_ERROR = 2
 
 
 def main() -> int:
@@ -41,7 +40,7 @@ def main() -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return EXIT_USAGE
     from worker.main import run_worker
 
     return run_worker(settings, args.name)

@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from cluster import wire
+from cluster.geoip import CountryDatabase, GeoDatabaseError
 from cluster.logjson import log_event
 from cluster.settings import parse_settings
 from cluster.support_state import SupportState
@@ -40,7 +41,6 @@ from cluster.tenants import parse_tenants
 from cluster.validate import ConfigError
 from worker.delivery import DeliveryAgent
 from worker.dkim import DkimKeyring
-from worker.geo import CountryDatabase, GeoDatabaseError
 from worker.recent import RecentDecisions
 from worker.snapshot import Snapshot
 from worker.spool.adoption import adopt_orphans

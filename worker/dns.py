@@ -38,6 +38,8 @@ import aiodns
 import pycares
 from aiodns import error as ares_error
 
+from cluster.hostport import BadPort, split_host_port
+
 __all__ = [
     "DestinationStatus",
     "DnsError",
@@ -125,21 +127,13 @@ class _TTLCache:
 
 def _parse_nameserver(text: str) -> str:
     """``"ip"``, ``"ip:port"``, ``"[v6]:port"`` -> c-ares' ``ip:port`` form."""
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        host, bracket, rest = host[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"invalid nameserver {text!r}: expected IP or IP:PORT")
-        port = rest[1:] or port
-    elif host.count(":") == 1:
-        host, port = host.split(":")
     try:
+        host, port_number = split_host_port(text, 53)
         address = ipaddress.ip_address(host)
-        port_number = int(port)
+    except BadPort:
+        raise ValueError(f"invalid nameserver {text!r}: port out of range") from None
     except ValueError:
         raise ValueError(f"invalid nameserver {text!r}: expected IP or IP:PORT") from None
-    if not 0 < port_number < 65536:
-        raise ValueError(f"invalid nameserver {text!r}: port out of range")
     if address.version == 6:
         return f"[{address}]:{port_number}"
     return f"{address}:{port_number}"

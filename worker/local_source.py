@@ -7,16 +7,15 @@ the old one when the new version is bad.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
+from cluster.geoip import CountryDatabase, GeoDatabaseError
 from cluster.logjson import log_event
 from cluster.settings import Settings
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
 from worker.dkim import DkimKeyring
-from worker.geo import CountryDatabase, GeoDatabaseError
 from worker.snapshot import Snapshot
 
 
@@ -47,8 +46,7 @@ def load_snapshot(settings: Settings, version: int = 1,
 
 
 class LocalSnapshotSource:
-    def __init__(self, settings: Settings, interval: float = 1.0) -> None:
-        self.interval = interval
+    def __init__(self, settings: Settings) -> None:
         self._snapshot = load_snapshot(settings)
         self._stamps = self._current_stamps()
 
@@ -76,8 +74,3 @@ class LocalSnapshotSource:
         log_event("reload", version=new.version, tenants=new.tenants.version,
                   geoip=new.geoip.version if new.geoip else None)
         return True
-
-    async def watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.reload()

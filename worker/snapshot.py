@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.geoip import CountryDatabase
 from cluster.settings import Settings
 from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory
 from worker.dkim import EMPTY_KEYRING, DkimKeyring
-from worker.geo import CountryDatabase
 
 
 @dataclass(frozen=True, slots=True)

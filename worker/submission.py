@@ -12,6 +12,7 @@ import functools
 import re
 import time
 
+from worker.headers import after_last_header_line
 from worker.policies import Client
 from worker.spam import ScanResult
 
@@ -26,7 +27,7 @@ def complete_headers(content: bytes, hostname: str, queue_id: str, now: float,
     Done before the content scan, so a scanner does not score the absence of
     headers the gateway adds anyway.
     """
-    head_end = _header_end(content)
+    head_end = after_last_header_line(content, _HEADER_SCAN_LIMIT)
     head = content[:head_end].lower()
     added = []
     if sender and not _has_header(head, b"from"):
@@ -93,7 +94,7 @@ def _folded(name: str, words: list[str]) -> str:
 
 def header_fields(content: bytes, names: tuple[bytes, ...]) -> list[str]:
     """The unfolded values of the header fields called ``names``, in order."""
-    head = content[:_header_end(content)]
+    head = content[:after_last_header_line(content, _HEADER_SCAN_LIMIT)]
     return [_FOLD.sub(b"", match.group(1)).decode("utf-8", "surrogateescape").strip()
             for match in _field_pattern(names).finditer(head)]
 
@@ -107,18 +108,6 @@ def _field_pattern(names: tuple[bytes, ...]) -> re.Pattern[bytes]:
 
 
 _FOLD = re.compile(rb"\r?\n")
-
-
-def _header_end(content: bytes) -> int:
-    """Offset just past the last header line (before the blank line), or 0."""
-    limit = content[:_HEADER_SCAN_LIMIT]
-    if limit.startswith((b"\r\n", b"\n")):
-        return 0
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        index = limit.find(separator)
-        if index >= 0:
-            return index + len(separator) // 2
-    return len(content) if content.endswith(b"\n") else 0
 
 
 def _has_header(head: bytes, name: bytes) -> bool:

@@ -25,8 +25,10 @@ from gateway import COUNTRIES, PASSWORD, TENANTS, message_from, toml_document
 from geoipdb import write_country_db
 
 from cluster.admin import AdminFailure, request
+from cluster.admin_wire import AdminRequestMessage
 from cluster.selfsigned import write_self_signed
 
+_REQUESTS = {cls.COMMAND: cls for cls in AdminRequestMessage.__subclasses__()}
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -127,8 +129,10 @@ class Cluster:
                               text=True, timeout=timeout)
 
     def request(self, command: str, **args: Any) -> dict[str, Any]:
-        """An admin request from this process (the CLI's own code, without its start-up)."""
-        return request(self.runtime_dir, command, args)
+        """An admin request from this process (the CLI's own code, without its start-up),
+        by command name; its reply as ``--json`` prints it."""
+        message = _REQUESTS[command](**args)
+        return request(self.runtime_dir, message).to_json()
 
     def status(self) -> dict[str, Any]:
         return self.request("status")

@@ -350,9 +350,9 @@ async def test_tls_encrypt_never_delivers_in_plain_text(make_world: MakeWorld) -
         world = await make_world(port=server.sockets[0].getsockname()[1], tls="encrypt")
         world.sink = handler
         record = await world.submit("ok@dest.test")
-        await until(lambda: record.recipients[0]["status"] == "deferred", "the deferral")
+        await until(lambda: record.recipients[0].status == "deferred", "the deferral")
         assert handler.messages == [] and handler.connections >= 1
-        error = record.recipients[0]["last_error"]
+        error = record.recipients[0].last_error
         assert "TLS is required, but STARTTLS was not offered" in error, error
     finally:
         server.close()
@@ -372,8 +372,8 @@ async def test_tls_encrypt_does_not_fall_back_after_a_failed_handshake(
     try:
         world = await make_world(port=server.sockets[0].getsockname()[1], tls="encrypt")
         record = await world.submit("ok@dest.test")
-        await until(lambda: record.recipients[0]["status"] == "deferred", "the deferral")
-        assert "the TLS handshake failed" in record.recipients[0]["last_error"]
+        await until(lambda: record.recipients[0].status == "deferred", "the deferral")
+        assert "the TLS handshake failed" in record.recipients[0].last_error
         assert handler.messages == [] and handler.connections == 1  # no plain-text retry
     finally:
         server.close()
@@ -393,8 +393,8 @@ async def test_tls_verify_needs_a_certificate_for_the_host(make_world: MakeWorld
         # Not signed by an authority the system knows: the mail waits.
         world = await make_world(port=port, tls="verify")
         record = await world.submit("ok@dest.test")
-        await until(lambda: record.recipients[0]["status"] == "deferred", "the deferral")
-        assert "certificate verify failed" in record.recipients[0]["last_error"]
+        await until(lambda: record.recipients[0].status == "deferred", "the deferral")
+        assert "certificate verify failed" in record.recipients[0].last_error
         assert handler.messages == []
         await world.close()
         # With the certificate as delivery.tls_ca, it goes, over TLS.
@@ -419,7 +419,7 @@ async def test_partial_failure_bounces_only_the_refused_recipient(make_world: Ma
     assert [str(g["Final-Recipient"]) for g in groups[1:]] == ["rfc822; reject@dest.test"]
     assert "<reject@dest.test>:" in text and "ok@dest.test" not in text
     await until(world.empty, "an empty queue")
-    assert [r["status"] for r in record.recipients] == ["delivered", "bounced"]
+    assert [r.status for r in record.recipients] == ["delivered", "bounced"]
     assert world.undeliverable() == 1  # a bounced recipient: the message counts
 
 
@@ -455,8 +455,8 @@ async def test_4xx_is_retried_until_delivered_and_stops_counting(make_world: Mak
     record = await world.submit("flaky2@dest.test")
     # Counted as undeliverable from the first deferral...
     await until(lambda: world.undeliverable() == 1, "the undeliverable mark")
-    assert record.recipients[0]["status"] == "deferred"
-    assert "451 4.7.1 Greylisted" in record.recipients[0]["last_error"]
+    assert record.recipients[0].status == "deferred"
+    assert "451 4.7.1 Greylisted" in record.recipients[0].last_error
     got = await until(lambda: world.sink.to("flaky2@dest.test"), "the delivery after retries")
     assert got[0].content == MESSAGE
     await until(world.empty, "an empty queue")
@@ -482,7 +482,7 @@ async def test_expiry_bounces_with_a_dsn(make_world: MakeWorld) -> None:
     assert rcpt["Status"] == "4.3.0"  # what the server last said, as RFC 3463 X.4.7 advises
     assert rcpt["Diagnostic-Code"] == "smtp; 451 4.3.0 Try again later"
     await until(world.empty, "an empty queue")
-    assert record.recipients[0]["status"] == "bounced"
+    assert record.recipients[0].status == "bounced"
     assert record.attempts >= 3
     assert world.undeliverable() == 1
 
@@ -503,8 +503,8 @@ async def test_dns_temporary_failure_defers(make_world: MakeWorld) -> None:
     world = await make_world(retry=["1h"])
     record = await world.submit("anna@servfail.test")
     await until(lambda: record.attempts >= 1, "the first attempt")
-    assert record.recipients[0]["status"] == "deferred"
-    assert "lookup failed" in record.recipients[0]["last_error"]
+    assert record.recipients[0].status == "deferred"
+    assert "lookup failed" in record.recipients[0].last_error
     assert world.undeliverable() == 1
     assert not world.sink.messages
 
@@ -564,6 +564,6 @@ async def test_a_deferred_message_survives_a_restart_with_its_mark(make_world: M
     await world.close()
     [loaded] = world.reload_spool()
     assert loaded.counted_undeliverable
-    assert loaded.recipients[0]["status"] == "deferred"
+    assert loaded.recipients[0].status == "deferred"
     assert loaded.attempts == 1
     assert loaded.next_attempt == pytest.approx(record.next_attempt)

@@ -93,10 +93,10 @@ async def test_refused_recipients_and_sender_with_pipelining(
     await until(lambda: none.attempts == 1 and len(world.sink.messages) == 3, "none, DSN")
     refused = await world.submit("ok-f@dest.test", sender="refused@kowalski.pl")
     await until(lambda: refused.attempts == 1 and len(world.sink.messages) == 4, "refused")
-    assert [r["status"] for r in mixed.recipients] == ["bounced", "delivered", "deferred"]
-    assert [r["status"] for r in none.recipients] == ["bounced", "bounced"]
-    assert refused.recipients[0]["status"] == "bounced"
-    assert "Sender refused" in refused.recipients[0]["last_error"]
+    assert [r.status for r in mixed.recipients] == ["bounced", "delivered", "deferred"]
+    assert [r.status for r in none.recipients] == ["bounced", "bounced"]
+    assert refused.recipients[0].status == "bounced"
+    assert "Sender refused" in refused.recipients[0].last_error
     # No data went out for the other two (what else arrived are the DSNs to the senders).
     assert not [m for m in world.sink.messages if m.rcpt_tos[0].endswith("@dest.test")
                 and m.rcpt_tos != ["ok-b@dest.test"]]

@@ -10,12 +10,12 @@ from typing import Any
 from gateway import COUNTRIES, TENANTS, UNKNOWN_IP
 from geoipdb import country_db_bytes
 
+from cluster.geoip import CountryDatabase
 from cluster.names import client_key
 from cluster.settings import parse_settings
 from cluster.tenants import parse_tenants
 from worker import evidence
 from worker.evidence import EvidenceNotes
-from worker.geo import CountryDatabase
 from worker.policies import Client
 from worker.snapshot import Snapshot
 

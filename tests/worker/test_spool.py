@@ -7,31 +7,35 @@ import json
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from worker.spool import (
     CorruptRecord,
-    FileSpool,
+    Recipient,
     SegmentSpool,
     Spool,
     SpoolError,
     SpoolLocked,
     SpoolRecord,
     SpoolWriteError,
+    Status,
     decode,
     encode,
     new_queue_id,
     seglog,
 )
 from worker.spool.base import BaseSpool
+from worker.spool.record import MAGIC, _frame
 
-SHAPES: dict[str, type[BaseSpool]] = {"file": FileSpool, "segment": SegmentSpool}
+SHAPES: dict[str, type[BaseSpool]] = {"segment": SegmentSpool}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -77,13 +81,38 @@ def test_record_round_trip() -> None:
     rec = make(1, rcpts=("a@example.com", "zażółć@example.pl"))
     rec.attempts = 3
     rec.next_attempt = 1234.5
-    rec.recipients[0].update(status="deferred", last_error="451 4.7.1 greylisted")
-    rec.recipients[1].update(status="delivered")
+    rec.recipients[0].status = Status.DEFERRED
+    rec.recipients[0].last_error = "451 4.7.1 greylisted"
+    rec.recipients[1].status = Status.DELIVERED
     data = encode(rec)
     assert data.startswith(b"sendguard-spool/1\n")
     assert re.search(rb"END [0-9a-f]{32}\n\Z", data)
     assert decode(data) == rec
     assert decode(encode(make(2, size=0))).message == b"Subject: 2\r\n\r\n"
+
+
+def test_recipients_are_plain_maps_on_disk_both_ways() -> None:
+    # The header a record has always had: a reader of this format that predates the
+    # typed recipients reads new records, and this one reads records written before.
+    rec = make(1, rcpts=("a@example.com", "b@example.com"))
+    rec.recipients[1].status = Status.BOUNCED
+    rec.recipients[1].last_error = "550 5.1.1 no such user"
+    data = encode(rec)
+    (hlen,) = struct.unpack_from(">I", data, len(MAGIC))
+    header = msgpack.unpackb(data[len(MAGIC) + 4:len(MAGIC) + 4 + hlen])
+    assert header["recipients"] == [
+        {"rcpt": "a@example.com", "status": "pending", "last_error": None},
+        {"rcpt": "b@example.com", "status": "bounced", "last_error": "550 5.1.1 no such user"},
+    ]
+    old_style = dict(header, recipients=[dict(r) for r in header["recipients"]])
+    loaded = decode(_frame(old_style, rec.message))
+    assert loaded == rec
+    assert [r.status for r in loaded.recipients] == [Status.PENDING, Status.BOUNCED]
+    assert loaded.recipients[1].status.final and not loaded.recipients[0].status.final
+    bad = dict(header, recipients=[{"rcpt": "a@example.com", "status": "lost",
+                                    "last_error": None}])
+    with pytest.raises(CorruptRecord, match="bad recipient state"):
+        decode(_frame(bad, rec.message))
 
 
 def test_record_damage_is_detected() -> None:
@@ -160,8 +189,8 @@ def test_store_is_durable_when_it_returns_even_after_kill(tmp_path: Path, name: 
         """
         import asyncio, json, os, sys
         from pathlib import Path
-        from worker.spool import FileSpool, SegmentSpool, SpoolRecord
-        cls = {"file": FileSpool, "segment": SegmentSpool}[sys.argv[2]]
+        from worker.spool import SegmentSpool, SpoolRecord
+        cls = {"segment": SegmentSpool}[sys.argv[2]]
         async def main():
             spool = cls(Path(sys.argv[1]), "w0")
             spool.load_all()
@@ -181,50 +210,6 @@ def test_store_is_durable_when_it_returns_even_after_kill(tmp_path: Path, name: 
         assert [r.queue_id for r in spool.load_all()] == [out["queue_id"]]
     finally:
         spool.close()
-
-
-async def test_file_store_returns_after_file_and_directory_sync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    spool = FileSpool(tmp_path, "w0")
-    spool.load_all()
-    events: list[tuple[str, object]] = []
-    real_fdatasync, real_fsync, real_rename = os.fdatasync, os.fsync, os.rename
-    active_fd = spool._active_fd
-
-    def fdatasync(fd: int) -> None:
-        real_fdatasync(fd)
-        events.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        events.append(("dirsync" if fd == active_fd else "fsync", fd))
-
-    def rename(src: str | Path, dst: str | Path) -> None:
-        real_rename(src, dst)
-        events.append(("rename", Path(str(dst)).name))
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
-
-    async def store(rec: SpoolRecord) -> None:
-        await spool.store(rec)
-        events.append(("returned", rec.queue_id))
-
-    recs = [make(i) for i in range(40)]
-    await asyncio.gather(*(store(r) for r in recs))
-    await spool.aclose()
-    for rec in recs:
-        i_sync = next(
-            i
-            for i, (k, v) in enumerate(events)
-            if k == "fdatasync" and f"/incoming/{rec.queue_id}." in str(v)
-        )
-        i_rename = events.index(("rename", rec.queue_id))
-        i_ret = events.index(("returned", rec.queue_id))
-        assert i_sync < i_rename < i_ret
-        assert any(k == "dirsync" for k, _ in events[i_rename:i_ret])
 
 
 async def test_segment_store_returns_after_its_bytes_are_synced(
@@ -315,31 +300,6 @@ async def test_aclose_waits_for_operations_in_flight(
 # -- corruption ------------------------------------------------------------------------
 
 
-async def test_file_spool_quarantines_truncated_and_flipped(tmp_path: Path) -> None:
-    spool = FileSpool(tmp_path, "w0")
-    spool.load_all()
-    good, flipped, truncated = make(1), make(2), make(3)
-    for rec in (good, flipped, truncated):
-        await spool.store(rec)
-    await spool.aclose()
-    active, corrupt = tmp_path / "w0" / "active", tmp_path / "w0" / "corrupt"
-    orig = {r.queue_id: (active / r.queue_id).read_bytes() for r in (flipped, truncated)}
-    damaged = bytearray(orig[flipped.queue_id])
-    damaged[len(damaged) // 2] ^= 0x20
-    (active / flipped.queue_id).write_bytes(bytes(damaged))
-    (active / truncated.queue_id).write_bytes(orig[truncated.queue_id][:-5])
-
-    again = FileSpool(tmp_path, "w0")
-    try:
-        assert again.load_all() == [good]
-        assert files(active) == [good.queue_id]
-        assert (corrupt / flipped.queue_id).read_bytes() == bytes(damaged)
-        assert (corrupt / truncated.queue_id).read_bytes() == orig[truncated.queue_id][:-5]
-        assert again.load_all() == [good]  # quarantine is stable
-    finally:
-        again.close()
-
-
 async def test_segment_spool_quarantines_flipped_and_truncated(tmp_path: Path) -> None:
     spool = SegmentSpool(tmp_path, "w0")
     spool.load_all()
@@ -393,8 +353,8 @@ async def test_leftover_temp_files_are_not_records(tmp_path: Path, shape: type[B
 FSIZE_CHILD = """
     import asyncio, json, resource, signal, sys
     from pathlib import Path
-    from worker.spool import FileSpool, SegmentSpool, SpoolRecord, SpoolWriteError
-    cls = {"file": FileSpool, "segment": SegmentSpool}[sys.argv[2]]
+    from worker.spool import SegmentSpool, SpoolRecord, SpoolWriteError
+    cls = {"segment": SegmentSpool}[sys.argv[2]]
     def rec(body):
         return SpoolRecord.new(session_id="s", client_ip="192.0.2.1", account="a@b.pl",
                                helo="h", mail_from="a@b.pl", rcpt_tos=["c@d.pl"], message=body)
@@ -512,8 +472,9 @@ async def test_update_and_remove(tmp_path: Path, shape: type[BaseSpool]) -> None
         await spool.store(a)
     a.attempts = 1
     a.next_attempt = a.received_at + 60
-    a.recipients[0].update(status="delivered")
-    a.recipients[1].update(status="deferred", last_error="451 4.2.0 try later")
+    a.recipients[0].status = Status.DELIVERED
+    a.recipients[1].status = Status.DEFERRED
+    a.recipients[1].last_error = "451 4.2.0 try later"
     await spool.update(a)
     await spool.remove(b.queue_id)
     with pytest.raises(KeyError):
@@ -525,12 +486,9 @@ async def test_update_and_remove(tmp_path: Path, shape: type[BaseSpool]) -> None
     try:
         [got] = again.load_all()
         assert got == a and got.attempts == 1 and not got.done
-        assert got.recipients[1] == {
-            "rcpt": "y@example.com",
-            "status": "deferred",
-            "last_error": "451 4.2.0 try later",
-        }
-        got.recipients[1]["status"] = "bounced"
+        assert got.recipients[1] == Recipient("y@example.com", Status.DEFERRED,
+                                              "451 4.2.0 try later")
+        got.recipients[1].status = Status.BOUNCED
         await again.update(got)
         assert got.done
         await again.remove(got.queue_id)
@@ -585,36 +543,11 @@ async def test_adopt_takes_over_a_dead_workers_queue(
         restarted.close()
 
 
-@pytest.mark.parametrize(("old", "new"), [("file", "segment"), ("segment", "file")])
-async def test_changing_shape_loses_nothing(tmp_path: Path, old: str, new: str) -> None:
-    first = SHAPES[old](tmp_path, "w0")
-    first.load_all()
-    recs = [make(i) for i in range(6)]
-    for rec in recs:
-        await first.store(rec)
-    await first.remove(recs[0].queue_id)
-    recs[1].attempts = 2
-    await first.update(recs[1])
-    await first.aclose()
-    second = SHAPES[new](tmp_path, "w0")
-    try:
-        assert second.load_all() == recs[1:]
-        await second.remove(recs[2].queue_id)
-    finally:
-        await second.aclose()
-    third = SHAPES[new](tmp_path, "w0")
-    try:
-        assert third.load_all() == recs[1:2] + recs[3:]
-    finally:
-        third.close()
-
-
-async def test_adopt_other_shape(tmp_path: Path) -> None:
-    dead = FileSpool(tmp_path, "w1")
-    dead.load_all()
+async def test_adopt_a_record_file(tmp_path: Path) -> None:
+    # A queue that holds a record file (one frame, named by its queue id), not a segment.
     rec = make(1)
-    await dead.store(rec)
-    await dead.aclose()
+    (tmp_path / "w1" / "active").mkdir(parents=True)
+    (tmp_path / "w1" / "active" / rec.queue_id).write_bytes(encode(rec))
     ours = SegmentSpool(tmp_path, "w0")
     try:
         ours.load_all()

@@ -147,7 +147,7 @@ class DeliveryAgent:
         out = []
         for entry in sorted(self._entries.values(), key=lambda e: e.record.received_at):
             record = entry.record
-            errors = [r["last_error"] for r in record.recipients if r["last_error"]]
+            errors = [r.last_error for r in record.recipients if r.last_error]
             out.append({
                 "queue_id": record.queue_id,
                 "sender": record.mail_from,
@@ -161,7 +161,7 @@ class DeliveryAgent:
                 "next_attempt": None if entry.active else record.next_attempt,
                 "next_try_in": None if entry.active else max(0.0, record.next_attempt - now),
                 "last_error": errors[-1] if errors else None,
-                "recipients": [dict(r) for r in record.recipients],
+                "recipients": [r.to_wire() for r in record.recipients],
             })
         return out
 
@@ -212,8 +212,8 @@ class DeliveryAgent:
             if entry is None or entry.deleted:
                 continue
             if bounce and record.mail_from:
-                failed = [(r["rcpt"], local(BOUNCED, PURGED, "5.0.0"))
-                          for r in record.recipients if r["status"] not in (DELIVERED, BOUNCED)]
+                failed = [(r.rcpt, local(BOUNCED, PURGED, "5.0.0"))
+                          for r in record.recipients if not r.status.final]
                 if failed:
                     # The DSN first: a crash in between sends the message and its DSN,
                     # never drops the message without telling the sender.
@@ -301,8 +301,8 @@ class DeliveryAgent:
         smarthost = self._settings().delivery.mode == "smarthost"
         groups: dict[str, list[int]] = {}
         for index, rcpt in enumerate(record.recipients):
-            if rcpt["status"] not in (DELIVERED, BOUNCED):
-                key = SMARTHOST if smarthost else _domain(rcpt["rcpt"])
+            if not rcpt.status.final:
+                key = SMARTHOST if smarthost else _domain(rcpt.rcpt)
                 if key is None:
                     self._apply(entry, index, local(BOUNCED, "bad recipient address syntax",
                                                     "5.1.3"))
@@ -313,7 +313,7 @@ class DeliveryAgent:
             for at in range(0, len(indexes), RECIPIENTS_PER_TRANSACTION):
                 chunk = indexes[at:at + RECIPIENTS_PER_TRANSACTION]
                 jobs.append((key, Job(entry, record.mail_from,
-                                      [record.recipients[i]["rcpt"] for i in chunk], chunk,
+                                      [record.recipients[i].rcpt for i in chunk], chunk,
                                       record.message, lambda: entry.deleted)))
         entry.outstanding = len(jobs)
         if not jobs:
@@ -336,12 +336,12 @@ class DeliveryAgent:
     def _apply(self, entry: _Entry, index: int, result: Result) -> None:
         entry.results[index] = result
         rcpt = entry.record.recipients[index]
-        rcpt["status"] = result.status
-        rcpt["last_error"] = None if result.status == DELIVERED else result.detail
+        rcpt.status = result.status
+        rcpt.last_error = None if result.status == DELIVERED else result.detail
         self.stats[result.status] += 1
         log_event("delivery", logging.INFO if result.status == DELIVERED else logging.WARNING,
                   sid=entry.record.session_id, client_ip=entry.record.client_ip,
-                  queue_id=entry.record.queue_id, recipient=rcpt["rcpt"],
+                  queue_id=entry.record.queue_id, recipient=rcpt.rcpt,
                   relay=result.host, status=result.status, dsn=result.status_code,
                   detail=result.detail if result.status != DELIVERED else result.reply)
 
@@ -361,12 +361,12 @@ class DeliveryAgent:
         expired = now + _SLACK >= record.received_at + max_age
         expired_after = None
         for index, rcpt in enumerate(record.recipients):
-            if rcpt["status"] == DEFERRED and expired:
-                last = entry.results.get(index) or local(DEFERRED, rcpt["last_error"] or "",
+            if rcpt.status == DEFERRED and expired:
+                last = entry.results.get(index) or local(DEFERRED, rcpt.last_error or "",
                                                          "4.4.7")
                 expired_after = duration_text(max_age)
                 self._apply(entry, index, last.expired(expired_after))
-        bounced = [(record.recipients[i]["rcpt"], result) for i, result in entry.results.items()
+        bounced = [(record.recipients[i].rcpt, result) for i, result in entry.results.items()
                    if result.status == BOUNCED]
         retry = settings.delivery.retry
         delay = retry[min(record.attempts - 1, len(retry) - 1)]
@@ -416,7 +416,7 @@ class DeliveryAgent:
                       error=str(exc))
             for index, result in list(entry.results.items()):
                 if result.status == BOUNCED:
-                    record.recipients[index]["status"] = DEFERRED
+                    record.recipients[index].status = DEFERRED
             return False
         self.stats["dsn"] += 1
         log_event("dsn_queued", queue_id=record.queue_id, dsn_queue_id=dsn.queue_id,

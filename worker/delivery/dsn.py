@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Sequence
 
 from worker.delivery.result import Result
+from worker.headers import header_end
 from worker.spool import SpoolRecord
 
 # The original header is returned so the sender can tell which message it
@@ -30,10 +31,9 @@ def _crlf(text: bytes) -> bytes:
 
 def original_header(message: bytes) -> bytes:
     """The header block of ``message`` with CRLF line ends, bounded in size."""
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        end = message.find(separator, 0, _MAX_HEADER_BYTES + 4)
-        if end >= 0:
-            return _crlf(message[:end]) + _CRLF
+    bounds = header_end(message, _MAX_HEADER_BYTES + 4)
+    if bounds is not None:
+        return _crlf(message[: bounds[0]]) + _CRLF
     head = message[:_MAX_HEADER_BYTES]
     # Cut at a line end so no header is left half-written.
     cut = head.rfind(b"\n")

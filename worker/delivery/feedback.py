@@ -42,7 +42,7 @@ class BounceFeedback:
         """Count or uncount ``record`` after an attempt; updates its flag in place."""
         if self.exempt(record):
             return
-        statuses = {r["status"] for r in record.recipients}
+        statuses = {r.status for r in record.recipients}
         if not record.counted_undeliverable and statuses & {BOUNCED, DEFERRED}:
             amount = 1
         elif record.counted_undeliverable and statuses == {DELIVERED}:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-DELIVERED = "delivered"
-DEFERRED = "deferred"
-BOUNCED = "bounced"
+from worker.spool.record import Status
+
+DELIVERED = Status.DELIVERED
+DEFERRED = Status.DEFERRED
+BOUNCED = Status.BOUNCED
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 # A reply text is the server's to choose; keep the spool record and the DSN
@@ -31,7 +33,7 @@ class Result:
     the answer was to. ``status_code`` is the RFC 3463 code for a DSN.
     """
 
-    status: str
+    status: Status
     detail: str
     code: int | None = None
     reply: str = ""
@@ -61,7 +63,7 @@ class Result:
                       self.stage, self.enhanced or "4.4.7")
 
 
-def classify(code: int) -> str:
+def classify(code: int) -> Status:
     """2xx delivered, 5xx bounced; anything else (4xx, nonsense) is retried."""
     if 200 <= code < 300:
         return DELIVERED
@@ -87,7 +89,7 @@ def remote(code: int, message: str, host: str, stage: str) -> Result:
                   code, reply, host, stage, enhanced)
 
 
-def local(status: str, detail: str, enhanced: str) -> Result:
+def local(status: Status, detail: str, enhanced: str) -> Result:
     """A result decided here (DNS, connection, size, SMTPUTF8), not by a server."""
     return Result(status, clean_reply(detail), enhanced=enhanced)
 

@@ -15,6 +15,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
+from cluster.hostport import split_host_port
 from cluster.settings import DeliverySettings
 from worker.delivery.result import BOUNCED, DEFERRED, Result, local
 from worker.dns import DnsPermError, DnsTempError, DomainResolver
@@ -66,13 +67,12 @@ class Router:
         return await self._mx(domain, settings.port)
 
     async def _smarthost(self, settings: DeliverySettings) -> list[Hop]:
-        host, _, port_text = settings.smarthost.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port_text.isdigit():
+        try:
+            host, port = split_host_port(settings.smarthost)
+        except ValueError:
             # Mode switched by a reload while mail was queued for the relay:
             # the next attempt regroups it by domain.
-            raise RouteError(local(DEFERRED, "no smarthost configured", "4.3.5"))
-        port = int(port_text)
+            raise RouteError(local(DEFERRED, "no smarthost configured", "4.3.5")) from None
         if _is_ip(host):
             return [Hop(host, host, port)]
         try:

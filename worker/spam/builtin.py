@@ -24,6 +24,7 @@ from email.header import decode_header, make_header
 from html import unescape
 from itertools import islice
 
+from worker.headers import header_end
 from worker.spam import ScanRequest, ScanResult
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -87,7 +88,6 @@ PHRASES = (
     "konto zostanie zablokowane",
 )
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _PARAM = re.compile(r';\s*([\w.-]+)\s*=\s*(?:"([^"]*)"|([^;\s]*))')
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _IP_URL = re.compile(
@@ -218,12 +218,10 @@ class _Texts:
 
 def _header_end(entity: bytes, limit: int) -> tuple[int, int]:
     """Where the header section of ``entity`` ends and where its body starts."""
-    if entity.startswith((b"\n", b"\r\n")):
-        return 0, entity.index(b"\n") + 1
-    end = _HEADER_END.search(entity, 0, limit)
-    if end is None:
+    bounds = header_end(entity, limit)
+    if bounds is None:
         return min(len(entity), limit), len(entity)
-    return end.start(), end.end()
+    return bounds
 
 
 def _walk(headers: dict[str, list[str]], body: bytes, depth: int, texts: _Texts) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult
+from worker.spam.answer import read_headers, read_sized_body
 
 # A verdict is a few KB; anything far larger is not an rspamd answer.
 MAX_ANSWER = 4 * 1024 * 1024
@@ -136,26 +137,12 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
             if not status_line:
                 raise ScannerUnavailable("rspamd: connection closed without an answer")
             raise ScannerUnavailable(f"rspamd: not an HTTP answer: {status_line[:80]!r}")
-        headers: dict[str, str] = {}
-        while True:
-            line = await reader.readline()
-            if not line.endswith(b"\n"):
-                raise ScannerUnavailable("rspamd: connection closed in the answer headers")
-            if line in (b"\r\n", b"\n"):
-                break
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise ScannerUnavailable(f"rspamd: bad answer header: {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
+        headers = await read_headers(reader, "rspamd")
         if "chunked" in headers.get("transfer-encoding", "").lower():
             body = await _read_chunked(reader)
-        elif "content-length" in headers:
-            length = int(headers["content-length"])
-            if not 0 <= length <= MAX_ANSWER:
-                raise ScannerUnavailable(f"rspamd: answer too large ({length} bytes)")
-            body = await reader.readexactly(length)
         else:
-            body = await reader.read(MAX_ANSWER + 1)
+            sized = await read_sized_body(reader, headers, "rspamd", MAX_ANSWER)
+            body = sized if sized is not None else await reader.read(MAX_ANSWER + 1)
             if len(body) > MAX_ANSWER:
                 raise ScannerUnavailable("rspamd: answer too large")
     except asyncio.IncompleteReadError:

@@ -32,7 +32,9 @@ import contextlib
 import re
 from email.utils import formatdate
 
+from cluster.hostport import BadPort, split_host_port
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult
+from worker.spam.answer import read_headers, read_sized_body
 
 DEFAULT_PORT = 783
 # The SYMBOLS body is a comma-separated list of rule names.
@@ -50,21 +52,15 @@ def parse_address(url: str) -> tuple[str, int] | str:
     url = url.strip()
     if url.startswith("/"):
         return url
-    host, port = url, ""
-    if url.startswith("["):
-        host, _, rest = url[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"spam.url: spamd needs host:port, got {url!r}")
-        port = rest[1:]
-    elif url.count(":") == 1:
-        host, _, port = url.partition(":")
-    if not host or "/" in host:
+    try:
+        host, port = split_host_port(url, DEFAULT_PORT)
+    except BadPort:
+        raise ValueError(f"spam.url: bad spamd port in {url!r}") from None
+    except ValueError:
+        raise ValueError(f"spam.url: spamd needs host:port, got {url!r}") from None
+    if "/" in host:
         raise ValueError(f"spam.url: spamd needs host:port, got {url!r}")
-    if not port:
-        return host, DEFAULT_PORT
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"spam.url: bad spamd port in {url!r}")
-    return host, int(port)
+    return host, port
 
 
 class SpamdScanner:
@@ -116,23 +112,9 @@ async def _read_answer(reader: asyncio.StreamReader) -> ScanResult:
             raise ScannerUnavailable(f"spamd: not a SPAMD answer: {status_line[:80]!r}")
         if status[1] != "0":
             raise ScannerUnavailable(f"spamd: error {status[1]} {status[2]}".rstrip())
-        headers: dict[str, str] = {}
-        while True:
-            line = await reader.readline()
-            if not line.endswith(b"\n"):
-                raise ScannerUnavailable("spamd: connection closed in the answer headers")
-            if line in (b"\r\n", b"\n"):
-                break
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise ScannerUnavailable(f"spamd: bad answer header: {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        if "content-length" in headers:
-            length = int(headers["content-length"])
-            if not 0 <= length <= MAX_ANSWER:
-                raise ScannerUnavailable(f"spamd: answer too large ({length} bytes)")
-            body = await reader.readexactly(length)
-        else:
+        headers = await read_headers(reader, "spamd")
+        body = await read_sized_body(reader, headers, "spamd", MAX_ANSWER)
+        if body is None:
             body = await reader.read(MAX_ANSWER)
     except asyncio.IncompleteReadError:
         raise ScannerUnavailable("spamd: connection closed in the middle of the answer") from None

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from .base import BaseSpool, SpoolError, SpoolLocked, SpoolWriteError
-from .filespool import FileSpool
-from .record import CorruptRecord, SpoolRecord, decode, encode, new_queue_id
+from .record import CorruptRecord, Recipient, SpoolRecord, Status, decode, encode, new_queue_id
 from .segspool import SegmentSpool
 from .store import Spool
 
 __all__ = [
     "BaseSpool",
     "CorruptRecord",
-    "FileSpool",
     "SegmentSpool",
+    "Recipient",
     "Spool",
     "SpoolError",
     "SpoolLocked",
     "SpoolRecord",
     "SpoolWriteError",
+    "Status",
     "decode",
     "encode",
     "new_queue_id",

@@ -1,13 +1,13 @@
-"""What both spool shapes share: errors, directory layout, locking, adoption.
+"""What a spool is beside its write path: errors, directory layout, locking, adoption.
 
 Layout of one worker's spool (``<spool>/<worker>/``)::
 
     lock        flock()ed by the owning process; a live owner blocks adoption
     incoming/   temp files being written; anything left here at startup was
                 never acknowledged and is deleted
-    active/     the queue: record files named by queue id, or segment files
-                named ``segment-<seq>``; each shape reads the other's files
-                and converts them, so changing the shape loses nothing
+    active/     the queue: segment files named ``segment-<seq>``; a record
+                file named by its queue id (one frame, the shape of an older
+                one-file-per-message spool) is read and moved into the log
     corrupt/    quarantined files, bytes kept for a human to look at
     adopt/      another worker's ``active/`` renamed here in one step while
                 its files are merged into ours (survives a crash mid-merge);
@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from cluster.durable import fsync_folder
 
 from .record import SpoolRecord
 
@@ -78,14 +80,6 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_error(what: str, exc: OSError) -> SpoolWriteError:
@@ -252,7 +246,7 @@ class BaseSpool(abc.ABC):
                 created.append(path)
         if self.fsync:
             for path in created:
-                fsync_path(path.parent)
+                fsync_folder(path.parent)
 
     def _check_open(self) -> None:
         if self._closed or self._closing:
@@ -291,7 +285,7 @@ class BaseSpool(abc.ABC):
     def _sync_dirs(self, *paths: Path) -> None:
         if self.fsync:
             for path in paths:
-                fsync_path(path)
+                fsync_folder(path)
 
     def _alloc_seq(self) -> int:
         seq = self._next_seq

@@ -27,6 +27,7 @@ import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import msgpack
@@ -42,8 +43,6 @@ _END_LEN = len(_END) + 2 * _DIGEST_SIZE + 1
 # length field itself is damaged.
 _MAX_HEADER = 16 * 1024 * 1024
 
-STATUSES = frozenset({"pending", "delivered", "deferred", "bounced"})
-FINAL_STATUSES = frozenset({"delivered", "bounced"})
 
 QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -81,14 +80,59 @@ def is_queue_id(value: object) -> bool:
     return isinstance(value, str) and QUEUE_ID_RE.fullmatch(value) is not None
 
 
+class Status(StrEnum):
+    """Where one recipient of a queued message stands; a str, as it is written on disk."""
+
+    PENDING = "pending"      # not attempted yet
+    DELIVERED = "delivered"  # final: the next hop took it
+    DEFERRED = "deferred"    # tried, to be tried again
+    BOUNCED = "bounced"      # final: refused for good, or expired
+
+    @property
+    def final(self) -> bool:
+        return self in (Status.DELIVERED, Status.BOUNCED)
+
+
+_RECIPIENT_FIELDS = frozenset({"rcpt", "status", "last_error"})
+
+
+@dataclass(slots=True)
+class Recipient:
+    """One envelope recipient's delivery state: ``last_error`` is the last attempt's
+    reply or reason (None once delivered, or before any attempt).
+
+    On disk (and in ``queue list``) it is the map ``{"rcpt", "status", "last_error"}``:
+    the format records have always had, so old records load and new ones read
+    back in older code."""
+
+    rcpt: str
+    status: Status = Status.PENDING
+    last_error: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"rcpt": self.rcpt, "status": str(self.status), "last_error": self.last_error}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Recipient:
+        """Raises ValueError for anything but the on-disk map."""
+        if (
+            not isinstance(data, dict)
+            or set(data) != _RECIPIENT_FIELDS
+            or not isinstance(data["rcpt"], str)
+            or not (data["last_error"] is None or isinstance(data["last_error"], str))
+        ):
+            raise ValueError(f"bad recipient state {data!r}")
+        try:
+            status = Status(data["status"])
+        except ValueError:
+            raise ValueError(f"bad recipient state {data!r}") from None
+        return cls(data["rcpt"], status, data["last_error"])
+
+
 @dataclass(slots=True)
 class SpoolRecord:
-    """A queued message and its delivery state.
-
-    ``recipients`` holds one dict per envelope recipient:
-    ``{"rcpt": str, "status": "pending"|"delivered"|"deferred"|"bounced",
-    "last_error": str | None}``.
-    """
+    """A queued message and its delivery state (one :class:`Recipient` per envelope
+    recipient, in envelope order)."""
 
     queue_id: str
     session_id: str
@@ -101,7 +145,7 @@ class SpoolRecord:
     received_at: float
     attempts: int = 0
     next_attempt: float = 0.0
-    recipients: list[dict[str, Any]] = field(default_factory=list)
+    recipients: list[Recipient] = field(default_factory=list)
     # Whether delivery has counted this message as undeliverable against its
     # client's bounce ratio (SPEC §3.6), so it is counted once and uncounted
     # once; kept on disk so a restart neither forgets nor repeats the mark.
@@ -139,13 +183,13 @@ class SpoolRecord:
             received_at=now,
             attempts=0,
             next_attempt=now,
-            recipients=[{"rcpt": r, "status": "pending", "last_error": None} for r in rcpts],
+            recipients=[Recipient(r) for r in rcpts],
         )
 
     @property
     def done(self) -> bool:
         """Every recipient has a final outcome; the record can be removed."""
-        return all(r["status"] in FINAL_STATUSES for r in self.recipients)
+        return all(r.status.final for r in self.recipients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +234,7 @@ def encode(record: SpoolRecord) -> bytes:
         "attempts": numbers[1],
         "next_attempt": numbers[2],
         "recipients": (
-            [dict(r) if isinstance(r, dict) else r for r in record.recipients]
+            [r.to_wire() if isinstance(r, Recipient) else r for r in record.recipients]
             if isinstance(record.recipients, list | tuple)
             else None
         ),
@@ -237,14 +281,10 @@ def _header_problem(header: dict[Any, Any]) -> str | None:
     if not isinstance(recipients, list):
         return "header field recipients is not a list"
     for r in recipients:
-        if (
-            not isinstance(r, dict)
-            or set(r) != {"rcpt", "status", "last_error"}
-            or not isinstance(r["rcpt"], str)
-            or r["status"] not in STATUSES
-            or not (r["last_error"] is None or isinstance(r["last_error"], str))
-        ):
-            return f"bad recipient state {r!r}"
+        try:
+            Recipient.from_wire(r)
+        except ValueError as exc:
+            return str(exc)
     if not isinstance(header.get("undeliverable", False), bool):
         return "header field undeliverable is not a boolean"
     if not isinstance(header.get("held", False), bool):
@@ -268,7 +308,7 @@ def _record_from(header: dict[Any, Any], body: bytes) -> SpoolRecord:
         received_at=header["received_at"],
         attempts=header["attempts"],
         next_attempt=header["next_attempt"],
-        recipients=header["recipients"],
+        recipients=[Recipient.from_wire(r) for r in header["recipients"]],
         counted_undeliverable=header.get("undeliverable", False),
         held=header.get("held", False),
     )

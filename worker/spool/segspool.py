@@ -403,7 +403,7 @@ class SegmentSpool(BaseSpool):
         return True
 
     def _import_files(self, names: list[str]) -> list[SpoolRecord]:
-        """Append record files (the other shape, or an adopted worker's) to the log."""
+        """Append record files (one frame each, named by queue id) to the log."""
         records: list[SpoolRecord] = []
         sources: list[Path] = []
         for name in names:

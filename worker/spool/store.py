@@ -1,22 +1,22 @@
-"""The worker's durable spool: the interface, both shapes, and the default.
+"""The worker's durable spool: the interface, its shape, and the default.
 
-Both shapes keep the same promise. ``store()`` returns only once the
-message, and the directory entry that finds it, are on disk (fsync, in
-threads, never on the event loop), so the SMTP side may answer ``250``. A
-failed write raises ``SpoolWriteError`` (answer ``451``) and leaves nothing
-that a later ``load_all()`` would deliver. Concurrent stores share their
-syncs (group commit).
+``store()`` returns only once the message, and the directory entry that
+finds it, are on disk (fsync, in threads, never on the event loop), so the
+SMTP side may answer ``250``. A failed write raises ``SpoolWriteError``
+(answer ``451``) and leaves nothing that a later ``load_all()`` would
+deliver. Concurrent stores share their syncs (group commit).
 
-- ``FileSpool``: one file per message (temp file with O_EXCL, fdatasync,
-  rename into ``active/``, group-committed fsync of the directory), as
-  Postfix and Haraka do.
-- ``SegmentSpool``: messages appended to a segment file; one write per
-  message and one fdatasync per batch, a segment deleted once every message
-  in it is done.
+``SegmentSpool`` appends messages to a segment file: one write per message
+and one fdatasync per batch, a segment deleted once every message in it is
+done. One file per message (temp file with O_EXCL, fdatasync, rename into
+``active/``, group-committed fsync of the directory), as Postfix and Haraka
+do, was measured against it and dropped; a record file found in ``active/``
+is still read and moved into the log.
 
 ``Spool`` is ``SegmentSpool``, chosen by measurement (loadtest/bench_spool.py,
-2,000 messages of 1 KiB, 64 in flight, on this host's root filesystem: ext4
-without a journal, 2 cores). Three runs, the steady phase:
+which ran the file shape too before it was dropped; 2,000 messages of 1 KiB, 64 in flight, on this
+host's root filesystem: ext4 without a journal, 2 cores). Three runs, the
+steady phase:
 
     shape                              msgs/s            CPU per message
     file, fsync, one at a time         590-660           1.2-1.4 ms

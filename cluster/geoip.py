@@ -1,31 +1,53 @@
-"""Country lookups against a MaxMind-format (GeoIP2/GeoLite2) database.
+"""Country lookups in a MaxMind-format (GeoIP2/GeoLite2) database, for every process.
 
-A :class:`CountryDatabase` is an immutable handle: a new database means a new
-handle, swapped by reference with the configuration snapshot, and the old one
-closed once nothing uses it.
+``check-config`` and ``sendguard run`` open the file before anything starts
+(:mod:`cluster.files`); the coordinator reads it, refuses a bad one and
+ships the bytes to the workers in its snapshots; workers (and a worker run
+without a coordinator) open those bytes for lookups. One reader and one
+rule for all of them: geoip2's ``Reader``, on a Country, City or Enterprise
+database. An ASN or ISP database would open fine and answer None for every
+address, so it is refused when opened instead.
 
-The coordinator ships the database to workers as bytes. Reading bytes through
-``io.BytesIO`` would force maxminddb's pure-Python reader (~60-80 µs a lookup);
-putting them in an anonymous memory file and opening it by its ``/proc`` path
-lets the libmaxminddb C reader mmap it (~3-5 µs).
+A :class:`CountryDatabase` is an immutable handle: a new database means a
+new handle, swapped by reference with the configuration snapshot, and the
+old one closed once nothing uses it.
+
+Bytes read through ``io.BytesIO`` would force maxminddb's pure-Python
+reader (~60-80 µs a lookup); putting them in an anonymous memory file and
+opening it by its ``/proc`` path lets the libmaxminddb C reader mmap it.
+``loadtest/bench_geoip.py`` measures a lookup both ways.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import ipaddress
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+import geoip2.database
+import geoip2.errors
 import maxminddb
-
-from cluster.countrydb import check_country_reader
 
 __all__ = ["CountryDatabase", "GeoDatabaseError"]
 
 _VERSION_DIGEST_SIZE = 6  # 12 hex characters
+# Opening reads only the metadata; decoding a few records finds a truncated file.
+PROBE_ADDRESSES = ("1.1.1.1", "8.8.8.8", "127.0.0.1")
+PROBE_ADDRESS_V6 = "2001:4860:4860::8888"
+
+Lookup = Callable[[geoip2.database.Reader, "str | ipaddress.IPv4Address"], object]
+# geoip2 reads a database with the method its type names (case as MaxMind and
+# DB-IP write it): the most specific first, as "GeoIP2-Enterprise" records
+# hold a city and a country too.
+_LOOKUPS: tuple[tuple[str, Lookup], ...] = (
+    ("Enterprise", geoip2.database.Reader.enterprise),
+    ("City", geoip2.database.Reader.city),
+    ("Country", geoip2.database.Reader.country),
+)
 
 
 class GeoDatabaseError(ValueError):
@@ -52,14 +74,16 @@ def _has_extension() -> bool:
     return hasattr(extension, "Reader")
 
 
-def _open_path(path: str | os.PathLike[str]) -> maxminddb.Reader:
-    mode = maxminddb.MODE_MMAP_EXT if _has_extension() else maxminddb.MODE_MMAP
-    return maxminddb.open_database(path, mode)
+def _open_path(path: str | os.PathLike[str]) -> tuple[geoip2.database.Reader, bool]:
+    """The reader and whether it is the C one."""
+    native = _has_extension()
+    mode = maxminddb.MODE_MMAP_EXT if native else maxminddb.MODE_MMAP
+    return geoip2.database.Reader(path, mode=mode), native
 
 
-def _open_blob(blob: bytes) -> maxminddb.Reader:
+def _open_blob(blob: bytes) -> tuple[geoip2.database.Reader, bool]:
     if not hasattr(os, "memfd_create"):
-        return maxminddb.open_database(io.BytesIO(blob), maxminddb.MODE_FD)
+        return geoip2.database.Reader(io.BytesIO(blob), mode=maxminddb.MODE_FD), False
     fd = os.memfd_create("sendguard-geoip", os.MFD_CLOEXEC)
     try:
         with os.fdopen(fd, "wb", closefd=False) as fh:
@@ -71,13 +95,21 @@ def _open_blob(blob: bytes) -> maxminddb.Reader:
         os.close(fd)
 
 
-class CountryDatabase:
-    """Read-only handle answering ``country(ip)`` from a Country or City mmdb."""
+def _lookup_for(database_type: str, source: str) -> Lookup:
+    for word, lookup in _LOOKUPS:
+        if word in database_type:
+            return lookup
+    raise GeoDatabaseError(f"{source}: database type {database_type!r} has no country data"
+                           " (expected a GeoIP2/GeoLite2 Country or City database)")
 
-    __slots__ = (
-        "_reader", "_version", "_source", "_database_type", "_build_epoch", "_ipv4_only", "_native"
-    )
-    _reader: maxminddb.Reader
+
+class CountryDatabase:
+    """Read-only handle answering ``country(ip)`` from a Country, City or Enterprise mmdb."""
+
+    __slots__ = ("_reader", "_lookup", "_version", "_source", "_database_type",
+                 "_build_epoch", "_ipv4_only", "_native")
+    _reader: geoip2.database.Reader
+    _lookup: Lookup
     _version: str
     _source: str
     _database_type: str
@@ -85,16 +117,19 @@ class CountryDatabase:
     _ipv4_only: bool
     _native: bool
 
-    def __init__(self, reader: maxminddb.Reader, version: str, source: str) -> None:
+    def __init__(self, reader: geoip2.database.Reader, version: str, source: str,
+                 native: bool) -> None:
         meta = reader.metadata()
+        database_type = str(meta.database_type)
         object.__setattr__(self, "_reader", reader)
+        object.__setattr__(self, "_lookup", _lookup_for(database_type, source))
         object.__setattr__(self, "_version", version)
         object.__setattr__(self, "_source", source)
-        object.__setattr__(self, "_database_type", str(meta.database_type))
+        object.__setattr__(self, "_database_type", database_type)
         object.__setattr__(self, "_build_epoch", int(meta.build_epoch))
         object.__setattr__(self, "_ipv4_only", meta.ip_version == 4)
-        object.__setattr__(self, "_native", type(reader).__module__ == "maxminddb.extension")
-        self._validate()
+        object.__setattr__(self, "_native", native)
+        self._probe()
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> CountryDatabase:
@@ -102,10 +137,10 @@ class CountryDatabase:
         path = Path(path)
         try:
             version = _file_version(path)
-            reader = _open_path(path)
+            reader, native = _open_path(path)
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
             raise GeoDatabaseError(f"{path}: not a readable MaxMind database: {exc}") from exc
-        return cls._checked(reader, version, str(path))
+        return cls._checked(reader, native, version, str(path))
 
     @classmethod
     def from_bytes(cls, blob: bytes, version: str = "") -> CountryDatabase:
@@ -113,25 +148,29 @@ class CountryDatabase:
         version = version or _content_version(blob)
         source = f"<GeoIP database {version}, {len(blob)} bytes>"
         try:
-            reader = _open_blob(blob)
+            reader, native = _open_blob(blob)
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
             raise GeoDatabaseError(f"{source}: not a readable MaxMind database: {exc}") from exc
-        return cls._checked(reader, version, source)
+        return cls._checked(reader, native, version, source)
 
     @classmethod
-    def _checked(cls, reader: maxminddb.Reader, version: str, source: str) -> CountryDatabase:
+    def _checked(cls, reader: geoip2.database.Reader, native: bool, version: str,
+                 source: str) -> CountryDatabase:
         try:
-            return cls(reader, version, source)
+            return cls(reader, version, source, native)
         except BaseException:
             reader.close()
             raise
 
-    def _validate(self) -> None:
+    def _probe(self) -> None:
         # Refused at load time rather than failing mid-session.
+        probes = list(PROBE_ADDRESSES) + ([] if self._ipv4_only else [PROBE_ADDRESS_V6])
         try:
-            check_country_reader(self._reader, self._source)
-        except ValueError as exc:
-            raise GeoDatabaseError(str(exc)) from exc
+            for ip in probes:
+                with contextlib.suppress(geoip2.errors.AddressNotFoundError, TypeError):
+                    self._lookup(self._reader, ip)
+        except (ValueError, maxminddb.InvalidDatabaseError) as exc:
+            raise GeoDatabaseError(f"{self._source}: corrupt database: {exc}") from exc
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -179,10 +218,18 @@ class CountryDatabase:
             if self._ipv4_only and key is ip:
                 return None
         try:
-            record = self._reader.get(key)
+            found = self._lookup(self._reader, key)
+        except (geoip2.errors.AddressNotFoundError, TypeError):
+            return None  # TypeError: a record whose sections are not maps
         except maxminddb.InvalidDatabaseError as exc:
             raise GeoDatabaseError(f"{self._source}: corrupt record for {ip}: {exc}") from exc
-        return _iso_code(record)
+        # registered_country covers addresses MaxMind places only by the
+        # registry's record (anycast, some satellite and mobile ranges).
+        for section in (found.country, found.registered_country):  # type: ignore[attr-defined]
+            code = section.iso_code
+            if isinstance(code, str) and code:
+                return code.upper()
+        return None
 
     def close(self) -> None:
         self._reader.close()
@@ -192,17 +239,3 @@ class CountryDatabase:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _iso_code(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return None
-    # registered_country covers addresses MaxMind places only by the
-    # registry's record (anycast, some satellite and mobile ranges).
-    for key in ("country", "registered_country"):
-        section = record.get(key)
-        if isinstance(section, dict):
-            code = section.get("iso_code")
-            if isinstance(code, str) and code:
-                return code.upper()
-    return None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from geoipdb import country_db_bytes, write_country_db, write_db
 
-from worker.geo import CountryDatabase, GeoDatabaseError
+from cluster.geoip import CountryDatabase, GeoDatabaseError
 
 MAPPING = {
     "127.0.0.0/8": "PL",
@@ -83,7 +83,7 @@ def test_bytes_use_the_c_reader_and_leave_no_descriptor(db_path: Path) -> None:
 
 def test_pure_python_fallbacks(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blob = db_path.read_bytes()
-    monkeypatch.setattr("worker.geo._has_extension", lambda: False)
+    monkeypatch.setattr("cluster.geoip._has_extension", lambda: False)
     with CountryDatabase.from_bytes(blob) as db:  # MODE_MMAP on the memfd
         assert not db.native
         assert db.country("::ffff:127.0.0.42") == "DE"
@@ -174,20 +174,3 @@ def test_database_without_countries_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(GeoDatabaseError, match="'GeoLite2-ASN' has no country data"):
         CountryDatabase.from_path(path)
-
-
-def test_lookup_speed(db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ips = ["127.0.0.1", "127.0.0.42", "8.8.8.8", "::1", "::ffff:127.0.0.66"] * 4000
-    rates = {}
-    for name, db in (
-        ("from_path", CountryDatabase.from_path(db_path)),
-        ("from_bytes", CountryDatabase.from_bytes(db_path.read_bytes())),
-    ):
-        with db:
-            start = time.perf_counter()
-            for ip in ips:
-                db.country(ip)
-            rates[name] = len(ips) / (time.perf_counter() - start)
-    with capsys.disabled():
-        summary = ", ".join(f"{name} {r:,.0f} ({1e6 / r:.2f} µs)" for name, r in rates.items())
-        print(f"\nGeoIP lookups/s: {summary}")
