@@ -110,14 +110,6 @@ class Uplink:
         bind = self.settings.cluster.bind if self.settings is not None else ""
         return wire.worker_endpoint(self.runtime_dir, bind, name)
 
-    def counter_keys(self) -> Any:
-        """``CurveKeys`` for the worker's counter node, or None on one host."""
-        if self.keys is None:
-            return None
-        from worker.counters.peer import CurveKeys
-
-        return CurveKeys(self.keys.secret, self.keys.public, PublicKeys(self.keys))
-
     def adapt(self, message: wire.SnapshotMessage) -> wire.SnapshotMessage:
         """The coordinator's snapshot with this host's own sections, on a joining host."""
         if not self.remote:

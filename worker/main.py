@@ -191,10 +191,10 @@ async def serve_cluster(runtime_dir: Path, name: str, uplink: Uplink | None = No
         shard = CounterShard()
         endpoint = uplink.worker_endpoint(name)
         node = CounterNode(name, endpoint, shard, settings.cluster.request_timeout,
-                           observe=metrics.observe_counter, curve=uplink.counter_keys())
+                           observe=metrics.observe_counter)
         try:
             await node.start()
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ValueError, OSError) as exc:
             raise BootError(f"cannot bind the counter endpoint {endpoint}: {exc}") from None
         parts = await build_worker(settings, name, source=link, shard=shard,
                                    counters=node.client, metrics=metrics)

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.counting import Op, Outcome
 from worker.counters import SLOTS, CounterShard, TrailingWindow
-from worker.counters.shard import CONFIRMED, OPEN
+from worker.counters.shard import OPEN, RELEASED
 
 # A multiple of every bucket width used below (1 s, 5 s, 60 s, 720 s), so
 # that bucket boundaries in the assertions are easy to read.
@@ -62,7 +62,6 @@ def test_reserves_admit_exactly_the_limit(shard: CounterShard, clock: Clock) -> 
         outcome = shard.reserve(f"r{i}", msg_ops("ip:127.0.0.5"))
         if outcome.ok:
             admitted += 1
-            assert shard.confirm(f"r{i}")
         else:
             assert outcome.denied == 0
             assert outcome.counts == (250, 250, 250)
@@ -94,7 +93,7 @@ def test_multi_op_reserve_is_all_or_nothing(shard: CounterShard) -> None:
     assert outcome == Outcome(False, (0, 3), 1)
     assert count(shard, "ip:127.0.0.5", "msg", MINUTE) == 0
     assert count(shard, "acct:jan@kowalski.pl", "msg", MINUTE) == 3
-    assert not shard.confirm("r1")
+    assert not shard.release("r1")
 
 
 def test_same_counter_twice_in_one_decision_must_fit_together(shard: CounterShard) -> None:
@@ -133,12 +132,11 @@ def test_reserve_is_idempotent_on_rid(shard: CounterShard) -> None:
     first = shard.reserve("r1", msg_ops("ip:a"))
     assert shard.reserve("r1", msg_ops("ip:a")) is first
     assert count(shard, "ip:a", "msg", MINUTE) == 1
-    assert shard.confirm("r1")
-    # A late duplicate after confirm still gets the first answer, and a
-    # retried confirm is not mistaken for an unknown reservation.
+    # A late duplicate after a release still gets the first answer, and
+    # counts nothing again.
+    assert shard.release("r1")
     assert shard.reserve("r1", msg_ops("ip:a")) is first
-    assert shard.confirm("r1")
-    assert count(shard, "ip:a", "msg", MINUTE) == 1
+    assert count(shard, "ip:a", "msg", MINUTE) == 0
 
 
 def test_denied_reserve_is_idempotent_too(shard: CounterShard) -> None:
@@ -161,20 +159,17 @@ def test_release_restores_exactly(shard: CounterShard, clock: Clock) -> None:
     assert shard.release("r1")  # a retry subtracts nothing more
     assert [r["count"] for r in shard.snapshot("ip:a")] == [1, 1, 1]
     assert [r["count"] for r in shard.snapshot("acct:jan@kowalski.pl")] == [0, 0, 0]
-    assert not shard.confirm("r1")
 
 
-def test_confirmed_reservation_cannot_be_released(shard: CounterShard, clock: Clock) -> None:
+def test_a_reservation_is_the_count_when_its_record_goes(shard: CounterShard,
+                                                        clock: Clock) -> None:
     shard.reserve("r1", msg_ops("ip:a"))
-    assert shard.confirm("r1")
-    assert not shard.release("r1")
     clock.advance(121)
     assert shard.expire() == 1  # the record goes, the count stays
     assert count(shard, "ip:a", "msg", HOUR) == 1
 
 
 def test_unknown_rid(shard: CounterShard) -> None:
-    assert not shard.confirm("nope")
     assert not shard.release("nope")
 
 
@@ -189,7 +184,6 @@ def test_unconfirmed_reservation_keeps_its_count_when_it_expires(
     clock.advance(0.1)
     assert shard.expire() == 1
     assert count(shard, "ip:a", "msg", MINUTE) == 1
-    assert not shard.confirm("r1")
     assert not shard.release("r1")  # too late to undo
     assert count(shard, "ip:a", "msg", MINUTE) == 1
 
@@ -199,7 +193,7 @@ def test_expired_reservation_frees_its_id_without_expire_call(
 ) -> None:
     shard.reserve("r1", msg_ops("ip:a"), ttl=10)
     clock.advance(11)
-    assert not shard.confirm("r1")
+    assert not shard.release("r1")
     assert count(shard, "ip:a", "msg", MINUTE) == 1
     # After expiry the rid is free again: a new reserve counts anew.
     assert shard.reserve("r1", msg_ops("ip:a")).ok
@@ -333,7 +327,6 @@ def test_dead_keys_are_evicted_without_an_expire_call(shard: CounterShard, clock
     clock.advance(MINUTE + 2)
     for i in range(1_000):
         shard.reserve(f"r{i}", msg_ops("ip:hot", ((MINUTE, 5000),)))
-        shard.confirm(f"r{i}")
     assert list(shard.keys()) == ["ip:hot"]
 
 
@@ -388,8 +381,8 @@ def test_export_import_round_trip(clock: Clock) -> None:
     clock.advance(90)
     a.add(msg_ops("ip:a") + msg_ops("acct:b"))
     a.mark([Op("bounce:a", "bad", HOUR, None, 2, at=T0)])
-    confirmed = a.reserve("done", msg_ops("ip:a"))
-    a.confirm("done")
+    done = a.reserve("done", msg_ops("ip:a"))
+    a.release("done")
     pending = a.reserve("open", msg_ops("ip:a") + msg_ops("acct:b"))
 
     b = CounterShard(clock=clock)
@@ -398,11 +391,10 @@ def test_export_import_round_trip(clock: Clock) -> None:
     b.import_(_wire(a.export()))  # a replay counts nothing twice
     assert _state(b) == _state(a)
 
-    assert b.reserve("done", msg_ops("ip:a")) == confirmed
+    assert b.reserve("done", msg_ops("ip:a")) == done
     assert b.reserve("open", msg_ops("ip:a")) == pending
-    assert b.confirm("done")
     assert b.release("open")
-    assert count(b, "ip:a", "msg", HOUR) == 3
+    assert count(b, "ip:a", "msg", HOUR) == 2
     assert count(b, "acct:b", "msg", HOUR) == 1
 
 
@@ -436,7 +428,8 @@ def test_import_of_a_finished_reservation_finishes_it_here(clock: Clock) -> None
     assert a.release("r1")
     b.import_(a.export())
     assert count(b, "ip:a", "msg", MINUTE) == 0
-    assert not b.confirm("r1")
+    assert b.release("r1")  # finished: a repeat subtracts nothing
+    assert count(b, "ip:a", "msg", MINUTE) == 0
 
 
 def test_import_skips_what_has_aged_out(clock: Clock) -> None:
@@ -520,21 +513,21 @@ def test_export_can_be_limited_to_some_reservations(
     a = CounterShard(clock=clock)
     for i in range(10_000):
         a.reserve(f"r{i}", [Op("ip:hot", "msg", HOUR, None), Op("acct:x", "msg", HOUR, None)])
-    a.confirm("r7")
+    a.release("r7")
     version, keys, reservations = a.export(["ip:hot"], ["r7", "unknown", "r7"])
     assert [name for name, _ in keys] == ["ip:hot"]
-    assert [(r[0], r[1], r[4]) for r in reservations] == [("r7", CONFIRMED, ["ip:hot"])]
+    assert [(r[0], r[1], r[4]) for r in reservations] == [("r7", RELEASED, ["ip:hot"])]
     assert a.export(["ip:hot"], [])[2] == []
     assert a.export(["ip:other"], ["r8"])[2] == []  # it does not touch the keys asked for
-    [(rid, state, _, _, rec_keys, entries)] = a.export(None, ["r8"])[2]
+    [(rid, state, _, _, rec_keys, entries, _)] = a.export(None, ["r8"])[2]
     assert (rid, state, rec_keys) == ("r8", OPEN, ["ip:hot", "acct:x"])
     assert [e[0] for e in entries] == ["ip:hot", "acct:x"]
 
     b = CounterShard(clock=clock)
     b.import_(_wire(a.export(["ip:hot"], ["r8"])))
-    assert count(b, "ip:hot", "msg", HOUR) == 10_000
-    assert b.release("r8")
     assert count(b, "ip:hot", "msg", HOUR) == 9_999
+    assert b.release("r8")
+    assert count(b, "ip:hot", "msg", HOUR) == 9_998
     with capsys.disabled():
         print(f"\nexport of a hot key with 10,000 live reservations: "
               f"{_export_us(a, ['ip:hot'], ['r8']):.1f} us for one of them")
@@ -564,8 +557,6 @@ def test_reservations_stay_indexed_by_key_exactly(clock: Clock) -> None:
         if roll < 0.35:
             ops = [Op(k, "msg", MINUTE, rng.choice((None, 5))) for k in picked]
             shard.reserve(rid, ops, ttl=rng.choice((5.0, 30.0, 120.0)))
-        elif roll < 0.5:
-            shard.confirm(rid)
         elif roll < 0.65:
             shard.release(rid)
         elif roll < 0.8:

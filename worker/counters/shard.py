@@ -1,22 +1,29 @@
-"""The counters a worker owns: check, reserve/confirm/release, add, mark.
+"""The counters a worker owns: check, reserve/release, add, mark, lend/return, reset.
 
 Every method is synchronous and runs to completion, so on one event loop a
 check-and-add is atomic without locks (the owner is the only writer).
 
-Reservations are remembered per request id until their ttl, also after
-confirm or release: a retried reserve or confirm that arrives late must get
-the first answer instead of counting again. An open reservation past its
-ttl keeps its counts: the one failure that leaves it open is a worker that
-died between its spool write and the confirm, and a message that may have
-been acknowledged must go on counting (it can only under-admit). Confirming
-is therefore optional: release is what undoes a reservation. Keys whose
-every bucket has left its window are evicted a few at a time on every call,
-so memory stays bounded without a housekeeping task; `expire()` does a full
-pass.
+Reservations are remembered per request id until their ttl, also after a
+release: a retried reserve that arrives late must get the first answer
+instead of counting again. A reservation is the message's count: it is
+never confirmed, and one still open at its ttl keeps its counts (a worker
+that died after its spool write may have acknowledged the message, and
+keeping the count can only under-admit). Release is what undoes one.
 
-Reservations are also indexed by the keys they touch, so exporting a few
-keys (replication does it for every change) costs what those keys hold, not
-what the whole shard holds.
+A lease (`lend`) is a reservation of a few units of a limited counter that
+its borrower spends by itself until the lease expires (see
+``worker.counters.leases``): the units are counted at once, in the bucket
+the whole lease lies in, and `return_lease` takes back what was not used.
+An unreturned lease simply stays counted.
+
+Keys whose every bucket has left its window are evicted a few at a time on
+every call, so memory stays bounded without a housekeeping task; `expire()`
+does a full pass. Reservations are also indexed by the keys they touch, so
+exporting a few keys (replication does it for every change) costs what
+those keys hold, not what the whole shard holds.
+
+Ops are read by position (`cluster.counting`), so the plain lists of a
+decoded frame are used as they are.
 
 Time never runs backwards inside a shard: if the clock steps back, windows
 stop sliding until it catches up, which can only under-admit.
@@ -30,23 +37,30 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from cluster.counting import Op, Outcome
-from worker.counters.window import TrailingWindow, bucket_index, oldest_counted
+from cluster.counting import AMOUNT, AT, KEY, MAX, SERIES, WINDOW, Outcome
+from worker.counters.window import SLOTS, TrailingWindow, bucket_index, oldest_counted
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 
 OPEN = "open"
-CONFIRMED = "confirmed"
 RELEASED = "released"
 DENIED = "denied"
-_STATES = (OPEN, CONFIRMED, RELEASED, DENIED)
+RETURNED = "returned"  # a lease whose unused units were taken back
+_STATES = (OPEN, RELEASED, DENIED, RETURNED)
 
 # Heap entries examined per call, plus two per op: eviction outpaces the
 # keys a call can create, so the backlog of dead keys cannot grow.
 _SWEEP_BUDGET = 8
 
+# A lease is granted only while every counter it touches has at least this
+# much room left after it, and takes at most 1/_LEND_SHARE of the room:
+# small limits, and any limit close to being reached, stay per message.
+LEND_MIN_ROOM = 64
+_LEND_SHARE = 4
+
 # (key, series, window, bucket index, amount applied)
 _Entry = tuple[str, str, float, int, int]
+Ops = Sequence[Sequence[Any]]
 
 
 class _Key:
@@ -58,7 +72,8 @@ class _Key:
 
 
 class _Reservation:
-    __slots__ = ("outcome", "state", "expires", "keys", "entries")
+    # `lease_end`: when a lease stops being spendable; 0 for a reservation.
+    __slots__ = ("outcome", "state", "expires", "keys", "entries", "lease_end")
 
     def __init__(
         self,
@@ -67,18 +82,20 @@ class _Reservation:
         expires: float,
         keys: tuple[str, ...],
         entries: tuple[_Entry, ...],
+        lease_end: float = 0.0,
     ) -> None:
         self.outcome = outcome
         self.state = state
         self.expires = expires
         self.keys = keys
         self.entries = entries
+        self.lease_end = lease_end
 
 
 class CounterShard:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         # Wall-clock by default: `mark()` receives acceptance times taken by
-        # other processes, which must share the time base.
+        # other processes, and leases expire by it in the borrower.
         self._clock = clock
         self._last = -math.inf
         self._keys: dict[str, _Key] = {}
@@ -91,13 +108,13 @@ class CounterShard:
 
     # -- decisions -------------------------------------------------------
 
-    def check(self, ops: Sequence[Op]) -> Outcome:
+    def check(self, ops: Ops) -> Outcome:
         """Would this decision fit? Counts nothing."""
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET)
         return self._evaluate(ops, now)
 
-    def reserve(self, rid: str, ops: Sequence[Op], ttl: float = 120.0) -> Outcome:
+    def reserve(self, rid: str, ops: Ops, ttl: float = 120.0) -> Outcome:
         """Add every op's amount if all fit, else nothing; remember it under `rid`.
 
         A repeated reserve with a known `rid` returns the first Outcome and
@@ -109,7 +126,7 @@ class CounterShard:
         if known is not None:
             return known.outcome
         outcome = self._evaluate(ops, now)
-        keys = tuple({op.key: None for op in ops})
+        keys = tuple({op[KEY]: None for op in ops})
         if outcome.ok:
             rec = _Reservation(outcome, OPEN, now + ttl, keys, self._apply(ops, now))
         else:
@@ -117,40 +134,22 @@ class CounterShard:
         self._store_reservation(rid, rec)
         return outcome
 
-    def confirm(self, rid: str) -> bool:
-        """Make a reservation permanent.
-
-        False when it is unknown, expired (and so released), released or
-        denied: the caller may then `add` if the event must still count.
-        A repeated confirm returns True again.
-        """
-        now = self._now()
-        self._sweep(now, _SWEEP_BUDGET)
-        rec = self._live_reservation(rid, now)
-        if rec is None or rec.state in (RELEASED, DENIED):
-            return False
-        if rec.state == OPEN:
-            rec.state = CONFIRMED
-            rec.entries = ()  # nothing left to undo
-        return True
-
     def release(self, rid: str) -> bool:
         """Subtract exactly what the reservation added, from the buckets it added to.
 
-        False when there is nothing to release: unknown, expired (released
-        by expiry already), denied or confirmed. A repeated release returns
-        True again and subtracts nothing.
+        False when there is nothing to release: unknown, expired, denied or
+        a lease. A repeated release returns True again and subtracts nothing.
         """
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET)
         rec = self._live_reservation(rid, now)
-        if rec is None or rec.state in (CONFIRMED, DENIED):
+        if rec is None or rec.state == DENIED or rec.lease_end:
             return False
         if rec.state == OPEN:
             self._undo(rec)
         return True
 
-    def add(self, ops: Sequence[Op]) -> Outcome:
+    def add(self, ops: Ops) -> Outcome:
         """Count unconditionally (a failed AUTH); the Outcome is as `check` saw it before."""
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET + 2 * len(ops))
@@ -158,7 +157,7 @@ class CounterShard:
         self._apply(ops, now)
         return outcome
 
-    def mark(self, ops: Sequence[Op]) -> None:
+    def mark(self, ops: Ops) -> None:
         """Add each op's amount to the bucket holding `op.at` (default now).
 
         The amount may be negative (unflag a message once delivered); no
@@ -168,44 +167,142 @@ class CounterShard:
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET + 2 * len(ops))
         for op in ops:
-            if not op.amount:
+            amount, window = op[AMOUNT], op[WINDOW]
+            if not amount:
                 continue
-            index = bucket_index(op.window, now if op.at is None else op.at)
-            if index < oldest_counted(op.window, now):
+            at = op[AT]
+            index = bucket_index(window, now if at is None else at)
+            if index < oldest_counted(window, now):
                 continue
-            if op.amount < 0:
-                key = self._keys.get(op.key)
-                counter = key.windows.get((op.series, op.window)) if key is not None else None
+            if amount < 0:
+                key = self._keys.get(op[KEY])
+                counter = key.windows.get((op[SERIES], window)) if key is not None else None
                 if counter is not None:
-                    counter.add(index, op.amount)
+                    counter.add(index, amount)
                 continue
-            key, counter = self._counter(op.key, op.series, op.window)
-            counter.add(index, op.amount)
-            self._extend(op.key, key, counter.ends_at(index))
+            key, counter = self._counter(op[KEY], op[SERIES], window, None)
+            counter.add(index, amount)
+            self._extend(op[KEY], key, counter.ends_at(index))
 
-    # -- housekeeping ----------------------------------------------------
+    # -- leases ----------------------------------------------------------
 
-    def expire(self) -> int:
-        """Release reservations past their ttl and evict keys with nothing left in
-        any window. Returns how many reservations and keys were dropped."""
-        return self._sweep(self._now(), math.inf)
+    def lend(self, rid: str, ops: Ops, want: int, ttl: float,
+             longest: float = 1.0) -> tuple[int, float, tuple[int, ...]]:
+        """Lend up to `want` units of every op's counter (all limited) under `rid`.
 
-    def snapshot(self, key: str) -> list[dict[str, Any]]:
-        """Per (series, window) of `key`: its count and when the oldest counted
-        bucket stops counting (None when empty)."""
+        Returns (units, expires, counts before): units is 0 when any
+        counter has too little room left. The lease ends with the bucket
+        it began in (on every window, and at the next multiple of `longest`
+        seconds at the latest), so
+        counting its units in that bucket outlives any use of them. The
+        record is kept `ttl` past the end, for the return. A repeated
+        `rid` answers what it granted the first time, counting nothing.
+        """
+        now = self._now()
+        self._sweep(now, _SWEEP_BUDGET + 2 * len(ops))
+        known = self._live_reservation(rid, now)
+        if known is not None:
+            units = known.entries[0][4] if known.state == OPEN and known.entries else 0
+            return units, known.lease_end, known.outcome.counts
+        outcome = self._evaluate(ops, now)
+        room = min(op[MAX] - n for op, n in zip(ops, outcome.counts, strict=True))
+        units = min(want, room // _LEND_SHARE, room - LEND_MIN_ROOM)
+        # On a grid of `longest` seconds: leases that end together come back
+        # together, in one frame per owner.
+        expires = (math.floor(now / longest) + 1) * longest
+        for op in ops:
+            width = op[WINDOW] / SLOTS
+            expires = min(expires, (math.floor(now / width) + 1) * width)
+        if units <= 0:
+            return 0, expires, outcome.counts
+        entries = []
+        for op in ops:
+            key, counter = self._counter(op[KEY], op[SERIES], op[WINDOW], op[MAX])
+            index = counter.index(now)
+            counter.add(index, units)
+            self._extend(op[KEY], key, counter.ends_at(index))
+            entries.append((op[KEY], op[SERIES], op[WINDOW], index, units))
+        keys = tuple({op[KEY]: None for op in ops})
+        self._store_reservation(rid, _Reservation(outcome, OPEN, expires + ttl, keys,
+                                                  tuple(entries), expires))
+        return units, expires, outcome.counts
+
+    def return_lease(self, rid: str, unused: Sequence[int]) -> bool:
+        """Take back `unused[i]` units of the lease's i-th counter. False when
+        the lease is unknown or already returned (a repeat takes nothing)."""
+        now = self._now()
+        self._sweep(now, _SWEEP_BUDGET)
+        rec = self._live_reservation(rid, now)
+        if rec is None or not rec.lease_end or rec.state != OPEN:
+            return False
+        if len(unused) != len(rec.entries):
+            raise ValueError(f"lease {rid}: {len(unused)} unused counts for "
+                             f"{len(rec.entries)} counters")
+        kept = []
+        for (name, series, window, index, amount), back in zip(rec.entries, unused, strict=True):
+            back = min(max(0, int(back)), amount)
+            key = self._keys.get(name)
+            counter = key.windows.get((series, window)) if key is not None else None
+            if counter is not None and back:
+                back = -counter.add(index, -back)
+            kept.append((name, series, window, index, amount - back))
+        rec.entries = tuple(kept)
+        rec.state = RETURNED
+        return True
+
+    # -- support ---------------------------------------------------------
+
+    def reset(self, keys: Iterable[str]) -> int:
+        """Forget every count of `keys` and every reservation's part on them.
+
+        A lease still open keeps its units counted: its borrower may still
+        spend them, and forgetting them could admit more than the limit.
+        Returns how many of the keys had any state."""
+        now = self._now()
+        cleared = 0
+        for name in dict.fromkeys(keys):
+            had = self._keys.pop(name, None) is not None
+            for rid in list(self._rsv_by_key.get(name, ())):
+                rec = self._reservations[rid]
+                had = True
+                if rec.lease_end and rec.state == OPEN and rec.expires > now:
+                    for entry in rec.entries:
+                        if entry[0] == name and entry[4] > 0:
+                            key, counter = self._counter(name, entry[1], entry[2], None)
+                            counter.add(entry[3], entry[4])
+                            self._extend(name, key, counter.ends_at(entry[3]))
+                    continue
+                rec.entries = tuple(e for e in rec.entries if e[0] != name)
+            cleared += had
+        return cleared
+
+    def rows(self, key: str) -> list[dict[str, Any]]:
+        """Per (series, window) of `key`: its count, the limit of the last decision
+        that counted on it (None if none had one), and `clears_at`: at or over
+        that limit, when enough of the window has passed for one more to
+        fit; otherwise when the oldest counted bucket stops counting (None
+        when empty). Times are epoch seconds."""
         now = self._now()
         entry = self._keys.get(key)
         if entry is None:
             return []
-        return [
-            {
-                "series": series,
-                "window": float(window),
-                "count": counter.count(now),
-                "clears_at": counter.clears_at(now),
-            }
-            for (series, window), counter in sorted(entry.windows.items())
-        ]
+        rows = []
+        for (series, window), counter in sorted(entry.windows.items()):
+            n = counter.count(now)
+            rows.append({"series": series, "window": float(window), "count": n,
+                         "max": counter.max, "clears_at": counter.clears_at(now, counter.max)})
+        return rows
+
+    def snapshot(self, key: str) -> list[dict[str, Any]]:
+        """`rows` without the limit (what replicas and tests compare)."""
+        return [{k: v for k, v in row.items() if k != "max"} for row in self.rows(key)]
+
+    # -- housekeeping ----------------------------------------------------
+
+    def expire(self) -> int:
+        """Drop reservations past their ttl and evict keys with nothing left in
+        any window. Returns how many reservations and keys were dropped."""
+        return self._sweep(self._now(), math.inf)
 
     def export(
         self,
@@ -216,22 +313,27 @@ class CounterShard:
         reservations that touch them: only those among `reservations` (rids)
         when given, so a change can ship just the reservation it made.
 
+        Every key asked for is listed, an empty one with no series, so
+        that an exact import (a replica's) forgets it too.
+
         Layout: [version, keys, reservations] with
-            keys:         [[key, [[series, window, [[index, count], ...]], ...]], ...]
+            keys:         [[key, [[series, window, max, [[index, count], ...]], ...]], ...]
             reservations: [[rid, state, expires, outcome, [key, ...],
-                            [[key, series, window, index, amount], ...]], ...]
+                            [[key, series, window, index, amount], ...], lease_end], ...]
         """
         now = self._now()
         wanted = None if keys is None else set(keys)
-        names = self._keys if wanted is None else [k for k in wanted if k in self._keys]
+        names = self._keys if wanted is None else wanted
         out_keys: list[Any] = []
         for name in names:
+            entry = self._keys.get(name)
             series_out = []
-            for (series, window), counter in self._keys[name].windows.items():
-                if counter.count(now):
-                    buckets = [[i, n] for i, n in sorted(counter.buckets.items())]
-                    series_out.append([series, float(window), buckets])
-            if series_out:
+            if entry is not None:
+                for (series, window), counter in entry.windows.items():
+                    if counter.count(now):
+                        series_out.append([series, float(window), counter.max,
+                                           [[i, n] for i, n in sorted(counter.buckets.items())]])
+            if series_out or wanted is not None:
                 out_keys.append([name, series_out])
         out_rsv: list[Any] = []
         for rid in self._exported_rids(wanted, reservations):
@@ -242,15 +344,22 @@ class CounterShard:
                 continue
             entries = [list(e) for e in rec.entries if wanted is None or e[0] in wanted]
             rec_keys = [k for k in rec.keys if wanted is None or k in wanted]
-            out_rsv.append([rid, rec.state, rec.expires, rec.outcome.to_wire(), rec_keys, entries])
+            out_rsv.append([rid, rec.state, rec.expires, rec.outcome.to_wire(), rec_keys,
+                            entries, rec.lease_end])
         return [EXPORT_VERSION, out_keys, out_rsv]
 
-    def import_(self, data: Any) -> None:
-        """Merge an `export()`: per bucket the larger count wins, so importing
-        the same data twice counts it once.
+    def import_(self, data: Any, exact: bool = False) -> None:
+        """Apply an `export()`.
 
-        A reservation already finished here (confirmed or released) stays
-        finished; one finished on the other side is finished here too.
+        Merged by default (hand-offs, which may come from several holders):
+        per bucket the larger count wins, so importing the same data twice
+        counts it once; a reservation already finished here stays
+        finished, and one finished on the other side is finished here too.
+
+        `exact` (a replica, from its owner, in the order the owner sent
+        them): each key listed replaces this shard's copy, and each
+        reservation's state and entries replace the copy's.
+
         Expired reservations and buckets already out of their window are
         skipped.
         """
@@ -262,29 +371,33 @@ class CounterShard:
         now = self._now()
         # Reservations first: a release subtracts from local buckets before
         # the max-merge, or the merge would bring the amount back.
-        for rid, state, expires, outcome, rec_keys, entries in reservations:
+        for rid, state, expires, outcome, rec_keys, entries, lease_end in reservations:
             if state not in _STATES:
                 raise ValueError(f"counter import: unknown reservation state {state!r}")
             if expires <= now:
                 continue
-            self._merge_reservation(
-                rid,
-                _Reservation(
-                    Outcome.from_wire(outcome),
-                    state,
-                    float(expires),
-                    tuple(dict.fromkeys(rec_keys)),  # hashable and unique, as indexed
-                    tuple((k, s, float(w), int(i), int(a)) for k, s, w, i, a in entries),
-                ),
-                now,
+            incoming = _Reservation(
+                Outcome.from_wire(outcome),
+                state,
+                float(expires),
+                tuple(dict.fromkeys(rec_keys)),  # hashable and unique, as indexed
+                tuple((k, s, float(w), int(i), int(a)) for k, s, w, i, a in entries),
+                float(lease_end),
             )
+            if exact:
+                self._replace_reservation(rid, incoming, now)
+            else:
+                self._merge_reservation(rid, incoming, now)
         for name, series_list in keys:
-            for series, window, buckets in series_list:
-                low = oldest_counted(float(window), now)
+            if exact:
+                self._keys.pop(name, None)
+            for series, window, limit, buckets in series_list:
+                window = float(window)
+                low = oldest_counted(window, now)
                 live = [(int(i), int(n)) for i, n in buckets if i >= low and n > 0]
                 if not live:
                     continue
-                key, counter = self._counter(name, series, float(window))
+                key, counter = self._counter(name, series, window, limit)
                 for index, n in live:
                     counter.merge_max(index, n)
                 self._extend(name, key, counter.ends_at(max(i for i, _ in live)))
@@ -311,40 +424,50 @@ class CounterShard:
             self._last = t
         return self._last
 
-    def _evaluate(self, ops: Sequence[Op], now: float) -> Outcome:
+    def _evaluate(self, ops: Ops, now: float) -> Outcome:
         keys = self._keys
         counts: list[int] = []
         denied: int | None = None
         # Two ops on one counter in one decision must fit together.
         pending: dict[tuple[str, str, float], int] = {}
         for i, op in enumerate(ops):
-            if op.amount < 0:
+            name, series, window, limit, amount = op[KEY], op[SERIES], op[WINDOW], op[MAX], \
+                op[AMOUNT]
+            if amount < 0:
                 raise ValueError(f"negative amount outside mark(): {op!r}")
-            key = keys.get(op.key)
-            counter = key.windows.get((op.series, op.window)) if key is not None else None
+            key = keys.get(name)
+            counter = key.windows.get((series, window)) if key is not None else None
             n = counter.count(now) if counter is not None else 0
             counts.append(n)
-            ident = (op.key, op.series, op.window)
-            added = pending.get(ident, 0) + op.amount
-            pending[ident] = added
-            if denied is None and op.max is not None and n + added > op.max:
-                denied = i
+            if limit is not None and denied is None:
+                ident = (name, series, window)
+                added = pending.get(ident, 0) + amount
+                pending[ident] = added
+                if n + added > limit:
+                    denied = i
+            elif amount:
+                ident = (name, series, window)
+                pending[ident] = pending.get(ident, 0) + amount
         return Outcome(denied is None, tuple(counts), denied)
 
-    def _apply(self, ops: Sequence[Op], now: float) -> tuple[_Entry, ...]:
+    def _apply(self, ops: Ops, now: float) -> tuple[_Entry, ...]:
         entries: list[_Entry] = []
         for op in ops:
-            if op.amount <= 0:
+            amount = op[AMOUNT]
+            if amount <= 0:
                 continue
-            key, counter = self._counter(op.key, op.series, op.window)
+            name, series, window = op[KEY], op[SERIES], op[WINDOW]
+            key, counter = self._counter(name, series, window, op[MAX])
             index = counter.index(now)
-            applied = counter.add(index, op.amount)
-            self._extend(op.key, key, counter.ends_at(index))
-            entries.append((op.key, op.series, op.window, index, applied))
+            applied = counter.add(index, amount)
+            self._extend(name, key, counter.ends_at(index))
+            entries.append((name, series, window, index, applied))
         return tuple(entries)
 
-    def _counter(self, name: str, series: str, window: float) -> tuple[_Key, TrailingWindow]:
-        """The counter, created if missing; the caller must `_extend` it."""
+    def _counter(self, name: str, series: str, window: float,
+                 limit: int | None) -> tuple[_Key, TrailingWindow]:
+        """The counter, created if missing; the caller must `_extend` it.
+        A limit given is remembered as the counter's latest."""
         key = self._keys.get(name)
         if key is None:
             key = self._keys[name] = _Key()
@@ -352,6 +475,8 @@ class CounterShard:
         counter = key.windows.get(ident)
         if counter is None:
             counter = key.windows[ident] = TrailingWindow(window)
+        if limit is not None:
+            counter.max = limit
         return key, counter
 
     def _extend(self, name: str, key: _Key, until: float) -> None:
@@ -362,12 +487,15 @@ class CounterShard:
                 heapq.heappush(self._key_heap, (until, name))
             key.expires = until
 
-    def _undo(self, rec: _Reservation) -> None:
-        for name, series, window, index, amount in rec.entries:
+    def _subtract(self, entries: Iterable[_Entry]) -> None:
+        for name, series, window, index, amount in entries:
             key = self._keys.get(name)
             counter = key.windows.get((series, window)) if key is not None else None
-            if counter is not None:
+            if counter is not None and amount:
                 counter.add(index, -amount)
+
+    def _undo(self, rec: _Reservation) -> None:
+        self._subtract(rec.entries)
         rec.entries = ()
         rec.state = RELEASED
 
@@ -409,15 +537,35 @@ class CounterShard:
             return
         if incoming.state == RELEASED:
             self._undo(local)
-        elif incoming.state == CONFIRMED:
-            local.state = CONFIRMED
-            local.entries = ()
+        elif incoming.state == RETURNED:
+            # Take back here what the owner took back, before the max-merge.
+            back = {e[:4]: e[4] for e in incoming.entries}
+            self._subtract(e[:4] + (e[4] - back[e[:4]],) for e in local.entries
+                           if e[:4] in back and e[4] > back[e[:4]])
+            local.entries = tuple(e[:4] + (back.get(e[:4], e[4]),) for e in local.entries)
+            local.state = RETURNED
         elif incoming.state == OPEN:
             # The same decision exported key by key: join the parts.
             have = {e[0] for e in local.entries}
             local.entries += tuple(e for e in incoming.entries if e[0] not in have)
             local.keys = tuple(dict.fromkeys(local.keys + incoming.keys))
             self._index(rid, incoming.keys)
+
+    def _replace_reservation(self, rid: str, incoming: _Reservation, now: float) -> None:
+        local = self._live_reservation(rid, now)
+        if local is None:
+            self._store_reservation(rid, incoming)
+            return
+        # Counts come with the keys' own data: only the record changes here.
+        exported = set(incoming.keys)
+        local.state = incoming.state
+        local.outcome = incoming.outcome
+        local.entries = tuple(e for e in local.entries if e[0] not in exported) + \
+            incoming.entries
+        new_keys = tuple(k for k in incoming.keys if k not in local.keys)
+        if new_keys:
+            local.keys += new_keys
+            self._index(rid, new_keys)
 
     def _sweep(self, now: float, budget: float) -> int:
         dropped = 0
@@ -434,10 +582,13 @@ class CounterShard:
         while budget > 0 and heap and heap[0][0] <= now:
             _, name = heapq.heappop(heap)
             budget -= 1
-            key = self._keys[name]
+            key = self._keys.get(name)
+            if key is None:
+                continue  # reset or replaced since; a new entry was pushed if it came back
             if key.expires <= now:
                 del self._keys[name]
                 dropped += 1
             else:
                 heapq.heappush(heap, (key.expires, name))
         return dropped
+

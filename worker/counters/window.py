@@ -26,7 +26,7 @@ def oldest_counted(window: float, now: float) -> int:
 
 
 class TrailingWindow:
-    __slots__ = ("window", "width", "buckets", "total", "_low")
+    __slots__ = ("window", "width", "buckets", "total", "max", "_low")
 
     def __init__(self, window: float) -> None:
         self.window = window
@@ -34,6 +34,7 @@ class TrailingWindow:
         # Sparse on purpose: most keys see a few messages, not one per bucket.
         self.buckets: dict[int, int] = {}
         self.total = 0
+        self.max: int | None = None  # the limit of the latest decision that counted here
         self._low = -math.inf  # oldest bucket index still kept, as of the last prune
 
     def index(self, t: float) -> int:
@@ -69,11 +70,20 @@ class TrailingWindow:
             self.buckets[index] = value
             self.total += value - old
 
-    def clears_at(self, now: float) -> float | None:
-        """When the oldest counted bucket stops being counted, or None if empty."""
-        if not self.count(now):
+    def clears_at(self, now: float, limit: int | None = None) -> float | None:
+        """When one more fits under `limit` (at or over it), otherwise when the
+        oldest counted bucket stops being counted; None if empty."""
+        left = self.count(now)
+        if not left:
             return None
-        return (min(self.buckets) + SLOTS + 1) * self.width
+        order = sorted(self.buckets)
+        if limit is None or left + 1 <= limit:
+            return (order[0] + SLOTS + 1) * self.width
+        for index in order:
+            left -= self.buckets[index]
+            if left + 1 <= limit:
+                return (index + SLOTS + 1) * self.width
+        return (order[-1] + SLOTS + 1) * self.width
 
     def ends_at(self, index: int) -> float:
         """When bucket `index` stops being counted."""
