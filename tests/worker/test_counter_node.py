@@ -117,6 +117,8 @@ async def test_concurrent_reserves_from_every_node_admit_exactly_the_limit(
     # Replicated before any answer went out: the replica already agrees.
     replica = next(n for n in nodes if n.name == ring.replica(key))
     assert count_in(replica.shard.snapshot(key)) == limit
+    # A limit this small is never lent: every message was reserved at the owner.
+    assert not any(node.client._book.leases for node in nodes)
 
 
 async def test_a_decision_on_two_owners_is_all_or_nothing(
@@ -158,6 +160,139 @@ async def test_check_add_and_mark_answer_in_op_order_across_owners(
     outcome = await nodes[2].client.check([msg(k, 12) for k in keys])
     assert outcome.counts == (1, 2, 13, 4)
     assert not outcome.ok and outcome.denied == 2
+
+
+# -- leases ----------------------------------------------------------------------
+
+
+async def settled(nodes: list[CounterNode], owner: CounterNode, key: str, expected: int) -> None:
+    """Wait until no node holds a lease or tally, and the owner counts `expected`."""
+    deadline = time.monotonic() + SETTLE
+    while any(n.client._book.leases or n.client._book.tallies for n in nodes) or \
+            count_in(owner.shard.snapshot(key)) != expected:
+        assert time.monotonic() < deadline, (count_in(owner.shard.snapshot(key)), expected)
+        await asyncio.sleep(0.02)
+
+
+async def test_leases_never_admit_over_a_limit_and_give_back_what_is_not_spent(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    nodes = await start(made, sock_dir, ["a", "b", "c"])
+    await form(nodes, 1)
+    ring = Ring(["a", "b", "c"])
+    key = key_where(ring, "b")
+    owner = nodes[1]
+    replica = next(n for n in nodes if n.name == ring.replica(key))
+    limit, accepted, lent = 300, 0, False
+    for round_ in range(8):
+        tries = await asyncio.gather(*(reserve_many(n, key, limit, 60, f"r{round_}")
+                                       for n in nodes))
+        lent = lent or any(n.client._book.leases for n in nodes)
+        accepted += sum(len(rids) for rids in tries)
+        assert accepted <= limit
+        if round_ == 0:
+            assert accepted == 180  # room for all: nothing held back
+        # Once the leases end, the owner counts exactly what was admitted.
+        await settled(nodes, owner, key, accepted)
+        if accepted == limit:
+            break
+    assert lent, "a wide limit is lent"
+    assert accepted == limit
+    assert count_in(replica.shard.snapshot(key)) == limit
+
+
+async def test_a_borrower_sees_its_own_spending_and_gives_back_what_it_releases(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"])
+    await form([a, b], 1)
+    key = key_where(Ring(["a", "b"]), "a")
+    used = 0
+
+    def recipients(n: int) -> list[Op]:
+        return [Op(key, "msg", HOUR, 1000, n)]
+
+    async def seen() -> int:
+        # A MAIL-stage read: the count as the borrower sees it, its own unspent
+        # units left out, whatever it holds of leases.
+        return (await b.client.check(recipients(1))).counts[0]
+
+    for rid, n in [("x1", 3), ("x2", 3), ("x3", 3), ("x4", 7), ("x5", 1)]:
+        assert (await b.client.reserve(rid, recipients(n))).ok
+        used += n
+        assert await seen() == used, rid
+    assert b.client._book.leases, "units were lent"
+    assert await b.client.release("x2")
+    used -= 3
+    assert await seen() == used
+    await settled([a, b], a, key, used)
+    assert await b.client.release("x4")  # after its lease ended: taken back at the owner
+    used -= 7
+    await settled([a, b], a, key, used)
+    assert await seen() == used
+
+
+async def test_a_borrower_that_dies_leaves_its_lease_counted(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b, c = await start(made, sock_dir, ["a", "b", "c"], handoff_timeout=0.5)
+    await form([a, b, c], 1)
+    key = key_where(Ring(["a", "b", "c"]), "a")
+    limit = 200
+    b.client._ended = lambda ended: None  # like kill -9: nothing goes back
+    assert (await b.client.reserve("one", [msg(key, limit)])).ok
+    [lease] = b.client._book.leases.values()
+    unspent = min(lease.left)
+    assert unspent > 0
+    made.remove(b)
+    await b.close()
+    await form([a, c], 2)
+    for node in (a, c):
+        node.client.leasing = False  # per message: what is left, exactly
+    more = await asyncio.gather(*(reserve_many(n, key, limit, limit, "m") for n in (a, c)))
+    assert sum(len(rids) for rids in more) == limit - 1 - unspent
+    assert count_in(await a.inspect(key)) == limit
+
+
+async def test_an_owner_that_dies_leaves_its_leases_with_its_replica(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b, c = await start(made, sock_dir, ["a", "b", "c"], handoff_timeout=0.5)
+    await form([a, b, c], 1)
+    key = key_where(Ring(["a", "b", "c"]), "a", "c")
+    limit = 200
+    spent = len(await reserve_many(b, key, limit, 20, "b"))
+    assert spent == 20 and b.client._book.leases
+    made.remove(a)
+    await a.close()
+    await form([b, c], 2)
+    # The lease comes back to c, which held it as the replica.
+    await settled([b, c], c, key, spent)
+    more = await asyncio.gather(*(reserve_many(n, key, limit, limit, "m") for n in (b, c)))
+    accepted = spent + sum(len(rids) for rids in more)
+    assert accepted <= limit
+    await settled([b, c], c, key, accepted)
+    assert accepted == limit or accepted + sum(
+        len(r) for r in await asyncio.gather(*(reserve_many(n, key, limit, limit, "z")
+                                               for n in (b, c)))) == limit
+
+
+# -- support -----------------------------------------------------------------------
+
+
+async def test_reset_forgets_a_key_on_its_owner_and_replica(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"], leasing=False)
+    await form([a, b], 1)
+    ring = Ring(["a", "b"])
+    key, other = key_where(ring, "a"), key_where(ring, "b")
+    assert (await b.client.reserve("early", [msg(key, 10), msg(other, 10)])).ok
+    await a.client.add([msg(key, None, amount=4)])
+    assert await b.client.reset([key, "ip:never.seen"]) == 1
+    assert count_in(await a.inspect(key)) == 0
+    assert a.shard.snapshot(key) == [] and b.shard.snapshot(key) == []
+    assert await b.client.release("early")  # only its part on `other` is left
+    assert count_in(await a.inspect(key)) == 0 and count_in(await a.inspect(other)) == 0
+    assert await a.client.reset([key]) == 0
+    rows = await b.client.inspect([key, other])
+    assert rows == {key: [], other: [{"series": "msg", "window": HOUR, "count": 0,
+                                      "max": 10, "clears_at": None}]}
 
 
 # -- failure ---------------------------------------------------------------------

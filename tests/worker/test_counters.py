@@ -614,3 +614,111 @@ def test_op_from_wire_rejects_malformed(data: object) -> None:
 def test_outcome_from_wire_rejects_malformed(data: object) -> None:
     with pytest.raises(ValueError):
         Outcome.from_wire(data)
+
+
+# -- leases, reset, rows ---------------------------------------------------------
+
+
+def test_a_lease_counts_its_units_at_once_in_its_own_bucket(
+        shard: CounterShard, clock: Clock) -> None:
+    clock.advance(0.25)  # a quarter into a one-second bucket of the minute window
+    ops = msg_ops("acct:a")
+    units, expires, counts = shard.lend("L1", ops, want=10, ttl=30)
+    assert (units, counts) == (10, (0, 0, 0))
+    assert expires == T0 + 1.0  # the end of the minute window's bucket
+    assert [r["count"] for r in shard.snapshot("acct:a")] == [10, 10, 10]
+    # Still counted when the lease's last moment has slid out of the window.
+    clock.t = T0 + 1.0 - 1e-6 + MINUTE
+    assert count(shard, "acct:a", "msg", MINUTE) == 10
+    clock.t = T0 + 1.0 + MINUTE
+    assert count(shard, "acct:a", "msg", MINUTE) == 0
+
+
+def test_a_lease_returns_what_was_not_spent_once(shard: CounterShard) -> None:
+    ops = msg_ops("acct:a")
+    assert shard.lend("L1", ops, want=10, ttl=30)[0] == 10
+    assert shard.lend("L1", ops, want=10, ttl=30)[0] == 10  # a repeat lends nothing more
+    assert count(shard, "acct:a", "msg", HOUR) == 10
+    assert shard.return_lease("L1", [4, 4, 6])
+    assert [r["count"] for r in shard.snapshot("acct:a")] == [6, 6, 4]
+    assert not shard.return_lease("L1", [6, 6, 6])  # returned: nothing more comes back
+    assert not shard.return_lease("unknown", [1])
+    assert not shard.release("L1")  # a lease is returned, not released
+    assert [r["count"] for r in shard.snapshot("acct:a")] == [6, 6, 4]
+
+
+def test_nothing_is_lent_near_a_limit(shard: CounterShard) -> None:
+    small = msg_ops("ip:a", ((MINUTE, 60), (HOUR, 1000)))
+    assert shard.lend("L1", small, want=5, ttl=30)[0] == 0
+    assert len(shard) == 0
+    big = msg_ops("ip:b", ((MINUTE, 250), (HOUR, 1000)))
+    shard.add([Op("ip:b", "msg", MINUTE, None, 150)])
+    # 100 left on the minute: at most a quarter of it, and never into the last 64.
+    assert shard.lend("L2", big, want=500, ttl=30)[0] == 25
+    shard.add([Op("ip:b", "msg", MINUTE, None, 20)])
+    assert shard.lend("L3", big, want=500, ttl=30)[0] == 0
+
+
+def test_an_unreturned_lease_stays_counted(shard: CounterShard, clock: Clock) -> None:
+    assert shard.lend("L1", msg_ops("acct:a"), want=8, ttl=30)[0] == 8
+    clock.advance(40)
+    assert shard.expire() == 1  # the record goes, its units stay
+    assert count(shard, "acct:a", "msg", HOUR) == 8
+    assert not shard.return_lease("L1", [8, 8, 8])
+
+
+def test_reset_forgets_counts_and_reservations_but_not_open_leases(
+        shard: CounterShard) -> None:
+    shard.add(msg_ops("ip:a"))
+    shard.reserve("r1", msg_ops("ip:a") + msg_ops("acct:b"))
+    shard.mark([Op("bounce:a", "bad", HOUR, None, 2)])
+    shard.lend("L1", msg_ops("ip:a"), want=5, ttl=30)
+    assert shard.reset(["ip:a", "bounce:a", "ip:nothing"]) == 2
+    # The lease's borrower may still spend its units: they stay counted.
+    assert [r["count"] for r in shard.snapshot("ip:a")] == [5, 5, 5]
+    assert shard.snapshot("bounce:a") == []
+    assert count(shard, "acct:b", "msg", HOUR) == 1  # not asked for
+    assert shard.release("r1")  # only its part on the other key is left to undo
+    assert count(shard, "acct:b", "msg", HOUR) == 0
+    assert [r["count"] for r in shard.snapshot("ip:a")] == [5, 5, 5]
+    assert shard.return_lease("L1", [5, 5, 5])
+    assert count(shard, "ip:a", "msg", HOUR) == 0
+
+
+def test_rows_say_when_one_more_fits(shard: CounterShard, clock: Clock) -> None:
+    limit = [(MINUTE, 3)]
+    for _ in range(2):
+        shard.reserve(f"a{_}", msg_ops("ip:a", limit))
+    clock.advance(20)
+    shard.reserve("b", msg_ops("ip:a", limit))
+    shard.add([Op("ip:a", "plain", MINUTE, None)])
+    rows = {r["series"]: r for r in shard.rows("ip:a")}
+    # Full: one more fits once the first two leave (their bucket ends a minute on).
+    assert rows["msg"] == {"series": "msg", "window": MINUTE, "count": 3, "max": 3,
+                           "clears_at": T0 + 1 + MINUTE}
+    # No limit: when the oldest counted bucket leaves.
+    assert rows["plain"]["max"] is None
+    assert rows["plain"]["clears_at"] == T0 + 20 + 1 + MINUTE
+
+
+def test_an_exact_import_replaces_the_copy(clock: Clock) -> None:
+    owner, replica = CounterShard(clock=clock), CounterShard(clock=clock)
+    owner.reserve("r1", msg_ops("ip:a"))
+    owner.lend("L1", msg_ops("ip:a"), want=6, ttl=30)
+    replica.import_(_wire(owner.export(["ip:a"], ["r1", "L1"])), exact=True)
+    assert _state(replica) == _state(owner)
+    owner.release("r1")
+    owner.return_lease("L1", [6, 6, 6])
+    owner.mark([Op("ip:a", "msg", MINUTE, None, -5)])  # no bucket below zero
+    replica.import_(_wire(owner.export(["ip:a"], ["r1", "L1"])), exact=True)
+    assert [r["count"] for r in owner.snapshot("ip:a")] == [0, 0, 0]
+    assert replica.snapshot("ip:a") == []
+    # What the owner no longer has, the copy forgets too.
+    owner.add(msg_ops("ip:b"))
+    replica.import_(_wire(owner.export(["ip:b", "ip:a"])), exact=True)
+    assert list(replica.keys()) == ["ip:b"]
+    # A merge (a hand-off) never lowers a count instead.
+    stale = CounterShard(clock=clock)
+    stale.add(msg_ops("ip:b", amount=4))
+    replica.import_(_wire(stale.export()))
+    assert count(replica, "ip:b", "msg", MINUTE) == 4

@@ -170,9 +170,11 @@ class LeaseBook:
             if isinstance(held, Lease):
                 assert isinstance(spent, list)
                 key, series, windows = held.shape
+                # A time in the lease's own bucket (it began before it ended).
+                at = min(held.started, held.expires - 1e-6)
                 for j, amount in spent:
                     if held.done:
-                        late.append(((key, series, windows[j][0]), amount, held.started))
+                        late.append(((key, series, windows[j][0]), amount, at))
                     else:
                         held.left[j] += amount
             else:

@@ -227,7 +227,8 @@ class OwnedKeys:
             returned = shard.return_lease(_text(arg), list(extra))
             return returned, None, ([arg] if returned else None)
         if kind == "reset":
-            return shard.reset(keys), None, []
+            # Every record on these keys changed: the replica gets them all.
+            return shard.reset(keys), None, shard.reservations_of(keys)
         if kind == "inspect":
             return {key: shard.rows(key) for key in keys}, None, None
         raise ValueError(f"unknown counter request kind {kind!r}")

@@ -155,7 +155,9 @@ class RoutedCounters:
             if held is None or held.expires <= asyncio.get_running_loop().time():
                 return False
             uses, held.uses = held.uses, []
-            self._give_back(uses)
+            late = self._give_back(uses)
+            if late is not None:
+                await late
             if not held.asked:
                 return True
             parts = await self._route("release", held.shard_rid, held.ops, held.asked, call,
@@ -266,7 +268,7 @@ class RoutedCounters:
             try:
                 replies = await _all(jobs)
             except BaseException:
-                self._give_back(uses)
+                self._give_back_later(uses)
                 raise  # cancellation
             parts: list[tuple[list[int], Reply | BaseException]] = [
                 (r[1], reply) for r, reply in zip(requests, replies, strict=True)]
@@ -288,10 +290,10 @@ class RoutedCounters:
                 if outcome.ok:
                     self._keep(rid, shard_rid, ops, outcome, owners, asked, uses)
                 else:
-                    self._give_back(uses)
+                    self._give_back_later(uses)
                     await self._undo(shard_rid, ops, held_by, call, rid_of)
                 return outcome
-            self._give_back(uses)
+            self._give_back_later(uses)
             await self._undo(shard_rid, ops, held_by, None if failed or refused else call,
                              rid_of)
             if failed:
@@ -350,14 +352,22 @@ class RoutedCounters:
         expires = asyncio.get_running_loop().time() + RESERVATION_TTL
         self._held[rid] = _Held(shard_rid, ops, outcome, expires, owners, asked, uses)
 
-    def _give_back(self, uses: list[Use]) -> None:
+    def _give_back(self, uses: list[Use]) -> Coroutine[Any, Any, None] | None:
+        """Give back to leases and tallies what a decision spent; what already
+        went to the owners is taken back there, in its bucket, by the job
+        returned (the caller awaits it, or it runs in the background)."""
         late = self._book.give_back(uses)
-        if late:
-            # Already counted at the owner: take it back there, in its bucket.
-            ops = tuple(Op(key, series, window, None, -amount, at=at)
-                        for (key, series, window), amount, at in late)
-            self._links.spawn(_quietly(self._route("mark", "", ops, range(len(ops)),
-                                                   self._call()), "a released lease use"))
+        if not late:
+            return None
+        ops = tuple(Op(key, series, window, None, -amount, at=at)
+                    for (key, series, window), amount, at in late)
+        return _quietly(self._route("mark", "", ops, range(len(ops)), self._call()),
+                        "a released lease use")
+
+    def _give_back_later(self, uses: list[Use]) -> None:
+        job = self._give_back(uses)
+        if job is not None:
+            self._links.spawn(job)
 
     async def _undo(self, shard_rid: str, ops: tuple[Op, ...], indices: list[int],
                     call: Call | None, rid_of: Callable[[int], str]) -> None:

@@ -264,17 +264,24 @@ class CounterShard:
             had = self._keys.pop(name, None) is not None
             for rid in list(self._rsv_by_key.get(name, ())):
                 rec = self._reservations[rid]
-                had = True
+                mine = [e for e in rec.entries if e[0] == name]
+                had = had or bool(mine)
                 if rec.lease_end and rec.state == OPEN and rec.expires > now:
-                    for entry in rec.entries:
-                        if entry[0] == name and entry[4] > 0:
+                    for entry in mine:
+                        if entry[4] > 0:
                             key, counter = self._counter(name, entry[1], entry[2], None)
                             counter.add(entry[3], entry[4])
                             self._extend(name, key, counter.ends_at(entry[3]))
-                    continue
-                rec.entries = tuple(e for e in rec.entries if e[0] != name)
+                elif mine:
+                    # Nothing left here to undo; the record stays, indexed, so
+                    # that a repeated reserve is still answered as before.
+                    rec.entries = tuple(e for e in rec.entries if e[0] != name)
             cleared += had
         return cleared
+
+    def reservations_of(self, keys: Iterable[str]) -> list[str]:
+        """The ids of the reservations and leases that touch `keys`."""
+        return list(self._exported_rids(set(keys), None))
 
     def rows(self, key: str) -> list[dict[str, Any]]:
         """Per (series, window) of `key`: its count, the limit of the last decision
