@@ -158,7 +158,7 @@ def test_release_restores_exactly(shard: CounterShard, clock: Clock) -> None:
     assert shard.release("r1")
     assert shard.release("r1")  # a retry subtracts nothing more
     assert [r["count"] for r in shard.snapshot("ip:a")] == [1, 1, 1]
-    assert [r["count"] for r in shard.snapshot("acct:jan@kowalski.pl")] == [0, 0, 0]
+    assert shard.snapshot("acct:jan@kowalski.pl") == []  # no count left: no row
 
 
 def test_a_reservation_is_the_count_when_its_record_goes(shard: CounterShard,
@@ -355,10 +355,7 @@ def test_long_window_keeps_key_alive(shard: CounterShard, clock: Clock) -> None:
     shard.add([Op("acct:a", "msg", MINUTE, None), Op("acct:a", "msg", HALF_DAY, None)])
     clock.advance(HOUR)
     assert shard.expire() == 0
-    assert [(r["window"], r["count"]) for r in shard.snapshot("acct:a")] == [
-        (MINUTE, 0),
-        (HALF_DAY, 1),
-    ]
+    assert [(r["window"], r["count"]) for r in shard.snapshot("acct:a")] == [(HALF_DAY, 1)]
     clock.advance(HALF_DAY)
     assert shard.expire() == 1
     assert len(shard) == 0
@@ -711,8 +708,7 @@ def test_an_exact_import_replaces_the_copy(clock: Clock) -> None:
     owner.return_lease("L1", [6, 6, 6])
     owner.mark([Op("ip:a", "msg", MINUTE, None, -5)])  # no bucket below zero
     replica.import_(_wire(owner.export(["ip:a"], ["r1", "L1"])), exact=True)
-    assert [r["count"] for r in owner.snapshot("ip:a")] == [0, 0, 0]
-    assert replica.snapshot("ip:a") == []
+    assert owner.snapshot("ip:a") == replica.snapshot("ip:a") == []
     # What the owner no longer has, the copy forgets too.
     owner.add(msg_ops("ip:b"))
     replica.import_(_wire(owner.export(["ip:b", "ip:a"])), exact=True)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from cluster.counting import AMOUNT, AT, KEY, MAX, SERIES, WINDOW, Outcome
-from worker.counters.window import SLOTS, TrailingWindow, bucket_index, oldest_counted
+from worker.counters.window import SLOTS, CounterTable, bucket_index, clears_at, oldest_counted
 
 EXPORT_VERSION = 2
 
@@ -61,14 +61,6 @@ _LEND_SHARE = 4
 # (key, series, window, bucket index, amount applied)
 _Entry = tuple[str, str, float, int, int]
 Ops = Sequence[Sequence[Any]]
-
-
-class _Key:
-    __slots__ = ("windows", "expires")
-
-    def __init__(self) -> None:
-        self.windows: dict[tuple[str, float], TrailingWindow] = {}
-        self.expires = -math.inf  # when the newest bucket of any window stops counting
 
 
 class _Reservation:
@@ -98,8 +90,7 @@ class CounterShard:
         # other processes, and leases expire by it in the borrower.
         self._clock = clock
         self._last = -math.inf
-        self._keys: dict[str, _Key] = {}
-        self._key_heap: list[tuple[float, str]] = []
+        self._table = CounterTable()
         self._reservations: dict[str, _Reservation] = {}
         self._rsv_heap: list[tuple[float, str]] = []
         # key -> rids of the reservations in `_reservations` that touch it;
@@ -166,6 +157,7 @@ class CounterShard:
         """
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET + 2 * len(ops))
+        table = self._table
         for op in ops:
             amount, window = op[AMOUNT], op[WINDOW]
             if not amount:
@@ -174,15 +166,7 @@ class CounterShard:
             index = bucket_index(window, now if at is None else at)
             if index < oldest_counted(window, now):
                 continue
-            if amount < 0:
-                key = self._keys.get(op[KEY])
-                counter = key.windows.get((op[SERIES], window)) if key is not None else None
-                if counter is not None:
-                    counter.add(index, amount)
-                continue
-            key, counter = self._counter(op[KEY], op[SERIES], window, None)
-            counter.add(index, amount)
-            self._extend(op[KEY], key, counter.ends_at(index))
+            table.add(op[KEY], op[SERIES], window, None, index, amount, now)
 
     # -- leases ----------------------------------------------------------
 
@@ -217,10 +201,8 @@ class CounterShard:
             return 0, expires, outcome.counts
         entries = []
         for op in ops:
-            key, counter = self._counter(op[KEY], op[SERIES], op[WINDOW], op[MAX])
-            index = counter.index(now)
-            counter.add(index, units)
-            self._extend(op[KEY], key, counter.ends_at(index))
+            index = bucket_index(op[WINDOW], now)
+            self._table.add(op[KEY], op[SERIES], op[WINDOW], op[MAX], index, units, now)
             entries.append((op[KEY], op[SERIES], op[WINDOW], index, units))
         keys = tuple({op[KEY]: None for op in ops})
         self._store_reservation(rid, _Reservation(outcome, OPEN, expires + ttl, keys,
@@ -241,10 +223,8 @@ class CounterShard:
         kept = []
         for (name, series, window, index, amount), back in zip(rec.entries, unused, strict=True):
             back = min(max(0, int(back)), amount)
-            key = self._keys.get(name)
-            counter = key.windows.get((series, window)) if key is not None else None
-            if counter is not None and back:
-                back = -counter.add(index, -back)
+            if back:
+                back = -self._table.add(name, series, window, None, index, -back, now)
             kept.append((name, series, window, index, amount - back))
         rec.entries = tuple(kept)
         rec.state = RETURNED
@@ -261,7 +241,7 @@ class CounterShard:
         now = self._now()
         cleared = 0
         for name in dict.fromkeys(keys):
-            had = self._keys.pop(name, None) is not None
+            had = self._table.clear(name)
             for rid in list(self._rsv_by_key.get(name, ())):
                 rec = self._reservations[rid]
                 mine = [e for e in rec.entries if e[0] == name]
@@ -269,9 +249,8 @@ class CounterShard:
                 if rec.lease_end and rec.state == OPEN and rec.expires > now:
                     for entry in mine:
                         if entry[4] > 0:
-                            key, counter = self._counter(name, entry[1], entry[2], None)
-                            counter.add(entry[3], entry[4])
-                            self._extend(name, key, counter.ends_at(entry[3]))
+                            self._table.add(name, entry[1], entry[2], None, entry[3], entry[4],
+                                            now)
                 elif mine:
                     # Nothing left here to undo; the record stays, indexed, so
                     # that a repeated reserve is still answered as before.
@@ -290,15 +269,9 @@ class CounterShard:
         fit; otherwise when the oldest counted bucket stops counting (None
         when empty). Times are epoch seconds."""
         now = self._now()
-        entry = self._keys.get(key)
-        if entry is None:
-            return []
-        rows = []
-        for (series, window), counter in sorted(entry.windows.items()):
-            n = counter.count(now)
-            rows.append({"series": series, "window": float(window), "count": n,
-                         "max": counter.max, "clears_at": counter.clears_at(now, counter.max)})
-        return rows
+        return [{"series": series, "window": float(window), "count": sum(buckets.values()),
+                 "max": limit, "clears_at": clears_at(buckets, window / SLOTS, limit)}
+                for series, window, limit, buckets in self._table.counters(key, now)]
 
     def snapshot(self, key: str) -> list[dict[str, Any]]:
         """`rows` without the limit (what replicas and tests compare)."""
@@ -330,16 +303,11 @@ class CounterShard:
         """
         now = self._now()
         wanted = None if keys is None else set(keys)
-        names = self._keys if wanted is None else wanted
+        names = self._table.names() if wanted is None else wanted
         out_keys: list[Any] = []
         for name in names:
-            entry = self._keys.get(name)
-            series_out = []
-            if entry is not None:
-                for (series, window), counter in entry.windows.items():
-                    if counter.count(now):
-                        series_out.append([series, float(window), counter.max,
-                                           [[i, n] for i, n in sorted(counter.buckets.items())]])
+            series_out = [[series, float(window), limit, [[i, n] for i, n in sorted(b.items())]]
+                          for series, window, limit, b in self._table.counters(name, now) if b]
             if series_out or wanted is not None:
                 out_keys.append([name, series_out])
         out_rsv: list[Any] = []
@@ -395,26 +363,27 @@ class CounterShard:
                 self._replace_reservation(rid, incoming, now)
             else:
                 self._merge_reservation(rid, incoming, now)
+        table = self._table
         for name, series_list in keys:
-            if exact:
-                self._keys.pop(name, None)
+            live = []
             for series, window, limit, buckets in series_list:
                 window = float(window)
                 low = oldest_counted(window, now)
-                live = [(int(i), int(n)) for i, n in buckets if i >= low and n > 0]
-                if not live:
-                    continue
-                key, counter = self._counter(name, series, window, limit)
-                for index, n in live:
-                    counter.merge_max(index, n)
-                self._extend(name, key, counter.ends_at(max(i for i, _ in live)))
+                live.append((series, window, limit,
+                             [(int(i), int(n)) for i, n in buckets if i >= low and n > 0]))
+            if exact:
+                table.replace(name, live)
+                continue
+            for series, window, limit, pairs in live:
+                for i, n in pairs:
+                    table.merge_max(name, series, window, limit, i, n, now)
 
     def keys(self) -> Iterator[str]:
         # A copy: callers may export or mark while iterating.
-        return iter(list(self._keys))
+        return self._table.names()
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._table)
 
     # -- internals -------------------------------------------------------
 
@@ -432,7 +401,8 @@ class CounterShard:
         return self._last
 
     def _evaluate(self, ops: Ops, now: float) -> Outcome:
-        keys = self._keys
+        totals = self._table.totals
+        seen: dict[str, dict[tuple[str, float], int]] = {}
         counts: list[int] = []
         denied: int | None = None
         # Two ops on one counter in one decision must fit together.
@@ -442,9 +412,10 @@ class CounterShard:
                 op[AMOUNT]
             if amount < 0:
                 raise ValueError(f"negative amount outside mark(): {op!r}")
-            key = keys.get(name)
-            counter = key.windows.get((series, window)) if key is not None else None
-            n = counter.count(now) if counter is not None else 0
+            held = seen.get(name)
+            if held is None:
+                held = seen[name] = totals(name, now)
+            n = held.get((series, window), 0)
             counts.append(n)
             if limit is not None and denied is None:
                 ident = (name, series, window)
@@ -458,48 +429,26 @@ class CounterShard:
         return Outcome(denied is None, tuple(counts), denied)
 
     def _apply(self, ops: Ops, now: float) -> tuple[_Entry, ...]:
-        entries: list[_Entry] = []
+        # One change per key: a packed key is unpacked and packed once.
+        by_key: dict[str, list[tuple[str, float, int | None, int, int]]] = {}
         for op in ops:
             amount = op[AMOUNT]
-            if amount <= 0:
-                continue
-            name, series, window = op[KEY], op[SERIES], op[WINDOW]
-            key, counter = self._counter(name, series, window, op[MAX])
-            index = counter.index(now)
-            applied = counter.add(index, amount)
-            self._extend(name, key, counter.ends_at(index))
-            entries.append((name, series, window, index, applied))
+            if amount > 0:
+                window = op[WINDOW]
+                by_key.setdefault(op[KEY], []).append(
+                    (op[SERIES], window, op[MAX], math.floor(now / (window / SLOTS)), amount))
+        entries: list[_Entry] = []
+        for name, changes in by_key.items():
+            for (series, window, _, index, _), applied in zip(
+                    changes, self._table.add_many(name, changes, now), strict=True):
+                entries.append((name, series, window, index, applied))
         return tuple(entries)
 
-    def _counter(self, name: str, series: str, window: float,
-                 limit: int | None) -> tuple[_Key, TrailingWindow]:
-        """The counter, created if missing; the caller must `_extend` it.
-        A limit given is remembered as the counter's latest."""
-        key = self._keys.get(name)
-        if key is None:
-            key = self._keys[name] = _Key()
-        ident = (series, window)
-        counter = key.windows.get(ident)
-        if counter is None:
-            counter = key.windows[ident] = TrailingWindow(window)
-        if limit is not None:
-            counter.max = limit
-        return key, counter
-
-    def _extend(self, name: str, key: _Key, until: float) -> None:
-        if until > key.expires:
-            # One heap entry per key: pushed when the key gets its first
-            # count; a later, longer life is picked up when the entry pops.
-            if key.expires == -math.inf:
-                heapq.heappush(self._key_heap, (until, name))
-            key.expires = until
-
     def _subtract(self, entries: Iterable[_Entry]) -> None:
+        now = self._now()
         for name, series, window, index, amount in entries:
-            key = self._keys.get(name)
-            counter = key.windows.get((series, window)) if key is not None else None
-            if counter is not None and amount:
-                counter.add(index, -amount)
+            if amount:
+                self._table.add(name, series, window, None, index, -amount, now)
 
     def _undo(self, rec: _Reservation) -> None:
         self._subtract(rec.entries)
@@ -585,17 +534,6 @@ class CounterShard:
             if rec is not None and rec.expires <= now:
                 self._drop_reservation(rid, rec)
                 dropped += 1
-        heap = self._key_heap
-        while budget > 0 and heap and heap[0][0] <= now:
-            _, name = heapq.heappop(heap)
-            budget -= 1
-            key = self._keys.get(name)
-            if key is None:
-                continue  # reset or replaced since; a new entry was pushed if it came back
-            if key.expires <= now:
-                del self._keys[name]
-                dropped += 1
-            else:
-                heapq.heappush(heap, (key.expires, name))
-        return dropped
+        evicted, _ = self._table.sweep(now, budget)
+        return dropped + evicted
 
