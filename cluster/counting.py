@@ -64,6 +64,23 @@ class Op(_OpFields):
         return cls(key, series, float(window), limit, amount, None if at is None else float(at))
 
 
+def check_wire_ops(ops: Any) -> None:
+    """Raise ValueError unless `ops` is a list of ops' wire forms. Fast for
+    the usual well-formed case (one pass of exact type checks), and as
+    thorough as `check_wire_op` otherwise."""
+    if type(ops) is not list:
+        raise ValueError(f"ops must be a list, got {ops!r}")
+    for op in ops:
+        if not (type(op) is list and len(op) == 6 and type(op[0]) is str
+                and type(op[1]) is str and type(op[2]) in _NUMBER and 0 < op[2] < math.inf
+                and (op[3] is None or type(op[3]) is int) and type(op[4]) is int
+                and (op[5] is None or type(op[5]) in _NUMBER)):
+            check_wire_op(op)
+
+
+_NUMBER = (int, float)
+
+
 def check_wire_op(data: Any) -> None:
     """Raise ValueError unless `data` is an op's wire form (a list or tuple)."""
     if not isinstance(data, (list, tuple)) or len(data) != 6:

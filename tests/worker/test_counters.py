@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from cluster.counting import Op, Outcome
+from cluster.counting import Op, Outcome, check_wire_ops
 from worker.counters import SLOTS, CounterShard, TrailingWindow
 from worker.counters.shard import OPEN, RELEASED
 
@@ -718,3 +718,24 @@ def test_an_exact_import_replaces_the_copy(clock: Clock) -> None:
     stale.add(msg_ops("ip:b", amount=4))
     replica.import_(_wire(stale.export()))
     assert count(replica, "ip:b", "msg", MINUTE) == 4
+
+
+@pytest.mark.parametrize("ops", [
+    [["ip:a", "msg", 60.0, 250, 1, None], ["ip:a", "msg", 3600, None, 0, 1.5]],
+    [],
+])
+def test_well_formed_ops_pass_the_quick_check(ops: list) -> None:
+    check_wire_ops(ops)
+
+
+@pytest.mark.parametrize("ops", [
+    (["ip:a", "msg", 60.0, 250, 1, None],),
+    [["ip:a", "msg", 60.0, 250, 1]],
+    [["ip:a", "msg", -60.0, 250, 1, None]],
+    [["ip:a", "msg", float("inf"), 250, 1, None]],
+    [["ip:a", "msg", 60.0, 2.5, 1, None]],
+    [["ip:a", "msg", 60.0, 250, True, None]],
+])
+def test_malformed_ops_fail_the_quick_check(ops: object) -> None:
+    with pytest.raises(ValueError):
+        check_wire_ops(ops)

@@ -28,6 +28,8 @@ from worker.counters.peer import OnFrame, OnReplication, Peer, readable
 
 log = logging.getLogger(__name__)
 
+_LOCATED = 65536  # keys whose place on the ring is remembered
+
 # Called for every frame the ROUTER receives: (routing id, plain data).
 OnRouterFrame = Callable[[bytes, list[Any]], None]
 
@@ -54,6 +56,8 @@ class RingLinks:
         self._on_router: OnRouterFrame | None = None
         # Unique across restarts: an owner's reply cache must never mistake a
         # new request for an old one from this worker's previous life.
+        self._located: dict[str, tuple[str, str | None]] = {}
+        self._located_on: Ring | None = None
         self._rid_prefix = f"{name}.{secrets.token_hex(4)}."
         self._seq = count()
 
@@ -167,6 +171,21 @@ class RingLinks:
             log.warning("counter node %s: %s", self.name, exc)
 
     # -- the ring ------------------------------------------------------------------
+
+    def locate(self, key: str) -> tuple[str, str | None]:
+        """(owner, replica) of `key` on the current ring, remembered per ring:
+        a hash per key of every request adds up."""
+        ring = self.ring
+        if ring is None:
+            raise LookupError("no counter ring yet")
+        if ring is not self._located_on:
+            self._located, self._located_on = {}, ring
+        where = self._located.get(key)
+        if where is None:
+            if len(self._located) >= _LOCATED:
+                self._located.clear()
+            where = self._located[key] = ring.locate(key)
+        return where
 
     async def ring_for(self, deadline: float) -> tuple[Ring, int]:
         while self.ring is None:

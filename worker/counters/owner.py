@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from cluster import wire
-from cluster.counting import KEY, MAX, check_wire_op
+from cluster.counting import KEY, MAX, check_wire_ops
 from cluster.wire import Status
 from worker.counters.client import RESERVATION_TTL
 from worker.counters.leases import LONGEST
@@ -77,12 +77,10 @@ class OwnedKeys:
                 now.append(reply)  # nothing changed: a repeat may be answered afresh
                 continue
             keys, rids = change
-            ring = links.ring
-            assert ring is not None  # decide() answered "ok"
             waits = []
             pushes: dict[str, list[str]] = {}
             for key in keys:
-                replica = ring.replica(key)
+                replica = links.locate(key)[1]
                 if replica is None or replica == links.name:
                     continue
                 if replica == requester:
@@ -131,11 +129,9 @@ class OwnedKeys:
         if change is None:
             return reply, None
         keys, rids = change
-        ring = self._links.ring
-        assert ring is not None
         pushes: dict[str, list[str]] = {}
         for key in keys:
-            replica = ring.replica(key)
+            replica = self._links.locate(key)[1]
             if replica is not None and replica != self._links.name:
                 pushes.setdefault(replica, []).append(key)
         if not pushes:
@@ -170,16 +166,14 @@ class OwnedKeys:
             keys = list(dict.fromkeys(extra))
         else:
             try:
-                if not isinstance(ops, list):
-                    raise ValueError("ops must be a list")
                 if not trusted:
-                    for op in ops:
-                        check_wire_op(op)
+                    check_wire_ops(ops)
             except ValueError as exc:
                 return [rid, Status.ERROR, epoch, None, str(exc), None], None
             keys = list(dict.fromkeys(op[KEY] for op in ops))
+        locate = links.locate
         for key in keys:
-            if ring.owner(key) != links.name:
+            if locate(key)[0] != links.name:
                 return [rid, Status.MOVED, epoch, None, key, None], None
         if not links.active:
             prev = links.prev

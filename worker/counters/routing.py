@@ -96,10 +96,10 @@ class RoutedCounters:
         self._reserving: dict[str, asyncio.Future[Outcome]] = {}
         self._book = LeaseBook(self._ended)
         self._plans: dict[tuple[Op, ...], list[_Group]] = {}
-        self._where: dict[str, tuple[str, str | None]] = {}
         self._plans_ring: Ring | None = None
         # Off: every reservation goes to its owners (to measure, or to compare).
         self.leasing = True
+        self._closing = False
 
     # -- the CounterClient protocol -------------------------------------------------
 
@@ -196,6 +196,7 @@ class RoutedCounters:
 
     async def close(self) -> None:
         """Return what this node holds of leases, and send its tallies."""
+        self._closing = True
         ended = self._book.close()
         if ended:
             self._ended(ended)
@@ -307,7 +308,7 @@ class RoutedCounters:
         """The decision's ops by owner, with their shapes (`LeaseBook.shapes`).
         Remembered per ring: an engine sends the same decisions again and again."""
         if ring is not self._plans_ring:
-            self._plans, self._where, self._plans_ring = {}, {}, ring
+            self._plans, self._plans_ring = {}, ring
         plan = self._plans.get(ops)
         if plan is None:
             if len(self._plans) >= _PLANS:
@@ -320,15 +321,8 @@ class RoutedCounters:
         return plan
 
     def _locate(self, ring: Ring, key: str) -> tuple[str, str | None]:
-        """`ring.locate(key)`, remembered per ring (a hash per op adds up)."""
-        if ring is not self._plans_ring:
-            self._plans, self._where, self._plans_ring = {}, {}, ring
-        where = self._where.get(key)
-        if where is None:
-            if len(self._where) >= 8 * _PLANS:
-                self._where.clear()
-            where = self._where[key] = ring.locate(key)
-        return where
+        """`ring.locate(key)`; remembered by the links while `ring` is current."""
+        return self._links.locate(key) if ring is self._links.ring else ring.locate(key)
 
     async def _borrow(self, owner: str, item: list[Any], shapes: list[Shape],
                       call: Call) -> Reply:
@@ -423,9 +417,11 @@ class RoutedCounters:
         answer = peer.ask(item, links.deadline())
 
         def settled(future: asyncio.Future[Reply]) -> None:
-            if future.cancelled() or (future.exception() is None and
-                                      future.result()[wire.A_STATUS] == Status.OK):
+            if future.cancelled():
                 return
+            failed = future.exception() is not None
+            if self._closing or (not failed and future.result()[wire.A_STATUS] == Status.OK):
+                return  # closing: the frame went out with the link's linger
             links.spawn(_quietly(self._route(kind, arg, ops, range(len(ops)), self._call(),
                                              extra=extra), what))
 
