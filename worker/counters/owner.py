@@ -268,9 +268,11 @@ class Replicator:
             # Not connected to us yet: through our own link, merged on arrival
             # (it may overtake or trail the ordered path).
             sent = peer.post(wire.encode(wire.Replicate(rid, links.epoch, data, False)))
-        if not sent or peer.suspect:
+        if not sent:
             done.set_result(None)
             return
+        if peer.suspect:
+            done.set_result(None)  # not waited for; its ack still clears the suspicion
         self._acks[rid] = (replica, done)
         # Half the request timeout, so a remote caller still gets the answer
         # in time when a replica is gone.
@@ -293,7 +295,7 @@ class Replicator:
             return
         replica, done = entry
         peer = self._links.peers.get(replica)
-        if peer is not None and not peer.suspect:
+        if peer is not None and not peer.suspect and not done.done():
             log.warning("counter node %s: replica %s did not acknowledge; answering "
                         "without waiting for it until it is heard from",
                         self._links.name, replica)
