@@ -69,19 +69,10 @@ class Message:
             _TYPES[cls.TYPE] = cls
 
     def _fields_to_wire(self) -> list[Any]:
-        values = []
-        for item in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, item.name)
-            values.append(_to_wire(value))
-        return values
-
-
-def _to_wire(value: Any) -> Any:
-    if isinstance(value, (Op, Outcome)):
-        return value.to_wire()
-    if isinstance(value, (list, tuple)):
-        return [_to_wire(v) for v in value]
-    return value
+        # Plain data as it is: msgpack packs tuples (Op and Outcome are named
+        # tuples) as arrays, so a large payload (a hand-off, a replication)
+        # is not walked in Python first.
+        return [getattr(self, item.name) for item in dataclasses.fields(self)]  # type: ignore[arg-type]
 
 
 def encode(message: Message) -> bytes:

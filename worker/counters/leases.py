@@ -44,6 +44,7 @@ from worker.counters.window import SLOTS
 # latest (the owner lends on the same grid).
 LONGEST = 1.0
 _WANT_MIN, _WANT_MAX = 2, 5000
+_SEEN_MAX = 65536  # shapes whose recent decisions are remembered
 
 Shape = tuple[str, str, tuple[tuple[float, int], ...]]  # key, series, ((window, max), ...)
 Counter = tuple[str, str, float]  # key, series, window
@@ -99,6 +100,8 @@ class LeaseBook:
         # Shapes an owner would not lend to until then (wall clock).
         self.refused: dict[Shape, float] = {}
         self._rate: dict[Shape, float] = {}
+        # Decisions per shape not covered by a lease: [second, in it, in the one before].
+        self._seen: dict[Shape, list[int]] = {}
         self._ending: dict[float, list[Lease | Tally]] = {}
 
     # -- shapes --------------------------------------------------------------------
@@ -240,6 +243,23 @@ class LeaseBook:
         self._at(lease.expires, lease)
 
     def wants_lease(self, shape: Shape, now: float) -> bool:
+        """Whether to ask for a lease along with a decision on `shape` that no
+        lease covers: not while one is being asked for or the owner just
+        said no, and only for a shape with more than one decision in the
+        last second or two. A lease for one decision would only add its
+        return to the traffic."""
+        second = math.floor(now)
+        seen = self._seen.get(shape)
+        if seen is None:
+            if len(self._seen) >= _SEEN_MAX:
+                self._seen = {s: v for s, v in self._seen.items() if v[0] >= second - 1}
+            seen = self._seen[shape] = [second, 0, 0]
+        if seen[0] != second:
+            seen[2] = seen[1] if seen[0] == second - 1 else 0
+            seen[0], seen[1] = second, 0
+        seen[1] += 1
+        if seen[1] + seen[2] < 2:
+            return False
         until = self.refused.get(shape)
         if until is not None and now < until:
             return False
