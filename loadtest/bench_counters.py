@@ -129,10 +129,13 @@ async def _run(args: argparse.Namespace) -> None:
             await _closed(decide, args.in_flight, 1.0)
             pids = (os.getpid(), owner.pid or 0)
             cpu0 = sum(_cpu(p) for p in pids)
+            frames0, _ = asker.links.frames_sent()
             done, seconds = await _closed(decide, args.in_flight, args.seconds)
             cpu = sum(_cpu(p) for p in pids) - cpu0
+            frames = asker.links.frames_sent()[0] - frames0
             print(f"{label:12s} {done / seconds:8.0f} decisions/s with {args.in_flight} in "
-                  f"flight, {cpu / max(done, 1) * 1e6:6.1f} us CPU per decision (both)")
+                  f"flight, {cpu / max(done, 1) * 1e6:6.1f} us CPU per decision (both), "
+                  f"{frames / max(done, 1):.3f} frames sent per decision by the asker")
             samples, late = await _open(decide, args.rate, args.seconds, args.in_flight)
             cuts = statistics.quantiles(samples, n=100)
             print(f"{label:12s} at {args.rate}/s offered: p50 {cuts[49] * 1000:.3f} ms, "

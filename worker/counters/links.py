@@ -46,6 +46,7 @@ class RingLinks:
         self.prev: Ring | None = None
         self.epoch = 0
         self.active = False
+        self.frames = 0  # sent on the ROUTER, for benchmarks
         self.peers: dict[str, Peer] = {}
         self.retired: list[Peer] = []
         self.ctx: zmq.Context[Any] | None = None
@@ -92,6 +93,7 @@ class RingLinks:
         finally:
             if readable(router):
                 self._loop.call_soon(self._drain)
+        self.frames += 1
         return True
 
     def _drain(self) -> None:
@@ -208,6 +210,11 @@ class RingLinks:
         self._changed = asyncio.Event()
 
     # -- plumbing ------------------------------------------------------------------
+
+    def frames_sent(self) -> tuple[int, int]:
+        """(frames, requests) this node sent so far, on every socket."""
+        peers = [*self.peers.values(), *self.retired]
+        return self.frames + sum(p.frames for p in peers), sum(p.requests for p in peers)
 
     def rid(self) -> str:
         return f"{self._rid_prefix}{next(self._seq)}"

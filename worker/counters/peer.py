@@ -62,6 +62,7 @@ class Peer:
         # rid -> (future, item, deadline); the item is kept for one resend.
         self.pending: dict[str, tuple[asyncio.Future[list[Any]], list[Any], float]] = {}
         self._queue: list[list[Any]] = []
+        self.frames = self.requests = 0  # sent, for benchmarks
         # Set when a replica missed an ack: later replications do not wait
         # for it until it is heard from again, or every decision would pay
         # the timeout until the coordinator removes a dead worker.
@@ -101,6 +102,7 @@ class Peer:
         if not items or self.closed:
             return
         frame = wire.encode_counter_request(items)
+        self.requests += len(items)
         if not self.post(frame):
             self._fail([item[wire.R_RID] for item in items], "send queue full")
             return
@@ -136,6 +138,7 @@ class Peer:
             return False
         finally:
             self._recheck()
+        self.frames += 1
         return True
 
     async def send(self, frame: bytes, deadline: float) -> None:
