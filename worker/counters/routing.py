@@ -206,6 +206,7 @@ class RoutedCounters:
     async def _reserve_once(self, rid: str, ops: tuple[Op, ...], call: Call) -> Outcome:
         links, book, loop = self._links, self._book, asyncio.get_running_loop()
         delay = _BACKOFF[0]
+        patient = True
         while True:
             ring, epoch = await links.ring_for(call.deadline)
             now = time.time()
@@ -214,15 +215,17 @@ class RoutedCounters:
             for owner, idx, limited, plain, leasable in self._plan(ops, ring):
                 covered = self.leasing and leasable and bool(limited) and \
                     book.covers(ops, limited, now)
-                if not covered and self.leasing:
+                if not covered and self.leasing and patient:
                     waiting += [book.wait(s, max(ops[i].amount for i in sub))
                                 for s, sub in limited.items() if s in book.asking]
                 plans.append((owner, idx, limited, plain, leasable, covered))
             if waiting:
                 # A lease for these is on its way: decide on it, not per message.
-                await asyncio.wait(waiting, timeout=max(0.0, call.deadline - loop.time()))
-                if loop.time() >= call.deadline:
-                    raise CounterUnavailable("no answer to a lease request in time")
+                # Not for long: that request began before this call, and this
+                # call still needs the time to ask the owner itself.
+                patience = (call.deadline - loop.time()) / 2
+                done, _ = await asyncio.wait(waiting, timeout=max(0.0, patience))
+                patient = len(done) == len(waiting)
                 continue
             counts = [0] * len(ops)
             uses: list[Use] = []
