@@ -1,7 +1,9 @@
 #!/bin/sh
-# Installs the content scanners the test suite runs against: rspamd and
-# SpamAssassin's spamd, from Debian's packages. Idempotent: does nothing when
-# both daemons are already there.
+# Installs what the test suite drives for real, from Debian's packages: the
+# content scanners (rspamd and SpamAssassin's spamd), redis-server (the
+# shared counter backend; redis-cli makes the test Redis Cluster) and a
+# headless browser for the support console (chromium and its chromedriver).
+# Idempotent: does nothing when all of them are already there.
 #
 # The tests start each daemon themselves, on loopback, with a private
 # configuration in a temporary folder; nothing here configures or starts
@@ -16,6 +18,9 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=""
 have rspamd || missing="$missing rspamd"
 have spamd || missing="$missing spamd spamassassin"
+{ have redis-server && have redis-cli; } || missing="$missing redis-server redis-tools"
+have chromium || missing="$missing chromium"
+have chromedriver || missing="$missing chromium-driver"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -37,4 +42,5 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086  # the list is meant to split into package names
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
-have rspamd && have spamd
+have rspamd && have spamd && have redis-server && have redis-cli && have chromium \
+    && have chromedriver

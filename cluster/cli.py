@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: dict[str, str] = {
     "status": "cluster.admin",
     "scale": "cluster.admin",
-    "tenant": "cluster.admin",
+    "tenant": "cluster.support_cli",
     "inspect": "cluster.admin",
-    "queue": "cluster.admin",
-    "keygen": "cluster.curve",
+    "queue": "cluster.queue_cli",
+    "why": "cluster.support_cli",
+    "account": "cluster.support_cli",
+    "counters": "cluster.support_cli",
     "loadtest": "loadtest.cli",
 }
 
@@ -69,8 +71,7 @@ _EXTRA_COMMANDS: dict[str, str] = {
 def load_or_exit(path: str) -> Settings:
     try:
         settings = load_settings(path)
-        if not settings.cluster.coordinator:  # else another host's coordinator reads them
-            load_tenants(settings.tenants_file)
+        load_tenants(settings.tenants_file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cluster.validate import ConfigError, Section, read_duration
 
@@ -53,10 +54,24 @@ class ServerSettings:
 class ClusterSettings:
     request_timeout: float
     runtime_dir: Path
-    coordinator: str
-    bind: str
-    curve_secret_key: Path | None
-    curve_public_keys: Path | None
+    state_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSettings:
+    backend: str                                # "ring" | "redis"
+    redis_url: str                              # one server
+    redis_cluster: tuple[tuple[str, int], ...]  # Redis Cluster seed nodes
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: tuple[str, int] | None
+    users_file: Path | None
+    # For ``sendguard why``: how many recent decisions the host keeps in memory (shared
+    # out among its workers), and for how long.
+    recent_decisions: int
+    recent_decisions_for: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +127,9 @@ class Settings:
     server: ServerSettings
     tenants_file: Path
     cluster: ClusterSettings
+    counters: CounterSettings
     metrics_listen: tuple[str, int] | None
+    admin: AdminSettings
     auth: AuthSettings
     geoip: GeoipSettings
     limits: tuple[Limit, ...]
@@ -146,10 +163,11 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
     settings = Settings(
         path=path,
         server=_server(Section(path, "server", top.raw("server")), base),
-        tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base,
-                                   joining=_joins_another_host(top.raw("cluster"))),
+        tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base),
         cluster=_cluster(Section(path, "cluster", top.raw("cluster")), path),
+        counters=_counters(Section(path, "counters", top.raw("counters"))),
         metrics_listen=_metrics(Section(path, "metrics", top.raw("metrics"))),
+        admin=_admin(Section(path, "admin", top.raw("admin")), base),
         auth=_auth(Section(path, "auth", top.raw("auth"))),
         geoip=_geoip(Section(path, "geoip", top.raw("geoip")), base),
         limits=read_limits(path, "limits", top.raw("limits"), DEFAULT_LIMITS),
@@ -223,16 +241,8 @@ def _server(s: Section, base: Path) -> ServerSettings:
     return settings
 
 
-def _joins_another_host(cluster: Any) -> bool:
-    return isinstance(cluster, dict) and bool(cluster.get("coordinator"))
-
-
-def _tenants_file(s: Section, base: Path, joining: bool = False) -> Path:
+def _tenants_file(s: Section, base: Path) -> Path:
     value = s.raw("file")
-    if joining and value is None:
-        # The coordinator's host owns the tenant directory; this one never reads it.
-        s.reject_unknown()
-        return Path(os.devnull)
     if value is None or value == "":
         raise s.error("file", "is required: the tenant directory", show_value=value is not None)
     path = s.path("file", "", base)
@@ -249,45 +259,70 @@ def _cluster(s: Section, config_path: Path) -> ClusterSettings:
             runtime_dir = config_path.parent / runtime_dir
     else:
         runtime_dir = default_runtime_dir(config_path)
-    coordinator = s.string("coordinator", "")
-    if coordinator and not _tcp_endpoint(coordinator):
-        raise s.error("coordinator", 'must be "" or "tcp://HOST:PORT"', coordinator)
-    bind = s.string("bind", "")
-    if bind and not _tcp_endpoint(bind):
-        raise s.error("bind", 'must be "" or "tcp://ADDRESS:PORT"', bind)
-    if bind and _tcp_endpoint(bind) in _WILDCARDS:
-        # The address is handed to the other hosts, who must be able to connect to it.
-        raise s.error("bind", "must be an address the other hosts reach this one at, "
-                      "not a wildcard", bind)
-    secret = s.path("curve_secret_key", "", config_path.parent)
-    if (bind or coordinator) and secret is None:
-        raise s.error("curve_secret_key", "is required when cluster.bind or cluster.coordinator "
-                      "uses tcp://", "")
     settings = ClusterSettings(
         request_timeout=s.duration("request_timeout", "500ms"),
         runtime_dir=runtime_dir,
-        coordinator=coordinator,
-        bind=bind,
-        curve_secret_key=secret,
-        curve_public_keys=s.path("curve_public_keys", "", config_path.parent),
+        state_dir=_state_dir(s, config_path.parent),
     )
     s.reject_unknown()
     return settings
 
 
-_WILDCARDS = ("*", "0.0.0.0", "[::]", "::")
-# Ports above the coordinator's two and the workers' (cluster.hosts) must fit.
-_MAX_BASE_PORT = 65535 - 2 - 256
+def _state_dir(s: Section, base: Path) -> Path:
+    path = s.path("state_dir", "", base) or default_state_dir()
+    if path.exists() and not path.is_dir():
+        raise s.error("state_dir", "is not a folder", str(path))
+    return path
 
 
-def _tcp_endpoint(value: str) -> str:
-    """The host part of ``tcp://HOST:PORT``, or "" when ``value`` is not one."""
-    if not value.startswith("tcp://"):
-        return ""
-    host, _, port = value[len("tcp://"):].rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) <= _MAX_BASE_PORT:
-        return ""
-    return host
+def default_state_dir() -> Path:
+    """Where the coordinator keeps suspensions, country exceptions and the audit log."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/sendguard")
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG specification says to ignore a relative value.
+    base = Path(xdg) if xdg.startswith("/") else Path.home() / ".local" / "state"
+    return base / "sendguard"
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _counters(s: Section) -> CounterSettings:
+    backend = s.choice("backend", "ring", ("ring", "redis"))
+    url = s.string("redis_url", "")
+    nodes = s.strings("redis_cluster", [])
+    if backend == "ring":
+        # A Redis address left with the ring would look shared and not be.
+        for name, value in (("redis_url", url), ("redis_cluster", list(nodes))):
+            if value:
+                raise s.error(name, 'is only used with counters.backend = "redis"', value)
+    elif url and nodes:
+        raise s.error("redis_cluster", "set either counters.redis_url (one server) or "
+                      "counters.redis_cluster (seed nodes), not both", list(nodes))
+    elif not url and not nodes:
+        raise s.error("redis_url", 'with counters.backend = "redis", set redis_url (one '
+                      "server) or redis_cluster (seed nodes of a Redis Cluster)", url)
+    if url:
+        parsed = urlsplit(url)
+        if parsed.scheme not in _REDIS_SCHEMES or not (parsed.hostname or parsed.path):
+            raise s.error("redis_url", 'must be like "redis://HOST:PORT/DB" (or rediss://, '
+                          "unix://)", url)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise s.error("redis_url", "has a bad port", url)
+    seeds = []
+    for item in nodes:
+        host, _, number = item.rpartition(":")
+        if not host or not number.isdigit() or not 0 < int(number) < 65536:
+            raise s.error("redis_cluster", 'must list seed nodes like "10.0.0.5:7000"', item)
+        seeds.append((host.strip("[]"), int(number)))
+    settings = CounterSettings(backend=backend, redis_url=url, redis_cluster=tuple(seeds))
+    s.reject_unknown()
+    return settings
 
 
 def default_runtime_dir(config_path: Path) -> Path:
@@ -309,6 +344,23 @@ def _metrics(s: Section) -> tuple[str, int] | None:
     from cluster.validate import read_endpoint
 
     return read_endpoint(s, "listen", value)
+
+
+def _admin(s: Section, base: Path) -> AdminSettings:
+    from cluster.validate import read_endpoint
+
+    listen = s.string("listen", "")
+    users_file = s.path("users_file", "", base)
+    if listen and users_file is None:
+        raise s.error("users_file", "is required when admin.listen is set", "")
+    settings = AdminSettings(
+        listen=read_endpoint(s, "listen", listen) if listen else None,
+        users_file=users_file,
+        recent_decisions=s.integer("recent_decisions", 2_000_000, minimum=0),
+        recent_decisions_for=s.duration("recent_decisions_for", "24h"),
+    )
+    s.reject_unknown()
+    return settings
 
 
 def _auth(s: Section) -> AuthSettings:

@@ -2,11 +2,9 @@
 
 It does no mail work. It starts the coordinator (``python -m coordinator``)
 and ``server.workers`` workers (``python -m worker``, named w0, w1, ...; 0
-means one per CPU; between hosts ``HOST-w0``, ... and the coordinator only
-where ``cluster.coordinator`` is empty, see :mod:`cluster.hosts`),
-restarts a process that dies (backoff from 0.5 s to 30 s) or that the
-coordinator reports ``silent`` (hung: killed, then restarted), and tells
-the coordinator over a DEALER what happened
+means one per CPU), restarts a process that dies (backoff from 0.5 s to
+30 s) or that the coordinator reports ``silent`` (hung: killed, then
+restarted), and tells the coordinator over a DEALER what happened
 (``SupervisorHello``, ``ProcessEvent`` started/exited/leaving). Signal
 handlers only enqueue; the main loop dispatches ``handle_<signal>``.
 
@@ -14,13 +12,11 @@ Signals:
     TERM   drain: workers stop accepting, open transactions finish (up to
            ``server.drain_timeout``), then everything stops; exit 0
     INT    stop at once (sessions get 421 now); exit 0
-    HUP    the coordinator rereads the configuration; workers stay (on a
-           host that joins another's coordinator: nothing, send it there)
+    HUP    the coordinator rereads the configuration; workers stay
     TTIN   one worker more
     TTOU   one worker less (never below one)
 
-``sendguard scale N`` reaches the supervisor as a ``ScaleCommand`` (every
-host's supervisor: N workers on each host). A
+``sendguard scale N`` reaches the supervisor as a ``ScaleCommand``. A
 worker is retired by reporting it ``leaving`` first, so the coordinator
 publishes a ring without it and its counters are handed off, and then
 TERM: it drains and exits 0, and is not restarted.
@@ -30,8 +26,7 @@ Exit status:
     1   already running on this configuration (the lock in the runtime
         folder is held), or a process could not boot (exit 3: bad
         certificate, port taken) - it is not respawned in a loop
-    2   bad configuration (a process exited 2 at start, or a CURVE key
-        file cannot be used)
+    2   bad configuration (a process exited 2 at start)
 """
 
 from __future__ import annotations
@@ -48,11 +43,8 @@ from pathlib import Path
 import zmq
 
 from cluster import wire
-from cluster.hosts import HOST_FILE, Uplink, uplink_for, worker_index, write_host_file
 from cluster.logjson import log_event, setup_logging
 from cluster.settings import Settings
-from cluster.supervisor_line import SupervisorLine
-from cluster.validate import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -94,7 +86,7 @@ def lock_runtime_dir(runtime_dir: Path) -> int:
 def clear_runtime_dir(runtime_dir: Path) -> None:
     """Sockets and coordinator state: stale before a start (we hold the lock), done after a stop."""
     for path in runtime_dir.iterdir():
-        if path.suffix == ".sock" or path.name in ("coordinator.state", HOST_FILE):
+        if path.suffix == ".sock" or path.name == "coordinator.state":
             path.unlink(missing_ok=True)
 
 
@@ -123,11 +115,9 @@ def worker_count(configured: int) -> int:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, uplink: Uplink | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime_dir = settings.cluster.runtime_dir
-        self.uplink = uplink or Uplink.local(self.runtime_dir)
-        self.host_file: Path | None = None
         self.target = worker_count(settings.server.workers)
         self.children: dict[str, Child] = {}
         self.pending: list[int] = []
@@ -149,14 +139,18 @@ class Supervisor:
 
     def connect(self) -> None:
         self.context = zmq.Context()
+        self.dealer = self.context.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(wire.coordinator_endpoint(self.runtime_dir))
         self.poller = zmq.Poller()
+        self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self._wakeup, zmq.POLLIN)
-        if self.uplink.tcp and not self.uplink.remote:
-            self.host_file = write_host_file(self.uplink)
-        self.line = SupervisorLine(self.context, self.poller, self.uplink)
 
     def tell(self, message: wire.Message) -> None:
-        self.line.send(wire.encode(message))
+        try:
+            self.dealer.send(wire.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the coordinator is down; it learns the state again when it restarts
 
     def wait(self, timeout: float) -> list[wire.Message]:
         """Sleep until a signal, a message or ``timeout``; the messages that arrived."""
@@ -166,27 +160,22 @@ class Supervisor:
                 os.read(self._wakeup, 512)
             except BlockingIOError:
                 pass
-        if self.line.step(events):
-            if self.host_file is None:
-                # Workers of a joining host need the coordinator's key the line found.
-                self.uplink = self.line.uplink
-                self.host_file = write_host_file(self.uplink)
-            self.introduce()
         messages: list[wire.Message] = []
-        for frame in self.line.receive():
+        while True:
+            try:
+                frame = self.dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return messages
             try:
                 messages.append(wire.decode(frame))
             except wire.WireError:
                 continue
-        return messages
 
     def spawn(self, child: Child) -> None:
         if child.is_worker:
             command = [sys.executable, "-m", "worker", "--config", str(self.settings.path),
                        "--name", child.name, "--parent-pid", str(os.getpid()),
                        "--runtime-dir", str(self.runtime_dir)]
-            if self.host_file is not None:
-                command += ["--host-file", str(self.host_file)]
         else:
             command = [sys.executable, "-m", "coordinator", "--config", str(self.settings.path),
                        "--parent-pid", str(os.getpid())]
@@ -214,9 +203,8 @@ class Supervisor:
     def run(self) -> int:
         self.install_signals()
         self.connect()
-        if not self.uplink.remote:
-            self.children[COORDINATOR] = Child(COORDINATOR)
-            self.spawn(self.children[COORDINATOR])
+        self.children[COORDINATOR] = Child(COORDINATOR)
+        self.spawn(self.children[COORDINATOR])
         try:
             while self.exit_code is None:
                 for message in self.wait(_TICK):
@@ -228,7 +216,7 @@ class Supervisor:
                 if self.exit_code is None:
                     self.manage_workers()
         finally:
-            self.line.close()
+            self.dealer.close()
             self.context.term()
         return self.exit_code
 
@@ -282,7 +270,6 @@ class Supervisor:
                 hung.process.kill()  # reaped and restarted like any crash
         elif isinstance(message, wire.AdminReply) and message.ok:
             workers = message.data.get("workers", [])
-            # By name: between hosts two workers may have the same pid.
             self._phases = {w.get("name", ""): w.get("phase", "") for w in workers
                             if isinstance(w, dict)}
 
@@ -325,8 +312,6 @@ class Supervisor:
         self.exit_code = EXIT_CONFIG if code == CHILD_CONFIG_ERROR else EXIT_FAILED
 
     def manage_workers(self) -> None:
-        if not self.line.ready:
-            return  # the coordinator of another host has not let us in yet
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.process is None and not child.retiring and now >= child.restart_at:
@@ -345,9 +330,9 @@ class Supervisor:
 
     def free_name(self) -> str:
         index = 0
-        while self.uplink.worker_name(index) in self.children:
+        while f"w{index}" in self.children:
             index += 1
-        return self.uplink.worker_name(index)
+        return f"w{index}"
 
     def retire(self, child: Child) -> None:
         child.retiring = True
@@ -423,8 +408,8 @@ class Supervisor:
 
 
 def _index(child: Child) -> int:
-    index = worker_index(child.name)
-    return index if index is not None else 1 << 30
+    digits = child.name[1:]
+    return int(digits) if digits.isdigit() else 1 << 30
 
 
 def run_cluster(settings: Settings) -> int:
@@ -437,14 +422,8 @@ def run_cluster(settings: Settings) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     try:
-        uplink = uplink_for(settings)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        os.close(lock)
-        return EXIT_CONFIG
-    try:
         clear_runtime_dir(runtime_dir)
-        return Supervisor(settings, uplink).run()
+        return Supervisor(settings).run()
     finally:
         clear_runtime_dir(runtime_dir)
         os.close(lock)

@@ -1,14 +1,13 @@
 """Every message that crosses a process boundary, and how it is framed.
 
 Encoding: msgpack of ``[TYPE, VERSION, field, field, ...]`` in the order the
-dataclass declares its fields; nested counter types use their own
-``to_wire()`` forms (``cluster.counting``). Plain data only: a peer's bytes are
+dataclass declares its fields; the counter types of ``cluster.counting`` are
+named tuples, packed as arrays. Plain data only: a peer's bytes are
 decoded into plain data and checked, so a malformed frame raises
 :class:`WireError` instead of running anything.
 
 Sockets and frames (every path under ``cluster.runtime_dir``, a 0700 folder;
-with ``cluster.bind`` the workers' sockets and the coordinator's are also on
-``tcp://`` with CURVE, ports in :mod:`cluster.hosts`):
+no process talks to another host):
 
 - ``w-<name>.sock`` — a worker's ROUTER for counter traffic (ipc:// only).
   Every other member connects a DEALER whose routing id is its name and
@@ -40,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
@@ -254,6 +253,8 @@ class SnapshotMessage(Message):
     tenants_version: str
     geoip: bytes | None
     geoip_version: str
+    # Suspensions and country exceptions (``cluster.support_state.SupportState.to_wire``).
+    support: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +311,8 @@ class ScaleCommand(Message):
 
 @dataclass(frozen=True, slots=True)
 class AdminRequest(Message):
-    """``command``: status | scale | allow-country | disallow-country | inspect | queue."""
+    """``command``: status | scale | allow-country | disallow-country | inspect | queue |
+    why | suspend | unsuspend | reset | history (``coordinator.service``)."""
 
     TYPE: ClassVar[str] = "admin"
     command: str
@@ -335,23 +337,6 @@ def events_endpoint(runtime_dir: str | os.PathLike[str]) -> str:
     return f"ipc://{runtime_dir}/events.sock"
 
 
-def coordinator_tcp_endpoints(bind: str) -> tuple[str, str]:
-    """The coordinator's ROUTER and PUB for other hosts: ``bind``'s port and the next."""
-    return bind, events_tcp_endpoint(bind)
-
-
-def events_tcp_endpoint(coordinator: str) -> str:
-    host, _, port = coordinator.rpartition(":")
-    return f"{host}:{int(port) + 1}"
-
-
-def worker_endpoint(runtime_dir: str | os.PathLike[str], bind: str, name: str) -> str:
-    """A worker's counter ROUTER: ipc on one host; with ``cluster.bind`` set, that
-    address's port plus two plus the worker's number (``mx1-w3`` → port + 5);
-    the two below are the coordinator's (``cluster.hosts``)."""
-    if not bind:
-        return f"ipc://{runtime_dir}/w-{name}.sock"
-    host, _, port = bind.rpartition(":")
-    digits = name.rpartition("w")[2]
-    offset = int(digits) if digits.isdigit() else 0
-    return f"{host}:{int(port) + 2 + offset}"
+def worker_endpoint(runtime_dir: str | os.PathLike[str], name: str) -> str:
+    """A worker's counter ROUTER."""
+    return f"ipc://{runtime_dir}/w-{name}.sock"

@@ -2,7 +2,7 @@
 
 Exit status: 0 stopped, 2 the configuration, tenant directory or GeoIP
 database is bad at start (one line on stderr naming file, key and value),
-3 it cannot boot (the metrics address is taken).
+3 it cannot boot (the metrics or admin HTTP address is taken).
 """
 
 from __future__ import annotations
@@ -35,10 +35,23 @@ def main() -> int:
     from coordinator.membership import Membership
     from coordinator.service import RECOVERY, SILENCE, Coordinator, read_state
     from coordinator.sources import SnapshotSources
+    from coordinator.state_store import FileStore, StoreError
 
     try:
         settings_path = Path(args.config).absolute()
         sources = SnapshotSources(settings_path)
+        store = FileStore(sources.settings.cluster.state_dir)
+        try:
+            support = store.load_now()
+        except StoreError as exc:
+            raise ConfigError(settings_path, "cluster.state_dir", str(exc),
+                              show_value=False) from None
+        admin = sources.settings.admin
+        users = None
+        if admin.listen is not None and admin.users_file is not None:
+            from coordinator.http_users import AdminUsers
+
+            users = AdminUsers(settings_path, admin.users_file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -46,8 +59,7 @@ def main() -> int:
     runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # A coordinator restarted within a running cluster continues its numbering.
     state = read_state(runtime_dir)
-    if state is not None:
-        sources.start_at(state.get("version", 0) + 1)
+    sources.start_at((state or {}).get("version", 0) + 1, support)
     membership = Membership(time.monotonic(), first_epoch=(state or {}).get("epoch", 0),
                             silence=SILENCE, recovery=RECOVERY if state is not None else 0.0)
     setup_logging(sources.settings.log_file, process="coordinator")
@@ -55,7 +67,7 @@ def main() -> int:
     import zmq
 
     try:
-        return uvloop.run(Coordinator(sources, runtime_dir, membership).run())
+        return uvloop.run(Coordinator(sources, runtime_dir, membership, store, users).run())
     except (OSError, zmq.ZMQError) as exc:
         print(f"sendguard: coordinator cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED

@@ -13,6 +13,7 @@ from typing import Any
 from cluster import keys
 from cluster.names import BadDomain, client_key, normalise_address
 from cluster.settings import Settings
+from cluster.support_state import iso_utc
 from cluster.tenants import TenantDirectory
 
 
@@ -68,6 +69,38 @@ def with_limits(rows_by_key: dict[str, list[dict[str, Any]]], settings: Settings
                 "window": window,
                 "count": row.get("count", 0),
                 "limit": limit_for(key, series, window, settings, tenants),
-                "clears_at": row.get("clears_at"),
+                "clears_at": _iso(row.get("clears_at")),
             })
     return out
+
+
+def summary(kind: str, rows: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """What the rows of an address mean: is it locked out of AUTH, is its bounce ratio over?"""
+    if kind != "ip":
+        return {}
+
+    def row(series: str, window: float) -> dict[str, Any]:
+        return next((r for r in rows if r["series"] == series and r["window"] == window),
+                    {"count": 0, "clears_at": None})
+
+    auth = settings.auth
+    failures = row(keys.FAILURES, auth.failure_window)
+    bounce = settings.bounce
+    accepted = int(row(keys.ACCEPTED, bounce.window)["count"])
+    undeliverable = int(row(keys.UNDELIVERABLE, bounce.window)["count"])
+    return {
+        "auth_failures": {
+            "count": failures["count"], "max": auth.max_failures,
+            "window": auth.failure_window, "locked": failures["count"] >= auth.max_failures,
+            "clears_at": failures["clears_at"]},
+        "bounce": {
+            "accepted": accepted, "undeliverable": undeliverable,
+            "ratio": round(undeliverable / accepted, 3) if accepted else 0.0,
+            "min_messages": bounce.min_messages, "max_ratio": bounce.max_ratio,
+            "refusing": accepted >= bounce.min_messages
+            and undeliverable > bounce.max_ratio * accepted},
+    }
+
+
+def _iso(value: Any) -> str | None:
+    return iso_utc(float(value)) if isinstance(value, (int, float)) else None

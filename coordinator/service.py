@@ -5,7 +5,10 @@ workers, the supervisor and the admin CLI, and a PUB at ``events.sock`` for
 snapshots and rings. Everything runs on one event loop; only the Prometheus
 endpoint has a thread of its own, reading an immutable aggregate. Admin
 work that needs the workers (``inspect``, ``queue``, spool adoption) is
-sent to them as ``AdminRequest``s and matched to their replies by ``rid``.
+sent to them as ``AdminRequest``s and matched to their replies by ``rid``;
+with ``[counters] backend = "redis"`` the coordinator reads and resets
+counters in Redis itself (:mod:`coordinator.shared_counters`), so every
+host's coordinator sees and changes the same counts.
 
 Signals: HUP rereads the configuration (a bad file is refused, the old one
 stays); TERM and INT stop.
@@ -20,7 +23,6 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +31,25 @@ import zmq
 import zmq.asyncio
 
 from cluster import wire
-from cluster.hosts import bind_coordinator
 from cluster.logjson import log_event
-from coordinator.inspect import SubjectError, subject_keys, with_limits
+from coordinator.errors import AdminError, Unavailable
+from coordinator.http_users import AdminUsers
+from coordinator.inspect import SubjectError, subject_keys, summary, with_limits
 from coordinator.membership import MEMBER, Membership, Worker
 from coordinator.metrics import MetricsBook, serve_metrics
+from coordinator.shared_counters import SharedCounters
 from coordinator.sources import SnapshotSources
-from coordinator.spools import AdoptionSweep, QueueError, queue_command
-from coordinator.tenant_edit import EditError, edit_countries
+from coordinator.spools import CHANGES, AdoptionSweep, QueueError, queue_command
+from coordinator.state_store import FileStore, SupportStore
+from coordinator.support import SupportDesk, text
+from coordinator.why import why
+from worker.counters.client import CounterUnavailable
 
 TICK = 0.5               # file watch and heartbeat check
 SILENCE = 5.0            # a member that has not reported for this long leaves
 RECOVERY = 2.5           # after a restart: rebuild membership from reports first
 INSPECT_TIMEOUT = 3.0
+RESET_TIMEOUT = 6.0      # the worker gives its owners 5 s
 RESEND_AFTER = 3.0       # a lagging worker gets the snapshot again at most this often
 MAX_WORKERS = 256
 STATE_FILE = "coordinator.state"
@@ -66,17 +74,20 @@ def write_state(runtime_dir: Path, version: int, epoch: int) -> None:
 
 class Coordinator:
     def __init__(self, sources: SnapshotSources, runtime_dir: Path,
-                 membership: Membership) -> None:
+                 membership: Membership, store: SupportStore | None = None,
+                 users: AdminUsers | None = None) -> None:
         self.sources = sources
         self.runtime_dir = runtime_dir
         self.membership = membership
+        self.desk = SupportDesk(store or FileStore(sources.settings.cluster.state_dir),
+                                sources, self._publish_snapshot)
+        self._lapsing: asyncio.Task[None] | None = None
+        self.users = users  # the HTTP admin API's, when [admin] listen is set
         self.metrics = MetricsBook()
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
         self.target_workers = 0
-        # Between hosts there is one supervisor per host: each scales its own workers.
-        self.supervisors: dict[bytes, int] = {}
-        self._supervisor_of: dict[str, bytes] = {}
+        self.shared = SharedCounters(sources.settings)
         self._asks: dict[str, asyncio.Future[wire.AdminReply]] = {}
         self.adoption = AdoptionSweep(self._ask)
         self._resent: dict[str, float] = {}
@@ -94,8 +105,8 @@ class Coordinator:
         self.pub = context.socket(zmq.PUB)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 0)
-        # With cluster.bind also on tcp:// for other hosts, every client with CURVE.
-        authenticator = bind_coordinator(context, self.sources.settings, self.router, self.pub)
+        self.router.bind(wire.coordinator_endpoint(self.runtime_dir))
+        self.pub.bind(wire.events_endpoint(self.runtime_dir))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -104,6 +115,17 @@ class Coordinator:
         listen = self.sources.settings.metrics_listen
         if listen is not None:
             metrics_server = serve_metrics(self.metrics, *listen)
+        http = None
+        admin_listen = self.sources.settings.admin.listen
+        if admin_listen is not None and self.users is not None:
+            from coordinator.http_api import serve
+
+            try:
+                http = await serve(self.call, self.users, *admin_listen)
+            except OSError:
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                raise
         self._persist()
         log_event("coordinator_ready", pid=os.getpid(), version=self.sources.version,
                   epoch=self.membership.epoch)
@@ -115,15 +137,24 @@ class Coordinator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.adoption.close()
+            if http is not None:
+                await http.cleanup()
+            if self.users is not None:
+                self.users.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
             self.router.close()
             self.pub.close()
-            if authenticator is not None:
-                authenticator.stop()
+            await self.shared.close()
             context.term()
         log_event("coordinator_stopped")
         return 0
+
+    async def _lapse(self) -> None:
+        try:
+            await self.desk.lapse()
+        except AdminError as exc:
+            log_event("lapse_failed", logging.ERROR, error=str(exc))
 
     def _on_hup(self) -> None:
         self._hup = True
@@ -197,9 +228,11 @@ class Coordinator:
                 self.metrics.retire(worker.name)
                 if self.supervisor:
                     # Hung, not dead: it still holds its listening socket, so it is replaced.
-                    await self._send(self._supervisor_of.get(worker.name, self.supervisor),
+                    await self._send(self.supervisor,
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
+            if self._lapsing is None or self._lapsing.done():
+                self._lapsing = asyncio.create_task(self._lapse())
             if self.supervisor:
                 self.adoption.tick(now, self.membership, self.target_workers)
             self.metrics.refresh(self.sources.version, self.membership.epoch,
@@ -235,14 +268,12 @@ class Coordinator:
         elif isinstance(message, wire.SupervisorHello):
             self.supervisor, self.supervisor_pid = identity, message.pid
             self.target_workers = message.workers
-            self.supervisors[identity] = message.pid
         elif isinstance(message, wire.ProcessEvent):
             await self._process_event(identity, message, now)
 
     async def _process_event(self, identity: bytes, event: wire.ProcessEvent,
                              now: float) -> None:
         self.supervisor = identity
-        self._supervisor_of[event.name] = identity
         log_event("process_event", worker=event.name, process_event=event.event,
                   pid=event.pid, detail=event.detail or None)
         self.adoption.event(event.name, event.event, now)
@@ -275,25 +306,38 @@ class Coordinator:
     # -- admin ---------------------------------------------------------------
 
     async def _admin(self, identity: bytes, request: wire.AdminRequest) -> None:
-        handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-            "status": self._status,
-            "scale": self._scale,
-            "allow-country": partial(self._edit_country, allow=True),
-            "disallow-country": partial(self._edit_country, allow=False),
-            "inspect": self._inspect,
-            "queue": self._queue,
-        }
-        handler = handlers.get(request.command)
         try:
-            if handler is None:
-                raise AdminError(f"unknown command {request.command!r}")
-            reply = wire.AdminReply(True, await handler(request.args))
+            reply = wire.AdminReply(True, await self.call(request.command, request.args))
         except AdminError as exc:
             reply = wire.AdminReply(False, {}, str(exc))
         except Exception as exc:
             logging.getLogger(__name__).exception("admin %s", request.command)
             reply = wire.AdminReply(False, {}, f"internal error: {exc}")
         await self._send(identity, reply)
+
+    async def call(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One admin command, from the admin socket or the HTTP API; raises AdminError."""
+        handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "status": self._status,
+            "scale": self._scale,
+            "allow-country": self.desk.allow_country,
+            "disallow-country": self.desk.disallow_country,
+            "countries": self._countries,
+            "history": self.desk.history,
+            "suspend": self.desk.suspend,
+            "unsuspend": self.desk.unsuspend,
+            "inspect": self._inspect,
+            "reset": self._reset,
+            "queue": self._queue,
+            "why": self._why,
+        }
+        handler = handlers.get(command)
+        if handler is None:
+            raise AdminError(f"unknown command {command!r}")
+        return await handler(args)
+
+    async def _countries(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.desk.countries_of(self.desk.hosted_domain(args))
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
@@ -336,38 +380,35 @@ class Coordinator:
         if not self.supervisor:
             raise AdminError("no supervisor is connected to this coordinator")
         previous = self.target_workers
-        for supervisor in {self.supervisor, *self.supervisors}:
-            await self._send(supervisor, wire.ScaleCommand(count))
+        await self._send(self.supervisor, wire.ScaleCommand(count))
         self.target_workers = count
         return {"workers": count, "previous": previous}
-
-    async def _edit_country(self, args: dict[str, Any], allow: bool) -> dict[str, Any]:
-        settings = self.sources.settings
-        try:
-            result = await asyncio.to_thread(
-                edit_countries, settings.tenants_file, str(args.get("domain", "")),
-                str(args.get("country", "")), allow, settings.geoip.default_countries)
-        except (EditError, OSError) as exc:
-            raise AdminError(str(exc)) from None
-        if result.changed:
-            log_event("tenant_edit", domain=result.domain, countries=list(result.countries),
-                      allow=allow)
-            if self.sources.force_tenants():
-                await self._publish_snapshot()
-        return {"domain": result.domain, "countries": list(result.countries),
-                "changed": result.changed,
-                "tenants_version": self.sources.tenants.directory.version,
-                "config_version": self.sources.version}
 
     async def _inspect(self, args: dict[str, Any]) -> dict[str, Any]:
         try:
             keys = subject_keys(str(args.get("kind", "")), str(args.get("subject", "")))
         except SubjectError as exc:
             raise AdminError(str(exc)) from None
+        if self.shared.enabled():
+            # Redis holds every host's counts: read them there, no worker needed.
+            try:
+                found, worker = await self.shared.inspect(keys), "redis"
+            except CounterUnavailable as exc:
+                raise Unavailable(str(exc)) from None
+        else:
+            found, worker = await self._inspect_on_workers(keys)
+        rows = with_limits(found, self.sources.settings, self.sources.tenants.directory)
+        result = {"keys": keys, "worker": worker, "rows": rows,
+                  **summary(str(args.get("kind")), rows, self.sources.settings)}
+        if args.get("kind") == "account":
+            result["suspension"] = self.desk.suspension_of(keys[0].partition(":")[2])
+        return result
+
+    async def _inspect_on_workers(self, keys: list[str]) -> tuple[dict[str, Any], str]:
         candidates = [w for w in self.membership.workers.values()
                       if w.state == MEMBER and w.identity]
         if not candidates:
-            raise AdminError("no worker is in the ring to ask")
+            raise Unavailable("no worker is in the ring to ask")
         # A worker asks each key's owner through its counter node; try another if one is slow.
         for worker in candidates[:2]:
             reply = await self._ask(worker, "inspect", {"keys": keys}, INSPECT_TIMEOUT)
@@ -375,17 +416,79 @@ class Coordinator:
                 continue
             if not reply.ok:
                 raise AdminError(f"{worker.name}: {reply.error}")
-            rows = reply.data.get("rows", {})
-            return {"keys": keys, "worker": worker.name,
-                    "rows": with_limits(rows, self.sources.settings,
-                                        self.sources.tenants.directory)}
-        raise AdminError("no worker answered in time")
+            return dict(reply.data.get("rows", {})), worker.name
+        raise Unavailable("no worker answered in time")
+
+    async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every counter of an address or an account, on its owner and replica (or in
+        Redis), and their part of open reservations, once."""
+        by, reason = text(args, "by", required=True), text(args, "reason")
+        kind, subject = str(args.get("kind", "")), str(args.get("subject", ""))
+        try:
+            keys = subject_keys(kind, subject)
+        except SubjectError as exc:
+            raise AdminError(str(exc)) from None
+        if self.shared.enabled():
+            try:
+                cleared = await self.shared.reset(keys)
+            except CounterUnavailable as exc:
+                raise Unavailable(str(exc)) from None
+            result: dict[str, Any] = {"keys": keys, "cleared": cleared, "owners": ["redis"],
+                                      "worker": "redis"}
+        else:
+            result = await self._reset_on_workers(keys)
+        log_event("counters_reset", keys=keys, cleared=result["cleared"], by=by)
+        domain = keys[0].partition(":")[2].rpartition("@")[2] if kind == "account" else ""
+        await self.desk.audit(by, "counters-reset", keys[0].partition(":")[2], domain,
+                              reason, details={"keys": keys, "counters": result["cleared"]})
+        return result
+
+    async def _reset_on_workers(self, keys: list[str]) -> dict[str, Any]:
+        candidates = [w for w in self.membership.workers.values()
+                      if w.state == MEMBER and w.identity]
+        if not candidates:
+            raise Unavailable("no worker is in the ring to ask")
+        # One id for the whole reset: a second worker asked after a silent first one
+        # reaches owners that answer it again without resetting twice.
+        payload = {"keys": keys, "reset_id": uuid.uuid4().hex}
+        for worker in candidates[:2]:
+            reply = await self._ask(worker, "reset", payload, RESET_TIMEOUT)
+            if reply is None:
+                continue
+            if not reply.ok:
+                raise AdminError(f"{worker.name}: {reply.error}")
+            return {"keys": keys, "cleared": int(reply.data.get("cleared", 0)),
+                    "owners": list(reply.data.get("owners", [])), "worker": worker.name}
+        raise Unavailable("no worker answered in time")
+
+    async def _why(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await why(list(self.membership.workers.values()), self._ask, args)
 
     async def _queue(self, args: dict[str, Any]) -> dict[str, Any]:
+        change = args.get("action") in CHANGES
+        if change:
+            by, reason = text(args, "by", required=True), text(args, "reason")
         try:
-            return await queue_command(list(self.membership.workers.values()), self._ask, args)
+            result = await queue_command(list(self.membership.workers.values()), self._ask, args)
         except QueueError as exc:
             raise AdminError(str(exc)) from None
+        if change:
+            await self._audit_queue(result, by, reason)
+        return result
+
+    async def _audit_queue(self, result: dict[str, Any], by: str, reason: str) -> None:
+        """One entry per tenant whose messages the purge, hold or release touched."""
+        by_domain: dict[str, list[str]] = {}
+        for message in result["messages"]:
+            domain = str(message.get("account", "")).rpartition("@")[2]
+            by_domain.setdefault(domain, []).append(message["queue_id"])
+        for domain, ids in sorted(by_domain.items()):
+            subject = result.get("account") or result.get("client") or ", ".join(ids)
+            details: dict[str, Any] = {"messages": len(ids), "queue_ids": ids}
+            if result["action"] == "purge":
+                details["bounce"] = bool(result.get("bounce"))
+            await self.desk.audit(by, f"queue-{result['action']}", subject, domain, reason,
+                                  details=details)
 
     async def _ask(self, worker: Worker, command: str, args: dict[str, Any],
                    timeout: float) -> wire.AdminReply | None:
@@ -401,6 +504,3 @@ class Coordinator:
         finally:
             self._asks.pop(rid, None)
 
-
-class AdminError(Exception):
-    pass

@@ -18,6 +18,7 @@ from typing import Any
 
 from cluster.logjson import log_event
 from cluster.settings import Settings, load_settings
+from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory, read_tenant_file
 from cluster.validate import ConfigError
 from cluster.wire import SnapshotMessage
@@ -31,6 +32,9 @@ _FIXED_AT_START: dict[str, Callable[[Settings], object]] = {
     "server.tls_cert": lambda s: (s.server.tls_cert, s.server.tls_key),
     "server.workers": lambda s: s.server.workers,
     "metrics.listen": lambda s: s.metrics_listen,
+    "admin.listen": lambda s: s.admin.listen,
+    "admin.recent_decisions": lambda s: (s.admin.recent_decisions,
+                                         s.admin.recent_decisions_for),
     "cluster": lambda s: s.cluster,
     "dns": lambda s: s.dns,
     "spam.backend": lambda s: (s.spam.backend, s.spam.url, s.spam.timeout,
@@ -95,12 +99,16 @@ class SnapshotSources:
         self.tenants = read_tenants(self.settings.tenants_file)
         self.geoip = read_geoip(self.settings)
         self._stamps = self._current_stamps()
+        self.support = SupportState()
         self.version = first_version
         self.message = self._build()
 
-    def start_at(self, version: int) -> None:
-        """Number from ``version`` on: a restarted coordinator continues its predecessor's count."""
+    def start_at(self, version: int, support: SupportState | None = None) -> None:
+        """Number from ``version`` on: a restarted coordinator continues its predecessor's
+        count; ``support`` is the state kept from before the restart."""
         self.version = version
+        if support is not None:
+            self.support = support
         self.message = self._build()
 
     def _current_stamps(self) -> tuple[Stamp, Stamp]:
@@ -116,6 +124,7 @@ class SnapshotSources:
             tenants_version=self.tenants.directory.version,
             geoip=geoip.blob if geoip is not None else None,
             geoip_version=geoip.version if geoip is not None else "",
+            support=self.support.to_wire(),
         )
 
     def _publish(self, reason: str) -> None:
@@ -173,6 +182,13 @@ class SnapshotSources:
         except ConfigError as exc:
             log_event("reload_refused", logging.ERROR, source="config", error=str(exc))
             return False
+        if settings.counters != self.settings.counters:
+            # Workers keep the counter store they started with, and one restarted
+            # later would take the new one: two stores would each see part of the counts.
+            log_event("reload_refused", logging.ERROR, source="config",
+                      error=f"{self.config_path}: counters: changes only with a restart "
+                            "of the gateway")
+            return False
         for key, read in _FIXED_AT_START.items():
             if read(self.settings) != read(settings):
                 log_event("reload_partial", logging.WARNING, key=key,
@@ -181,6 +197,11 @@ class SnapshotSources:
         self._stamps = self._current_stamps()
         self._publish("config")
         return True
+
+    def set_support(self, support: SupportState) -> None:
+        """Suspensions or country exceptions changed: a new version for the workers."""
+        self.support = support
+        self._publish("support")
 
     def force_tenants(self) -> bool:
         """The coordinator itself rewrote the tenant file: in force now, not at the next poll."""

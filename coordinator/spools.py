@@ -1,9 +1,10 @@
 """The workers' queues as the coordinator sees them: queue commands and adoption.
 
-``sendguard queue list|flush|delete`` goes to every worker that has said
-Hello (a leaving worker still holds its queue until it exits), and the
-answers are merged: one list sorted by arrival, the sum of flushed
-messages, and the one worker that deleted the id. A worker that does not
+``sendguard queue list|flush|delete|purge|hold|release`` goes to every
+worker that has said Hello (a leaving worker still holds its queue until it
+exits), and the answers are merged: one list sorted by arrival, the sum of
+flushed messages, the one worker that deleted the id, or the messages a
+purge, hold or release touched on each worker. A worker that does not
 answer in time, or is still loading its spool, is named in
 ``unanswered``: the list is then incomplete, and a delete that found
 nothing says so.
@@ -17,6 +18,7 @@ cluster neither runs nor is about to run (:class:`AdoptionSweep`).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,13 +26,15 @@ from typing import Any
 
 from cluster import wire
 from cluster.logjson import log_event
+from cluster.names import BadDomain, client_key, normalise_address
 from coordinator.membership import MEMBER, Membership, Worker
 
 QUEUE_TIMEOUT = 5.0
 ADOPT_EVERY = 2.0
 ADOPT_TIMEOUT = 60.0     # a large orphaned queue is read whole before the answer
 RESTART_GRACE = 60.0     # twice the supervisor's longest restart backoff
-ACTIONS = ("list", "flush", "delete")
+ACTIONS = ("list", "flush", "delete", "purge", "hold", "release")
+CHANGES = ("purge", "hold", "release")  # audited by the caller
 QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")  # SPEC §1
 _NAME_RE = re.compile(r"(?:(.+)-)?w(\d+)")  # w3 on one host, HOST-w3 between hosts
 
@@ -52,7 +56,9 @@ async def queue_command(workers: Sequence[Worker], ask: Ask,
         if not isinstance(queue_id, str) or not QUEUE_ID_RE.fullmatch(queue_id):
             raise QueueError(f"queue delete: {queue_id!r} is not a queue id")
         payload["queue_id"] = queue_id
-    targets = sorted((w for w in workers if w.identity), key=lambda w: _order(w.name))
+    elif action in CHANGES:
+        payload.update(selection(action, args))
+    targets = sorted((w for w in workers if w.identity), key=lambda w: order(w.name))
     if not targets:
         raise QueueError("no worker is running to ask")
     replies = await asyncio.gather(*(ask(w, "queue", payload, QUEUE_TIMEOUT) for w in targets))
@@ -65,7 +71,7 @@ async def queue_command(workers: Sequence[Worker], ask: Ask,
             unanswered[worker.name] = reply.error
         else:
             answers[worker.name] = reply.data
-    result: dict[str, Any] = {"action": action, "workers": sorted(answers, key=_order),
+    result: dict[str, Any] = {"action": action, "workers": sorted(answers, key=order),
                               "unanswered": unanswered}
     if action == "list":
         if not answers:
@@ -79,6 +85,15 @@ async def queue_command(workers: Sequence[Worker], ask: Ask,
             raise QueueError("no worker answered: " + _reasons(unanswered))
         per_worker = {name: int(data.get("started", 0)) for name, data in answers.items()}
         result.update(started=sum(per_worker.values()), per_worker=per_worker)
+    elif action in CHANGES:
+        if not answers:
+            raise QueueError("no worker answered: " + _reasons(unanswered))
+        touched = [{**item, "worker": name} for name, data in answers.items()
+                   for item in data.get("touched", [])]
+        result.update(touched=len(touched), messages=touched,
+                      per_worker={name: sum(1 for t in touched if t["worker"] == name)
+                                  for name in answers},
+                      **{k: v for k, v in payload.items() if k != "action"})
     else:
         found = [name for name, data in answers.items() if data.get("deleted")]
         if not found:
@@ -88,6 +103,37 @@ async def queue_command(workers: Sequence[Worker], ask: Ask,
             raise QueueError(message)
         result.update(queue_id=payload["queue_id"], deleted=True, worker=found[0])
     return result
+
+
+def selection(action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Which messages a purge, hold or release is about: ids, an account or an address."""
+    ids = args.get("ids") or []
+    account = args.get("account") or ""
+    address = args.get("ip") or ""
+    chosen = [name for name, value in (("ids", ids), ("account", account), ("ip", address))
+              if value]
+    allowed = ("account", "ip") if action == "purge" else ("ids", "account")
+    if len(chosen) != 1 or chosen[0] not in allowed:
+        raise QueueError(f"queue {action}: name exactly one of "
+                         + " or ".join({"ids": "queue ids", "account": "--account USER",
+                                        "ip": "--ip ADDR"}[a] for a in allowed))
+    extra = {"bounce": bool(args.get("bounce"))} if action == "purge" else {}
+    if ids:
+        if not isinstance(ids, list) or not all(isinstance(i, str) and QUEUE_ID_RE.fullmatch(i)
+                                                for i in ids):
+            raise QueueError(f"queue {action}: {ids!r} are not queue ids")
+        return {"ids": ids, **extra}
+    if account:
+        try:
+            return {"account": normalise_address(str(account)), **extra}
+        except BadDomain:
+            raise QueueError(f"queue {action}: {account!r} is not an account like "
+                             "user@domain") from None
+    try:
+        ipaddress.ip_address(str(address))
+    except ValueError:
+        raise QueueError(f"queue {action}: {address!r} is not an IP address") from None
+    return {"client": client_key(str(address)), **extra}
 
 
 class AdoptionSweep:
@@ -127,7 +173,7 @@ class AdoptionSweep:
                 self._seen.setdefault(f"{host}-w{index}" if host else f"w{index}", now)
         waiting = {name for name, seen in self._seen.items()
                    if now - seen < RESTART_GRACE and name not in self._retired}
-        return sorted(set(membership.workers) | waiting, key=_order)
+        return sorted(set(membership.workers) | waiting, key=order)
 
     def tick(self, now: float, membership: Membership, target: int) -> None:
         if target < 1 or membership.recovering(now) or now < self._next:
@@ -170,7 +216,7 @@ def _host(name: str) -> str:
     return match.group(1) or "" if match else ""
 
 
-def _order(name: str) -> tuple[str, int, str]:
+def order(name: str) -> tuple[str, int, str]:
     match = _NAME_RE.fullmatch(name)
     if match is None:
         return ("", 1 << 30, name)

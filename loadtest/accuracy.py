@@ -59,6 +59,11 @@ class Scenario:
     kill_worker: bool = False
     ip_limit: int = 100
     account_limits: tuple[int, ...] = (10, 40, 160, 480)
+    # Keep the load going past `duration` (up to `max_duration`) until this many
+    # of the smallest account limits were reached: a slow machine then takes
+    # longer instead of leaving a limit untested.
+    until_limits: int = 0
+    max_duration: float = 0.0
     settle: float = 90.0
     keep: bool = False
     events: list[str] = field(default_factory=list)
@@ -83,6 +88,9 @@ def plan(scenario: Scenario, port: int) -> dict[str, Any]:
     return {
         "host": f"smtp://127.0.0.1:{port}",
         "duration": scenario.duration,
+        "max_duration": max(scenario.max_duration, scenario.duration),
+        "until_refused": sorted(scenario.accounts, key=scenario.accounts.__getitem__)
+        [:scenario.until_limits],
         "rcpt_domain": "example.org",
         "groups": [
             {"name": "accounts", "users": hammer_accounts, "messages_per_session": 1,
@@ -217,7 +225,8 @@ def run_scenario(scenario: Scenario) -> dict[str, Any]:
         if child.stdout.readline().strip() != "running":
             raise RuntimeError(f"the Locust process did not start: {folder / 'locust.txt'}")
         disturb(cluster, scenario, time.monotonic())
-        if child.wait(scenario.duration + 120) != 0:
+        longest = max(scenario.max_duration, scenario.duration)
+        if child.wait(longest + 120) != 0:
             raise RuntimeError(f"the Locust process failed: {folder / 'locust.txt'}")
         load = json.loads((folder / "load.json").read_text())
         final = scenario.scale_to if scenario.scale_to is not None else scenario.workers

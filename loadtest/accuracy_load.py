@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -163,9 +164,30 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     users = sum(group["users"] for group in plan["groups"])
     runner.start(users, spawn_rate=max(users, 1))
     print("running", flush=True)
-    gevent.spawn_later(float(plan["duration"]), runner.quit)
+    gevent.spawn(_stop_when_done, plan, collector, runner)
     runner.greenlet.join()
     return collector.result()
+
+
+def _stop_when_done(plan: dict[str, Any], collector: Collector, runner: Any) -> None:
+    """Stop after `duration`, or later (up to `max_duration`) while an account
+    named in `until_refused` has not yet been refused for its limit."""
+    import gevent
+
+    started = time.monotonic()
+    waiting = set(plan.get("until_refused", ()))
+    longest = max(float(plan.get("max_duration", 0.0)), float(plan["duration"]))
+    while True:
+        elapsed = time.monotonic() - started
+        if elapsed >= longest:
+            break
+        if elapsed >= float(plan["duration"]):
+            refused = {account for (_, kind, account, _), n in collector.refusals.items()
+                       if kind == POLICY_VIOLATION and n}
+            if waiting <= refused:
+                break
+        gevent.sleep(0.25)
+    runner.quit()
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,8 @@ in the ring, the durable spool), waits until every worker is in the ring and
 listening, warms up, then runs full transactions (connect, EHLO, STARTTLS,
 AUTH, MAIL, RCPT, DATA of 1 KB, QUIT) from 127.0.0.x sources at 1 and at 100
 messages per session, bounded in count and time, and reads the CPU time the
-workers and the coordinator used per accepted message. The client is the one
+whole cluster (supervisor, coordinator, workers: ``loadtest.cpu``) used per
+accepted message. The client is the one
 ``loadtest.bench_core`` uses (``loadtest.smtp_load``), in its own processes
 on the same machine: compare the two rows, not the absolute figures, across
 machines.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from cluster.admin import AdminFailure, request
 from loadtest.bench_core import PASSWORD, run_clients, write_config
+from loadtest.cpu import tree_cpu
 from loadtest.loopback import LoopbackDNS, free_port
 from loadtest.smtp_load import LoadResult, LoadSpec, add_load_arguments
 
@@ -48,20 +50,6 @@ def wait_serving(runtime_dir: Path, workers: int, process: subprocess.Popen[byte
     raise TimeoutError(f"{workers} workers not serving after {timeout:g} s")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU the given processes have used so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
-
-
 def measure(workers: int, args: argparse.Namespace, dns: str, sink_port: int,
             spool_root: str) -> list[tuple[int, LoadResult, float]]:
     folder = Path(tempfile.mkdtemp(prefix="sgb-", dir="/tmp"))
@@ -73,8 +61,6 @@ def measure(workers: int, args: argparse.Namespace, dns: str, sink_port: int,
     results = []
     try:
         wait_serving(folder / "run", workers, process)
-        status = request(folder / "run", "status", {})
-        pids = [w["pid"] for w in status["workers"]] + [status["coordinator_pid"]]
         warm = LoadSpec("127.0.0.1", port, 100, 1, args.concurrency, user="jan@kowalski.pl",
                         password=PASSWORD, deadline=args.deadline)
         run_clients(warm, args.clients)
@@ -82,9 +68,9 @@ def measure(workers: int, args: argparse.Namespace, dns: str, sink_port: int,
             count = args.messages * (1 if per_session == 1 else 4)
             spec = LoadSpec("127.0.0.1", port, count, per_session, args.concurrency,
                             user="jan@kowalski.pl", password=PASSWORD, deadline=args.deadline)
-            before = cpu_seconds(pids)
+            before = tree_cpu(process.pid)
             result = run_clients(spec, args.clients)
-            used = cpu_seconds(pids) - before
+            used = tree_cpu(process.pid) - before
             results.append((per_session, result, used / max(1, result.accepted)))
     finally:
         process.send_signal(signal.SIGTERM)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cluster.passwords import hash_password
 from cluster.selfsigned import write_self_signed
+from loadtest.cpu import tree_cpu
 from loadtest.loopback import LoopbackDNS, free_port
 from loadtest.smtp_load import LoadResult, LoadSpec, add_load_arguments, run_load_process
 
@@ -60,6 +61,7 @@ file = "tenants.toml"
 
 [cluster]
 runtime_dir = "{folder}/run"
+state_dir = "{folder}/state"
 
 [geoip]
 database = "{ROOT / 'examples' / 'GeoLite2-Country-example.mmdb'}"
@@ -167,16 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         for per_session in (1, 100):
             count = args.messages * (1 if per_session == 1 else 4)
             figures = {}
-            for name, port in (("bare aiosmtpd", bare_port), ("sendguard", gateway_port)):
+            for name, port, server in (("bare aiosmtpd", bare_port, processes[1]),
+                                       ("sendguard", gateway_port, processes[2])):
                 spec = LoadSpec("127.0.0.1", port, count, per_session, args.concurrency,
                                 user="jan@kowalski.pl", password=PASSWORD)
+                before = tree_cpu(server.pid)
                 result = run_clients(spec, args.clients)
+                cpu = (tree_cpu(server.pid) - before) * 1000 / max(1, result.accepted)
                 rate = result.accepted / result.seconds if result.seconds else 0.0
                 figures[name] = rate
                 error = f", {result.first_error}" if result.first_error else ""
                 print(f"{name:14s} {per_session:3d} msg/session: {rate:8.0f} msgs/s "
-                      f"({result.accepted} accepted, {result.refused} refused, "
-                      f"{result.errors} errors{error})", flush=True)
+                      f"{cpu:5.2f} ms CPU/msg ({result.accepted} accepted, "
+                      f"{result.refused} refused, {result.errors} errors{error})", flush=True)
             rows.append((per_session, figures["sendguard"], figures["bare aiosmtpd"]))
     finally:
         for process in reversed(processes):

@@ -59,12 +59,18 @@ def add_parser(commands: Any, name: str,
                           help="SIGKILL a worker while the load runs")
     accuracy.add_argument("--ip-limit", type=_positive, default=100,
                           help="messages per hour per client address")
+    accuracy.add_argument("--until-limits", type=int, default=0, metavar="N",
+                          help="after --duration, go on until the N smallest account limits "
+                          "were reached (at most --max-duration)")
+    accuracy.add_argument("--max-duration", type=_duration, default=0.0,
+                          help="longest load with --until-limits (default: --duration)")
     accuracy.add_argument("--settle", type=_duration, default=90.0,
                           help="longest wait for the sink to receive what was acknowledged")
     accuracy.add_argument("--keep", action="store_true", help="keep the run's folder")
     accuracy.add_argument("--json", action="store_true", help="machine-readable output")
     bench = scenarios.add_parser(
-        "bench", help="msgs/s of sendguard at 1..N workers, a bare sink and Postfix")
+        "bench", help="msgs/s and CPU per message of sendguard at 1..N workers, "
+        "a stock aiosmtpd server and Postfix")
     bench.add_argument("--workers", type=_positive, default=os.cpu_count() or 2,
                        help="measure sendguard at 1..N workers (default: one per CPU)")
     bench.add_argument("--rounds", type=_positive, default=3, help="repeat every measurement")
@@ -72,6 +78,12 @@ def add_parser(commands: Any, name: str,
                        help="messages per measurement at 1 message per session (x3 at 100)")
     bench.add_argument("--concurrency", type=_positive, default=20, help="sessions in flight")
     bench.add_argument("--clients", type=_positive, default=2, help="client processes")
+    bench.add_argument("--compare", action="append", default=[], metavar="DIR",
+                       help="also measure sendguard from this source tree (e.g. an earlier "
+                       "commit unpacked with git archive), in the same rounds; repeatable")
+    bench.add_argument("--no-bare", action="store_true",
+                       help="leave out the bare sink with the gateway's aiosmtpd speedups "
+                       "(the stock aiosmtpd baseline always runs)")
     postfix = bench.add_mutually_exclusive_group()
     postfix.add_argument("--install-postfix", action="store_true",
                          help="apt-get install postfix first (it REPLACES any other MTA)")
@@ -97,7 +109,8 @@ def _accuracy(args: argparse.Namespace) -> int:
 
     scenario = Scenario(workers=args.workers, users=args.users, duration=args.duration,
                         scale_to=args.scale_to, kill_worker=args.kill_worker,
-                        ip_limit=args.ip_limit, settle=args.settle, keep=args.keep)
+                        ip_limit=args.ip_limit, until_limits=args.until_limits,
+                        max_duration=args.max_duration, settle=args.settle, keep=args.keep)
     if args.users < 2:
         print("sendguard: loadtest accuracy: --users must be 2 or more "
               "(one per group of keys)", file=sys.stderr)

@@ -69,13 +69,19 @@ def _accept_any(server: Any, session: Any, envelope: Any, mechanism: str,
 
 
 def serve_sink(port: int, cert: Path | None = None, key: Path | None = None,
-               require_auth: bool = False, ready: threading.Event | None = None) -> None:
-    """A bare uvloop + aiosmtpd server that accepts any AUTH and discards (blocks)."""
+               require_auth: bool = False, ready: threading.Event | None = None,
+               stock: bool = False) -> None:
+    """A bare uvloop + aiosmtpd server that accepts any AUTH and discards (blocks).
+
+    ``stock``: aiosmtpd exactly as released; otherwise with the gateway's
+    per-connection saving (worker/smtp_speedups.py), as the gateway runs it.
+    """
     import uvloop
 
-    from worker import smtp_speedups
+    if not stock:
+        from worker import smtp_speedups
 
-    smtp_speedups.install()  # the baseline gets the same per-connection saving
+        smtp_speedups.install()
 
     import logging
 
@@ -112,6 +118,7 @@ if __name__ == "__main__":
     parser.add_argument("--cert")
     parser.add_argument("--key")
     parser.add_argument("--auth", action="store_true")
+    parser.add_argument("--stock", action="store_true", help="aiosmtpd without our speedups")
     args = parser.parse_args()
     serve_sink(args.port, Path(args.cert) if args.cert else None,
-               Path(args.key) if args.key else None, args.auth)
+               Path(args.key) if args.key else None, args.auth, stock=args.stock)

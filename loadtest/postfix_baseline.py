@@ -158,6 +158,13 @@ class PostfixRelay:
                 total += len(files)
         return total
 
+    def master_pid(self) -> int | None:
+        """The instance's master process (every other Postfix process descends from it)."""
+        try:
+            return int((self.queue / "pid" / "master.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def running(self) -> bool:
         return self._postfix("status", check=False).returncode == 0
 

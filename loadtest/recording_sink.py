@@ -1,7 +1,7 @@
 """The next hop of a load test: an aiosmtpd sink that remembers what it was given.
 
-It accepts every message (no AUTH, no TLS: what a relay's next hop or a
-smarthost looks like on loopback) and records the ``X-Load-Token`` of each,
+It accepts every message (no AUTH, no TLS, PIPELINING offered: what a
+relay's next hop or a smarthost looks like on loopback) and records the ``X-Load-Token`` of each,
 so a scenario can compare what arrived with what the gateway acknowledged.
 Two ways to run it: in a thread of a process that does not import Locust
 (:class:`SinkThread`, the accuracy scenario), or as a process of its own that
@@ -17,6 +17,7 @@ import multiprocessing
 import re
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
@@ -29,11 +30,25 @@ _HEAD_SCAN = 64 * 1024
 class Recorder:
     """Tokens received (a message delivered twice counts twice) and a plain count."""
 
-    def __init__(self, shared: Synchronized | None = None) -> None:  # type: ignore[type-arg]
+    def __init__(self, shared: Synchronized | None = None,  # type: ignore[type-arg]
+                 sessions: Synchronized | None = None) -> None:  # type: ignore[type-arg]
         self.tokens: Counter[str] = Counter()
         self.messages = 0
         self._shared = shared
+        self._sessions = sessions
         self._lock = threading.Lock()
+
+    def session_opened(self) -> None:
+        if self._sessions is not None:
+            with self._sessions.get_lock():
+                self._sessions.value += 1
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        # Next hops in the wild (Postfix, the big providers) offer PIPELINING, and
+        # aiosmtpd takes pipelined commands; it just does not say so.
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content = envelope.original_content or envelope.content or b""
@@ -62,6 +77,7 @@ async def _serve(recorder: Recorder, port: int, started: threading.Event | Any,
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
+        recorder.session_opened()
         return SMTP(recorder, hostname="sink.loadtest.invalid", loop=loop,
                     enable_SMTPUTF8=True, data_size_limit=0)
 
@@ -106,22 +122,35 @@ class SinkThread:
         self._thread.join(10)
 
 
-def _counting_main(port: int, shared: Synchronized, started: Any) -> None:  # type: ignore[type-arg]
+def _counting_main(port: int, shared: Synchronized, sessions: Synchronized,  # type: ignore[type-arg]
+                   started: Any) -> None:
     import uvloop
 
-    uvloop.run(_serve(Recorder(shared), port, started))
+    uvloop.run(_serve(Recorder(shared, sessions), port, started))
 
 
-def start_counting_sink(port: int) -> tuple[multiprocessing.process.BaseProcess,
-                                             Synchronized]:  # type: ignore[type-arg]
-    """A sink process; the returned value counts the messages it received."""
+@dataclass
+class CountingSink:
+    """A sink process and what it counts in shared memory."""
+
+    process: multiprocessing.process.BaseProcess
+    messages: Synchronized  # type: ignore[type-arg]
+    sessions: Synchronized  # type: ignore[type-arg]
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def start_counting_sink(port: int) -> CountingSink:
+    """A sink process that counts the messages and the SMTP sessions it received."""
     context = multiprocessing.get_context("spawn")
     shared = context.Value("q", 0)
+    sessions = context.Value("q", 0)
     started = context.Event()
-    process = context.Process(target=_counting_main, args=(port, shared, started),
+    process = context.Process(target=_counting_main, args=(port, shared, sessions, started),
                               name=f"sink-{port}", daemon=True)
     process.start()
     if not started.wait(30):
         process.kill()
         raise TimeoutError(f"the sink did not start on port {port}")
-    return process, shared
+    return CountingSink(process, shared, sessions)

@@ -9,6 +9,7 @@ accepting connections, so a measurement never starts on a half-built cluster.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -43,18 +44,25 @@ def patch_config(config: Path, replacements: dict[str, str]) -> None:
 class ClusterProcess:
     """``sendguard run -c CONFIG`` with its stderr in ``stderr_path``."""
 
-    def __init__(self, config: Path, runtime_dir: Path, port: int, stderr_path: Path) -> None:
+    def __init__(self, config: Path, runtime_dir: Path, port: int, stderr_path: Path,
+                 source: Path | None = None) -> None:
         self.config = config
         self.runtime_dir = runtime_dir
         self.port = port
         self.stderr_path = stderr_path
+        # Another source tree of sendguard to run instead of this one (a benchmark's
+        # "before"): first on the path, ahead of the installed package.
+        self.source = source
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, workers: int, timeout: float = 90.0) -> ClusterProcess:
+        env = None
+        if self.source is not None:
+            env = {**os.environ, "PYTHONPATH": str(self.source)}
         with open(self.stderr_path, "ab") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cluster.cli", "run", "-c", str(self.config)],
-                cwd=ROOT, stderr=stderr, stdout=subprocess.DEVNULL)
+                cwd=self.source or ROOT, env=env, stderr=stderr, stdout=subprocess.DEVNULL)
         self.wait_serving(workers, timeout)
         wait_for_banner(self.port, timeout)
         return self

@@ -126,16 +126,10 @@ class Gateway:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> Gateway:
-        import logging
-
-        from cluster.logjson import JsonFormatter
+        from cluster.logjson import open_log
 
         assert self.settings.log_file is not None
-        self._log_handler = logging.FileHandler(self.settings.log_file, encoding="utf-8")
-        self._log_handler.setFormatter(JsonFormatter("w0"))
-        logger = logging.getLogger("sendguard")
-        logger.addHandler(self._log_handler)
-        logger.setLevel(logging.INFO)
+        open_log(self.settings.log_file, "w0")
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
@@ -179,10 +173,9 @@ class Gateway:
             self._drain_timeout = drain_timeout
         self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(60)
-        import logging
+        from cluster.logjson import close_log
 
-        logging.getLogger("sendguard").removeHandler(self._log_handler)
-        self._log_handler.close()
+        close_log()
 
     def call(self, func: Any, *args: Any) -> Any:
         """Run ``func(*args)`` on the gateway's loop and return its result (for inspection)."""
@@ -244,6 +237,11 @@ class Gateway:
     def log_lines(self) -> list[dict[str, Any]]:
         import json
 
+        from cluster.logjson import flush_log
+
+        # The worker writes a loop turn's lines at the end of the turn; its reply
+        # to the client may go out first. It runs in this process: flush now.
+        flush_log()
         path = self.settings.log_file
         assert path is not None
         if not path.exists():

@@ -2,8 +2,7 @@
 
 With ``--runtime-dir`` (how the supervisor starts it) the worker joins the
 cluster whose sockets are in that folder and takes its configuration from
-the coordinator (between hosts ``--host-file`` says how to reach it);
-without it, it runs alone on the files named by ``--config``.
+the coordinator; without it, it runs alone on the files named by ``--config``.
 """
 
 from __future__ import annotations
@@ -30,16 +29,13 @@ def main() -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--runtime-dir", default="",
                         help="join the cluster whose sockets are in this folder")
-    parser.add_argument("--host-file", default="",
-                        help="between hosts: the supervisor's settings and keys (cluster.hosts)")
     args = parser.parse_args()
     if args.parent_pid:
         die_with_parent(args.parent_pid)
     if args.runtime_dir:
         from worker.main import run_cluster_worker
 
-        return run_cluster_worker(Path(args.runtime_dir), args.name,
-                                  Path(args.host_file) if args.host_file else None)
+        return run_cluster_worker(Path(args.runtime_dir), args.name)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -13,8 +13,9 @@ left out of a later one has been retired: :attr:`removed` is set.
 
 The coordinator also forwards admin work here as ``AdminRequest``s whose
 ``rid`` the ``AdminReply`` carries back: ``inspect`` (the counter node asks
-each key's owner), ``queue`` (``sendguard queue list|flush|delete`` on this
-worker's delivery agent) and ``adopt`` (claim orphaned spool folders, see
+each key's owner), ``queue`` (``sendguard queue list|flush|delete|purge|
+hold|release`` on this worker's delivery agent), ``why`` (the session's
+recent decisions, :mod:`worker.recent`) and ``adopt`` (claim orphaned spool folders, see
 :mod:`worker.spool.adoption`). Queue work is answered only once the worker
 is serving, i.e. its spool is loaded and :attr:`delivery` set.
 """
@@ -32,13 +33,14 @@ import zmq
 import zmq.asyncio
 
 from cluster import wire
-from cluster.hosts import Uplink
 from cluster.logjson import log_event
 from cluster.settings import parse_settings
+from cluster.support_state import SupportState
 from cluster.tenants import parse_tenants
 from cluster.validate import ConfigError
 from worker.delivery import DeliveryAgent
 from worker.geo import CountryDatabase, GeoDatabaseError
+from worker.recent import RecentDecisions
 from worker.snapshot import Snapshot
 from worker.spool.adoption import adopt_orphans
 
@@ -48,13 +50,32 @@ REPORT_INTERVAL = 1.0
 class RingNode(Protocol):
     async def apply_ring(self, epoch: int, members: Sequence[tuple[str, str]]) -> None: ...
     async def inspect(self, key: str) -> list[dict[str, Any]]: ...
+    async def reset(self, keys: Sequence[str], rid: str) -> tuple[int, list[str]]: ...
 
 
 def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> Snapshot:
-    """Raises ConfigError when the snapshot cannot be used (it was validated upstream)."""
-    settings = parse_settings(Path(message.config_path), message.config)
-    tenants = parse_tenants(settings.tenants_file, message.tenants,
-                            version=message.tenants_version)
+    """Raises ConfigError when the snapshot cannot be used (it was validated upstream).
+
+    What did not change is taken from ``previous`` as it is: a new version may
+    only carry a suspension, and a large tenant directory costs a noticeable
+    time to parse again."""
+    if (previous is not None and str(previous.settings.path) == message.config_path
+            and previous.settings.raw == message.config):
+        settings = previous.settings
+    else:
+        settings = parse_settings(Path(message.config_path), message.config)
+    if (previous is not None and message.tenants_version
+            and previous.tenants.version == message.tenants_version
+            and previous.settings.tenants_file == settings.tenants_file):
+        tenants = previous.tenants
+    else:
+        tenants = parse_tenants(settings.tenants_file, message.tenants,
+                                version=message.tenants_version)
+    try:
+        support = SupportState.from_wire(message.support or {})
+    except ValueError as exc:
+        raise ConfigError(settings.path, "cluster.state_dir", f"bad support state: {exc}",
+                          show_value=False) from None
     geoip = None
     if message.geoip is not None:
         old = previous.geoip if previous is not None else None
@@ -66,13 +87,12 @@ def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> 
             except GeoDatabaseError as exc:
                 raise ConfigError(settings.path, "geoip.database", str(exc),
                                   show_value=False) from None
-    return Snapshot(settings, tenants, geoip, message.version)
+    return Snapshot(settings, tenants, geoip, message.version, support)
 
 
 class ClusterLink:
-    def __init__(self, runtime_dir: Path, name: str, uplink: Uplink | None = None) -> None:
+    def __init__(self, runtime_dir: Path, name: str) -> None:
         self.runtime_dir = runtime_dir
-        self.uplink = uplink or Uplink.local(runtime_dir)
         self.name = name
         self.endpoint = ""
         self.phase = "starting"
@@ -81,6 +101,7 @@ class ClusterLink:
         self.removed = asyncio.Event()
         self.report_values: Callable[[], dict[str, Any]] = dict
         self.delivery: DeliveryAgent | None = None
+        self.recent: RecentDecisions | None = None
         self._snapshot: Snapshot | None = None
         self._have_snapshot = asyncio.Event()
         self._snapshot_error: ConfigError | None = None
@@ -103,10 +124,8 @@ class ClusterLink:
             sock.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_SNAPSHOT)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_RING)
-        for sock in (self.sub, self.dealer):
-            self.uplink.secure(sock)
-        self.sub.connect(self.uplink.events)
-        self.dealer.connect(self.uplink.coordinator)
+        self.sub.connect(wire.events_endpoint(self.runtime_dir))
+        self.dealer.connect(wire.coordinator_endpoint(self.runtime_dir))
         self._tasks += [asyncio.create_task(self._receive(self.sub)),
                         asyncio.create_task(self._receive(self.dealer))]
 
@@ -132,7 +151,7 @@ class ClusterLink:
         if old is not None and message.version <= old.version:
             return
         try:
-            snapshot = build_snapshot(self.uplink.adapt(message), old)
+            snapshot = build_snapshot(message, old)
         except ConfigError as exc:
             if old is None:
                 # Nothing to fall back on: the worker cannot start.
@@ -222,6 +241,19 @@ class ClusterLink:
         keys = args.get("keys", [])
         return {"rows": {str(key): await self._node.inspect(str(key)) for key in keys}}
 
+    async def _why(self, args: dict[str, Any]) -> dict[str, Any]:
+        recent = self.recent
+        if recent is None:
+            raise _Refused(f"{self.name} is not serving yet")
+        return {"decisions": recent.session(str(args.get("sid", ""))),
+                "kept": {"decisions": recent.max_decisions, "seconds": recent.max_age}}
+
+    async def _reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._node is not None
+        keys = [str(key) for key in args.get("keys", [])]
+        cleared, owners = await self._node.reset(keys, str(args.get("reset_id", "")))
+        return {"cleared": cleared, "owners": owners}
+
     def _serving(self) -> DeliveryAgent:
         if self.delivery is None:
             raise _Refused(f"{self.name} has not loaded its spool yet")
@@ -236,6 +268,16 @@ class ClusterLink:
             return {"started": delivery.flush()}
         if action == "delete":
             return {"deleted": await delivery.delete(str(args.get("queue_id", "")))}
+        if action in ("purge", "hold", "release"):
+            records = delivery.matching(ids=frozenset(map(str, args.get("ids") or ())),
+                                        account=str(args.get("account") or ""),
+                                        client=str(args.get("client") or ""))
+            if action == "purge":
+                touched = await delivery.purge(records, bool(args.get("bounce")))
+            else:
+                touched = await delivery.hold(records, action == "hold")
+            return {"touched": [{"queue_id": r.queue_id, "account": r.account}
+                                for r in touched]}
         raise _Refused(f"unknown queue action {action!r}")
 
     async def _adopt(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -266,8 +308,11 @@ class ClusterLink:
             elif isinstance(message, wire.RingMessage):
                 self._offer_ring(message)
             elif isinstance(message, wire.AdminRequest):
-                work = {"inspect": self._inspect if self._node is not None else None,
-                        "queue": self._queue, "adopt": self._adopt}.get(message.command)
+                ring = self._node is not None
+                work = {"inspect": self._inspect if ring else None,
+                        "reset": self._reset if ring else None,
+                        "queue": self._queue, "adopt": self._adopt,
+                        "why": self._why}.get(message.command)
                 if work is not None:
                     task = asyncio.create_task(self._answer(message, work))
                     self._requests.add(task)

@@ -10,28 +10,34 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cluster.counting import Op, Outcome
 from cluster.logjson import log_event
 from cluster.passwords import PasswordSchemeError
+from cluster.support_state import iso_utc
 from worker import replies
 from worker.auth import PasswordVerifier
 from worker.counters.client import CounterClient, CounterUnavailable
 from worker.policies import CONTINUE, Action, Client, Verdict, reject, tempfail
 from worker.policies.auth_throttle import AuthThrottlePolicy
 from worker.policies.bounce_ratio import BounceRatioPolicy
-from worker.policies.geoip import GeoipPolicy
-from worker.policies.rate_limit import RateLimitPolicy
+from worker.policies.geoip import GeoipPolicy, client_country
+from worker.policies.rate_limit import RateLimitPolicy, window_text
 from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.policies.sender_domain import SenderDomainPolicy
 from worker.policies.spam_grace import SpamGracePolicy
+from worker.policies.suspension import SuspensionPolicy
+from worker.recent import RecentDecisions
 from worker.snapshot import Snapshot
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, SpamScanner
 from worker.spool import BaseSpool, SpoolError, new_queue_id
 from worker.spool.record import SpoolRecord
 from worker.submission import complete_headers, spam_headers, trace_headers
+
+_CLEARS_KEPT = 10_000
+_CLEARS_FOR = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,7 @@ class PolicyEngine:
         spool: BaseSpool,
         clock: Callable[[], float] = time.time,
         on_queued: Callable[[SpoolRecord], None] | None = None,
+        recent: RecentDecisions | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.counters = counters
@@ -68,15 +75,21 @@ class PolicyEngine:
         self.spool = spool
         self.clock = clock
         self.on_queued = on_queued
+        # Every decision is also kept here for ``sendguard why`` (None: not kept).
+        self.recent = recent
         self.auth_throttle = AuthThrottlePolicy()
+        self.suspension = SuspensionPolicy(clock)
         self.sender_domain = SenderDomainPolicy()
-        self.geoip = GeoipPolicy()
+        self.geoip = GeoipPolicy(clock)
         self.bounce_ratio = BounceRatioPolicy()
         self.rate_limit = RateLimitPolicy()
         self.recipient_domain = recipient_domain
         self.spam_grace = SpamGracePolicy()
         # Told every verdict that is logged (the worker's metrics).
         self.on_decision: Callable[[str, Verdict], None] | None = None
+        # (key, series, window) -> (when a full window lets the next message in, when that
+        # was asked): a burst of refusals of one key asks its owner once.
+        self._clears: dict[tuple[str, str, float], tuple[float, float]] = {}
 
     # -- AUTH ---------------------------------------------------------------
 
@@ -126,7 +139,7 @@ class PolicyEngine:
 
     async def mail(self, client: Client, sender: str) -> Verdict:
         snapshot = self.snapshot()
-        for policy in (self.sender_domain, self.geoip):
+        for policy in (self.suspension, self.sender_domain, self.geoip):
             verdict = policy.check(snapshot, client, sender)
             if not verdict.ok:
                 return self._log(client, "MAIL", verdict, sender=sender)
@@ -139,11 +152,15 @@ class PolicyEngine:
                              sender=sender)
         split = len(bounce_ops)
         verdict = self.bounce_ratio.judge(snapshot, client, bounce_ops, outcome.counts[:split])
-        if verdict.ok:
-            verdict = self.rate_limit.judge(client, rate_ops, outcome.counts[split:])
-        if verdict.ok:
-            verdict = Verdict(Action.CONTINUE, replies.SENDER_OK, "mail")
-        return self._log(client, "MAIL", verdict, sender=sender)
+        if not verdict.ok:
+            return self._log(client, "MAIL", verdict, sender=sender)
+        verdict = self.rate_limit.judge(client, rate_ops, outcome.counts[split:])
+        if not verdict.ok:
+            denied = self.rate_limit.denied(rate_ops, outcome.counts[split:])
+            facts = await self._limit_facts(rate_ops, outcome.counts[split:], denied)
+            return self._log(client, "MAIL", verdict, sender=sender, **facts)
+        return self._log(client, "MAIL", Verdict(Action.CONTINUE, replies.SENDER_OK, "mail"),
+                         sender=sender)
 
     # -- RCPT ---------------------------------------------------------------
 
@@ -178,7 +195,11 @@ class PolicyEngine:
                                         queue_id=queue_id, **scanned))
         if not outcome.ok:
             verdict = self._refusal(client, ops, outcome, scan, spam_ops)
-            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned))
+            facts = {}
+            if verdict.policy == self.rate_limit.name:
+                facts = await self._limit_facts(ops, outcome.counts, outcome.denied)
+            return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned,
+                                        **facts))
 
         record = SpoolRecord.new(
             queue_id=queue_id,
@@ -250,8 +271,48 @@ class PolicyEngine:
         except CounterUnavailable:
             pass  # it expires on its owner and is released there
 
+    async def _limit_facts(self, ops: Sequence[Op], counts: Sequence[int],
+                           denied: int | None) -> dict[str, object]:
+        """What a rate-limit refusal names: key, window, count, max and when it clears."""
+        if denied is None:
+            return {}
+        op, count = ops[denied], counts[denied]
+        return {"key": op.key, "window": window_text(op.window), "count": count, "max": op.max,
+                "clears_at": iso_utc(await self._clears_at(op))}
+
+    async def _clears_at(self, op: Op) -> float | None:
+        """When the oldest counted message of the full window leaves it, by the owner's rows."""
+        ident, now = (op.key, op.series, op.window), self.clock()
+        known = self._clears.get(ident)
+        # Kept briefly: a reset or a released reservation can move it.
+        if known is not None and known[0] > now and now - known[1] < _CLEARS_FOR:
+            return known[0]
+        try:
+            rows = (await self.counters.inspect([op.key])).get(op.key, [])
+        except CounterUnavailable:
+            return None
+        row = next((row for row in rows if row.get("series") == op.series
+                    and row.get("window") == op.window), {})
+        clears = fits_again_at(row, op.max or 0, op.amount)
+        if clears is not None:
+            if len(self._clears) >= _CLEARS_KEPT:
+                self._clears.clear()
+            self._clears[ident] = (float(clears), now)
+            return float(clears)
+        return None
+
+    def log_decision(self, client: Client, stage: str, verdict: Verdict,
+                     **extra: object) -> Verdict:
+        """A decision made outside the engine (by the SMTP layer): logged and kept the same way."""
+        return self._log(client, stage, verdict, **extra)
+
     def _log(self, client: Client, stage: str, verdict: Verdict, **extra: object) -> Verdict:
-        account = extra.pop("account", None) or (client.account.user if client.account else None)
+        named = extra.pop("account", None)
+        account = str(named) if named else (client.account.user if client.account else None)
+        country = client.country
+        if country is None:
+            country = client_country(self.snapshot(), client)
+        outcome = verdict.action.value if verdict.action is not Action.CONTINUE else "accept"
         log_event(
             "decision",
             sid=client.sid,
@@ -259,14 +320,35 @@ class PolicyEngine:
             account=account,
             stage=stage,
             policy=verdict.policy or None,
-            verdict=verdict.action.value if verdict.action is not Action.CONTINUE else "accept",
+            verdict=outcome,
             reply=verdict.reply or None,
             detail=verdict.detail or None,
+            country=country or None,
             **extra,
         )
+        if self.recent is not None:
+            self.recent.add(client.sid, client.ip, country or None, account, stage,
+                            verdict.policy or None, outcome, verdict.reply or None,
+                            verdict.detail or None, extra)
         if self.on_decision is not None:
             self.on_decision(stage, verdict)
         return verdict
+
+
+def fits_again_at(row: dict[str, object], limit: int, amount: int) -> float | None:
+    """When enough of a full window's oldest counts have left it for ``amount`` more to fit
+    under ``limit``, from an owner's row (``CounterShard.snapshot``)."""
+    buckets = row.get("buckets")
+    count = row.get("count")
+    if not isinstance(buckets, list) or not isinstance(count, int):
+        clears = row.get("clears_at")  # an owner that does not list its buckets
+        return float(clears) if isinstance(clears, (int, float)) else None
+    excess = count + amount - limit
+    for ends_at, n in buckets:
+        excess -= n
+        if excess <= 0:
+            return float(ends_at)
+    return None  # it can never fit (a message larger than the limit)
 
 
 def _scan_fields(scan: ScanResult) -> dict[str, object]:

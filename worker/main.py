@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cluster.hosts import Uplink
-from cluster.logjson import log_event, setup_logging
+from cluster.logjson import flush_log, log_event, setup_logging
 from cluster.settings import Settings
 from cluster.validate import ConfigError
 from worker.auth import PasswordVerifier
 from worker.counters.client import CounterClient, LocalCounters
+from worker.counters.redis_store import counters_for
 from worker.counters.shard import CounterShard
 from worker.delivery import DeliveryAgent
 from worker.dns import DomainResolver
@@ -44,6 +44,7 @@ from worker.engine import PolicyEngine
 from worker.local_source import LocalSnapshotSource
 from worker.metrics import WorkerMetrics
 from worker.policies.recipient_domain import RecipientDomainPolicy
+from worker.recent import RecentDecisions
 from worker.server import BootError, SmtpServer
 from worker.snapshot import Snapshot
 from worker.spam import make_scanner
@@ -78,6 +79,9 @@ class WorkerParts:
         """After the SMTP drain: let deliveries in flight finish, then close the spool."""
         await self.delivery.stop(drain_timeout)
         await self.engine.spool.aclose()
+        close = getattr(self.engine.counters, "aclose", None)  # a Redis client
+        if close is not None:
+            await close()
 
 
 async def build_worker(settings: Settings, name: str = "w0", *,
@@ -93,7 +97,7 @@ async def build_worker(settings: Settings, name: str = "w0", *,
     scanner = make_scanner(spam.backend, spam.url, spam.timeout, spam.rspamd_spam_actions)
     # Same name, same folder: a replacement replays its predecessor's queue.
     spool = await open_spool(settings.delivery.spool, name)
-    counters = counters or LocalCounters(shard)
+    counters = counters or counters_for(settings, LocalCounters(shard))
     delivery = DeliveryAgent(spool, lambda: source.current().settings, counters, resolver)
     engine = PolicyEngine(
         snapshot=source.current,
@@ -103,10 +107,20 @@ async def build_worker(settings: Settings, name: str = "w0", *,
         scanner=lambda: scanner,
         spool=spool,
         on_queued=delivery.enqueue,
+        recent=RecentDecisions(recent_share(settings), settings.admin.recent_decisions_for),
     )
     engine.on_decision = metrics.decision
     return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
                        delivery)
+
+
+def recent_share(settings: Settings) -> int:
+    """This worker's part of ``admin.recent_decisions``: connections are spread evenly over
+    the workers, so each keeps its share and the host holds about the whole bound."""
+    total = settings.admin.recent_decisions
+    if total <= 0:
+        return 0
+    return max(1, total // (settings.server.workers or os.cpu_count() or 1))
 
 
 async def _housekeeping(parts: WorkerParts) -> None:
@@ -166,16 +180,15 @@ async def serve(settings: Settings, name: str = "w0",
     return EXIT_OK
 
 
-async def serve_cluster(runtime_dir: Path, name: str, uplink: Uplink | None = None) -> int:
-    """``uplink``: how to reach the coordinator between hosts (``cluster.hosts``)."""
+async def serve_cluster(runtime_dir: Path, name: str) -> int:
     import zmq
 
+    from cluster.wire import worker_endpoint
     from worker.cluster_link import ClusterLink
     from worker.counters.node import CounterNode
 
     stop = _Stop()
-    uplink = uplink or Uplink.local(runtime_dir)
-    link = ClusterLink(runtime_dir, name, uplink)
+    link = ClusterLink(runtime_dir, name)
     await link.connect()
     node: CounterNode | None = None
     parts: WorkerParts | None = None
@@ -189,18 +202,19 @@ async def serve_cluster(runtime_dir: Path, name: str, uplink: Uplink | None = No
         setup_logging(settings.log_file, process=name)
         metrics = WorkerMetrics()
         shard = CounterShard()
-        endpoint = uplink.worker_endpoint(name)
+        endpoint = worker_endpoint(runtime_dir, name)
         node = CounterNode(name, endpoint, shard, settings.cluster.request_timeout,
                            observe=metrics.observe_counter)
         try:
             await node.start()
         except (zmq.ZMQError, ValueError, OSError) as exc:
             raise BootError(f"cannot bind the counter endpoint {endpoint}: {exc}") from None
+        counters = counters_for(settings, node.client, metrics.observe_counter)
         parts = await build_worker(settings, name, source=link, shard=shard,
-                                   counters=node.client, metrics=metrics)
+                                   counters=counters, metrics=metrics)
         sessions = parts.server.sessions
         link.report_values = lambda: metrics.values(len(sessions), sessions.total)
-        await link.join(node, node.endpoint)  # a tcp:// port may have been chosen at bind
+        await link.join(node, node.endpoint)
         while not stop.any.is_set() and not node.active():
             await _first(node.wait_active(5.0), stop.any.wait())
             if not node.active() and not stop.any.is_set():
@@ -209,6 +223,7 @@ async def serve_cluster(runtime_dir: Path, name: str, uplink: Uplink | None = No
             return EXIT_OK
         await parts.start()
         link.delivery = parts.delivery  # queue commands and spool adoption
+        link.recent = parts.engine.recent  # sendguard why
         link.phase = "serving"
         await link.report()
         housekeeping = asyncio.create_task(_housekeeping(parts))
@@ -246,23 +261,11 @@ def run_worker(settings: Settings, name: str = "w0") -> int:
     return _run(serve(settings, name), name)
 
 
-def run_cluster_worker(runtime_dir: Path, name: str, host_file: Path | None = None) -> int:
+def run_cluster_worker(runtime_dir: Path, name: str) -> int:
     """Entry point of a worker started by the supervisor."""
     # stderr until the snapshot names the log file.
     setup_logging(None, process=name)
-    uplink = None
-    if host_file is not None:
-        from cluster.hosts import read_host_file
-
-        try:
-            uplink = read_host_file(host_file)
-        except ConfigError as exc:
-            print(str(exc), file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"sendguard: {name}: cannot read {host_file}: {exc}", file=sys.stderr)
-            return EXIT_BOOT_FAILED
-    return _run(serve_cluster(runtime_dir, name, uplink), name)
+    return _run(serve_cluster(runtime_dir, name), name)
 
 
 def _run(main: Awaitable[int], name: str) -> int:
@@ -277,3 +280,5 @@ def _run(main: Awaitable[int], name: str) -> int:
         log_event("boot_failed", logging.ERROR, worker=name, error=str(exc))
         print(f"sendguard: {name}: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
+    finally:
+        flush_log()  # lines of the loop's last turns (the loop is gone)

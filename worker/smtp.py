@@ -5,6 +5,8 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
 
 - a session id per connection, in the banner and the replies, kept across
   STARTTLS (aiosmtpd recreates ``session`` there);
+- STARTTLS through the event loop's own TLS (worker/starttls.py; its tests are in
+  ``tests/worker/test_starttls.py``);
 - SPEC's texts for MAIL before AUTH, for SIZE at MAIL (checked before AUTH,
   as SPEC orders it) and for too much data after DATA;
 - AUTH PLAIN/LOGIN verified asynchronously (aiosmtpd's authenticator hook is
@@ -25,13 +27,13 @@ import asyncio
 import re
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from cluster.logjson import log_event
 from cluster.names import client_key, plain_ip
 from cluster.sessionid import new_session_id
-from worker import replies, smtp_speedups
-from worker.policies import Client
+from worker import replies, smtp_speedups, starttls
+from worker.policies import Client, reject
 
 smtp_speedups.install()
 
@@ -82,11 +84,18 @@ class GatewaySMTP(SMTP):
             self.__ident__ = replies.BANNER_IDENT.format(sid=sid)
             self.sessions.add(self)
             log_event("connect", sid=sid, client_ip=ip, tls=self.client.tls, proxy=self._proxy)
-        else:
-            self.client.tls = True  # connection_made again means STARTTLS completed
         super().connection_made(transport)
         if self._peer is not None and self.session is not None:
             self.session.peer = self._peer  # aiosmtpd just set it from the transport
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        # uvloop's TLS, not aiosmtpd's pure-Python one: see worker/starttls.py.
+        assert self.client is not None
+        if await starttls.upgrade(self, arg, sid=self.client.sid, client_ip=self.client.ip):
+            self.client.tls = True
+            if self._peer is not None and self.session is not None:
+                self.session.peer = self._peer  # type: ignore[assignment]
 
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the session on a half-close but keeps the connection
@@ -113,8 +122,7 @@ class GatewaySMTP(SMTP):
             reply = replies.AUTH_REQUIRED.format(sid=self.sid)
             if caller_method == "MAIL":
                 assert self.client is not None
-                log_event("decision", sid=self.sid, client_ip=self.client.ip, stage="MAIL",
-                          policy="auth", verdict="reject", reply=reply)
+                self.engine.log_decision(self.client, "MAIL", reject("auth", reply))
             await self.push(reply)
             return True
         return False

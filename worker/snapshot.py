@@ -1,4 +1,4 @@
-"""The immutable view a worker decides with: settings, tenants, GeoIP database.
+"""The immutable view a worker decides with: settings, tenants, GeoIP database, support state.
 
 A new snapshot is swapped in by reference; a session in flight keeps using
 the one it read, so a reload never tears a decision in half.
@@ -6,9 +6,10 @@ the one it read, so a reload never tears a decision in half.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.settings import Settings
+from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory
 from worker.geo import CountryDatabase
 
@@ -19,3 +20,5 @@ class Snapshot:
     tenants: TenantDirectory
     geoip: CountryDatabase | None
     version: int = 0
+    # Suspensions and time-limited country exceptions, from the coordinator.
+    support: SupportState = field(default_factory=SupportState)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert server.drain_timeout == 10.0
     assert settings.tenants_file == tmp_path / "tenants.toml"
     assert settings.cluster.request_timeout == 0.5
-    assert settings.cluster.coordinator == ""
+    assert settings.counters.backend == "ring"
+    assert settings.counters.redis_url == ""
+    assert settings.counters.redis_cluster == ()
     assert len(str(settings.cluster.runtime_dir)) < 60
     assert settings.metrics_listen is None
     assert settings.auth.max_failures == 10
@@ -83,6 +86,35 @@ def test_defaults(tmp_path: Path) -> None:
     assert delivery.spool == Path("/var/spool/sendguard")
     assert delivery.retry == (60.0, 300.0, 900.0, 3600.0, 14400.0)
     assert delivery.max_queue_time == 432000.0
+    admin = settings.admin
+    assert (admin.listen, admin.users_file, admin.recent_decisions,
+            admin.recent_decisions_for) == (None, None, 2_000_000, 86400.0)
+
+
+def test_state_dir_defaults_by_user_and_follows_the_config_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, MINIMAL)
+    if os.geteuid() == 0:
+        assert load_settings(path).cluster.state_dir == Path("/var/lib/sendguard")
+    else:
+        monkeypatch.setenv("XDG_STATE_HOME", "/srv/state")
+        assert load_settings(path).cluster.state_dir == Path("/srv/state/sendguard")
+        monkeypatch.setenv("XDG_STATE_HOME", "relative/is/ignored")
+        assert load_settings(path).cluster.state_dir == \
+            Path.home() / ".local" / "state" / "sendguard"
+    path = write(tmp_path, MINIMAL + '[cluster]\nstate_dir = "state"\n')
+    assert load_settings(path).cluster.state_dir == tmp_path / "state"
+    (tmp_path / "file").write_text("")
+    path = write(tmp_path, MINIMAL + '[cluster]\nstate_dir = "file"\n')
+    assert error_of(path) == f'{path}: cluster.state_dir: is not a folder (got "{tmp_path}/file")'
+
+
+def test_admin_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + '[admin]\nlisten = "127.0.0.1:8026"\nusers_file = "u"\n'
+                 'recent_decisions = 10\nrecent_decisions_for = "1h"\n')
+    admin = load_settings(path).admin
+    assert (admin.listen, admin.users_file, admin.recent_decisions,
+            admin.recent_decisions_for) == (("127.0.0.1", 8026), tmp_path / "u", 10, 3600.0)
 
 
 def test_relative_paths_follow_the_config_folder(tmp_path: Path) -> None:
@@ -143,15 +175,53 @@ def test_limits_list(tmp_path: Path) -> None:
     ('[[limits]]\nwindow = "1m"\nmax = 5\n[[limits]]\nwindow = "1m"\nmax = 6\n',
      "limits: lists the same window twice (got [{window = \"1m\", max = 5}, "
      "{window = \"1m\", max = 6}])"),
-    ('[cluster]\ncoordinator = "10.0.0.1:7700"\n',
-     'cluster.coordinator: must be "" or "tcp://HOST:PORT" (got "10.0.0.1:7700")'),
+    ('[cluster]\ncoordinator = "tcp://10.0.0.1:7700"\n',
+     'cluster.coordinator: is not a known setting (got "tcp://10.0.0.1:7700")'),
+    ('[counters]\nbackend = "memcached"\n',
+     'counters.backend: must be one of ring, redis (got "memcached")'),
+    ('[counters]\nbackend = "redis"\n',
+     'counters.redis_url: with counters.backend = "redis", set redis_url (one server) or '
+     'redis_cluster (seed nodes of a Redis Cluster) (got "")'),
+    ('[counters]\nbackend = "redis"\nredis_url = "redis://10.0.0.5:6379/0"\n'
+     'redis_cluster = ["10.0.0.5:7000"]\n',
+     "counters.redis_cluster: set either counters.redis_url (one server) or "
+     'counters.redis_cluster (seed nodes), not both (got ["10.0.0.5:7000"])'),
+    ('[counters]\nredis_url = "redis://10.0.0.5:6379/0"\n',
+     'counters.redis_url: is only used with counters.backend = "redis" '
+     '(got "redis://10.0.0.5:6379/0")'),
+    ('[counters]\nbackend = "redis"\nredis_url = "10.0.0.5:6379"\n',
+     'counters.redis_url: must be like "redis://HOST:PORT/DB" (or rediss://, unix://) '
+     '(got "10.0.0.5:6379")'),
+    ('[counters]\nbackend = "redis"\nredis_url = "redis://10.0.0.5:99999/0"\n',
+     'counters.redis_url: has a bad port (got "redis://10.0.0.5:99999/0")'),
+    ('[counters]\nbackend = "redis"\nredis_cluster = ["10.0.0.5"]\n',
+     'counters.redis_cluster: must list seed nodes like "10.0.0.5:7000" (got "10.0.0.5")'),
     ('[metrics]\nlisten = "9464"\n',
      'metrics.listen: must be "ADDRESS:PORT" like "0.0.0.0:587" (got "9464")'),
     ('[sever]\nhostname = "x"\n', 'sever: is not a known setting (got {hostname = "x"})'),
+    ('[admin]\nlisten = "127.0.0.1:8026"\n',
+     'admin.users_file: is required when admin.listen is set (got "")'),
+    ('[admin]\nlisten = "localhost"\nusers_file = "u"\n',
+     'admin.listen: must be "ADDRESS:PORT" like "0.0.0.0:587" (got "localhost")'),
+    ('[admin]\nrecent_decisions = -1\n', "admin.recent_decisions: must be at least 0 (got -1)"),
+    ('[admin]\nrecent_decisions_for = "forever"\n',
+     'admin.recent_decisions_for: must be a duration like "500ms", "2s", "1m", "12h" or "5d" '
+     '(got "forever")'),
+    ('[admin]\nport = 1\n', "admin.port: is not a known setting (got 1)"),
+    ('[cluster]\nstate_dir = 5\n', "cluster.state_dir: must be a string (got 5)"),
 ])
 def test_bad_settings(tmp_path: Path, body: str, message: str) -> None:
     path = write(tmp_path, MINIMAL + body)
     assert error_of(path) == f"{path}: {message}"
+
+
+def test_redis_backends(tmp_path: Path) -> None:
+    one = load_settings(write(tmp_path, MINIMAL + '[counters]\nbackend = "redis"\n'
+                              'redis_url = "redis://10.0.0.5:6379/0"\n'))
+    assert one.counters.redis_url == "redis://10.0.0.5:6379/0"
+    many = load_settings(write(tmp_path, MINIMAL + '[counters]\nbackend = "redis"\n'
+                               'redis_cluster = ["10.0.0.5:7000", "[2001:db8::6]:7001"]\n'))
+    assert many.counters.redis_cluster == (("10.0.0.5", 7000), ("2001:db8::6", 7001))
 
 
 def test_tenants_file_is_required(tmp_path: Path) -> None:

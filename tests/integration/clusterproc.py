@@ -86,7 +86,7 @@ class Cluster:
                        "tls_cert": "cert.pem", "tls_key": "key.pem", "workers": workers,
                        "drain_timeout": "5s"},
             "tenants": {"file": "tenants.toml"},
-            "cluster": {"runtime_dir": "run", "request_timeout": "1s"},
+            "cluster": {"runtime_dir": "run", "request_timeout": "1s", "state_dir": "state"},
             "geoip": {"database": "country.mmdb", "default_countries": ["PL"],
                       "unknown": "reject"},
             "dns": {"nameservers": [dns.address], "timeout": "2s"},

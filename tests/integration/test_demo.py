@@ -36,12 +36,15 @@ def wait_for_banner(port: int, process: subprocess.Popen, timeout: float = 60.0)
 
 def test_demo_serves_the_example_account(short_tmp: Path) -> None:
     folder = short_tmp / "examples"
-    shutil.copytree(ROOT / "examples", folder, ignore=shutil.ignore_patterns("tls", "spool"))
+    shutil.copytree(ROOT / "examples", folder,
+                    ignore=shutil.ignore_patterns("tls", "spool", "state"))
     port, tls_port = free_port(), free_port()
     config = folder / "sendguard.toml"
     text = config.read_text().replace("127.0.0.1:2587", f"127.0.0.1:{port}")
     text = text.replace("127.0.0.1:2465", f"127.0.0.1:{tls_port}")
-    config.write_text(text + f'\n[cluster]\nruntime_dir = "{short_tmp}/run"\n')
+    assert "\n[cluster]\n" in text
+    config.write_text(text.replace("\n[cluster]\n",
+                                   f'\n[cluster]\nruntime_dir = "{short_tmp}/run"\n'))
     log = (short_tmp / "stderr.txt").open("w")
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "demo", "--dir", str(folder)],
                                stderr=log)

@@ -270,7 +270,8 @@ def test_snapshot_reports_when_the_oldest_bucket_clears(shard: CounterShard, clo
         shard.add(fail)
         clock.advance(10)
     assert shard.snapshot("auth-fail:127.0.0.5") == [
-        {"series": "fail", "window": 300.0, "count": 3, "clears_at": T0 + 305.0}
+        {"series": "fail", "window": 300.0, "count": 3, "clears_at": T0 + 305.0,
+         "buckets": [[T0 + 305.0, 1], [T0 + 315.0, 1], [T0 + 325.0, 1]]}
     ]
     clock.t = T0 + 305.0
     assert shard.snapshot("auth-fail:127.0.0.5")[0]["count"] == 2
@@ -670,7 +671,7 @@ def test_reset_forgets_counts_and_reservations_but_not_open_leases(
     shard.reserve("r1", msg_ops("ip:a") + msg_ops("acct:b"))
     shard.mark([Op("bounce:a", "bad", HOUR, None, 2)])
     shard.lend("L1", msg_ops("ip:a"), want=5, ttl=30)
-    assert shard.reset(["ip:a", "bounce:a", "ip:nothing"]) == 2
+    assert shard.reset(["ip:a", "bounce:a", "ip:nothing"]) == 4  # counters that held a count
     # The lease's borrower may still spend its units: they stay counted.
     assert [r["count"] for r in shard.snapshot("ip:a")] == [5, 5, 5]
     assert shard.snapshot("bounce:a") == []
@@ -692,7 +693,8 @@ def test_rows_say_when_one_more_fits(shard: CounterShard, clock: Clock) -> None:
     rows = {r["series"]: r for r in shard.rows("ip:a")}
     # Full: one more fits once the first two leave (their bucket ends a minute on).
     assert rows["msg"] == {"series": "msg", "window": MINUTE, "count": 3, "max": 3,
-                           "clears_at": T0 + 1 + MINUTE}
+                           "clears_at": T0 + 1 + MINUTE,
+                           "buckets": [[T0 + 1 + MINUTE, 2], [T0 + 21 + MINUTE, 1]]}
     # No limit: when the oldest counted bucket leaves.
     assert rows["plain"]["max"] is None
     assert rows["plain"]["clears_at"] == T0 + 20 + 1 + MINUTE
@@ -739,3 +741,16 @@ def test_well_formed_ops_pass_the_quick_check(ops: list) -> None:
 def test_malformed_ops_fail_the_quick_check(ops: object) -> None:
     with pytest.raises(ValueError):
         check_wire_ops(ops)
+
+
+def test_a_named_reset_is_done_once_and_its_copy_knows(clock: Clock) -> None:
+    owner, replica = CounterShard(clock=clock), CounterShard(clock=clock)
+    owner.add(msg_ops("ip:a"))
+    assert owner.reset(["ip:a"], "reset-1") == 3
+    replica.import_(_wire(owner.export(["ip:a"])), exact=True)
+    owner.add(msg_ops("ip:a"))
+    replica.add(msg_ops("ip:a"))  # the replica took over, and counted a message since
+    assert owner.reset(["ip:a"], "reset-1") == 3  # the first answer; nothing cleared
+    assert replica.reset(["ip:a"], "reset-1") == 3
+    assert count(owner, "ip:a", "msg", HOUR) == count(replica, "ip:a", "msg", HOUR) == 1
+    assert not owner.release("reset-1")

@@ -42,11 +42,12 @@ class CounterClient(Protocol):
         """Add each op's amount (possibly negative) in the bucket of `op.at`."""
 
     async def reset(self, keys: Sequence[str]) -> int:
-        """Forget every count and reservation of `keys`; how many had any state."""
+        """Forget every count of `keys` and their part of open reservations;
+        how many counters (series and window) held a count."""
 
     async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-        """Per key, rows of series, window, count, max and clears_at
-        (`CounterShard.rows`)."""
+        """Per key, rows of series, window, count, clears_at and buckets
+        (`CounterShard.rows`; a backend that knows the limit adds max)."""
 
 
 class LocalCounters:

@@ -128,6 +128,12 @@ class CounterNode:
         """The key's rows as its owner sees them (`CounterShard.rows`)."""
         return (await self._client.inspect([key])).get(key, [])
 
+    async def reset(self, keys: Sequence[str], rid: str,
+                    timeout: float = 5.0) -> tuple[int, list[str]]:
+        """`sendguard counters reset` of `keys` on their owners and replicas, once
+        per `rid` whichever worker is asked; (counters cleared, owners)."""
+        return await self._client.reset_once(keys, rid, timeout)
+
     # -- membership --------------------------------------------------------------
 
     async def apply_ring(self, epoch: int, members: Sequence[tuple[str, str]]) -> None:

@@ -221,8 +221,10 @@ class OwnedKeys:
             returned = shard.return_lease(_text(arg), list(extra))
             return returned, None, ([arg] if returned else None)
         if kind == "reset":
-            # Every record on these keys changed: the replica gets them all.
-            return shard.reset(keys), None, shard.reservations_of(keys)
+            # Every record on these keys changed (and the reset's own, by its
+            # id, is one of them): the replica gets them all.
+            cleared = shard.reset(keys, _text(arg) or None)
+            return cleared, None, shard.reservations_of(keys)
         if kind == "inspect":
             return {key: shard.rows(key) for key in keys}, None, None
         raise ValueError(f"unknown counter request kind {kind!r}")

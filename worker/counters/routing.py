@@ -181,11 +181,19 @@ class RoutedCounters:
             self._observed(call)
 
     async def reset(self, keys: Sequence[str]) -> int:
-        """Forget every count and reservation of `keys` at their owners (and
-        replicas); how many of them had any state. A lease still open keeps
-        its units counted until its borrower returns them."""
-        parts = await self._by_key("reset", keys)
-        return sum(int(reply[wire.A_VALUE]) for _, reply in parts)
+        """Forget every count of `keys` and their part of open reservations at
+        their owners (and replicas); how many counters held a count. A lease
+        still open keeps its units counted until its borrower returns them."""
+        return (await self.reset_once(keys, self._links.rid()))[0]
+
+    async def reset_once(self, keys: Sequence[str], rid: str,
+                         timeout: float | None = None) -> tuple[int, list[str]]:
+        """`reset` named `rid`: asked again with the same `rid` (from this node or
+        any other), an owner answers what it cleared the first time and clears
+        nothing. Returns (counters cleared, owners asked)."""
+        parts = await self._by_key("reset", keys, lambda owner: f"{rid}@{owner}", timeout)
+        return (sum(int(reply[wire.A_VALUE]) for _, reply in parts),
+                sorted({owner for owner, _ in parts}))
 
     async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """Per key, its rows as its owner sees them (`CounterShard.rows`)."""
@@ -478,27 +486,31 @@ class RoutedCounters:
                 delay = await self._settle_wait(newest, delay, call)
         return answered
 
-    async def _by_key(self, kind: str, keys: Sequence[str]) -> list[_Part]:
-        """`reset` or `inspect` of `keys` on their owners, one request each."""
-        call = self._call()
+    async def _by_key(self, kind: str, keys: Sequence[str],
+                      arg: Callable[[str], str] = lambda owner: "",
+                      timeout: float | None = None) -> list[tuple[str, Reply]]:
+        """`reset` or `inspect` of `keys` on their owners, one request each;
+        (owner, answer) per owner. `arg(owner)` names each owner's part."""
+        call = self._call() if timeout is None else \
+            Call(asyncio.get_running_loop().time() + timeout)
         links = self._links
-        todo, answered, delay = list(range(len(keys))), [], _BACKOFF[0]
+        todo, answered, delay = list(dict.fromkeys(keys)), [], _BACKOFF[0]
         while todo:
             ring, epoch = await links.ring_for(call.deadline)
-            groups: dict[str, list[int]] = {}
-            for i in todo:
-                groups.setdefault(ring.owner(keys[i]), []).append(i)
-            replies = await asyncio.gather(*(
-                self._send(owner, [links.rid(), epoch, kind, "", [], [keys[i] for i in idx]],
-                           call) for owner, idx in groups.items()), return_exceptions=True)
+            groups: dict[str, list[str]] = {}
+            for key in todo:
+                groups.setdefault(ring.owner(key), []).append(key)
+            replies = await _all([
+                self._send(owner, [f"{links.rid()}.{kind}", epoch, kind, arg(owner), [], part],
+                           call) for owner, part in groups.items()])
             todo, newest = [], epoch
-            for idx, reply in zip(groups.values(), replies, strict=True):
+            for (owner, part), reply in zip(groups.items(), replies, strict=True):
                 if isinstance(reply, BaseException):
                     raise reply
                 if reply[wire.A_STATUS] == Status.OK:
-                    answered.append((idx, reply))
+                    answered.append((owner, reply))
                 elif reply[wire.A_STATUS] in (Status.MOVED, Status.RETRY):
-                    todo.extend(idx)
+                    todo.extend(part)
                     newest = max(newest, reply[wire.A_EPOCH])
                 else:
                     raise CounterUnavailable(f"counter owner refused: {reply[wire.A_DETAIL]}")

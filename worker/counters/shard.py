@@ -38,7 +38,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from cluster.counting import AMOUNT, AT, KEY, MAX, SERIES, WINDOW, Outcome
-from worker.counters.window import SLOTS, CounterTable, bucket_index, clears_at, oldest_counted
+from worker.counters.window import (
+    SLOTS,
+    CounterTable,
+    bucket_index,
+    clears_at,
+    ends_at,
+    oldest_counted,
+)
 
 EXPORT_VERSION = 2
 
@@ -46,7 +53,8 @@ OPEN = "open"
 RELEASED = "released"
 DENIED = "denied"
 RETURNED = "returned"  # a lease whose unused units were taken back
-_STATES = (OPEN, RELEASED, DENIED, RETURNED)
+RESET = "reset"  # not a reservation: a reset done, remembered by its id
+_STATES = (OPEN, RELEASED, DENIED, RETURNED, RESET)
 
 # Heap entries examined per call, plus two per op: eviction outpaces the
 # keys a call can create, so the backlog of dead keys cannot grow.
@@ -134,7 +142,7 @@ class CounterShard:
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET)
         rec = self._live_reservation(rid, now)
-        if rec is None or rec.state == DENIED or rec.lease_end:
+        if rec is None or rec.state in (DENIED, RESET) or rec.lease_end:
             return False
         if rec.state == OPEN:
             self._undo(rec)
@@ -232,20 +240,29 @@ class CounterShard:
 
     # -- support ---------------------------------------------------------
 
-    def reset(self, keys: Iterable[str]) -> int:
-        """Forget every count of `keys` and every reservation's part on them.
+    def reset(self, keys: Iterable[str], rid: str | None = None, ttl: float = 600.0) -> int:
+        """Forget every count of `keys` and every reservation's part on them;
+        returns how many counters (series and window) held a count.
 
         A lease still open keeps its units counted: its borrower may still
         spend them, and forgetting them could admit more than the limit.
-        Returns how many of the keys had any state."""
+        With a `rid` the reset is remembered (and exported with the keys) for
+        `ttl` seconds: a repeat, here or on the replica that took over,
+        answers the first count and clears nothing, since counts that came
+        after the first must stay."""
         now = self._now()
+        names = tuple(dict.fromkeys(keys))
+        if rid is not None:
+            known = self._live_reservation(rid, now)
+            if known is not None:
+                return known.outcome.counts[0] if known.outcome.counts else 0
         cleared = 0
-        for name in dict.fromkeys(keys):
-            had = self._table.clear(name)
-            for rid in list(self._rsv_by_key.get(name, ())):
-                rec = self._reservations[rid]
+        for name in names:
+            cleared += sum(1 for *_, buckets in self._table.counters(name, now) if buckets)
+            self._table.clear(name)
+            for held in list(self._rsv_by_key.get(name, ())):
+                rec = self._reservations[held]
                 mine = [e for e in rec.entries if e[0] == name]
-                had = had or bool(mine)
                 if rec.lease_end and rec.state == OPEN and rec.expires > now:
                     for entry in mine:
                         if entry[4] > 0:
@@ -255,7 +272,9 @@ class CounterShard:
                     # Nothing left here to undo; the record stays, indexed, so
                     # that a repeated reserve is still answered as before.
                     rec.entries = tuple(e for e in rec.entries if e[0] != name)
-            cleared += had
+        if rid is not None:
+            self._store_reservation(rid, _Reservation(Outcome(True, (cleared,), None), RESET,
+                                                      now + ttl, names, ()))
         return cleared
 
     def reservations_of(self, keys: Iterable[str]) -> list[str]:
@@ -263,18 +282,24 @@ class CounterShard:
         return list(self._exported_rids(set(keys), None))
 
     def rows(self, key: str) -> list[dict[str, Any]]:
-        """Per (series, window) of `key`: its count, the limit of the last decision
-        that counted on it (None if none had one), and `clears_at`: at or over
-        that limit, when enough of the window has passed for one more to
-        fit; otherwise when the oldest counted bucket stops counting (None
-        when empty). Times are epoch seconds."""
+        """Per (series, window) of `key` with a count: the count; the limit of the
+        last decision that counted on it (`max`, None if none had one);
+        `clears_at`, at or over that limit when enough of the window has
+        passed for one more to fit, otherwise when the oldest counted bucket
+        stops counting; and `buckets`, every counted bucket as [when it stops
+        counting, count], oldest first. Times are epoch seconds."""
         now = self._now()
-        return [{"series": series, "window": float(window), "count": sum(buckets.values()),
-                 "max": limit, "clears_at": clears_at(buckets, window / SLOTS, limit)}
-                for series, window, limit, buckets in self._table.counters(key, now)]
+        rows = []
+        for series, window, limit, buckets in self._table.counters(key, now):
+            width = window / SLOTS
+            rows.append({"series": series, "window": float(window),
+                         "count": sum(buckets.values()), "max": limit,
+                         "clears_at": clears_at(buckets, width, limit),
+                         "buckets": [[ends_at(width, i), n] for i, n in sorted(buckets.items())]})
+        return rows
 
     def snapshot(self, key: str) -> list[dict[str, Any]]:
-        """`rows` without the limit (what replicas and tests compare)."""
+        """`rows` without the limit: series, window, count, clears_at, buckets."""
         return [{k: v for k, v in row.items() if k != "max"} for row in self.rows(key)]
 
     # -- housekeeping ----------------------------------------------------

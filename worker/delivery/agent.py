@@ -24,12 +24,12 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.logjson import log_event
-from cluster.names import BadDomain, split_address
+from cluster.names import BadDomain, client_key, split_address
 from cluster.settings import Settings
 from worker.counters.client import CounterClient
 from worker.delivery.dsn import bounce_record
@@ -44,6 +44,7 @@ SMARTHOST = "[smarthost]"
 # Postfix's smtp_destination_recipient_limit: servers commonly refuse more
 # recipients than this in one transaction.
 RECIPIENTS_PER_TRANSACTION = 50
+PURGED = "message cancelled by the postmaster"
 # A timer may fire a hair before the wall clock reaches its due time.
 _SLACK = 0.05
 
@@ -74,6 +75,7 @@ class DeliveryAgent:
         messages_per_connection: int = 100,
         connect_timeout: float = 30.0,
         command_timeout: float = 300.0,
+        idle_timeout: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
@@ -87,7 +89,8 @@ class DeliveryAgent:
         self.pool = SessionPool(settings, Router(resolver), self._job_done,
                                 per_destination=per_destination, max_connections=max_connections,
                                 messages_per_connection=messages_per_connection,
-                                connect_timeout=connect_timeout, command_timeout=command_timeout)
+                                connect_timeout=connect_timeout, command_timeout=command_timeout,
+                                idle_timeout=idle_timeout)
         self.stats = {DELIVERED: 0, DEFERRED: 0, BOUNCED: 0, "dsn": 0}
 
     # -- lifecycle -------------------------------------------------------------
@@ -154,8 +157,7 @@ class DeliveryAgent:
                 "arrival": record.received_at,
                 "age": max(0.0, now - record.received_at),
                 "attempts": record.attempts,
-                "state": "active" if entry.active else ("deferred" if record.attempts else
-                                                        "queued"),
+                "state": _state(entry),
                 "next_attempt": None if entry.active else record.next_attempt,
                 "next_try_in": None if entry.active else max(0.0, record.next_attempt - now),
                 "last_error": errors[-1] if errors else None,
@@ -167,7 +169,7 @@ class DeliveryAgent:
         """Attempt every waiting message now; returns how many were started."""
         started = 0
         for entry in list(self._entries.values()):
-            if entry.active or entry.deleted:
+            if entry.active or entry.deleted or entry.record.held:
                 continue
             if entry.timer is not None:
                 entry.timer.cancel()
@@ -185,16 +187,87 @@ class DeliveryAgent:
         entry = self._entries.pop(queue_id, None)
         if entry is None:
             return False
+        await self._drop(entry, "queue_deleted")
+        return True
+
+    def matching(self, *, ids: Collection[str] = (), account: str = "",
+                 client: str = "") -> list[SpoolRecord]:
+        """The queued records with one of ``ids``, of ``account``, or from the client
+        key ``client`` (an address, IPv6 by its /64)."""
+        found = []
+        for entry in self._entries.values():
+            record = entry.record
+            if ((ids and record.queue_id in ids) or (account and record.account == account)
+                    or (client and client_key(record.client_ip) == client)):
+                found.append(record)
+        return found
+
+    async def purge(self, records: list[SpoolRecord], bounce: bool) -> list[SpoolRecord]:
+        """Drop ``records`` (``sendguard queue purge``); with ``bounce`` each sender first
+        gets a DSN for the recipients not yet done. Returns the records dropped."""
+        settings = self._settings()
+        purged = []
+        for record in records:
+            entry = self._entries.get(record.queue_id)
+            if entry is None or entry.deleted:
+                continue
+            if bounce and record.mail_from:
+                failed = [(r["rcpt"], local(BOUNCED, PURGED, "5.0.0"))
+                          for r in record.recipients if r["status"] not in (DELIVERED, BOUNCED)]
+                if failed:
+                    # The DSN first: a crash in between sends the message and its DSN,
+                    # never drops the message without telling the sender.
+                    dsn = bounce_record(record, failed, hostname=settings.server.hostname,
+                                        now=self._clock())
+                    await self.spool.store(dsn)
+                    self.enqueue(dsn)
+            del self._entries[record.queue_id]
+            await self._drop(entry, "queue_purged", bounced=bounce)
+            purged.append(record)
+        return purged
+
+    async def hold(self, records: list[SpoolRecord], held: bool) -> list[SpoolRecord]:
+        """Hold ``records`` (not attempted until released), or release them (attempted now).
+
+        The mark is written to the spool before this returns, so it survives a
+        restart. An attempt already under way finishes; a held message is not
+        scheduled again after it. Returns the records whose mark changed."""
+        changed = []
+        for record in records:
+            entry = self._entries.get(record.queue_id)
+            if entry is None or entry.deleted or record.held == held:
+                continue
+            record.held = held
+            if held and entry.timer is not None:
+                entry.timer.cancel()
+                entry.timer = None
+            if not held:
+                record.next_attempt = min(record.next_attempt, self._clock())
+            try:
+                await self.spool.update(record)
+            except KeyError:
+                continue  # its last attempt just removed it
+            except SpoolError:
+                record.held = not held
+                raise
+            log_event("queue_held" if held else "queue_released", queue_id=record.queue_id,
+                      client_ip=record.client_ip, account=record.account or None)
+            if not held and not entry.active:
+                self._schedule(entry)
+            changed.append(record)
+        return changed
+
+    async def _drop(self, entry: _Entry, event: str, **fields: object) -> None:
         entry.deleted = True
         if entry.timer is not None:
             entry.timer.cancel()
+        queue_id = entry.record.queue_id
         try:
             await self.spool.remove(queue_id)
         except KeyError:
             pass  # an attempt that just ended removed it already
-        log_event("queue_deleted", queue_id=queue_id, client_ip=entry.record.client_ip,
-                  account=entry.record.account or None)
-        return True
+        log_event(event, queue_id=queue_id, client_ip=entry.record.client_ip,
+                  account=entry.record.account or None, **fields)
 
     # -- scheduling ------------------------------------------------------------------
 
@@ -209,6 +282,8 @@ class DeliveryAgent:
         return any(address in network for network in networks)
 
     def _schedule(self, entry: _Entry) -> None:
+        if entry.record.held:
+            return  # until ``release``
         delay = entry.record.next_attempt - self._clock()
         if delay <= 0:
             self._begin(entry)
@@ -218,7 +293,7 @@ class DeliveryAgent:
     def _begin(self, entry: _Entry) -> None:
         """Start an attempt: one job per destination (and per 50 recipients)."""
         entry.timer = None
-        if entry.deleted or self._stopping:
+        if entry.deleted or self._stopping or entry.record.held:
             return
         record = entry.record
         entry.active = True
@@ -349,6 +424,14 @@ class DeliveryAgent:
                   recipients=[r for r, _ in bounced])
         self.enqueue(dsn)
         return True
+
+
+def _state(entry: _Entry) -> str:
+    if entry.active:
+        return "active"
+    if entry.record.held:
+        return "held"
+    return "deferred" if entry.record.attempts else "queued"
 
 
 def _domain(address: str) -> str | None:

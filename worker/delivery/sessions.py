@@ -4,9 +4,18 @@ The queue manager hands in jobs (one message's recipients for one
 destination); :class:`SessionPool` keeps a queue per destination and opens
 sessions to it, at most ``per_destination`` at a time and ``max_connections``
 in all, in the spirit of Postfix's qmgr. A session carries queued messages
-for its destination one after another until the queue is empty or it has
-sent ``messages_per_connection``, so a burst to one domain costs one
-handshake per connection, not one per message.
+for its destination one after another until it has sent
+``messages_per_connection``, so a burst to one domain costs one handshake
+per connection, not one per message. When the queue is empty the session
+stays open for ``idle_timeout`` seconds (as Postfix's connection cache
+does), and the next message for that destination takes it instead of a new
+connection: when messages arrive about as fast as they are delivered, a
+session that closed whenever its queue ran dry would reconnect for nearly
+every message. An idle session gives its slot up at once when
+``max_connections`` keeps another destination waiting. A message whose
+reused connection turns out to be gone before the server answered its MAIL
+FROM (the server timed the idle connection out) goes back to the head of
+the queue instead of being deferred.
 
 Destinations waiting for a free connection are served round robin, so one
 domain with a deep queue cannot starve the others. A failed connection
@@ -54,11 +63,24 @@ class Destination:
     jobs: deque[Job] = field(default_factory=deque)
     sessions: int = 0
     connecting: int = 0
+    # Sessions with nothing to send, each waiting on its future for a job
+    # (True: take one; False: stop), and those woken but not yet running.
+    idle: deque[asyncio.Future[bool]] = field(default_factory=deque)
+    waking: int = 0
 
     def wants_session(self) -> bool:
-        # A connecting session will take one queued job; only jobs beyond
-        # those justify another connection.
-        return len(self.jobs) > self.connecting and self.sessions < self.limit
+        # A connecting, idle or waking session will take one queued job
+        # each; only jobs beyond those justify another connection.
+        return (len(self.jobs) > self.connecting + len(self.idle) + self.waking
+                and self.sessions < self.limit)
+
+    def wake_idle(self) -> None:
+        """Hand queued jobs to idle sessions, one each."""
+        while self.idle and len(self.jobs) > self.waking:
+            waiter = self.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                self.waking += 1
 
 
 class SessionPool:
@@ -73,6 +95,7 @@ class SessionPool:
         messages_per_connection: int,
         connect_timeout: float,
         command_timeout: float,
+        idle_timeout: float = 2.0,
     ) -> None:
         self._settings = settings
         self._router = router
@@ -82,6 +105,7 @@ class SessionPool:
         self.messages_per_connection = messages_per_connection
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.idle_timeout = idle_timeout
         self._tls = opportunistic_tls()
         self._destinations: dict[str, Destination] = {}
         self._waiting: OrderedDict[str, Destination] = OrderedDict()
@@ -96,6 +120,7 @@ class SessionPool:
             dest = Destination(key, domain, self.per_destination)
             self._destinations[key] = dest
         dest.jobs.append(job)
+        dest.wake_idle()
         self._want(dest)
 
     def pump(self) -> None:
@@ -113,10 +138,16 @@ class SessionPool:
             task = asyncio.create_task(self._session(dest))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._waiting and self.connections >= self.max_connections:
+            self._retire_idle()
 
     async def stop(self, timeout: float) -> None:
         """Let sessions finish their current message (within ``timeout``), then cut them."""
         self.stopping = True
+        for dest in self._destinations.values():
+            for waiter in dest.idle:
+                if not waiter.done():
+                    waiter.set_result(False)
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in pending:
@@ -160,10 +191,14 @@ class SessionPool:
             finally:
                 dest.connecting -= 1
             sent = 0
+            reused = False  # the connection sat idle before this message
             while conn.usable and sent < self.messages_per_connection and not self.stopping:
                 job = self._next_job(dest)
                 if job is None:
-                    break
+                    if not await self._idle(dest, conn):
+                        break
+                    reused = True
+                    continue
                 sent += 1
                 try:
                     results = await conn.send(job.sender, job.recipients, job.message)
@@ -172,6 +207,10 @@ class SessionPool:
                     conn.usable = False
                     results = [local(DEFERRED, f"internal error: {exc!r}", "4.3.0")] * len(
                         job.indexes)
+                if reused and conn.lost_before_mail:
+                    dest.jobs.appendleft(job)  # nothing was sent: a new connection takes it
+                    break
+                reused = False
                 self._complete(job, results)
         except Exception:
             log.exception("delivery session for %s failed", dest.key)
@@ -179,6 +218,31 @@ class SessionPool:
             if conn is not None:
                 await _close(conn)
             self._session_ended(dest)
+
+    async def _idle(self, dest: Destination, conn: Connection) -> bool:
+        """Keep the connection for the next job; False when none came in time."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        dest.idle.append(waiter)
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                wanted = await waiter
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in dest.idle:
+                dest.idle.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                dest.waking -= 1
+        return wanted and not self.stopping and conn.usable and conn.connected
+
+    def _retire_idle(self) -> None:
+        """Close one idle session: a destination waits for its connection slot."""
+        for dest in self._destinations.values():
+            while dest.idle:
+                waiter = dest.idle.popleft()
+                if not waiter.done():
+                    waiter.set_result(False)
+                    return
 
     def _session_ended(self, dest: Destination) -> None:
         dest.sessions -= 1

@@ -11,6 +11,8 @@ refusing to deliver over plain text would only keep the mail queued.
 anything the server or the network does. Commands are sent through
 ``execute_command`` rather than aiosmtplib's ``mail``/``rcpt``, which
 re-parse addresses with ``email.utils`` and would alter quoted local parts.
+When the server offers PIPELINING, transactions go through
+:mod:`worker.delivery.pipeline` instead (MAIL, RCPT and DATA in one write).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aiosmtplib.errors import (
 )
 
 from cluster.names import BadDomain, to_alabel
+from worker.delivery.pipeline import ReplyReader, command, data_block
 from worker.delivery.result import BOUNCED, DEFERRED, Result, local, remote
 from worker.delivery.route import Hop
 
@@ -84,6 +87,16 @@ class Connection:
         self.hop = hop
         self.tls = tls
         self.usable = True
+        # The last send() found the connection gone (or closing, 421) at its
+        # MAIL FROM: the server saw nothing of that message.
+        self.lost_before_mail = False
+        # Set when the server offers PIPELINING: every command after the
+        # handshake goes through it, none through aiosmtplib.
+        self.pipe: ReplyReader | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.pipe.connected if self.pipe is not None else self.smtp.is_connected
 
     @classmethod
     async def open(cls, hops: Sequence[Hop], *, helo: str, tls: ssl.SSLContext | None,
@@ -92,9 +105,13 @@ class Connection:
         last = local(DEFERRED, "no mail exchanger to connect to", "4.4.1")
         for hop in hops:
             try:
-                return await cls._open(hop, helo, tls, connect_timeout, timeout)
+                conn = await cls._open(hop, helo, tls, connect_timeout, timeout)
             except ConnectError as exc:
                 last = exc.result
+                continue
+            if conn.smtp.supports_extension("pipelining") and conn.smtp.transport is not None:
+                conn.pipe = ReplyReader(conn.smtp.transport)  # type: ignore[arg-type]
+            return conn
         raise ConnectError(last)
 
     @classmethod
@@ -165,6 +182,9 @@ class Connection:
         needs_utf8 = not wire_from.isascii() or any(w and not w.isascii() for w in wire_to)
         if utf8_offered and (needs_utf8 or not _header_block(message).isascii()):
             options.append(b"SMTPUTF8")
+        self.lost_before_mail = False
+        if self.pipe is not None:
+            return await self._send_pipelined(self.pipe, wire_from, wire_to, options, message)
         stage = "MAIL FROM"
         try:
             try:
@@ -172,6 +192,8 @@ class Connection:
                                                    *options)
             except ValueError:
                 return [_unsendable(stage)] * len(recipients)
+            if reply.code == 421:
+                self.lost_before_mail = True
             if reply.code != 250:
                 await self._reset()
                 return [remote(reply.code, reply.message, label, stage)] * len(recipients)
@@ -208,7 +230,70 @@ class Connection:
                 self.usable = False
         except (SMTPException, *_LOST):
             self.usable = False
+            self.lost_before_mail = stage == "MAIL FROM"
             smtp.close()
+        return _fill(results, self._lost(stage))
+
+    async def _send_pipelined(self, pipe: ReplyReader, wire_from: str,
+                              wire_to: list[str | None], options: list[bytes],
+                              message: bytes) -> list[Result]:
+        label, timeout = self.hop.label, self.smtp.timeout
+        results: list[Result | None] = [None] * len(wire_to)
+        stage = "MAIL FROM"
+        try:
+            mail = command(b"MAIL", b"FROM:<%s>" % wire_from.encode(), *options)
+        except ValueError:
+            return [_unsendable(stage)] * len(wire_to)
+        sent: list[int] = []  # indexes of the recipients whose RCPT goes out
+        commands = [mail]
+        for index, address in enumerate(wire_to):
+            if address is None:
+                results[index] = local(BOUNCED, "SMTPUTF8 is required, but was not offered "
+                                       f"by host {label}", "5.6.7")
+                continue
+            try:
+                commands.append(command(b"RCPT", b"TO:<%s>" % address.encode()))
+            except ValueError:
+                results[index] = _unsendable("RCPT TO")
+                continue
+            sent.append(index)
+        if not sent:
+            return _fill(results, self._lost(stage))
+        try:
+            pipe.write(b"".join(commands) + b"DATA\r\n")
+            reply = await pipe.reply(timeout)
+            if reply.code == 421:
+                self.lost_before_mail = True
+            refused = None if reply.code == 250 else remote(reply.code, reply.message, label,
+                                                             stage)
+            stage = "RCPT TO"
+            accepted: list[int] = []
+            for index in sent:
+                reply = await pipe.reply(timeout)
+                if refused is not None:
+                    results[index] = refused
+                elif reply.code in (250, 251):
+                    accepted.append(index)
+                else:
+                    results[index] = remote(reply.code, reply.message, label, stage)
+            stage = "DATA"
+            reply = await pipe.reply(timeout)
+            ended = reply.code == 354
+            if ended:
+                # With no recipient accepted, RFC 2920 §3.1: end the data at once.
+                pipe.write(data_block(message) if accepted else b".\r\n")
+                final = await pipe.reply(timeout)
+                reply = final if accepted else reply
+            for index in accepted:
+                results[index] = remote(reply.code, reply.message, label, stage)
+            if reply.code == 421:
+                self.usable = False
+            elif not ended:
+                await self._reset()
+        except (SMTPException, *_LOST):
+            self.usable = False
+            self.lost_before_mail = self.lost_before_mail or stage == "MAIL FROM"
+            pipe.close()
         return _fill(results, self._lost(stage))
 
     def _lost(self, stage: str) -> Result:
@@ -217,16 +302,26 @@ class Connection:
 
     async def _reset(self) -> None:
         try:
-            reply = await self.smtp.execute_command(b"RSET")
+            if self.pipe is not None:
+                self.pipe.write(b"RSET\r\n")
+                reply = await self.pipe.reply(self.smtp.timeout)
+            else:
+                reply = await self.smtp.execute_command(b"RSET")
             self.usable = reply.code == 250
         except (SMTPException, *_LOST):
             self.usable = False
 
     async def close(self) -> None:
         """QUIT politely; a server that does not answer is simply dropped."""
-        if self.smtp.is_connected and self.usable:
+        if self.connected and self.usable:
             with contextlib.suppress(SMTPException, *_LOST):
-                await self.smtp.quit(timeout=5.0)
+                if self.pipe is not None:
+                    self.pipe.write(b"QUIT\r\n")
+                    await self.pipe.reply(5.0)
+                else:
+                    await self.smtp.quit(timeout=5.0)
+        if self.pipe is not None:
+            self.pipe.close()
         self.smtp.close()
 
 

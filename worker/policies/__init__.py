@@ -54,4 +54,6 @@ class Client:
     tls: bool = False
     helo: str = ""
     account: Account | None = None
+    # Looked up once per session when first needed: None not yet, "" not in the database.
+    country: str | None = None
     extra: dict[str, object] = field(default_factory=dict)

@@ -29,14 +29,23 @@ class RateLimitPolicy:
         return ops
 
     def judge(self, client: Client, ops: Sequence[Op], counts: Sequence[int]) -> Verdict:
-        for op, count in zip(ops, counts, strict=True):
+        index = self.denied(ops, counts)
+        if index is None:
+            return CONTINUE
+        op, count = ops[index], counts[index]
+        return reject(self.name, replies.POLICY_VIOLATION.format(sid=client.sid),
+                      f"{op.key} {window_text(op.window)} {count}/{op.max}")
+
+    @staticmethod
+    def denied(ops: Sequence[Op], counts: Sequence[int]) -> int | None:
+        """The first op whose window is already full, if any."""
+        for index, (op, count) in enumerate(zip(ops, counts, strict=True)):
             if op.max is not None and count + op.amount > op.max:
-                return reject(self.name, replies.POLICY_VIOLATION.format(sid=client.sid),
-                              f"{op.key} {_window(op.window)} {count}/{op.max}")
-        return CONTINUE
+                return index
+        return None
 
 
-def _window(seconds: float) -> str:
+def window_text(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"

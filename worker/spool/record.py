@@ -106,6 +106,9 @@ class SpoolRecord:
     # client's bounce ratio (SPEC §3.6), so it is counted once and uncounted
     # once; kept on disk so a restart neither forgets nor repeats the mark.
     counted_undeliverable: bool = False
+    # Held by the operator (``sendguard queue hold``): not attempted until released;
+    # kept on disk, so a hold survives a restart.
+    held: bool = False
 
     @classmethod
     def new(
@@ -197,6 +200,8 @@ def encode(record: SpoolRecord) -> bytes:
     # back as False, and readers that predate it ignore it.
     if record.counted_undeliverable:
         header["undeliverable"] = True
+    if record.held:
+        header["held"] = True
     problem = _header_problem(header)
     if problem is not None:
         raise ValueError(problem)
@@ -242,6 +247,8 @@ def _header_problem(header: dict[Any, Any]) -> str | None:
             return f"bad recipient state {r!r}"
     if not isinstance(header.get("undeliverable", False), bool):
         return "header field undeliverable is not a boolean"
+    if not isinstance(header.get("held", False), bool):
+        return "header field held is not a boolean"
     return None
 
 
@@ -263,6 +270,7 @@ def _record_from(header: dict[Any, Any], body: bytes) -> SpoolRecord:
         next_attempt=header["next_attempt"],
         recipients=header["recipients"],
         counted_undeliverable=header.get("undeliverable", False),
+        held=header.get("held", False),
     )
 
 

@@ -1,0 +1,205 @@
+"""Where the coordinator keeps what support changed: suspensions, country exceptions, audit.
+
+:class:`SupportStore` is what :mod:`coordinator.support` needs of a store;
+the coordinator's logic knows nothing of files. :class:`FileStore` keeps it
+under ``cluster.state_dir`` (one host); a store shared by several hosts
+(Redis) offers the same calls.
+
+Files (JSON, so an operator can read them; every one validated when read):
+
+- ``suspensions.json`` and ``country-exceptions.json``:
+  ``{"version": 1, "items": [...]}``, the whole table, replaced atomically
+  (temp file, fsync, rename, fsync of the folder) on every change;
+- ``audit.jsonl``: one JSON object per line, appended and fsynced before
+  the change is reported done. A line torn by a crash is skipped on read.
+
+Blocking file work runs in a thread; calls are serialized by a lock, so
+the tables on disk change in the order the coordinator made the changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from cluster.logjson import log_event
+from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
+
+FORMAT_VERSION = 1
+SUSPENSIONS = "suspensions.json"
+EXCEPTIONS = "country-exceptions.json"
+AUDIT = "audit.jsonl"
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The state cannot be read or written; str() names the file and what is wrong."""
+
+
+class SupportStore(Protocol):
+    async def load(self) -> SupportState: ...
+    async def put_suspension(self, item: Suspension) -> None: ...
+    async def drop_suspension(self, account: str) -> None: ...
+    async def put_exception(self, item: CountryException) -> None: ...
+    async def drop_exception(self, domain: str, country: str) -> None: ...
+    async def record(self, entry: AuditEntry) -> None: ...
+    async def history(self, domain: str) -> list[AuditEntry]: ...
+
+
+class FileStore:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = asyncio.Lock()
+        self._state = SupportState()
+
+    # -- the interface -----------------------------------------------------------
+
+    async def load(self) -> SupportState:
+        async with self._lock:
+            return await asyncio.to_thread(self.load_now)
+
+    async def put_suspension(self, item: Suspension) -> None:
+        await self._change(self._state.with_suspension(item), SUSPENSIONS)
+
+    async def drop_suspension(self, account: str) -> None:
+        await self._change(self._state.without_suspension(account), SUSPENSIONS)
+
+    async def put_exception(self, item: CountryException) -> None:
+        await self._change(self._state.with_exception(item), EXCEPTIONS)
+
+    async def drop_exception(self, domain: str, country: str) -> None:
+        await self._change(self._state.without_exception(domain, country), EXCEPTIONS)
+
+    async def record(self, entry: AuditEntry) -> None:
+        line = json.dumps(entry.to_wire(), ensure_ascii=False, sort_keys=True) + "\n"
+        await self._locked(self._append, line.encode("utf-8"))
+
+    async def history(self, domain: str) -> list[AuditEntry]:
+        return await self._locked(self._read_audit, domain)
+
+    # -- blocking work -------------------------------------------------------------
+
+    def load_now(self) -> SupportState:
+        """Read both tables (blocking); raises StoreError naming a bad file."""
+        self._ensure_folder()
+        state = SupportState()
+        for item in self._read_table(SUSPENSIONS, Suspension.from_wire):
+            state = state.with_suspension(item)
+        for grant in self._read_table(EXCEPTIONS, CountryException.from_wire):
+            state = state.with_exception(grant)
+        self._state = state
+        return state
+
+    def _ensure_folder(self) -> None:
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.folder}: cannot be created: {exc.strerror}") from None
+
+    def _read_table(self, name: str, parse: Callable[[Any], T]) -> list[T]:
+        path = self.folder / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot be read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise StoreError(f"{path}: is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: is not a sendguard state file of version "
+                             f"{FORMAT_VERSION}")
+        items = data.get("items")
+        if not isinstance(items, list):
+            raise StoreError(f"{path}: items must be a list")
+        try:
+            return [parse(item) for item in items]
+        except ValueError as exc:
+            raise StoreError(f"{path}: {exc}") from None
+
+    def _write_table(self, state: SupportState, name: str) -> None:
+        wire = state.to_wire()
+        items = wire["suspensions"] if name == SUSPENSIONS else wire["exceptions"]
+        data = json.dumps({"version": FORMAT_VERSION, "items": items}, ensure_ascii=False,
+                          indent=1, sort_keys=True).encode("utf-8") + b"\n"
+        write_atomically(self.folder / name, data)
+
+    def _append(self, data: bytes) -> None:
+        fd = os.open(self.folder / AUDIT, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            size = os.fstat(fd).st_size
+            created = size == 0
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # after a torn line: keep this entry on a line of its own
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_folder(self.folder)
+
+    def _read_audit(self, domain: str) -> list[AuditEntry]:
+        path = self.folder / AUDIT
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = AuditEntry.from_wire(json.loads(line))
+            except ValueError as exc:
+                log_event("audit_line_skipped", logging.WARNING, file=str(path), line=number,
+                          error=str(exc))
+                continue
+            if entry.domain == domain:
+                entries.append(entry)
+        return entries
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _change(self, state: SupportState, name: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._write_table, state, name)
+            self._state = state
+
+    async def _locked(self, work: Callable[..., T], *args: Any) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(work, *args)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file (O_EXCL), write, fsync, rename over ``path``, fsync the folder."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,303 @@
+"""Support actions the coordinator carries out itself, and the audit trail of every change.
+
+``account suspend|unsuspend``, ``tenant allow-country|disallow-country``
+(``--for``: a time-limited exception kept in the state store; without it
+the tenant file is edited, :mod:`coordinator.tenant_edit`) and
+``tenant history``. Every change is made durable in the store first, then
+put in force by publishing a new snapshot, then recorded in the audit log
+with who, when, what, why and until when. Entries whose ``until`` passes
+are removed by :meth:`SupportDesk.lapse` (workers already ignore them from
+that moment) and the lapse is recorded too.
+
+Changes are serialized by one lock, so two support staff changing the same
+account at once end in one of their two states, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cluster.logjson import log_event
+from cluster.names import BadDomain, normalise_address, to_alabel
+from cluster.settings import is_country_code
+from cluster.support_state import (
+    AuditEntry,
+    CountryException,
+    SupportState,
+    Suspension,
+    iso_utc,
+)
+from cluster.validate import parse_duration
+from coordinator.errors import AdminError, NotFound
+from coordinator.sources import SnapshotSources
+from coordinator.state_store import SupportStore
+from coordinator.tenant_edit import EditError, edit_countries
+
+SYSTEM = "sendguard"  # the ``by`` of what sendguard does by itself (a lapse)
+MAX_TEXT = 500        # a reason or a name longer than this is a paste gone wrong
+
+
+class SupportDesk:
+    def __init__(self, store: SupportStore, sources: SnapshotSources,
+                 publish: Callable[[], Awaitable[None]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.sources = sources
+        self._publish = publish
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    # -- suspensions -------------------------------------------------------------
+
+    async def suspend(self, args: dict[str, Any]) -> dict[str, Any]:
+        account = self._account(args)
+        reason = text(args, "reason", required=True)
+        by = text(args, "by", required=True)
+        lasting = duration(args, "for")
+        async with self._lock:
+            now = self._clock()
+            item = Suspension(account, reason, by, now, None if lasting is None else now + lasting)
+            await self._guard(self.store.put_suspension(item))
+            await self._put_in_force(self.sources.support.with_suspension(item))
+            await self.audit(by, "suspend", account, _domain_of(account), reason, item.until)
+        log_event("account_suspended", account=account, by=by, reason=reason,
+                  until=iso_utc(item.until))
+        return {"account": account, "suspended": True, "changed": True, **_suspension(item)}
+
+    async def unsuspend(self, args: dict[str, Any]) -> dict[str, Any]:
+        account = normalised_account(args)
+        by = text(args, "by", required=True)
+        reason = text(args, "reason")
+        async with self._lock:
+            current = self.sources.support.suspension(account, self._clock())
+            if current is None:
+                return {"account": account, "suspended": False, "changed": False}
+            await self._guard(self.store.drop_suspension(account))
+            await self._put_in_force(self.sources.support.without_suspension(account))
+            await self.audit(by, "unsuspend", account, _domain_of(account), reason,
+                             details={"was": current.reason, "suspended_by": current.by})
+        log_event("account_unsuspended", account=account, by=by)
+        return {"account": account, "suspended": False, "changed": True}
+
+    def suspension_of(self, account: str) -> dict[str, Any] | None:
+        found = self.sources.support.suspension(account, self._clock())
+        return None if found is None else _suspension(found)
+
+    # -- countries -----------------------------------------------------------------
+
+    async def allow_country(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._country(args, allow=True)
+
+    async def disallow_country(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._country(args, allow=False)
+
+    async def _country(self, args: dict[str, Any], allow: bool) -> dict[str, Any]:
+        domain = self._domain(args)
+        country = str(args.get("country", "")).upper()
+        if not is_country_code(country):
+            raise AdminError(f'{args.get("country")!r} is not a two-letter country code '
+                               'like "PL"')
+        by = text(args, "by", required=True)
+        reason = text(args, "reason")
+        lasting = duration(args, "for")
+        if lasting is not None and not allow:
+            raise AdminError("--for goes with allow-country only")
+        async with self._lock:
+            if lasting is not None:
+                result = await self._grant(domain, country, by, reason, lasting)
+            else:
+                result = await self._edit(domain, country, by, reason, allow)
+        result.update(self.countries_of(domain))
+        return result
+
+    async def _grant(self, domain: str, country: str, by: str, reason: str,
+                     lasting: float) -> dict[str, Any]:
+        if country in self._permanent(domain):
+            return {"changed": False, "note": f"{country} is allowed for {domain} already, "
+                    "without a time limit"}
+        now = self._clock()
+        item = CountryException(domain, country, reason, by, now, now + lasting)
+        await self._guard(self.store.put_exception(item))
+        await self._put_in_force(self.sources.support.with_exception(item))
+        await self.audit(by, "allow-country", domain, domain, reason, item.until,
+                         details={"country": country})
+        log_event("country_exception", domain=domain, country=country, by=by,
+                  until=iso_utc(item.until))
+        return {"changed": True, "granted": {"country": country, "until": iso_utc(item.until)}}
+
+    async def _edit(self, domain: str, country: str, by: str, reason: str,
+                    allow: bool) -> dict[str, Any]:
+        settings = self.sources.settings
+        try:
+            edited = await asyncio.to_thread(
+                edit_countries, settings.tenants_file, domain, country, allow,
+                settings.geoip.default_countries)
+        except (EditError, OSError) as exc:
+            raise AdminError(str(exc)) from None
+        changed = edited.changed
+        if changed:
+            log_event("tenant_edit", domain=edited.domain, countries=list(edited.countries),
+                      allow=allow)
+            self.sources.force_tenants()
+        if not allow and country in self.sources.support.exceptions.get(domain, {}):
+            await self._guard(self.store.drop_exception(domain, country))
+            self.sources.set_support(self.sources.support.without_exception(domain, country))
+            changed = True
+        if changed:
+            await self._publish()
+            await self.audit(by, "allow-country" if allow else "disallow-country", domain,
+                             domain, reason, details={"country": country})
+        return {"changed": changed}
+
+    def countries_of(self, domain: str) -> dict[str, Any]:
+        now = self._clock()
+        granted = self.sources.support.exceptions.get(domain, {})
+        return {
+            "domain": domain,
+            "countries": sorted(self._permanent(domain)),
+            "exceptions": [{"country": e.country, "until": iso_utc(e.until), "reason": e.reason,
+                            "by": e.by, "at": iso_utc(e.at)}
+                           for e in sorted(granted.values(), key=lambda e: e.country)
+                           if e.active(now)],
+            "tenants_version": self.sources.tenants.directory.version,
+            "config_version": self.sources.version,
+        }
+
+    def _permanent(self, domain: str) -> frozenset[str]:
+        hosted = self.sources.tenants.directory.domain(domain)
+        if hosted is None:
+            return frozenset()
+        return hosted.countries if hosted.countries is not None else \
+            self.sources.settings.geoip.default_countries
+
+    # -- the audit trail -------------------------------------------------------------
+
+    async def audit(self, by: str, action: str, subject: str, domain: str, reason: str = "",
+                    until: float | None = None, details: dict[str, Any] | None = None) -> None:
+        entry = AuditEntry(self._clock(), by, action, subject, domain, reason, until,
+                           details or {})
+        try:
+            await self.store.record(entry)
+        except OSError as exc:
+            # The change itself is made; losing its record must not undo it.
+            log_event("audit_not_recorded", logging.ERROR, action=action, subject=subject,
+                      by=by, error=str(exc))
+
+    async def history(self, args: dict[str, Any]) -> dict[str, Any]:
+        domain = self._domain(args, hosted=False)
+        entries = await self._guard(self.store.history(domain))
+        return {"domain": domain, "entries": [history_row(e) for e in entries]}
+
+    # -- lapses ------------------------------------------------------------------------
+
+    async def lapse(self) -> int:
+        """Remove what has run out; returns how many entries went."""
+        if self.sources.support.lapsed(self._clock()) == ([], []):
+            return 0
+        async with self._lock:
+            suspensions, exceptions = self.sources.support.lapsed(self._clock())
+            support = self.sources.support
+            for item in suspensions:
+                await self._guard(self.store.drop_suspension(item.account))
+                support = support.without_suspension(item.account)
+            for grant in exceptions:
+                await self._guard(self.store.drop_exception(grant.domain, grant.country))
+                support = support.without_exception(grant.domain, grant.country)
+            await self._put_in_force(support)
+            for item in suspensions:
+                await self.audit(SYSTEM, "suspension-lapsed", item.account,
+                                 _domain_of(item.account), item.reason, item.until,
+                                 details={"suspended_by": item.by})
+                log_event("suspension_lapsed", account=item.account)
+            for grant in exceptions:
+                await self.audit(SYSTEM, "exception-lapsed", grant.domain, grant.domain,
+                                 grant.reason, grant.until,
+                                 details={"country": grant.country, "granted_by": grant.by})
+                log_event("country_exception_lapsed", domain=grant.domain,
+                          country=grant.country)
+        return len(suspensions) + len(exceptions)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _put_in_force(self, support: SupportState) -> None:
+        self.sources.set_support(support)
+        await self._publish()
+
+    @staticmethod
+    async def _guard(work: Awaitable[Any]) -> Any:
+        try:
+            return await work
+        except OSError as exc:
+            raise AdminError(f"the state store cannot be written: {exc}") from None
+
+    def _account(self, args: dict[str, Any]) -> str:
+        account = normalised_account(args)
+        if self.sources.tenants.directory.account(account) is None:
+            raise NotFound(f"no account {account} in the tenant directory")
+        return account
+
+    def hosted_domain(self, args: dict[str, Any]) -> str:
+        """``args["domain"]`` in A-label form; NotFound unless the tenant directory has it."""
+        return self._domain(args)
+
+    def _domain(self, args: dict[str, Any], hosted: bool = True) -> str:
+        raw = str(args.get("domain", ""))
+        try:
+            domain = to_alabel(raw)
+        except BadDomain:
+            raise AdminError(f"{raw!r} is not a domain name") from None
+        if hosted and self.sources.tenants.directory.domain(domain) is None:
+            raise NotFound(f"no domain {raw} in the tenant directory")
+        return domain
+
+
+def normalised_account(args: dict[str, Any]) -> str:
+    raw = str(args.get("account", ""))
+    try:
+        return normalise_address(raw)
+    except BadDomain:
+        raise AdminError(f"{raw!r} is not an account like user@domain") from None
+
+
+def text(args: dict[str, Any], name: str, required: bool = False) -> str:
+    value = args.get(name)
+    if value is None or value == "":
+        if required:
+            raise AdminError(f"{name} is required")
+        return ""
+    if not isinstance(value, str) or not value.isprintable() or len(value) > MAX_TEXT:
+        raise AdminError(f"{name} must be one line of at most {MAX_TEXT} characters")
+    return value.strip()
+
+
+def duration(args: dict[str, Any], name: str) -> float | None:
+    value = args.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise AdminError(f'{name} must be a duration like "30m", "12h" or "7d" '
+                           f"(got {value!r})") from None
+    if seconds <= 0:
+        raise AdminError(f"{name} must be longer than zero")
+    return seconds
+
+
+def history_row(entry: AuditEntry) -> dict[str, Any]:
+    return {"ts": iso_utc(entry.ts), "by": entry.by, "action": entry.action,
+            "subject": entry.subject, "reason": entry.reason, "until": iso_utc(entry.until),
+            "details": dict(entry.details)}
+
+
+def _suspension(item: Suspension) -> dict[str, Any]:
+    return {"reason": item.reason, "by": item.by, "at": iso_utc(item.at),
+            "until": iso_utc(item.until)}
+
+
+def _domain_of(account: str) -> str:
+    return account.rpartition("@")[2]

@@ -1,0 +1,60 @@
+"""``sendguard why SID``: a session's decisions, from the workers' memory of recent decisions.
+
+A session ran on one worker, but the coordinator does not know which (and
+a worker on another host may have had it), so every worker is asked and
+the answers are merged in time order. Workers keep what
+``admin.recent_decisions`` and ``admin.recent_decisions_for`` allow
+(:mod:`worker.recent`); a worker that restarted has forgotten its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from coordinator.errors import AdminError, NotFound, Unavailable
+from coordinator.membership import Worker
+from coordinator.spools import Ask, order
+
+WHY_TIMEOUT = 3.0
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9]{22}")  # SPEC §1
+
+
+async def why(workers: Sequence[Worker], ask: Ask, args: dict[str, Any]) -> dict[str, Any]:
+    sid = args.get("sid")
+    if not isinstance(sid, str) or not SESSION_ID_RE.fullmatch(sid):
+        raise AdminError(f"{sid!r} is not a session id (22 letters and digits)")
+    targets = sorted((w for w in workers if w.identity), key=lambda w: order(w.name))
+    if not targets:
+        raise Unavailable("no worker is running to ask")
+    replies = await asyncio.gather(*(ask(w, "why", {"sid": sid}, WHY_TIMEOUT) for w in targets))
+    decisions: list[dict[str, Any]] = []
+    unanswered: dict[str, str] = {}
+    kept: dict[str, Any] = {}
+    for worker, reply in zip(targets, replies, strict=True):
+        if reply is None:
+            unanswered[worker.name] = f"no answer within {WHY_TIMEOUT:g} s"
+        elif not reply.ok:
+            unanswered[worker.name] = reply.error
+        else:
+            decisions += [{**d, "worker": worker.name} for d in reply.data.get("decisions", [])]
+            kept = reply.data.get("kept", kept)
+    decisions.sort(key=lambda d: d.get("ts", ""))
+    if not decisions:
+        message = (f"no decision of session {sid} is remembered by the workers"
+                   + _kept(kept))
+        if unanswered:
+            message += "; not answering: " + "; ".join(
+                f"{name}: {why}" for name, why in sorted(unanswered.items()))
+        raise NotFound(message)
+    return {"sid": sid, "decisions": decisions, "unanswered": unanswered}
+
+
+def _kept(kept: dict[str, Any]) -> str:
+    if not kept:
+        return ""
+    hours = float(kept.get("seconds", 0)) / 3600
+    return (f" (each keeps its last {kept.get('decisions')} decisions, for at most "
+            f"{hours:g} h)")

@@ -1,0 +1,170 @@
+"""Several hosts share their limits through Redis (``[counters] backend = "redis"``).
+
+Each "host" is its own ``sendguard run``: its own configuration file, port,
+spool and runtime folder, no socket to the other one; the only thing they
+share is a real redis-server (or a three-node Redis Cluster) started here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from clusterproc import Cluster
+from gateway import MESSAGE, TENANTS
+from redisserver import RedisCluster, RedisServer
+
+pytestmark = pytest.mark.integration
+
+ACCOUNT = "race@nowak.pl"
+BULK = "bulk@nowak.pl"
+TENANTS_WITH_LIMITS = TENANTS + f"""
+[accounts."{ACCOUNT}"]
+password = "{{PLAIN}}correct horse"
+limits = [{{window = "1h", max = 10}}]
+
+[accounts."{BULK}"]
+password = "{{PLAIN}}correct horse"
+limits = [{{window = "1h", max = 1000}}]
+"""
+IP_LIMIT = [{"window": "1h", "max": 12}]
+POLICY_TEMPFAIL = "451 4.3.0"
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+def two_hosts(make_cluster: Callable[..., Cluster], counters: dict[str, object],
+              **overrides: object) -> tuple[Cluster, Cluster]:
+    made = [make_cluster(workers=1, tenants=TENANTS_WITH_LIMITS, limits=IP_LIMIT,
+                         counters=counters, **overrides) for _ in range(2)]
+    for host in made:
+        host.start(wait=False)
+    for host in made:
+        host.wait_serving(1)
+    return made[0], made[1]
+
+
+def race(jobs: list[tuple[Cluster, str, str]]) -> list[tuple[int, str]]:
+    """Every session gets to DATA on its host, then all send their message at once."""
+    gate = threading.Barrier(len(jobs), timeout=60)
+
+    def one(job: tuple[Cluster, str, str]) -> tuple[int, str]:
+        host, source, user = job
+        client = host.login(source, user)
+        try:
+            code, text = client.mail(user)
+            if code == 250:
+                code, text = client.rcpt("someone@example.org")
+            gate.wait()
+            if code == 250:
+                code, text = client.data(MESSAGE)
+            return code, text.decode()
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(one, jobs))
+
+
+def accepted(replies: list[tuple[int, str]]) -> int:
+    refused = [(c, t) for c, t in replies if c != 250]
+    assert all(c == 550 and t.endswith(" policy violation") for c, t in refused), refused
+    return len(replies) - len(refused)
+
+
+def race_on_one_account_and_one_address(a: Cluster, b: Cluster) -> None:
+    hosts = [a, b]
+    by_account = race([(hosts[i % 2], f"127.0.1.{i}", ACCOUNT) for i in range(1, 25)])
+    assert accepted(by_account) == 10
+    by_address = race([(hosts[i % 2], "127.0.2.1", BULK) for i in range(24)])
+    assert accepted(by_address) == 12
+    for host in hosts:  # both hosts decided at DATA in both races
+        decided = [line for line in host.log_lines() if line.get("event") == "decision"
+                   and line.get("stage") == "DATA"]
+        assert {line["account"] for line in decided} == {ACCOUNT, BULK}
+
+
+def test_two_hosts_share_every_limit_through_one_redis(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    a, b = two_hosts(make_cluster, {"backend": "redis", "redis_url": redis.url})
+    race_on_one_account_and_one_address(a, b)
+
+    # Support sees and changes the same counts from either host.
+    for host in (a, b):
+        shown = host.request("inspect", kind="account", subject=ACCOUNT)
+        assert shown["worker"] == "redis"
+        assert [(r["series"], r["window"], r["count"], r["limit"]) for r in shown["rows"]] \
+            == [("msg", 3600.0, 10, 10)]
+        assert shown["rows"][0]["clears_at"].endswith("Z")  # ISO 8601, UTC
+    done = b.admin("counters", "reset", "account", ACCOUNT, "--by", "support")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"reset 1 counters of acct:{ACCOUNT} (on redis)"
+    assert a.request("inspect", kind="account", subject=ACCOUNT)["rows"] == []
+    assert a.send_one("127.0.1.1", ACCOUNT)[0] == 250
+
+    address = a.request("inspect", kind="ip", subject="127.0.2.1")["rows"]
+    # Delivery outcomes may add a "bad" series; the counts of acceptance are exact.
+    assert {(r["key"], r["series"], r["count"]) for r in address
+            if r["series"] != "bad"} == {
+        ("ip:127.0.2.1", "msg", 12), ("bounce:127.0.2.1", "acc", 12)}
+
+
+def test_two_hosts_share_every_limit_through_a_redis_cluster(
+        make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    cluster = RedisCluster(tmp_path / "rc").start()
+    try:
+        a, b = two_hosts(make_cluster, {"backend": "redis", "redis_cluster": cluster.seeds[:2]})
+        race_on_one_account_and_one_address(a, b)
+    finally:
+        cluster.stop()
+
+
+def test_redis_stopped_mid_run_tempfails_then_resumes_without_over_admitting(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    a, b = two_hosts(make_cluster, {"backend": "redis", "redis_url": redis.url},
+                     cluster={"runtime_dir": "run", "request_timeout": "300ms"})
+    sent = [host.send_one(f"127.0.3.{i}", ACCOUNT) for i, host in enumerate((a, b, a, b))]
+    assert [code for code, _ in sent] == [250] * 4
+
+    # Sessions that logged in while Redis was up: one at MAIL, one already at DATA.
+    at_mail = [host.login(f"127.0.3.{7 + i}", ACCOUNT) for i, host in enumerate((a, b))]
+    at_data = b.login("127.0.3.9", ACCOUNT)
+    try:
+        assert at_data.mail(ACCOUNT)[0] == 250
+        assert at_data.rcpt("someone@example.org")[0] == 250
+        redis.stop()
+        for client in at_mail:
+            code, text = client.mail(ACCOUNT)
+            assert code == 451, (code, text)
+            assert text.decode().startswith(POLICY_TEMPFAIL[4:])
+            assert text.decode().endswith("temporary policy failure, try later")
+        code, text = at_data.data(MESSAGE)  # refused there too, not queued
+        assert code == 451 and text.decode().endswith("temporary policy failure, try later")
+    finally:
+        for client in (*at_mail, at_data):
+            client.close()
+
+    redis.start()  # from its AOF: the four messages still count
+    after = [host.send_one(f"127.0.4.{i}", ACCOUNT) for i, host in enumerate((a, b) * 4)]
+    assert [code for code, _ in after] == [250] * 6 + [550] * 2, after
+
+
+def test_counts_survive_a_redis_crash_through_its_aof(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    a, b = two_hosts(make_cluster, {"backend": "redis", "redis_url": redis.url})
+    for i in range(7):
+        assert (a if i % 2 else b).send_one(f"127.0.5.{i}", ACCOUNT)[0] == 250
+    redis.stop(kill=True)  # SIGKILL: what was written to the AOF before each reply stays
+    redis.start()
+    rows = b.request("inspect", kind="account", subject=ACCOUNT)["rows"]
+    assert [r["count"] for r in rows] == [7]
+    replies = [host.send_one(f"127.0.6.{i}", ACCOUNT)[0] for i, host in enumerate((a, b) * 2)]
+    assert replies == [250, 250, 250, 550]
