@@ -299,8 +299,14 @@ class CounterShard:
         return rows
 
     def snapshot(self, key: str) -> list[dict[str, Any]]:
-        """`rows` without the limit: series, window, count, clears_at, buckets."""
-        return [{k: v for k, v in row.items() if k != "max"} for row in self.rows(key)]
+        """`rows` as any backend gives them, without the limit: series, window,
+        count, clears_at (when the oldest counted bucket stops counting) and
+        buckets."""
+        rows = self.rows(key)
+        for row in rows:
+            del row["max"]
+            row["clears_at"] = row["buckets"][0][0]
+        return rows
 
     # -- housekeeping ----------------------------------------------------
 
