@@ -185,6 +185,8 @@ def format_inspect(data: dict[str, Any]) -> str:
     lines = []
     if "suspension" in data:
         lines.append(suspension_text(data.get("suspension")))
+    if data.get("compromise"):
+        lines.append(compromise_text(data["compromise"]))
     auth = data.get("auth_failures")
     if auth:
         state = "locked out of AUTH" if auth["locked"] else "not locked out"
@@ -209,6 +211,20 @@ def suspension_text(suspension: dict[str, Any] | None) -> str:
     until = f" until {suspension['until']}" if suspension.get("until") else " until lifted"
     return (f"SUSPENDED{until}, by {suspension['by']} at {suspension['at']}: "
             f"{suspension['reason']}")
+
+
+def compromise_text(evidence: dict[str, Any]) -> str:
+    """What counts towards compromise detection now (SPEC §3.10)."""
+    window = window_text(evidence["window"])
+    countries = evidence.get("countries") or {}
+    parts = []
+    if evidence.get("countries_max"):
+        seen = f" ({', '.join(countries)})" if countries else ""
+        parts.append(f"logins from {len(countries)} of {evidence['countries_max']} "
+                     f"countries{seen}")
+    if evidence.get("spam_max"):
+        parts.append(f"{evidence['spam_messages']} of {evidence['spam_max']} spam messages")
+    return f"compromise evidence in {window}: {', '.join(parts) or 'not watched'}"
 
 
 def clears_text(iso: str | None, now: float | None = None) -> str | None:

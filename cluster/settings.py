@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,17 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CompromiseSettings:
+    """SPEC §3.10: when an account counts as compromised, and what then."""
+
+    window: float
+    countries: int            # distinct countries of successful logins; 0: not a signal
+    spam_messages: int        # spam-classified messages; 0: not a signal
+    suspend_for: float
+    notify_url: str           # "" : no notification
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     path: Path
     server: ServerSettings
@@ -138,6 +150,7 @@ class Settings:
     dns: DnsSettings
     log_file: Path | None
     delivery: DeliverySettings
+    compromise: CompromiseSettings | None = None  # None: [compromise] absent, detection off
     raw: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
 
 
@@ -176,6 +189,8 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
         dns=_dns(Section(path, "dns", top.raw("dns"))),
         log_file=_log(Section(path, "log", top.raw("log")), base),
         delivery=_delivery(Section(path, "delivery", top.raw("delivery")), base),
+        compromise=_compromise(Section(path, "compromise", top.raw("compromise")),
+                               geoip=top.raw("geoip"), present=top.has("compromise")),
         raw=data,
     )
     top.reject_unknown()
@@ -466,5 +481,33 @@ def _delivery(s: Section, base: Path) -> DeliverySettings:
     )
     if settings.port > 65535:
         raise s.error("port", "must be a TCP port (1-65535)", settings.port)
+    s.reject_unknown()
+    return settings
+
+
+def _compromise(s: Section, geoip: Any, present: bool) -> CompromiseSettings | None:
+    if not present:
+        s.reject_unknown()
+        return None
+    countries = s.integer("countries", 3, minimum=0)
+    if countries == 1:
+        # One country is every login: the account would be suspended at its first.
+        raise s.error("countries", "must be at least 2 (or 0: not a signal)", countries)
+    database = geoip.get("database", "") if isinstance(geoip, dict) else ""
+    if countries and not database:
+        raise s.error("countries", "needs geoip.database to place logins in countries; "
+                      "set 0 to watch spam only", countries)
+    url = s.string("notify_url", "")
+    if url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise s.error("notify_url", 'must be "" or an http:// or https:// URL', url)
+    settings = CompromiseSettings(
+        window=s.duration("window", "1h"),
+        countries=countries,
+        spam_messages=s.integer("spam_messages", 3, minimum=0),
+        suspend_for=s.duration("suspend_for", "24h"),
+        notify_url=url,
+    )
     s.reject_unknown()
     return settings

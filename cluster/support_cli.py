@@ -222,6 +222,10 @@ def format_history(data: dict[str, Any]) -> str:
 
 def _what(entry: dict[str, Any]) -> str | None:
     details = entry.get("details") or {}
+    if details.get("signal") == "countries":
+        return "countries " + ", ".join(details.get("countries", []))
+    if details.get("signal") == "spam":
+        return f"{details.get('messages')} spam messages"
     if "country" in details:
         return str(details["country"])
     if "messages" in details:

@@ -17,7 +17,8 @@ no process talks to another host):
   a replica the same way, so everything an owner sends one replica travels
   in order on one connection.
 - ``coord.sock`` — the coordinator's ROUTER. Workers send ``Hello``,
-  ``SnapshotRequest``, ``Ready`` and ``MetricsReport``; the supervisor sends
+  ``SnapshotRequest``, ``Ready``, ``MetricsReport`` and ``Evidence`` (never
+  answered); the supervisor sends
   ``SupervisorHello`` and ``ProcessEvent``; the admin CLI sends
   ``AdminRequest``. Answers: ``SnapshotMessage``, ``RingMessage``,
   ``AdminReply``; the supervisor receives ``ScaleCommand`` and, after a
@@ -282,6 +283,17 @@ class MetricsReport(Message):
     name: str
     pid: int
     values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence(Message):
+    """What a worker saw that may mean a stolen password (SPEC §3.10), sent without waiting
+    for an answer. ``notes``: ``[kind, account, detail, sid, at]`` lists, where ``kind`` is
+    ``login`` (``detail``: the client's country) or ``spam`` (``detail``: the queue id)."""
+
+    TYPE: ClassVar[str] = "evidence"
+    name: str
+    notes: list[list[Any]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
-from cluster.admin import window_text
+from cluster.admin import compromise_text, window_text
 from coordinator.errors import AdminError
 
 AdminCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -79,7 +79,7 @@ class Console:
             "account": query.get("account", "").strip(),
             "domain": query.get("domain", "").strip(),
             "session": None, "session_error": "", "inspect": None, "account_error": "",
-            "countries": None, "history": None, "domain_error": "",
+            "countries": None, "history": None, "domain_error": "", "compromise": "",
         }
         if view["text"].strip():
             view["session"], view["session_error"] = await self._session(view["text"])
@@ -92,6 +92,8 @@ class Console:
                                                                "subject": view["account"]})
             except AdminError as exc:
                 view["account_error"] = str(exc)
+            if view["inspect"] and view["inspect"].get("compromise"):
+                view["compromise"] = compromise_text(view["inspect"]["compromise"])
             if not view["domain"] and "@" in view["account"]:
                 view["domain"] = view["account"].rpartition("@")[2]
         if view["domain"]:

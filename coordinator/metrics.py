@@ -78,6 +78,15 @@ def add(total: Totals, values: Mapping[str, Any], *, with_gauges: bool = True) -
 
 
 @dataclass(frozen=True, slots=True)
+class CompromiseCounts:
+    """Compromise detection, counted by the coordinator itself (it makes the suspensions)."""
+
+    suspensions: Mapping[str, int] = field(default_factory=dict)    # by signal
+    notifications: Mapping[str, int] = field(default_factory=dict)  # delivered|retried|failed
+    watched: int = 0                                                # accounts with evidence
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterView:
     totals: Totals = Totals()
     config_version: int = 0
@@ -93,6 +102,7 @@ class MetricsBook:
         self._latest: dict[str, tuple[int, dict[str, Any]]] = {}
         self._retired = Totals()
         self.view = ClusterView()
+        self.compromise = CompromiseCounts()  # replaced whole, read by the HTTP thread
 
     def report(self, name: str, pid: int, values: dict[str, Any]) -> None:
         previous = self._latest.get(name)
@@ -104,6 +114,23 @@ class MetricsBook:
         previous = self._latest.pop(name, None)
         if previous is not None:
             self._retired = add(self._retired, previous[1], with_gauges=False)
+
+    def count_suspension(self, signal: str) -> None:
+        counts = self.compromise
+        suspensions = {**counts.suspensions, signal: counts.suspensions.get(signal, 0) + 1}
+        self.compromise = CompromiseCounts(suspensions, counts.notifications, counts.watched)
+
+    def count_notification(self, result: str) -> None:
+        counts = self.compromise
+        notifications = {**counts.notifications,
+                         result: counts.notifications.get(result, 0) + 1}
+        self.compromise = CompromiseCounts(counts.suspensions, notifications, counts.watched)
+
+    def set_watched(self, accounts: int) -> None:
+        counts = self.compromise
+        if counts.watched != accounts:
+            self.compromise = CompromiseCounts(counts.suspensions, counts.notifications,
+                                               accounts)
 
     def refresh(self, config_version: int, ring_epoch: int, ring_members: int) -> None:
         total = self._retired
@@ -143,6 +170,22 @@ class ClusterCollector:
         yield CounterMetricFamily("sendguard_counter_requests_remote",
                                   "Counter calls that asked another worker",
                                   value=totals.remote_calls)
+        compromise = self.book.compromise
+        suspensions = CounterMetricFamily("sendguard_compromise_suspensions",
+                                          "Accounts suspended as compromised, by signal",
+                                          labels=["signal"])
+        for signal in ("countries", "spam"):
+            suspensions.add_metric([signal], compromise.suspensions.get(signal, 0))
+        yield suspensions
+        notifications = CounterMetricFamily("sendguard_compromise_notifications",
+                                            "POSTs to compromise.notify_url, by result",
+                                            labels=["result"])
+        for result in ("delivered", "retried", "failed"):
+            notifications.add_metric([result], compromise.notifications.get(result, 0))
+        yield notifications
+        yield GaugeMetricFamily("sendguard_compromise_accounts_watched",
+                                "Accounts with compromise evidence in the window",
+                                value=compromise.watched)
         yield GaugeMetricFamily("sendguard_config_version", "Snapshot version in force",
                                 value=view.config_version)
         yield GaugeMetricFamily("sendguard_ring_epoch", "Ring membership epoch",

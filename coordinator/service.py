@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from cluster import wire
 from cluster.logjson import log_event
+from coordinator.compromise import CompromiseWatch
 from coordinator.errors import AdminError, Unavailable
 from coordinator.http_users import AdminUsers
 from coordinator.inspect import SubjectError, subject_keys, summary, with_limits
@@ -84,6 +85,8 @@ class Coordinator:
         self._lapsing: asyncio.Task[None] | None = None
         self.users = users  # the HTTP admin API's, when [admin] listen is set
         self.metrics = MetricsBook()
+        # Workers' evidence of stolen passwords, and the suspensions it makes (SPEC §3.10).
+        self.compromise = CompromiseWatch(self.desk, sources, self.metrics)
         self.supervisor: bytes = b""
         self.supervisor_pid = 0
         self.target_workers = 0
@@ -137,6 +140,7 @@ class Coordinator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.adoption.close()
+            await self.compromise.close()
             if http is not None:
                 await http.cleanup()
             if self.users is not None:
@@ -231,6 +235,7 @@ class Coordinator:
                     await self._send(self.supervisor,
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
+            self.compromise.tick()
             if self._lapsing is None or self._lapsing.done():
                 self._lapsing = asyncio.create_task(self._lapse())
             if self.supervisor:
@@ -246,6 +251,8 @@ class Coordinator:
             self.metrics.report(message.name, message.pid, message.values)
             if worker is not None:
                 await self._catch_up(worker.name, identity, message.values, now)
+        elif isinstance(message, wire.Evidence):
+            self.compromise.receive(message.name, message.notes)
         elif isinstance(message, wire.SnapshotRequest):
             await self._send(identity, self._snapshot_bytes())
         elif isinstance(message, wire.Hello):
@@ -325,7 +332,7 @@ class Coordinator:
             "countries": self._countries,
             "history": self.desk.history,
             "suspend": self.desk.suspend,
-            "unsuspend": self.desk.unsuspend,
+            "unsuspend": self._unsuspend,
             "inspect": self._inspect,
             "reset": self._reset,
             "queue": self._queue,
@@ -335,6 +342,12 @@ class Coordinator:
         if handler is None:
             raise AdminError(f"unknown command {command!r}")
         return await handler(args)
+
+    async def _unsuspend(self, args: dict[str, Any]) -> dict[str, Any]:
+        result = await self.desk.unsuspend(args)
+        # Support has dealt with it: the same evidence must not suspend the account again.
+        self.compromise.forget(result["account"])
+        return result
 
     async def _countries(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.desk.countries_of(self.desk.hosted_domain(args))
@@ -401,7 +414,11 @@ class Coordinator:
         result = {"keys": keys, "worker": worker, "rows": rows,
                   **summary(str(args.get("kind")), rows, self.sources.settings)}
         if args.get("kind") == "account":
-            result["suspension"] = self.desk.suspension_of(keys[0].partition(":")[2])
+            account = keys[0].partition(":")[2]
+            result["suspension"] = self.desk.suspension_of(account)
+            evidence = self.compromise.evidence_of(account)
+            if evidence is not None:
+                result["compromise"] = evidence
         return result
 
     async def _inspect_on_workers(self, keys: list[str]) -> tuple[dict[str, Any], str]:
@@ -439,6 +456,8 @@ class Coordinator:
             result = await self._reset_on_workers(keys)
         log_event("counters_reset", keys=keys, cleared=result["cleared"], by=by)
         domain = keys[0].partition(":")[2].rpartition("@")[2] if kind == "account" else ""
+        if kind == "account":
+            self.compromise.forget(keys[0].partition(":")[2])
         await self.desk.audit(by, "counters-reset", keys[0].partition(":")[2], domain,
                               reason, details={"keys": keys, "counters": result["cleared"]})
         return result

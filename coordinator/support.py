@@ -38,6 +38,7 @@ from coordinator.state_store import SupportStore
 from coordinator.tenant_edit import EditError, edit_countries
 
 SYSTEM = "sendguard"  # the ``by`` of what sendguard does by itself (a lapse)
+AUTO = "auto"        # the ``by`` of a suspension made by compromise detection
 MAX_TEXT = 500        # a reason or a name longer than this is a paste gone wrong
 
 
@@ -82,6 +83,25 @@ class SupportDesk:
                              details={"was": current.reason, "suspended_by": current.by})
         log_event("account_unsuspended", account=account, by=by)
         return {"account": account, "suspended": False, "changed": True}
+
+    async def suspend_automatically(self, account: str, reason: str, lasting: float,
+                                    details: dict[str, Any]) -> Suspension | None:
+        """Compromise detection's suspension (``by = "auto"``); None when the account is
+        suspended already (one incident, one suspension) or no longer in the directory."""
+        await self.lapse()  # a suspension that just ran out is recorded as lapsed first
+        async with self._lock:
+            now = self._clock()
+            if (self.sources.tenants.directory.account(account) is None
+                    or self.sources.support.suspension(account, now) is not None):
+                return None
+            item = Suspension(account, reason, AUTO, now, now + lasting)
+            await self._guard(self.store.put_suspension(item))
+            await self._put_in_force(self.sources.support.with_suspension(item))
+            await self.audit(AUTO, "suspend", account, _domain_of(account), reason, item.until,
+                             details)
+        log_event("account_suspended", account=account, by=AUTO, reason=reason,
+                  until=iso_utc(item.until), signal=details.get("signal"))
+        return item
 
     def suspension_of(self, account: str) -> dict[str, Any] | None:
         found = self.sources.support.suspension(account, self._clock())

@@ -289,6 +289,15 @@ class ClusterLink:
         async with self._adopting:
             return await adopt_orphans(delivery.spool, keep, delivery.enqueue)
 
+    def send_evidence(self, notes: list[list[Any]]) -> None:
+        """Compromise evidence (:mod:`worker.evidence`): sent in the background, never
+        awaited by a session, never answered."""
+        if self.dealer.closed:
+            return  # a batch flushed while the worker stops
+        task = asyncio.create_task(self._send(wire.Evidence(self.name, notes)))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
     async def _send(self, message: wire.Message) -> None:
         try:
             await self.dealer.send(wire.encode(message), zmq.NOBLOCK)

@@ -20,6 +20,7 @@ from cluster.support_state import iso_utc
 from worker import replies
 from worker.auth import PasswordVerifier
 from worker.counters.client import CounterClient, CounterUnavailable
+from worker.evidence import EvidenceNotes
 from worker.policies import CONTINUE, Action, Client, Verdict, reject, tempfail
 from worker.policies.auth_throttle import AuthThrottlePolicy
 from worker.policies.bounce_ratio import BounceRatioPolicy
@@ -85,6 +86,8 @@ class PolicyEngine:
         self.rate_limit = RateLimitPolicy()
         self.recipient_domain = recipient_domain
         self.spam_grace = SpamGracePolicy()
+        # Successful logins and spam for compromise detection, sent to the coordinator.
+        self.evidence = EvidenceNotes()
         # Told every verdict that is logged (the worker's metrics).
         self.on_decision: Callable[[str, Verdict], None] | None = None
         # (key, series, window) -> (when a full window lets the next message in, when that
@@ -122,6 +125,7 @@ class PolicyEngine:
         if ok:
             assert account is not None
             client.account = account
+            self.evidence.login(snapshot, client)
             return self._log(client, "AUTH", Verdict(Action.CONTINUE, replies.AUTH_OK, "auth"),
                              account=account.user)
         failure_ops = self.auth_throttle.failure_ops(snapshot, client)
@@ -195,6 +199,8 @@ class PolicyEngine:
                                         queue_id=queue_id, **scanned))
         if not outcome.ok:
             verdict = self._refusal(client, ops, outcome, scan, spam_ops)
+            if verdict.policy == self.spam_grace.name:
+                self.evidence.spam(snapshot, client, queue_id)
             facts = {}
             if verdict.policy == self.rate_limit.name:
                 facts = await self._limit_facts(ops, outcome.counts, outcome.denied)
@@ -221,6 +227,8 @@ class PolicyEngine:
             return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned))
         if self.on_queued is not None:
             self.on_queued(record)
+        if scan.spam:
+            self.evidence.spam(snapshot, client, queue_id)
         # The reservation stands as the message's count: owners keep an open
         # reservation when it expires, so no confirm round trip is needed
         # before the 250 (only a failed spool write releases it).

@@ -224,6 +224,7 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         await parts.start()
         link.delivery = parts.delivery  # queue commands and spool adoption
         link.recent = parts.engine.recent  # sendguard why
+        parts.engine.evidence.send = link.send_evidence  # compromise detection
         link.phase = "serving"
         await link.report()
         housekeeping = asyncio.create_task(_housekeeping(parts))
