@@ -35,23 +35,24 @@ def main() -> int:
     from coordinator.membership import Membership
     from coordinator.service import RECOVERY, SILENCE, Coordinator, read_state
     from coordinator.sources import SnapshotSources
-    from coordinator.state_store import FileStore, StoreError
+    from coordinator.state_store import StoreError, open_store
 
     try:
         settings_path = Path(args.config).absolute()
         sources = SnapshotSources(settings_path)
-        store = FileStore(sources.settings.cluster.state_dir)
-        try:
-            support = store.load_now()
-        except StoreError as exc:
-            raise ConfigError(settings_path, "cluster.state_dir", str(exc),
-                              show_value=False) from None
         admin = sources.settings.admin
         users = None
         if admin.listen is not None and admin.users_file is not None:
             from coordinator.http_users import AdminUsers
 
             users = AdminUsers(settings_path, admin.users_file)
+        # Logging first: reading a shared store (Redis) at start may have to say it failed.
+        setup_logging(sources.settings.log_file, process="coordinator")
+        try:
+            store, support = open_store(sources.settings)
+        except StoreError as exc:
+            raise ConfigError(settings_path, "cluster.state_dir", str(exc),
+                              show_value=False) from None
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -62,7 +63,6 @@ def main() -> int:
     sources.start_at((state or {}).get("version", 0) + 1, support)
     membership = Membership(time.monotonic(), first_epoch=(state or {}).get("epoch", 0),
                             silence=SILENCE, recovery=RECOVERY if state is not None else 0.0)
-    setup_logging(sources.settings.log_file, process="coordinator")
     import uvloop
     import zmq
 

@@ -8,7 +8,9 @@ work that needs the workers (``inspect``, ``queue``, spool adoption) is
 sent to them as ``AdminRequest``s and matched to their replies by ``rid``;
 with ``[counters] backend = "redis"`` the coordinator reads and resets
 counters in Redis itself (:mod:`coordinator.shared_counters`), so every
-host's coordinator sees and changes the same counts.
+host's coordinator sees and changes the same counts, and keeps suspensions,
+country exceptions and the audit log there too (:mod:`coordinator.redis_state`):
+every tick it puts in force what another host changed.
 
 Signals: HUP rereads the configuration (a bad file is refused, the old one
 stays); TERM and INT stop.
@@ -17,6 +19,7 @@ stays); TERM and INT stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -82,7 +85,8 @@ class Coordinator:
         self.membership = membership
         self.desk = SupportDesk(store or FileStore(sources.settings.cluster.state_dir),
                                 sources, self._publish_snapshot)
-        self._lapsing: asyncio.Task[None] | None = None
+        self._support_task: asyncio.Task[None] | None = None
+        self._store_failing = False
         self.users = users  # the HTTP admin API's, when [admin] listen is set
         self.metrics = MetricsBook()
         # Workers' evidence of stolen passwords, and the suspensions it makes (SPEC §3.10).
@@ -150,15 +154,28 @@ class Coordinator:
             self.router.close()
             self.pub.close()
             await self.shared.close()
+            await self.desk.store.close()
             context.term()
         log_event("coordinator_stopped")
         return 0
 
-    async def _lapse(self) -> None:
+    async def _support_tick(self) -> None:
+        """What another host changed in a shared store, then what has run out.
+
+        A store that fails is logged once, when it starts failing, and once
+        when it is back; meanwhile the state in force stays as it was."""
         try:
+            await self.desk.sync()
             await self.desk.lapse()
         except AdminError as exc:
-            log_event("lapse_failed", logging.ERROR, error=str(exc))
+            if not self._store_failing:
+                log_event("state_store_failed", logging.ERROR, error=str(exc),
+                          note="the state in force stays; trying again every tick")
+            self._store_failing = True
+            return
+        if self._store_failing:
+            log_event("state_store_back")
+        self._store_failing = False
 
     def _on_hup(self) -> None:
         self._hup = True
@@ -236,8 +253,8 @@ class Coordinator:
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
             self.compromise.tick()
-            if self._lapsing is None or self._lapsing.done():
-                self._lapsing = asyncio.create_task(self._lapse())
+            if self._support_task is None or self._support_task.done():
+                self._support_task = asyncio.create_task(self._support_tick())
             if self.supervisor:
                 self.adoption.tick(now, self.membership, self.target_workers)
             self.metrics.refresh(self.sources.version, self.membership.epoch,
@@ -350,7 +367,15 @@ class Coordinator:
         return result
 
     async def _countries(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.desk.countries_of(self.desk.hosted_domain(args))
+        domain = self.desk.hosted_domain(args)
+        await self._fresh_support()
+        return self.desk.countries_of(domain)
+
+    async def _fresh_support(self) -> None:
+        """Before showing suspensions or exceptions: another host's latest change (a
+        shared store), when the store answers; else what is in force, at most a tick old."""
+        with contextlib.suppress(AdminError):
+            await self.desk.sync()
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
@@ -415,6 +440,7 @@ class Coordinator:
                   **summary(str(args.get("kind")), rows, self.sources.settings)}
         if args.get("kind") == "account":
             account = keys[0].partition(":")[2]
+            await self._fresh_support()
             result["suspension"] = self.desk.suspension_of(account)
             evidence = self.compromise.evidence_of(account)
             if evidence is not None:

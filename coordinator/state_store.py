@@ -2,8 +2,10 @@
 
 :class:`SupportStore` is what :mod:`coordinator.support` needs of a store;
 the coordinator's logic knows nothing of files. :class:`FileStore` keeps it
-under ``cluster.state_dir`` (one host); a store shared by several hosts
-(Redis) offers the same calls.
+under ``cluster.state_dir`` (one host, the ring backend); with ``[counters]
+backend = "redis"`` :class:`coordinator.redis_state.RedisStore` keeps it in
+Redis, shared by every host, behind the same calls (:func:`open_store`
+picks one).
 
 Files (JSON, so an operator can read them; every one validated when read):
 
@@ -29,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from cluster.logjson import log_event
+from cluster.logjson import flush_log, log_event
+from cluster.settings import Settings
 from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
 
 FORMAT_VERSION = 1
@@ -44,14 +47,51 @@ class StoreError(Exception):
     """The state cannot be read or written; str() names the file and what is wrong."""
 
 
+class StoreUnavailable(OSError):
+    """A shared store did not answer (in time); str() is one line saying why.
+
+    An OSError, as a failed disk write is: the support desk treats both alike."""
+
+
 class SupportStore(Protocol):
     async def load(self) -> SupportState: ...
+
+    async def refresh(self) -> SupportState | None:
+        """What the store holds when someone else (another host) may have changed it
+        since this process last looked; None when nothing can have changed."""
+        ...
+
     async def put_suspension(self, item: Suspension) -> None: ...
     async def drop_suspension(self, account: str) -> None: ...
     async def put_exception(self, item: CountryException) -> None: ...
     async def drop_exception(self, domain: str, country: str) -> None: ...
+
+    async def expire_suspension(self, item: Suspension, entry: AuditEntry) -> bool:
+        """Remove ``item`` if it is still the one stored and record ``entry``, as one
+        change; False (nothing done) when another host did it first, or it was replaced."""
+        ...
+
+    async def expire_exception(self, item: CountryException, entry: AuditEntry) -> bool: ...
     async def record(self, entry: AuditEntry) -> None: ...
     async def history(self, domain: str) -> list[AuditEntry]: ...
+    async def close(self) -> None: ...
+
+
+def open_store(settings: Settings) -> tuple[SupportStore, SupportState]:
+    """The store ``[counters] backend`` goes with, and the state to start from.
+
+    Raises StoreError for a table that cannot be read (the coordinator then
+    does not start). Blocking: called before the coordinator's event loop runs."""
+    if settings.counters.backend == "redis":
+        from coordinator.redis_state import RedisStore
+
+        shared = RedisStore.for_settings(settings)
+        try:
+            return shared, asyncio.run(shared.start())
+        finally:
+            flush_log()  # what start() logged, before another event loop takes over
+    store = FileStore(settings.cluster.state_dir)
+    return store, store.load_now()
 
 
 class FileStore:
@@ -78,12 +118,33 @@ class FileStore:
     async def drop_exception(self, domain: str, country: str) -> None:
         await self._change(self._state.without_exception(domain, country), EXCEPTIONS)
 
+    async def refresh(self) -> SupportState | None:
+        return None  # this coordinator is the files' only writer
+
+    async def expire_suspension(self, item: Suspension, entry: AuditEntry) -> bool:
+        async with self._lock:
+            if self._state.suspensions.get(item.account) != item:
+                return False
+            await self._write_and_record(self._state.without_suspension(item.account),
+                                         SUSPENSIONS, entry)
+        return True
+
+    async def expire_exception(self, item: CountryException, entry: AuditEntry) -> bool:
+        async with self._lock:
+            if self._state.exceptions.get(item.domain, {}).get(item.country) != item:
+                return False
+            await self._write_and_record(
+                self._state.without_exception(item.domain, item.country), EXCEPTIONS, entry)
+        return True
+
     async def record(self, entry: AuditEntry) -> None:
-        line = json.dumps(entry.to_wire(), ensure_ascii=False, sort_keys=True) + "\n"
-        await self._locked(self._append, line.encode("utf-8"))
+        await self._locked(self._append, audit_line(entry))
 
     async def history(self, domain: str) -> list[AuditEntry]:
         return await self._locked(self._read_audit, domain)
+
+    async def close(self) -> None:
+        pass
 
     # -- blocking work -------------------------------------------------------------
 
@@ -149,7 +210,11 @@ class FileStore:
         if created:
             fsync_folder(self.folder)
 
-    def _read_audit(self, domain: str) -> list[AuditEntry]:
+    def read_audit_now(self) -> list[AuditEntry]:
+        """Every entry of the audit log, oldest first (blocking)."""
+        return self._read_audit(None)
+
+    def _read_audit(self, domain: str | None) -> list[AuditEntry]:
         path = self.folder / AUDIT
         try:
             raw = path.read_bytes()
@@ -165,7 +230,7 @@ class FileStore:
                 log_event("audit_line_skipped", logging.WARNING, file=str(path), line=number,
                           error=str(exc))
                 continue
-            if entry.domain == domain:
+            if domain is None or entry.domain == domain:
                 entries.append(entry)
         return entries
 
@@ -179,6 +244,21 @@ class FileStore:
     async def _locked(self, work: Callable[..., T], *args: Any) -> T:
         async with self._lock:
             return await asyncio.to_thread(work, *args)
+
+    async def _write_and_record(self, state: SupportState, name: str,
+                                entry: AuditEntry) -> None:
+        await asyncio.to_thread(self._write_table, state, name)
+        self._state = state
+        await asyncio.to_thread(self._append, audit_line(entry))
+
+
+def entry_json(entry: AuditEntry) -> str:
+    """An audit entry as JSON: a line of ``audit.jsonl``, an item of the Redis store's lists."""
+    return json.dumps(entry.to_wire(), ensure_ascii=False, sort_keys=True)
+
+
+def audit_line(entry: AuditEntry) -> bytes:
+    return (entry_json(entry) + "\n").encode("utf-8")
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -7,7 +7,9 @@ the tenant file is edited, :mod:`coordinator.tenant_edit`) and
 put in force by publishing a new snapshot, then recorded in the audit log
 with who, when, what, why and until when. Entries whose ``until`` passes
 are removed by :meth:`SupportDesk.lapse` (workers already ignore them from
-that moment) and the lapse is recorded too.
+that moment) and the lapse is recorded too, once even when several hosts
+share the store. :meth:`SupportDesk.sync` puts in force what another host
+changed in a shared store; every change starts from it.
 
 Changes are serialized by one lock, so two support staff changing the same
 account at once end in one of their two states, never a mix.
@@ -32,9 +34,9 @@ from cluster.support_state import (
     iso_utc,
 )
 from cluster.validate import parse_duration
-from coordinator.errors import AdminError, NotFound
+from coordinator.errors import AdminError, NotFound, Unavailable
 from coordinator.sources import SnapshotSources
-from coordinator.state_store import SupportStore
+from coordinator.state_store import StoreUnavailable, SupportStore
 from coordinator.tenant_edit import EditError, edit_countries
 
 SYSTEM = "sendguard"  # the ``by`` of what sendguard does by itself (a lapse)
@@ -60,6 +62,7 @@ class SupportDesk:
         by = text(args, "by", required=True)
         lasting = duration(args, "for")
         async with self._lock:
+            await self._sync()
             now = self._clock()
             item = Suspension(account, reason, by, now, None if lasting is None else now + lasting)
             await self._guard(self.store.put_suspension(item))
@@ -74,6 +77,7 @@ class SupportDesk:
         by = text(args, "by", required=True)
         reason = text(args, "reason")
         async with self._lock:
+            await self._sync()
             current = self.sources.support.suspension(account, self._clock())
             if current is None:
                 return {"account": account, "suspended": False, "changed": False}
@@ -90,6 +94,7 @@ class SupportDesk:
         suspended already (one incident, one suspension) or no longer in the directory."""
         await self.lapse()  # a suspension that just ran out is recorded as lapsed first
         async with self._lock:
+            await self._sync()  # suspended from another host already: that one stands
             now = self._clock()
             if (self.sources.tenants.directory.account(account) is None
                     or self.sources.support.suspension(account, now) is not None):
@@ -127,6 +132,7 @@ class SupportDesk:
         if lasting is not None and not allow:
             raise AdminError("--for goes with allow-country only")
         async with self._lock:
+            await self._sync()
             if lasting is not None:
                 result = await self._grant(domain, country, by, reason, lasting)
             else:
@@ -215,31 +221,50 @@ class SupportDesk:
     # -- lapses ------------------------------------------------------------------------
 
     async def lapse(self) -> int:
-        """Remove what has run out; returns how many entries went."""
+        """Remove what has run out and record it; returns how many entries went.
+
+        Each removal and its record are one change of the store, made only
+        if the entry is still there: with a shared store, the host that
+        gets there first records it (``recorded`` in its log line), the
+        others just stop publishing it."""
         if self.sources.support.lapsed(self._clock()) == ([], []):
             return 0
         async with self._lock:
             suspensions, exceptions = self.sources.support.lapsed(self._clock())
             support = self.sources.support
             for item in suspensions:
-                await self._guard(self.store.drop_suspension(item.account))
+                entry = AuditEntry(self._clock(), SYSTEM, "suspension-lapsed", item.account,
+                                   _domain_of(item.account), item.reason, item.until,
+                                   {"suspended_by": item.by})
+                recorded = await self._guard(self.store.expire_suspension(item, entry))
+                log_event("suspension_lapsed", account=item.account, recorded=recorded)
                 support = support.without_suspension(item.account)
             for grant in exceptions:
-                await self._guard(self.store.drop_exception(grant.domain, grant.country))
+                entry = AuditEntry(self._clock(), SYSTEM, "exception-lapsed", grant.domain,
+                                   grant.domain, grant.reason, grant.until,
+                                   {"country": grant.country, "granted_by": grant.by})
+                recorded = await self._guard(self.store.expire_exception(grant, entry))
+                log_event("country_exception_lapsed", domain=grant.domain,
+                          country=grant.country, recorded=recorded)
                 support = support.without_exception(grant.domain, grant.country)
             await self._put_in_force(support)
-            for item in suspensions:
-                await self.audit(SYSTEM, "suspension-lapsed", item.account,
-                                 _domain_of(item.account), item.reason, item.until,
-                                 details={"suspended_by": item.by})
-                log_event("suspension_lapsed", account=item.account)
-            for grant in exceptions:
-                await self.audit(SYSTEM, "exception-lapsed", grant.domain, grant.domain,
-                                 grant.reason, grant.until,
-                                 details={"country": grant.country, "granted_by": grant.by})
-                log_event("country_exception_lapsed", domain=grant.domain,
-                          country=grant.country)
         return len(suspensions) + len(exceptions)
+
+    async def sync(self) -> bool:
+        """Put in force what someone else changed in the store (another host's
+        coordinator, with Redis); True when that changed anything. AdminError
+        (Unavailable) when the store cannot be read: the state in force stays."""
+        async with self._lock:
+            return await self._sync()
+
+    async def _sync(self) -> bool:
+        fresh = await self._guard(self.store.refresh())
+        if fresh is None or fresh == self.sources.support:
+            return False
+        await self._put_in_force(fresh)
+        log_event("support_state_synced", suspensions=len(fresh.suspensions),
+                  exceptions=sum(len(per) for per in fresh.exceptions.values()))
+        return True
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -251,6 +276,8 @@ class SupportDesk:
     async def _guard(work: Awaitable[Any]) -> Any:
         try:
             return await work
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the state store cannot be reached: {exc}") from None
         except OSError as exc:
             raise AdminError(f"the state store cannot be written: {exc}") from None
 

@@ -143,7 +143,8 @@ def start_target(name: str, folder: Path, dns: str, workers: int, spool_dir: str
                  counters: str) -> Target:
     folder.mkdir()
     port, sink_port = free_port(), free_port()
-    sink, delivered = start_counting_sink(sink_port)
+    sink = start_counting_sink(sink_port)
+    delivered = sink.messages
     spool = Path(tempfile.mkdtemp(prefix="sgbench-", dir=spool_dir))
     config = write_config(folder, port, dns, sink_port, workers, spool)
     if counters:

@@ -335,6 +335,14 @@ def connect(redis_url: str, cluster_nodes: Sequence[tuple[str, int]], timeout: f
 
     Nothing is connected yet: the first call connects, so a worker starts
     while Redis is down and answers 451 until it is back."""
+    return RedisCounters(redis_client(redis_url, cluster_nodes, timeout), timeout,
+                         observe=observe)
+
+
+def redis_client(redis_url: str, cluster_nodes: Sequence[tuple[str, int]],
+                 timeout: float) -> Any:
+    """A ``redis.asyncio`` client of ``[counters]``, not connected yet; every socket
+    operation bounded by ``timeout``."""
     if cluster_nodes:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -352,7 +360,7 @@ def connect(redis_url: str, cluster_nodes: Sequence[tuple[str, int]], timeout: f
         # timeout, and only reserve and release are safe to send twice.
         client = Redis.from_url(redis_url, socket_timeout=timeout,
                                 socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
-    return RedisCounters(client, timeout, observe=observe)
+    return client
 
 
 # -- helpers --------------------------------------------------------------------------
