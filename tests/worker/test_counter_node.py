@@ -275,6 +275,25 @@ async def test_an_owner_that_dies_leaves_its_leases_with_its_replica(
                                                for n in (b, c)))) == limit
 
 
+async def test_a_lease_whose_answer_was_lost_is_given_back(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"], request_timeout=0.4)
+    await form([a, b], 1)
+    key = key_where(Ring(["a", "b"]), "a")
+    assert (await b.client.reserve("one", [msg(key, 1000)])).ok
+    sent = a.links.send_router
+    a.links.send_router = lambda ident, frame: True  # every answer of a's lost
+    try:
+        with pytest.raises(CounterUnavailable):
+            await b.client.reserve("two", [msg(key, 1000)])  # asks to borrow, too
+        assert count_in(a.shard.snapshot(key)) > 2, "a counted the reservation and lent"
+    finally:
+        a.links.send_router = sent
+    # The reservation is undone and whatever was lent comes back.
+    await settled([a, b], a, key, 1)
+    assert count_in(b.shard.snapshot(key)) == 1
+
+
 # -- support -----------------------------------------------------------------------
 
 

@@ -99,7 +99,11 @@ class OwnedKeys:
             answered.add_done_callback(self._answered_later(ident, rid))
         if now or carried_keys:
             carried = self._shard.export(carried_keys, carried_rids) if carried_keys else None
-            links.send_router(ident, wire.encode_counter_reply(now, carried))
+            if not links.send_router(ident, wire.encode_counter_reply(now, carried)) and \
+                    carried_keys:
+                # The answer is lost (its queue is full): the replica still gets
+                # the change, the other way (`Replicator`).
+                self.replicator.push(requester, carried_keys, carried_rids)
 
     def _answered_later(self, ident: bytes, rid: str) -> Callable[[asyncio.Future[Reply]], None]:
         def answered(future: asyncio.Future[Reply]) -> None:

@@ -45,6 +45,7 @@ _Part = tuple[list[int], Reply]
 # op positions), plain-count op positions, whether leases can decide them.
 _Group = tuple[str, list[int], dict[Shape, list[int]], list[int], bool]
 _PLANS = 4096
+_ALL = 2**31 - 1  # unused units of a lease whose size is not known: all of them
 
 
 class _Held:
@@ -340,7 +341,19 @@ class RoutedCounters:
         """Send a reserve; take the leases its answer grants."""
         book = self._book
         try:
-            reply = await self._send(owner, item, call)
+            try:
+                reply = await self._send(owner, item, call)
+            except BaseException:
+                # No answer: the owner may have lent all the same. Whatever it
+                # lent comes back (it takes back at most what it lent), or the
+                # units would hold the limit's room until the window passes.
+                ring = self._links.ring
+                for n, shape in enumerate(shapes if ring is not None else ()):
+                    key, series, windows = shape
+                    ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
+                    self._now_or_later("return", item[wire.R_EXTRA][n][0], ops,
+                                       [_ALL] * len(windows), ring)  # type: ignore[arg-type]
+                raise
             grants = reply[wire.A_GRANT] if reply[wire.A_STATUS] == Status.OK else None
             for n, shape in enumerate(shapes):
                 if grants is not None and n < len(grants):
@@ -417,13 +430,13 @@ class RoutedCounters:
             # Decided now, in order with what this node asks next.
             reply, wait = self._owned.apply(item)
             if reply[wire.A_STATUS] != Status.OK:
-                links.spawn(_quietly(self._route(kind, arg, ops, range(len(ops)), self._call(),
-                                                 extra=extra), what))
+                links.spawn(self._again(kind, arg, ops, extra, what))
             elif wait is not None:
                 links.spawn(_quietly(wait, what))
             return
         peer = links.peers.get(owner)
         if peer is None:
+            links.spawn(self._again(kind, arg, ops, extra, what))
             return
         answer = peer.ask(item, links.deadline())
 
@@ -433,10 +446,28 @@ class RoutedCounters:
             failed = future.exception() is not None
             if self._closing or (not failed and future.result()[wire.A_STATUS] == Status.OK):
                 return  # closing: the frame went out with the link's linger
-            links.spawn(_quietly(self._route(kind, arg, ops, range(len(ops)), self._call(),
-                                             extra=extra), what))
+            links.spawn(self._again(kind, arg, ops, extra, what))
 
         answer.add_done_callback(settled)
+
+    async def _again(self, kind: str, arg: str, ops: tuple[Op, ...], extra: Any,
+                     what: str) -> None:
+        """A return or a tally that did not go through, through the ring's retries.
+        A return is tried for as long as the owner keeps the lease (a lost one
+        would hold room until the window passes; returning twice takes back
+        nothing more); a tally once more (twice would count twice)."""
+        loop = asyncio.get_running_loop()
+        end, delay = loop.time() + RESERVATION_TTL, 0.05
+        while True:
+            try:
+                await self._route(kind, arg, ops, range(len(ops)), self._call(), extra=extra)
+                return
+            except (CounterUnavailable, ValueError) as exc:
+                if kind != "return" or self._closing or loop.time() + delay >= end:
+                    log.warning("%s not settled, it stays counted: %s", what, exc)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     # -- routing ---------------------------------------------------------------------------
 
