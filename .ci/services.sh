@@ -1,8 +1,9 @@
 #!/bin/sh
 # Installs what the test suite drives for real, from Debian's packages: the
 # content scanners (rspamd and SpamAssassin's spamd), redis-server (the
-# shared counter backend; redis-cli makes the test Redis Cluster) and a
-# headless browser for the support console (chromium and its chromedriver).
+# shared counter backend; redis-cli makes the test Redis Cluster), a
+# headless browser for the support console (chromium and its chromedriver)
+# and the SMTP client swaks (client compatibility tests).
 # Idempotent: does nothing when all of them are already there.
 #
 # The tests start each daemon themselves, on loopback, with a private
@@ -21,6 +22,7 @@ have spamd || missing="$missing spamd spamassassin"
 { have redis-server && have redis-cli; } || missing="$missing redis-server redis-tools"
 have chromium || missing="$missing chromium"
 have chromedriver || missing="$missing chromium-driver"
+have swaks || missing="$missing swaks"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -43,4 +45,4 @@ apt-get update -qq
 # shellcheck disable=SC2086  # the list is meant to split into package names
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
 have rspamd && have spamd && have redis-server && have redis-cli && have chromium \
-    && have chromedriver
+    && have chromedriver && have swaks

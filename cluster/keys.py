@@ -8,6 +8,7 @@ ring routes by key, so every series of one key lives with the same owner.
 from __future__ import annotations
 
 MESSAGES = "msg"
+RECIPIENTS = "rcpt"  # limits with count = "recipients": their own counters, never MESSAGES
 FAILURES = "fail"
 ACCEPTED = "acc"
 UNDELIVERABLE = "bad"

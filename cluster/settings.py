@@ -24,10 +24,29 @@ from cluster.validate import ConfigError, Section, read_duration
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+COUNT_MESSAGES = "messages"
+COUNT_RECIPIENTS = "recipients"
+MODE_ENFORCE = "enforce"
+MODE_SHADOW = "shadow"
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
+    """One rate-limit window (SPEC §3.4, §3.11, §3.12).
+
+    ``count``: what one accepted message adds, 1 (``messages``) or its
+    accepted recipients (``recipients``). ``mode``: ``enforce`` refuses,
+    ``shadow`` only logs where it would refuse.
+    """
+
     window: float
     max: int
+    count: str = COUNT_MESSAGES
+    mode: str = MODE_ENFORCE
+
+    @property
+    def shadow(self) -> bool:
+        return self.mode == MODE_SHADOW
 
 
 DEFAULT_LIMITS = (Limit(60.0, 250), Limit(3600.0, 1000), Limit(43200.0, 10000))
@@ -123,6 +142,11 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DkimSettings:
+    keys_dir: Path  # {keys_dir}/{domain}/{selector}.pem
+
+
+@dataclass(frozen=True, slots=True)
 class CompromiseSettings:
     """SPEC §3.10: when an account counts as compromised, and what then."""
 
@@ -150,6 +174,7 @@ class Settings:
     dns: DnsSettings
     log_file: Path | None
     delivery: DeliverySettings
+    dkim: DkimSettings
     compromise: CompromiseSettings | None = None  # None: [compromise] absent, detection off
     raw: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
 
@@ -189,6 +214,7 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
         dns=_dns(Section(path, "dns", top.raw("dns"))),
         log_file=_log(Section(path, "log", top.raw("log")), base),
         delivery=_delivery(Section(path, "delivery", top.raw("delivery")), base),
+        dkim=_dkim(Section(path, "dkim", top.raw("dkim")), base),
         compromise=_compromise(Section(path, "compromise", top.raw("compromise")),
                                geoip=top.raw("geoip"), present=top.has("compromise")),
         raw=data,
@@ -211,10 +237,15 @@ def read_limits(file: Path, key: str, value: Any, default: tuple[Limit, ...]) ->
                 raise section.error(name, "is required", show_value=False)
         window = read_duration(section, "window", section.raw("window"))
         maximum = section.integer("max", -1, minimum=0)
+        count = section.choice("count", COUNT_MESSAGES, (COUNT_MESSAGES, COUNT_RECIPIENTS))
+        mode = section.choice("mode", MODE_ENFORCE, (MODE_ENFORCE, MODE_SHADOW))
         section.reject_unknown()
-        limits.append(Limit(window, maximum))
-    windows = [limit.window for limit in limits]
-    if len(set(windows)) != len(windows):
+        limits.append(Limit(window, maximum, count, mode))
+    # One enforced and one shadow limit may share a window (trying a new
+    # maximum beside the current one); two of the same kind would be two
+    # maxima for one count.
+    kinds = [(limit.window, limit.count, limit.mode) for limit in limits]
+    if len(set(kinds)) != len(kinds):
         raise ConfigError(file, key, "lists the same window twice", value)
     return tuple(limits)
 
@@ -454,6 +485,14 @@ def _log(s: Section, base: Path) -> Path | None:
     path = s.path("file", "", base)
     s.reject_unknown()
     return path
+
+
+def _dkim(s: Section, base: Path) -> DkimSettings:
+    keys_dir = s.path("keys_dir", "dkim", base)
+    if keys_dir is None:
+        raise s.error("keys_dir", "must name a folder", "")
+    s.reject_unknown()
+    return DkimSettings(keys_dir=keys_dir)
 
 
 def _delivery(s: Section, base: Path) -> DeliverySettings:

@@ -7,12 +7,18 @@ means one per CPU), restarts a process that dies (backoff from 0.5 s to
 restarted), and tells the coordinator over a DEALER what happened
 (``SupervisorHello``, ``ProcessEvent`` started/exited/leaving). Signal
 handlers only enqueue; the main loop dispatches ``handle_<signal>``.
+Workers start once the coordinator has answered a first request, that is
+once the configuration, tenant directory and GeoIP database were read;
+every child starts with SIGINT blocked (:mod:`cluster.quietstart`), so one
+stopped while it is still starting ends without a traceback.
 
 Signals:
     TERM   drain: workers stop accepting, open transactions finish (up to
            ``server.drain_timeout``), then everything stops; exit 0
     INT    stop at once (sessions get 421 now); exit 0
-    HUP    the coordinator rereads the configuration; workers stay
+    HUP    the coordinator rereads the configuration; workers stay;
+           a changed ``server.workers`` scales, ``server.drain_timeout``
+           applies to the next stop
     TTIN   one worker more
     TTOU   one worker less (never below one)
 
@@ -44,7 +50,10 @@ import zmq
 
 from cluster import wire
 from cluster.logjson import log_event, setup_logging
+from cluster.quietstart import spawn_quietly
+from cluster.reload import load_for_reload
 from cluster.settings import Settings
+from cluster.validate import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -59,6 +68,7 @@ _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 60.0     # a process up this long starts its backoff afresh
 _BOOTED_AFTER = 5.0      # a process up this long got past its boot
 _LEAVE_ACK_WAIT = 3.0    # TERM a retiring worker even if the coordinator never answers
+_ASK_COORDINATOR_EVERY = 0.5  # at start, until the coordinator answers
 _STOP_MARGIN = 10.0
 _FAST_STOP_WAIT = 5.0
 _TICK = 0.1
@@ -123,6 +133,11 @@ class Supervisor:
         self.pending: list[int] = []
         self.exit_code: int | None = None
         self._phases: dict[str, str] = {}
+        # Workers start once the coordinator has answered: it has read the
+        # configuration, tenants and GeoIP database, so a bad one stops the
+        # start before any worker exists (one line on stderr, nothing else).
+        self.coordinator_answered = False
+        self._asked_at = 0.0
 
     # -- plumbing ------------------------------------------------------------
 
@@ -179,7 +194,8 @@ class Supervisor:
         else:
             command = [sys.executable, "-m", "coordinator", "--config", str(self.settings.path),
                        "--parent-pid", str(os.getpid())]
-        child.process = subprocess.Popen(command, close_fds=True)
+        # Stopped while still importing, a child ends without a traceback.
+        child.process = spawn_quietly(command, close_fds=True)
         child.started_at = time.monotonic()
         log_event("process_started", process_name=child.name, pid=child.process.pid)
         if child.is_worker:
@@ -241,6 +257,15 @@ class Supervisor:
         if coordinator is not None and coordinator.alive:
             assert coordinator.process is not None
             coordinator.process.send_signal(signal.SIGHUP)
+        # What the supervisor itself uses: the worker count and the drain timeout.
+        # The coordinator checks the same file the same way, and logs a refusal.
+        try:
+            settings = load_for_reload(self.settings.path)
+        except ConfigError:
+            return
+        previous, self.settings = self.settings, settings
+        if settings.server.workers != previous.server.workers:
+            self.scale(worker_count(settings.server.workers))
 
     def handle_ttin(self) -> None:
         self.scale(self.target + 1)
@@ -268,7 +293,10 @@ class Supervisor:
                     and hung.process.pid == message.pid:
                 log_event("process_hung", process_name=hung.name, pid=message.pid)
                 hung.process.kill()  # reaped and restarted like any crash
-        elif isinstance(message, wire.AdminReply) and message.ok:
+        elif isinstance(message, wire.AdminReply):
+            self.coordinator_answered = True
+            if not message.ok:
+                return
             workers = message.data.get("workers", [])
             self._phases = {w.get("name", ""): w.get("phase", "") for w in workers
                             if isinstance(w, dict)}
@@ -312,6 +340,12 @@ class Supervisor:
         self.exit_code = EXIT_CONFIG if code == CHILD_CONFIG_ERROR else EXIT_FAILED
 
     def manage_workers(self) -> None:
+        if not self.coordinator_answered:
+            now = time.monotonic()
+            if now - self._asked_at >= _ASK_COORDINATOR_EVERY:
+                self._asked_at = now
+                self.tell(wire.AdminRequest("status", {}))
+            return
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.process is None and not child.retiring and now >= child.restart_at:

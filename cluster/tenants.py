@@ -7,6 +7,7 @@ stored in A-label form so lookups work whichever form the client used.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ from cluster.passwords import PasswordSchemeError, check_scheme
 from cluster.settings import Limit, is_country_code, read_limits
 from cluster.validate import ConfigError, Section
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
 
 @dataclass(frozen=True, slots=True)
 class Domain:
@@ -24,6 +28,7 @@ class Domain:
     aliases: frozenset[str]
     countries: frozenset[str] | None
     limits: tuple[Limit, ...] | None
+    dkim_selector: str | None = None  # signs this domain's and its aliases' mail
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +136,17 @@ def _domain(s: Section, name: str) -> Domain:
                 raise s.error("countries", 'must list two-letter country codes like "PL"', code)
         countries = frozenset(code.upper() for code in codes)
     limits = read_limits(s.file, s.key("limits"), s.raw("limits"), ()) if s.has("limits") else None
+    selector = s.string("dkim_selector", "") or None
+    if selector is not None and not selector_ok(selector):
+        # It names a DNS record and a file: labels of letters, digits and hyphens only.
+        raise s.error("dkim_selector", 'must be a DNS label like "sg2026" (letters, digits, '
+                      "hyphens; dots between labels)", selector)
     s.reject_unknown()
-    return Domain(alabel, frozenset(aliases), countries, limits)
+    return Domain(alabel, frozenset(aliases), countries, limits, selector)
+
+
+def selector_ok(selector: str) -> bool:
+    return len(selector) <= 200 and _SELECTOR.fullmatch(selector) is not None
 
 
 def _account(s: Section, user: str) -> Account:

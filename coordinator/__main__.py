@@ -8,12 +8,12 @@ database is bad at start (one line on stderr naming file, key and value),
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
 from cluster.lifeline import die_with_parent
+from cluster.quietstart import stop_signals_end_quietly
 from cluster.validate import ConfigError
 
 EXIT_CONFIG_ERROR = 2
@@ -22,8 +22,9 @@ EXIT_BOOT_FAILED = 3
 
 def main() -> int:
     # Until the event loop takes over: a stop while still booting ends the
-    # process quietly instead of with a KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # process quietly instead of with a KeyboardInterrupt traceback (the
+    # supervisor started us with SIGINT blocked, see cluster/quietstart.py).
+    stop_signals_end_quietly()
     parser = argparse.ArgumentParser(prog="python -m coordinator")
     parser.add_argument("--config", required=True)
     parser.add_argument("--parent-pid", type=int, default=0)

@@ -12,7 +12,7 @@ from typing import Any
 
 from cluster import keys
 from cluster.names import BadDomain, client_key, normalise_address
-from cluster.settings import Settings
+from cluster.settings import COUNT_MESSAGES, COUNT_RECIPIENTS, Settings
 from cluster.support_state import iso_utc
 from cluster.tenants import TenantDirectory
 
@@ -43,13 +43,15 @@ def limit_for(key: str, series: str, window: float, settings: Settings,
               tenants: TenantDirectory) -> int | None:
     """The limit a decision would apply to this counter now; None for plain counts."""
     kind, _, subject = key.partition(":")
-    if series == keys.MESSAGES:
+    if series in (keys.MESSAGES, keys.RECIPIENTS):
         limits = settings.limits
         if kind == "acct":
             account = tenants.account(subject)
             if account is not None:
                 limits = tenants.limits(account, settings.limits)
-        return next((limit.max for limit in limits if limit.window == window), None)
+        count = COUNT_RECIPIENTS if series == keys.RECIPIENTS else COUNT_MESSAGES
+        return next((limit.max for limit in limits if limit.window == window
+                     and limit.count == count and not limit.shadow), None)
     if series == keys.FAILURES and window == settings.auth.failure_window:
         return settings.auth.max_failures
     if series == keys.SPAM and window == settings.spam.window:

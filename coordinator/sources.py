@@ -11,12 +11,12 @@ it changes again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster.logjson import log_event
+from cluster.reload import load_for_reload, needs_restart
 from cluster.settings import Settings, load_settings
 from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory, read_tenant_file
@@ -25,24 +25,6 @@ from cluster.wire import SnapshotMessage
 from worker.geo import CountryDatabase, GeoDatabaseError
 
 Stamp = tuple[int, int, int] | None
-
-# Bound or opened once per process: a reload cannot change them in place.
-_FIXED_AT_START: dict[str, Callable[[Settings], object]] = {
-    "server.listen": lambda s: (s.server.listen, s.server.listen_tls),
-    "server.tls_cert": lambda s: (s.server.tls_cert, s.server.tls_key),
-    "server.workers": lambda s: s.server.workers,
-    "metrics.listen": lambda s: s.metrics_listen,
-    "admin.listen": lambda s: s.admin.listen,
-    "admin.recent_decisions": lambda s: (s.admin.recent_decisions,
-                                         s.admin.recent_decisions_for),
-    "cluster": lambda s: s.cluster,
-    "dns": lambda s: s.dns,
-    "spam.backend": lambda s: (s.spam.backend, s.spam.url, s.spam.timeout,
-                               s.spam.rspamd_spam_actions),
-    "delivery.spool": lambda s: s.delivery.spool,
-    "log.file": lambda s: s.log_file,
-}
-
 
 def stamp(path: Path | None) -> Stamp:
     if path is None:
@@ -176,7 +158,7 @@ class SnapshotSources:
     def reload_config(self) -> bool:
         """SIGHUP: the main file, and the files it names, all or nothing."""
         try:
-            settings = load_settings(self.config_path)
+            settings = load_for_reload(self.config_path)
             tenants = read_tenants(settings.tenants_file)
             geoip = read_geoip(settings)
         except ConfigError as exc:
@@ -189,10 +171,12 @@ class SnapshotSources:
                       error=f"{self.config_path}: counters: changes only with a restart "
                             "of the gateway")
             return False
-        for key, read in _FIXED_AT_START.items():
-            if read(self.settings) != read(settings):
-                log_event("reload_partial", logging.WARNING, key=key,
-                          note="takes effect at the next start of the cluster")
+        waiting = needs_restart(self.settings, settings)
+        if waiting:
+            # One line for the whole reload: what is in force is everything else.
+            log_event("reload_partial", logging.WARNING, keys=waiting,
+                      note="these settings take effect at the next start of the cluster; "
+                           "the rest of the file is in force")
         self.settings, self.tenants, self.geoip = settings, tenants, geoip
         self._stamps = self._current_stamps()
         self._publish("config")

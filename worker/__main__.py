@@ -8,11 +8,11 @@ the coordinator; without it, it runs alone on the files named by ``--config``.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 from cluster.lifeline import die_with_parent
+from cluster.quietstart import stop_signals_end_quietly
 from cluster.settings import load_settings
 from cluster.validate import ConfigError
 
@@ -21,8 +21,9 @@ EXIT_CONFIG_ERROR = 2
 
 def main() -> int:
     # Until the event loop takes over: a stop while still booting ends the
-    # process quietly instead of with a KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # process quietly instead of with a KeyboardInterrupt traceback (the
+    # supervisor started us with SIGINT blocked, see cluster/quietstart.py).
+    stop_signals_end_quietly()
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--name", default="w0")

@@ -39,6 +39,7 @@ from cluster.support_state import SupportState
 from cluster.tenants import parse_tenants
 from cluster.validate import ConfigError
 from worker.delivery import DeliveryAgent
+from worker.dkim import DkimKeyring
 from worker.geo import CountryDatabase, GeoDatabaseError
 from worker.recent import RecentDecisions
 from worker.snapshot import Snapshot
@@ -87,7 +88,9 @@ def build_snapshot(message: wire.SnapshotMessage, previous: Snapshot | None) -> 
             except GeoDatabaseError as exc:
                 raise ConfigError(settings.path, "geoip.database", str(exc),
                                   show_value=False) from None
-    return Snapshot(settings, tenants, geoip, message.version, support)
+    dkim = DkimKeyring.load(settings.dkim.keys_dir, tenants,
+                            previous.dkim if previous is not None else None)
+    return Snapshot(settings, tenants, geoip, message.version, support, dkim=dkim)
 
 
 class ClusterLink:

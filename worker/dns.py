@@ -96,6 +96,9 @@ class _TTLCache:
         self._max_entries = max_entries
         self._clock = clock
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def get(self, key: tuple[str, str]) -> _RRset | None:
         item = self._entries.get(key)
         if item is None:
@@ -158,21 +161,56 @@ class DomainResolver:
             raise ValueError(f"timeout must be positive (got {timeout!r})")
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1 (got {max_entries!r})")
-        servers = [_parse_nameserver(s) for s in nameservers]
         # Fails outside a running loop, which is the point: see module docstring.
-        loop = asyncio.get_running_loop()
-        self._timeout = timeout
+        asyncio.get_running_loop()
         self._negative_ttl = negative_ttl
         self._cache = _TTLCache(max_entries, clock)
         self._inflight: dict[tuple[str, str], asyncio.Task[_RRset]] = {}
+        self._closed = False
+        self._config: tuple[tuple[str, ...], float] = (tuple(nameservers), timeout)
+        # Channels replaced by reconfigure(), closed once their lookups had their time.
+        self._retired: set[aiodns.DNSResolver] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._timeout = timeout
+        self._resolver = self._channel(nameservers, timeout)
+
+    @staticmethod
+    def _channel(nameservers: Sequence[str], timeout: float) -> aiodns.DNSResolver:
+        servers = [_parse_nameserver(s) for s in nameservers]
         # An empty list leaves c-ares on /etc/resolv.conf.
-        self._resolver = aiodns.DNSResolver(
+        return aiodns.DNSResolver(
             nameservers=servers or None,
-            loop=loop,
+            loop=asyncio.get_running_loop(),
             timeout=timeout / _TRY_UNITS,
             tries=_TRIES,
         )
-        self._closed = False
+
+    def reconfigure(self, nameservers: Sequence[str], timeout: float) -> bool:
+        """Other resolvers or another timeout (a reload): True when anything changed.
+
+        Later lookups go to a new channel and the cache starts empty (the
+        new resolvers may answer differently); the old channel is closed once
+        the lookups already on it had their time.
+        """
+        if (tuple(nameservers), timeout) == self._config or self._closed:
+            return False
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive (got {timeout!r})")
+        old, old_timeout = self._resolver, self._timeout
+        self._resolver = self._channel(nameservers, timeout)
+        self._config = (tuple(nameservers), timeout)
+        self._timeout = timeout
+        self._cache.clear()
+        self._retired.add(old)
+        asyncio.get_running_loop().call_later(old_timeout + 1.0, self._retire, old)
+        return True
+
+    def _retire(self, channel: aiodns.DNSResolver) -> None:
+        if channel in self._retired:
+            self._retired.discard(channel)
+            task = asyncio.get_running_loop().create_task(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def destination_status(self, domain: str) -> DestinationStatus:
         """Whether ``domain`` (A-label, lowercase) can receive mail."""
@@ -246,6 +284,11 @@ class DomainResolver:
         # ECANCELLED, so their waiters get a temporary error, not a
         # CancelledError they did not ask for.
         await self._resolver.close()
+        for channel in list(self._retired):
+            self._retired.discard(channel)
+            await channel.close()
+        if self._closing:
+            await asyncio.wait(list(self._closing))
         if self._inflight:
             await asyncio.wait(list(self._inflight.values()))
 

@@ -20,12 +20,13 @@ from cluster.support_state import iso_utc
 from worker import replies
 from worker.auth import PasswordVerifier
 from worker.counters.client import CounterClient, CounterUnavailable
+from worker.dkim import DkimSigner
 from worker.evidence import EvidenceNotes
 from worker.policies import CONTINUE, Action, Client, Verdict, reject, tempfail
 from worker.policies.auth_throttle import AuthThrottlePolicy
 from worker.policies.bounce_ratio import BounceRatioPolicy
 from worker.policies.geoip import GeoipPolicy, client_country
-from worker.policies.rate_limit import RateLimitPolicy, window_text
+from worker.policies.rate_limit import RateLimitPolicy, shadow_fields, window_text
 from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.policies.sender_domain import SenderDomainPolicy
 from worker.policies.spam_grace import SpamGracePolicy
@@ -86,6 +87,7 @@ class PolicyEngine:
         self.rate_limit = RateLimitPolicy()
         self.recipient_domain = recipient_domain
         self.spam_grace = SpamGracePolicy()
+        self.dkim = DkimSigner()
         # Successful logins and spam for compromise detection, sent to the coordinator.
         self.evidence = EvidenceNotes()
         # Told every verdict that is logged (the worker's metrics).
@@ -163,6 +165,8 @@ class PolicyEngine:
             denied = self.rate_limit.denied(rate_ops, outcome.counts[split:])
             facts = await self._limit_facts(rate_ops, outcome.counts[split:], denied)
             return self._log(client, "MAIL", verdict, sender=sender, **facts)
+        self._log_shadows(snapshot, client, "MAIL", rate_ops, outcome.counts[split:],
+                          sender=sender)
         return self._log(client, "MAIL", Verdict(Action.CONTINUE, replies.SENDER_OK, "mail"),
                          sender=sender)
 
@@ -189,8 +193,9 @@ class PolicyEngine:
         scanned = _scan_fields(scan)
 
         spam_ops = self.spam_grace.ops(snapshot, client) if scan.spam else []
-        ops = (spam_ops + self.rate_limit.ops(snapshot, client)
-               + self.bounce_ratio.accept_ops(snapshot, client))
+        # A recipient limit's amount is the message's accepted recipients.
+        rate_ops = self.rate_limit.ops(snapshot, client, len(transaction.rcpt_tos))
+        ops = spam_ops + rate_ops + self.bounce_ratio.accept_ops(snapshot, client)
         reservation = f"{client.sid}.{queue_id}"
         try:
             outcome = await self.counters.reserve(reservation, ops)
@@ -206,7 +211,12 @@ class PolicyEngine:
                 facts = await self._limit_facts(ops, outcome.counts, outcome.denied)
             return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned,
                                         **facts))
+        rate_counts = outcome.counts[len(spam_ops):len(spam_ops) + len(rate_ops)]
+        self._log_shadows(snapshot, client, "DATA", rate_ops, rate_counts, queue_id=queue_id)
 
+        # Signed as it will be delivered; the trace headers added below are not signed.
+        signed = await self.dkim.sign(snapshot.dkim, snapshot.tenants, client, content)
+        content = signed.content
         record = SpoolRecord.new(
             queue_id=queue_id,
             session_id=client.sid,
@@ -236,7 +246,8 @@ class PolicyEngine:
                           "spam" if scan.spam else "data", "spam within grace" if scan.spam else "")
         return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned,
                                     recipients=len(transaction.rcpt_tos),
-                                    size=len(record.message)), queue_id)
+                                    size=len(record.message), dkim=signed.by,
+                                    dkim_skipped=signed.skipped), queue_id)
 
     async def _scan(self, snapshot: Snapshot, client: Client, transaction: Transaction,
                     content: bytes) -> tuple[ScanResult | Verdict, str]:
@@ -272,6 +283,14 @@ class PolicyEngine:
             return self.spam_grace.refusal(client, f"score {scan.score:g}; {detail}")
         return reject(self.rate_limit.name, replies.POLICY_VIOLATION.format(sid=client.sid),
                       detail)
+
+    def _log_shadows(self, snapshot: Snapshot, client: Client, stage: str, rate_ops: list[Op],
+                     counts: tuple[int, ...], **extra: object) -> None:
+        """Shadow limits (SPEC §3.12): where one would have refused, a ``shadow``
+        decision with the reply it would have given; the transaction goes on."""
+        hits = self.rate_limit.shadow_hits(snapshot, client, rate_ops, counts)
+        for hit, verdict in self.rate_limit.shadow_verdicts(client, hits, stage):
+            self._log(client, stage, verdict, **extra, **shadow_fields(hit))
 
     async def _release(self, reservation: str) -> None:
         try:

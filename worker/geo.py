@@ -21,12 +21,9 @@ from typing import Any
 
 import maxminddb
 
-__all__ = ["CountryDatabase", "GeoDatabaseError"]
+from cluster.countrydb import check_country_reader
 
-# Any database whose records carry a "country" map: MaxMind Country, City and
-# Enterprise, DB-IP's Country/City lookalikes. An ASN or ISP database would
-# open fine and answer None for every address, so it is refused instead.
-_COUNTRY_BEARING_TYPES = ("country", "city", "enterprise")
+__all__ = ["CountryDatabase", "GeoDatabaseError"]
 
 _VERSION_DIGEST_SIZE = 6  # 12 hex characters
 
@@ -130,23 +127,11 @@ class CountryDatabase:
             raise
 
     def _validate(self) -> None:
-        db_type = self.database_type
-        if not any(word in db_type.lower() for word in _COUNTRY_BEARING_TYPES):
-            raise GeoDatabaseError(
-                f"{self._source}: database type {db_type!r} has no country data"
-                " (expected a GeoIP2/GeoLite2 Country or City database)"
-            )
-        # Opening only reads the metadata; walk the tree and decode a few
-        # records so a truncated or corrupt file is refused at load time
-        # rather than failing mid-session.
-        probes = ["1.1.1.1", "8.8.8.8", "127.0.0.1"]
-        if not self._ipv4_only:
-            probes.append("2001:4860:4860::8888")
+        # Refused at load time rather than failing mid-session.
         try:
-            for ip in probes:
-                self._reader.get(ip)
-        except (ValueError, maxminddb.InvalidDatabaseError) as exc:
-            raise GeoDatabaseError(f"{self._source}: corrupt database: {exc}") from exc
+            check_country_reader(self._reader, self._source)
+        except ValueError as exc:
+            raise GeoDatabaseError(str(exc)) from exc
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")

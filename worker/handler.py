@@ -12,15 +12,17 @@ from worker.smtp import GatewaySMTP
 
 
 class GatewayHandler:
-    def __init__(self, engine: PolicyEngine, max_recipients: int) -> None:
+    def __init__(self, engine: PolicyEngine) -> None:
         self.engine = engine
-        self.max_recipients = max_recipients
 
     async def handle_EHLO(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         assert server.client is not None
         server.client.helo = hostname
+        # Commands are read and answered one after another, in order, so
+        # pipelined commands need nothing more than saying so.
+        responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_HELO(self, server: GatewaySMTP, session: Session, envelope: Envelope,
@@ -49,7 +51,7 @@ class GatewayHandler:
     async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         assert server.client is not None
-        if len(envelope.rcpt_tos) >= self.max_recipients:
+        if len(envelope.rcpt_tos) >= self.engine.snapshot().settings.server.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         verdict = await self.engine.rcpt(server.client, address)
         if verdict.ok:

@@ -15,6 +15,7 @@ from cluster.logjson import log_event
 from cluster.settings import Settings
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
+from worker.dkim import DkimKeyring
 from worker.geo import CountryDatabase, GeoDatabaseError
 from worker.snapshot import Snapshot
 
@@ -29,7 +30,8 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-def load_snapshot(settings: Settings, version: int = 1) -> Snapshot:
+def load_snapshot(settings: Settings, version: int = 1,
+                  previous: Snapshot | None = None) -> Snapshot:
     """Raises ConfigError for a bad tenant file or GeoIP database."""
     tenants = load_tenants(settings.tenants_file)
     geoip = None
@@ -39,7 +41,9 @@ def load_snapshot(settings: Settings, version: int = 1) -> Snapshot:
         except GeoDatabaseError as exc:
             raise ConfigError(settings.path, "geoip.database", str(exc),
                               str(settings.geoip.database)) from None
-    return Snapshot(settings, tenants, geoip, version)
+    dkim = DkimKeyring.load(settings.dkim.keys_dir, tenants,
+                            previous.dkim if previous is not None else None)
+    return Snapshot(settings, tenants, geoip, version, dkim=dkim)
 
 
 class LocalSnapshotSource:
@@ -62,7 +66,7 @@ class LocalSnapshotSource:
             return False
         old = self._snapshot
         try:
-            new = load_snapshot(old.settings, old.version + 1)
+            new = load_snapshot(old.settings, old.version + 1, old)
         except ConfigError as exc:
             self._stamps = stamps  # do not retry a bad file until it changes again
             log_event("reload_refused", logging.ERROR, error=str(exc))

@@ -27,12 +27,12 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from cluster.logjson import flush_log, log_event, setup_logging
-from cluster.settings import Settings
+from cluster.settings import Settings, SpamSettings
 from cluster.validate import ConfigError
 from worker.auth import PasswordVerifier
 from worker.counters.client import CounterClient, LocalCounters
@@ -47,7 +47,7 @@ from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.recent import RecentDecisions
 from worker.server import BootError, SmtpServer
 from worker.snapshot import Snapshot
-from worker.spam import make_scanner
+from worker.spam import SpamScanner, make_scanner
 from worker.spool.adoption import open_spool
 
 EXIT_OK = 0
@@ -59,6 +59,46 @@ class SnapshotSource(Protocol):
     def current(self) -> Snapshot: ...
 
 
+class ScannerSlot:
+    """The spam scanner of the settings in force; a reload that changes ``spam.*`` swaps it.
+
+    The scanner it replaces is closed once the scans already running on it had
+    their ``spam.timeout``.
+    """
+
+    def __init__(self, spam: SpamSettings) -> None:
+        self._key = _scanner_key(spam)
+        self._scanner = make_scanner(*self._key)
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> SpamScanner:
+        return self._scanner
+
+    def follow(self, spam: SpamSettings) -> None:
+        key = _scanner_key(spam)
+        if key == self._key:
+            return
+        try:
+            scanner = make_scanner(*key)
+        except ValueError as exc:
+            log_event("reload_refused", logging.ERROR, source="spam", error=str(exc))
+            self._key = key  # not again until it changes again
+            return
+        old, grace = self._scanner, self._key[2] + 1.0
+        self._scanner, self._key = scanner, key
+        log_event("spam_scanner_replaced", backend=spam.backend, url=spam.url or None)
+        asyncio.get_running_loop().call_later(grace, self._close, old)
+
+    def _close(self, scanner: SpamScanner) -> None:
+        task = asyncio.get_running_loop().create_task(scanner.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+def _scanner_key(spam: SpamSettings) -> tuple[str, str, float, tuple[str, ...]]:
+    return spam.backend, spam.url, spam.timeout, tuple(spam.rspamd_spam_actions)
+
+
 @dataclass
 class WorkerParts:
     source: SnapshotSource
@@ -67,6 +107,25 @@ class WorkerParts:
     server: SmtpServer
     metrics: WorkerMetrics
     delivery: DeliveryAgent
+    resolver: DomainResolver
+    scanners: ScannerSlot
+    _followed: Settings | None = field(default=None, init=False, repr=False)
+
+    def follow_settings(self) -> None:
+        """Rebuild what was built from settings a reload changed (cluster/reload.py).
+
+        Everything else is read from the snapshot where it is used, and what
+        cannot change without a restart is named in ``reload_partial``.
+        """
+        settings = self.source.current().settings
+        if settings is self._followed:
+            return
+        self._followed = settings
+        if self.resolver.reconfigure(settings.dns.nameservers, settings.dns.timeout):
+            log_event("resolver_replaced", nameservers=list(settings.dns.nameservers),
+                      timeout=settings.dns.timeout)
+        self.scanners.follow(settings.spam)
+        self.server.refresh_tls(settings)
 
     async def start(self) -> None:
         """Queue what the spool already holds, then accept connections."""
@@ -93,8 +152,7 @@ async def build_worker(settings: Settings, name: str = "w0", *,
     shard = shard or CounterShard()
     metrics = metrics or WorkerMetrics()
     resolver = DomainResolver(settings.dns.nameservers, settings.dns.timeout)
-    spam = settings.spam
-    scanner = make_scanner(spam.backend, spam.url, spam.timeout, spam.rspamd_spam_actions)
+    scanners = ScannerSlot(settings.spam)
     # Same name, same folder: a replacement replays its predecessor's queue.
     spool = await open_spool(settings.delivery.spool, name)
     counters = counters or counters_for(settings, LocalCounters(shard))
@@ -104,14 +162,14 @@ async def build_worker(settings: Settings, name: str = "w0", *,
         counters=counters,
         verifier=PasswordVerifier(max_concurrent=max(2, (os.cpu_count() or 2))),
         recipient_domain=RecipientDomainPolicy(resolver),
-        scanner=lambda: scanner,
+        scanner=scanners,
         spool=spool,
         on_queued=delivery.enqueue,
         recent=RecentDecisions(recent_share(settings), settings.admin.recent_decisions_for),
     )
     engine.on_decision = metrics.decision
     return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
-                       delivery)
+                       delivery, resolver, scanners)
 
 
 def recent_share(settings: Settings) -> int:
@@ -128,6 +186,7 @@ async def _housekeeping(parts: WorkerParts) -> None:
         await asyncio.sleep(1.0)
         if isinstance(parts.source, LocalSnapshotSource):
             parts.source.reload()
+        parts.follow_settings()
         parts.shard.expire()
 
 
@@ -172,11 +231,12 @@ async def serve(settings: Settings, name: str = "w0",
     await stop.any.wait()
     fast = stop.fast.is_set()
     log_event("worker_stopping", worker=name, graceful=not fast)
-    await parts.server.drain(0.0 if fast else settings.server.drain_timeout)
+    drain_timeout = parts.source.current().settings.server.drain_timeout
+    await parts.server.drain(0.0 if fast else drain_timeout)
     housekeeping.cancel()
     with suppress(asyncio.CancelledError):
         await housekeeping
-    await parts.close(0.0 if fast else settings.server.drain_timeout)
+    await parts.close(0.0 if fast else drain_timeout)
     return EXIT_OK
 
 
@@ -232,13 +292,14 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
 
         await _first(stop.any.wait(), link.removed.wait())
         loop = asyncio.get_running_loop()
-        linger_until = loop.time() + settings.server.drain_timeout + 1.0
+        drain_timeout = link.current().settings.server.drain_timeout  # the one in force now
+        linger_until = loop.time() + drain_timeout + 1.0
         retired = link.removed.is_set()
         fast = stop.fast.is_set() and not retired
         log_event("worker_stopping", worker=name, graceful=not fast, retired=retired)
         link.phase = "draining"
         await link.report()
-        await parts.server.drain(0.0 if fast else settings.server.drain_timeout)
+        await parts.server.drain(0.0 if fast else drain_timeout)
         if not fast and not retired:
             link.phase = "drained"
             await link.report()

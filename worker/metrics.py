@@ -36,6 +36,8 @@ class WorkerMetrics:
             if stage == "DATA":
                 self.accepted += 1
             return
+        if verdict.action is Action.SHADOW:
+            return  # nothing was refused
         policy = verdict.policy or "other"
         self.refusals[policy] = self.refusals.get(policy, 0) + 1
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from cluster.logjson import log_event
 from cluster.names import plain_ip
-from cluster.settings import Network, ServerSettings
+from cluster.settings import Network, Settings
+from cluster.validate import ConfigError
 from worker.engine import PolicyEngine
 from worker.handler import GatewayHandler
 from worker.proxy import ProxyError, read_header
@@ -79,16 +80,22 @@ class SmtpServer:
         self._proxy_sockets: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
+        # The TLS context in use, and the files it was loaded from (a reload may change them).
+        self._tls: ssl.SSLContext | None = None
+        self._tls_files: tuple[object, ...] = ()
 
     def _trusted(self, ip: str) -> bool:
         return _in_networks(ip, self.snapshot().settings.server.trusted_networks)
 
-    def _factory(self, settings: ServerSettings, context: ssl.SSLContext | None,
+    def _factory(self, context: ssl.SSLContext | None,
                  implicit_tls: bool) -> Callable[..., GatewaySMTP]:
-        handler = GatewayHandler(self.engine, settings.max_recipients)
+        handler = GatewayHandler(self.engine)
         loop = asyncio.get_running_loop()
 
         def make(peer: tuple[str, int] | None = None, proxy: str | None = None) -> GatewaySMTP:
+            # Read for every connection, so a reload (SIGHUP) applies to every
+            # new session: host name, SIZE, AUTH over plain text, timeouts.
+            settings = self.snapshot().settings.server
             return GatewaySMTP(
                 handler,
                 engine=self.engine,
@@ -114,12 +121,13 @@ class SmtpServer:
         context = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             context = tls_context(settings.tls_cert, settings.tls_key)
+            self._tls, self._tls_files = context, _files(settings.tls_cert, settings.tls_key)
         if sockets is None:
             sockets = [(listening_socket(h, p), False) for h, p in settings.listen]
             sockets += [(listening_socket(h, p), True) for h, p in settings.listen_tls]
         loop = asyncio.get_running_loop()
         for sock, implicit in sockets:
-            factory = self._factory(settings, context, implicit)
+            factory = self._factory(context, implicit)
             tls = context if implicit else None
             if settings.proxy_protocol:
                 self._proxy_sockets.append(sock)
@@ -131,6 +139,31 @@ class SmtpServer:
             self.addresses.append((host, port, implicit))
             log_event("listening", address=f"{host}:{port}", implicit_tls=implicit,
                       proxy_protocol=settings.proxy_protocol)
+
+    def refresh_tls(self, settings: Settings) -> None:
+        """New certificate or key files (a reload, a renewal): new handshakes use them.
+
+        The context in use is loaded again in place, so every listener and
+        STARTTLS pick the new pair up; a pair that does not load, or whose key
+        is not the certificate's, is refused and the old one stays. Turning
+        TLS on or off needs a restart.
+        """
+        cert, key = settings.server.tls_cert, settings.server.tls_key
+        if self._tls is None or cert is None or key is None:
+            return
+        files = _files(cert, key)
+        if files == self._tls_files:
+            return
+        self._tls_files = files
+        from cluster.files import check_tls  # only on a reload: it imports cryptography
+
+        try:
+            check_tls(settings)  # the live context is touched only when the pair is good
+            self._tls.load_cert_chain(cert, key)
+        except (ConfigError, OSError, ssl.SSLError) as exc:
+            log_event("reload_refused", logging.ERROR, source="tls", error=str(exc))
+            return
+        log_event("tls_reloaded", cert=str(cert), key=str(key))
 
     # -- PROXY protocol -----------------------------------------------------------
 
@@ -205,6 +238,18 @@ class SmtpServer:
         log_event("drained", cut_sessions=cut)
         for server in self._servers:
             await server.wait_closed()
+
+
+def _files(*paths: Path) -> tuple[object, ...]:
+    """The paths and what is at them now (a file replaced in place counts as new)."""
+    stamps: list[object] = []
+    for path in paths:
+        try:
+            info = path.stat()
+            stamps.append((str(path), info.st_mtime_ns, info.st_size, info.st_ino))
+        except OSError:
+            stamps.append((str(path), None))
+    return tuple(stamps)
 
 
 def _in_networks(ip: str, networks: Iterable[Network]) -> bool:

@@ -15,6 +15,10 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
   instead of once per connection;
 - graceful shutdown: 421 at once outside a transaction, after the reply to
   the end of DATA inside one;
+- DATA read as SPEC §3 wants it (worker/smtp_data.py): lines of any length,
+  a bare LF as a line end, the end only at CRLF.CRLF; a message over the
+  size limit and a command line too long are logged, the latter answered
+  with the session id;
 - behind a load balancer, the client address from the PROXY header (read by
   worker/server.py before this object exists) instead of the peer's, for the
   policies and for aiosmtpd's ``session.peer``. aiosmtpd's own PROXY support
@@ -27,13 +31,14 @@ import asyncio
 import re
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 
 from cluster.logjson import log_event
 from cluster.names import client_key, plain_ip
 from cluster.sessionid import new_session_id
 from worker import replies, smtp_speedups, starttls
 from worker.policies import Client, reject
+from worker.smtp_data import TooMuchData, read_data, unstuff
 
 smtp_speedups.install()
 
@@ -43,6 +48,9 @@ if TYPE_CHECKING:
 
 _SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
 _TOO_MUCH_DATA = "552 Error: Too much mail data"
+# aiosmtpd's reply to a command line longer than its reader takes (or than
+# the command's size limit), from _handle_client.
+_COMMAND_TOO_LONG = "500 Command line too long"
 
 
 def _continues(status: str | bytes) -> bool:
@@ -132,17 +140,59 @@ class GatewaySMTP(SMTP):
         if arg and self.data_size_limit and self.session and self.session.host_name:
             match = _SIZE_PARAM.search(arg)
             if match and int(match.group(1)) > self.data_size_limit:
+                self._log_refusal("MAIL", "size", replies.SIZE_EXCEEDED,
+                                  f"declared {match.group(1)} > {self.data_size_limit}")
                 await self.push(replies.SIZE_EXCEEDED)
                 return
         await super().smtp_MAIL(arg)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's own checks and texts, then our reader instead of its line loop.
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            raw = await read_data(self._reader, self.data_size_limit)
+        except TooMuchData:
+            self._set_post_data_state()
+            self._log_refusal("DATA", "size", replies.SIZE_EXCEEDED,
+                              f"more than {self.data_size_limit} bytes")
+            await self.push(replies.SIZE_EXCEEDED)
+            return
+        except asyncio.CancelledError:
+            self._writer.close()  # the connection went away during DATA
+            raise
+        content = unstuff(raw)
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
     async def push(self, status: Any) -> None:
         if status == _TOO_MUCH_DATA:
             status = replies.SIZE_EXCEEDED
+        elif status == _COMMAND_TOO_LONG:
+            status = replies.LINE_TOO_LONG.format(sid=self.sid)
+            self._log_refusal("command", "line_length", status,
+                              "a command line longer than the command may be")
         await super().push(status)
         if (self._draining and not self._closing and not self._in_transaction()
                 and not _continues(status)):
             await self._say_goodbye()
+
+    def _log_refusal(self, stage: str, policy: str, reply: str, detail: str) -> None:
+        # Logged and kept like the engine's decisions (sendguard why, metrics).
+        assert self.client is not None
+        self.engine.log_decision(self.client, stage, reject(policy, reply, detail))
 
     # -- AUTH ------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from cluster.settings import Settings
 from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory
+from worker.dkim import EMPTY_KEYRING, DkimKeyring
 from worker.geo import CountryDatabase
 
 
@@ -22,3 +23,4 @@ class Snapshot:
     version: int = 0
     # Suspensions and time-limited country exceptions, from the coordinator.
     support: SupportState = field(default_factory=SupportState)
+    dkim: DkimKeyring = field(default=EMPTY_KEYRING)  # read with the tenant directory

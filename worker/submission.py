@@ -38,13 +38,17 @@ def complete_headers(content: bytes, hostname: str, queue_id: str, now: float) -
 
 def trace_headers(hostname: str, client: Client, queue_id: str, spam_header: str = "",
                   now: float | None = None) -> bytes:
-    """Our ``Received:`` line, then the ``X-Spam-*`` lines of :func:`spam_headers`."""
+    """Our ``Received:`` line, then the ``X-Spam-*`` lines of :func:`spam_headers`.
+
+    The login name stays out (SPEC §3): a recipient must not learn which
+    account of the tenant sent the message; support staff find it from the
+    session id.
+    """
     now = time.time() if now is None else now
-    user = client.account.user if client.account else ""
     received = (
         f"Received: from {_clean(client.helo) or 'unknown'} ([{client.ip}])\r\n"
         f"\tby {hostname} (sendguard) with ESMTPSA id {queue_id}\r\n"
-        f"\t(session {client.sid}; authenticated as {_clean(user)});\r\n"
+        f"\t(session {client.sid});\r\n"
         f"\t{email.utils.formatdate(now)}\r\n"
     )
     return received.encode("utf-8", "surrogateescape") + spam_header.encode("ascii", "replace")

@@ -76,6 +76,7 @@ class Cluster:
                  tenants: str = TENANTS, **overrides: Any) -> None:
         self.folder = folder
         self.workers = workers
+        self.dns_address = dns.address
         self.port = free_port()
         write_self_signed(folder / "cert.pem", folder / "key.pem", "mx.test")
         self.geoip_path = write_country_db(folder / "country.mmdb", COUNTRIES)
@@ -195,14 +196,15 @@ class Cluster:
         return client
 
     def send_one(self, source: str = "127.0.0.5", user: str = "jan@kowalski.pl",
-                 sender: str | None = None) -> tuple[int, str]:
+                 sender: str | None = None,
+                 recipient: str = "someone@example.org") -> tuple[int, str]:
         """One session, one message: the reply that ended the transaction."""
         client = self.login(source, user)
         try:
             code, text = client.mail(sender or user)
             if code != 250:
                 return code, text.decode()
-            code, text = client.rcpt("someone@example.org")
+            code, text = client.rcpt(recipient)
             if code != 250:
                 return code, text.decode()
             code, text = client.data(MESSAGE)

@@ -95,6 +95,39 @@ def test_a_bad_geoip_database_stops_the_start_with_one_line(
     assert listeners(cluster.port) == {}
 
 
+def test_a_coordinator_that_cannot_start_stops_the_start_with_two_lines(
+        make_cluster: Callable[..., Cluster]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cluster = make_cluster(workers=3, metrics={"listen": f"127.0.0.1:{port}"})
+        cluster.start(wait=False)
+        assert cluster.process is not None
+        assert cluster.process.wait(60) == 1
+    lines = cluster.stderr_path.read_text().strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("sendguard: coordinator cannot start: ")
+    assert lines[1] == "sendguard: coordinator could not start (see above); stopping the cluster"
+    assert listeners(cluster.port) == {}
+
+
+def test_workers_stopped_while_they_start_print_nothing(
+        make_cluster: Callable[..., Cluster]) -> None:
+    # SIGINT as soon as the supervisor has started the workers: they are
+    # still in the interpreter's start-up or importing.
+    cluster = make_cluster(workers=3)
+    cluster.start(wait=False)
+    wait_for(lambda: any(line["event"] == "process_started" and line["process_name"] == "w0"
+                         for line in cluster.log_lines()), 60, "the first worker started",
+             every=0.005)
+    cluster.signal(signal.SIGINT)
+    assert cluster.process is not None
+    assert cluster.process.wait(60) == 0
+    assert cluster.stderr_path.read_text() == ""
+    assert listeners(cluster.port) == {}
+
+
 def test_sigterm_lets_an_open_transaction_finish(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster(workers=2).start()
     idle = cluster.login("127.0.0.51")

@@ -10,9 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from clusterproc import Cluster, wait_for
-from gateway import COUNTRIES, TENANTS, UNKNOWN_IP
+from clusterproc import Cluster, free_port, wait_for
+from dnsserver import TestDNSServer
+from gateway import COUNTRIES, MESSAGE, TENANTS, UNKNOWN_IP
 from geoipdb import write_country_db
+
+from cluster.selfsigned import write_self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +137,106 @@ def test_sighup_rereads_the_configuration_and_keeps_the_old_one_when_bad(
     assert refusal[0]["error"].startswith(f"{cluster.config_path}: geoip.unknown: ")
     assert version(cluster) == before
     assert mail_reply(cluster, UNKNOWN_IP, jan)[0] == 250
+
+
+def reload_and_wait(cluster: Cluster) -> None:
+    """SIGHUP, then wait until every worker holds the new snapshot."""
+    before = version(cluster)
+    cluster.signal(signal.SIGHUP)
+    wait_for(lambda: version(cluster) > before and all(
+        (w["snapshot_version"] or 0) > before for w in cluster.status()["workers"]),
+        IN_FORCE_WITHIN, "every worker on the new configuration", every=0.1)
+
+
+def edit_config(cluster: Cluster, *changes: tuple[str, str]) -> None:
+    text = cluster.config_path.read_text()
+    for old, new in changes:
+        assert old in text, old
+        text = text.replace(old, new)
+    cluster.config_path.write_text(text)
+
+
+def partial_reloads(cluster: Cluster) -> list[dict[str, object]]:
+    return [line for line in cluster.log_lines() if line["event"] == "reload_partial"]
+
+
+def test_sighup_applies_sizes_recipients_limits_and_names_what_needs_a_restart(
+        make_cluster: Callable[..., Cluster]) -> None:
+    metrics = free_port()
+    cluster = make_cluster(workers=2, server={"max_recipients": 2, "max_message_size": 100000},
+                           limits=[{"window": "1h", "max": 100}]).start()
+    client = cluster.login()
+    assert client.esmtp_features["size"] == "100000"
+    assert client.mail("jan@kowalski.pl")[0] == 250
+    assert [client.rcpt(f"r{i}@example.org")[0] for i in range(3)] == [250, 250, 452]
+    client.quit()
+
+    edit_config(cluster, ("max_recipients = 2", "max_recipients = 3"),
+                ("max_message_size = 100000", "max_message_size = 50000"),
+                ("max = 100", "max = 1"),
+                (f'listen = ["127.0.0.1:{cluster.port}"]',
+                 f'listen = ["127.0.0.1:{cluster.port}", "127.0.0.1:{free_port()}"]'),
+                ("[log]", f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n[log]'))
+    reload_and_wait(cluster)
+
+    client = cluster.login()
+    assert client.esmtp_features["size"] == "50000"  # EHLO says the new SIZE
+    assert client.mail("jan@kowalski.pl", ["SIZE=60000"])[0] == 552
+    assert client.mail("jan@kowalski.pl")[0] == 250
+    assert [client.rcpt(f"r{i}@example.org")[0] for i in range(4)] == [250, 250, 250, 452]
+    assert client.data(MESSAGE)[0] == 250
+    code, text = client.mail("jan@kowalski.pl")  # the new limit: 1 an hour
+    assert code == 550 and text.decode().endswith(" policy violation")
+    client.quit()
+    # One warning, naming exactly what waits for a restart.
+    [partial] = partial_reloads(cluster)
+    assert partial["keys"] == ["server.listen", "metrics.listen"]
+    assert partial["level"] == "warning"
+
+
+def test_sighup_applies_the_worker_count_resolvers_and_a_renewed_certificate(
+        make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=2).start()
+    first_cert = served_certificate(cluster)
+    code, _ = cluster.send_one(recipient="a@only-in-the-new-dns.test")
+    assert code == 550  # the resolver in use has never heard of it
+
+    with TestDNSServer() as other_dns:
+        other_dns.add_mx("only-in-the-new-dns.test", "mx.example.org", 10)
+        other_dns.add_mx("example.org", "mx.example.org", 10)
+        # A renewed certificate and key, written over the old files.
+        write_self_signed(cluster.folder / "cert.pem", cluster.folder / "key.pem", "mx.test")
+        edit_config(cluster, ("workers = 2", "workers = 3"),
+                    (f'nameservers = ["{cluster.dns_address}"]',
+                     f'nameservers = ["{other_dns.address}"]'))
+        reload_and_wait(cluster)
+        cluster.wait_serving(3)
+        # Every worker: connections land on any of them.
+        wait_for(lambda: all(served_certificate(cluster) != first_cert for _ in range(6)),
+                 IN_FORCE_WITHIN, "the renewed certificate served")
+        wait_for(lambda: cluster.send_one(recipient="a@only-in-the-new-dns.test")[0] == 250,
+                 IN_FORCE_WITHIN, "the new resolver in use")
+        assert partial_reloads(cluster) == []
+
+        # A key that does not match its certificate: refused, the old pair stays.
+        renewed = served_certificate(cluster)
+        other = cluster.folder / "other"
+        other.mkdir()
+        write_self_signed(other / "cert.pem", other / "key.pem", "mx.test")
+        (cluster.folder / "key.pem").write_bytes((other / "key.pem").read_bytes())
+        before = version(cluster)
+        cluster.signal(signal.SIGHUP)
+        refusal = wait_for(lambda: [line for line in cluster.log_lines()
+                                    if line["event"] == "reload_refused"
+                                    and line["process"] == "coordinator"], 5, "a refusal")
+        assert refusal[0]["error"].startswith(f"{cluster.config_path}: server.tls_key: ")
+        assert version(cluster) == before
+        assert all(served_certificate(cluster) == renewed for _ in range(6))
+
+
+def served_certificate(cluster: Cluster) -> bytes:
+    client = cluster.connect()
+    try:
+        return client.sock.getpeercert(binary_form=True)
+    finally:
+        client.quit()

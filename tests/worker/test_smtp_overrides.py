@@ -12,6 +12,7 @@ import asyncio
 import importlib.metadata
 
 import aiosmtpd.smtp
+import pytest
 from aiosmtpd.smtp import SMTP
 
 from worker import smtp_speedups
@@ -76,3 +77,75 @@ async def test_fast_address_parsing_matches_aiosmtpd() -> None:
     protocol = SMTP(Handler(), hostname="x", loop=asyncio.get_running_loop())
     for form in ADDRESS_FORMS:
         assert protocol._getaddr(form) == smtp_speedups._original_getaddr(protocol, form), form
+
+
+# -- DATA (worker/smtp_data.py, GatewaySMTP.smtp_DATA) ---------------------------
+
+
+def test_smtp_data_replaces_a_method_whose_checks_we_repeat() -> None:
+    import inspect
+
+    source = inspect.getsource(aiosmtpd.smtp.SMTP.smtp_DATA)
+    for text in ("await self.check_helo_needed()", 'await self.check_auth_needed("DATA")',
+                 "'503 Error: need RCPT command'", "'501 Syntax: DATA'",
+                 "'354 End data with <CR><LF>.<CR><LF>'", "self._set_post_data_state()",
+                 "_call_handler_hook('DATA')"):
+        assert text in source, text
+    # The only reply of _handle_client to a line it cannot take, which push() rewrites.
+    assert inspect.getsource(aiosmtpd.smtp.SMTP._handle_client).count(
+        "await self.push('500 Command line too long')") == 2
+
+
+async def read_all(chunks: list[bytes], limit: int | None = None,
+                   reader_limit: int = SMTP.line_length_limit) -> tuple[bytes, bytes]:
+    """What read_data returns from a StreamReader fed ``chunks``, and what it left unread."""
+    from worker.smtp_data import read_data
+
+    reader = asyncio.StreamReader(limit=reader_limit)
+
+    async def feed() -> None:
+        for chunk in chunks:
+            reader.feed_data(chunk)
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeding = asyncio.create_task(feed())
+    raw = await read_data(reader, limit)
+    await feeding
+    return raw, await reader.read()
+
+
+async def test_data_ends_only_at_crlf_dot_crlf_and_leaves_what_follows() -> None:
+    assert await read_all([b".\r\nQUIT\r\n"]) == (b"", b"QUIT\r\n")
+    assert await read_all([b"a\r\n.\r\nQUIT\r\n"]) == (b"a\r\n", b"QUIT\r\n")
+    # Smuggling attempts stay content; the real end comes later.
+    for fake in (b"a\n.\r\n", b"a\r\n.\n", b"a\r.\r\n", b"a\n.\n", b".\n"):
+        raw, rest = await read_all([fake + b"MAIL FROM:<x@y>\r\n", b"\r\n.\r\nNOOP\r\n"])
+        assert (raw, rest) == (fake + b"MAIL FROM:<x@y>\r\n\r\n", b"NOOP\r\n"), fake
+
+
+async def test_data_end_split_across_reads_and_lines_longer_than_the_reader_limit() -> None:
+    body = b"x" * 5000 + b"\r\nshort.\r\n" + b"y" * 3000
+    chunks = [body[i:i + 7] for i in range(0, len(body), 7)] + [b"\r", b"\n", b".", b"\r",
+                                                               b"\nRSET\r\n"]
+    assert await read_all(chunks) == (body + b"\r\n", b"RSET\r\n")
+    assert await read_all([body + b"\r\n.\r\n"], reader_limit=64) == (body + b"\r\n", b"")
+
+
+async def test_data_over_the_limit_is_read_to_its_end_and_dropped() -> None:
+    from worker.smtp_data import TooMuchData
+
+    with pytest.raises(TooMuchData):
+        await read_all([b"z" * 10_000, b"\r\n.\r\nQUIT\r\n"], limit=4096)
+    assert await read_all([b"z" * 4094 + b"\r\n.\r\n"], limit=4096) == (b"z" * 4094 + b"\r\n",
+                                                                      b"")
+
+
+def test_unstuffing_after_any_line_end_and_crlf_only() -> None:
+    from worker.smtp_data import unstuff
+
+    assert unstuff(b"..a\r\n..b\n..c\r\nplain\r\n") == b".a\r\n.b\r\n.c\r\nplain\r\n"
+    # A dot alone on a line did not end DATA: it stays, as sent.
+    assert unstuff(b"x\n.\r\ny\r\n.\nz\r\n") == b"x\r\n.\r\ny\r\n.\r\nz\r\n"
+    assert unstuff(b".\rbare cr\r\n") == b"\rbare cr\r\n"
+    assert unstuff(b"") == b""

@@ -32,6 +32,7 @@ from aiosmtplib.errors import (
 )
 
 from cluster.names import BadDomain, to_alabel
+from worker.delivery.lines import for_delivery
 from worker.delivery.pipeline import ReplyReader, command, data_block
 from worker.delivery.result import BOUNCED, DEFERRED, Result, local, remote
 from worker.delivery.route import Hop
@@ -162,6 +163,7 @@ class Connection:
 
     async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> list[Result]:
         """One transaction; one result per recipient, in order."""
+        message = for_delivery(message)  # CRLF only, no line over 998 octets
         smtp, label = self.smtp, self.hop.label
         results: list[Result | None] = [None] * len(recipients)
         utf8_offered = smtp.supports_extension("smtputf8")

@@ -18,6 +18,7 @@ class Action(enum.Enum):
     CONTINUE = "continue"
     REJECT = "reject"
     TEMPFAIL = "tempfail"
+    SHADOW = "shadow"  # logged only: what a shadow limit would have done (SPEC §3.12)
 
 
 @dataclass(frozen=True, slots=True)

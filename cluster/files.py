@@ -1,0 +1,183 @@
+"""Opens every file the configuration names, before anything is started with it.
+
+``sendguard check-config`` and ``sendguard run`` (before it starts a single
+process) call :func:`check_files`; the coordinator calls it again on SIGHUP
+before a new configuration replaces the one in force. Each check raises
+:class:`~cluster.validate.ConfigError`, so a bad file is one line naming
+the key: ``FILE: KEY: what is wrong (got VALUE)``.
+
+The checks open the files the way their users will (an SSL context for
+the certificate, maxminddb for the GeoIP database) but keep nothing open.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import maxminddb
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cluster.countrydb import check_country_reader
+from cluster.dkimkeys import check_dkim_keys
+from cluster.settings import Settings
+from cluster.tenants import load_tenants
+from cluster.validate import ConfigError
+
+
+def check_tls(settings: Settings) -> None:
+    """The certificate and the key load, and belong together."""
+    server = settings.server
+    if server.tls_cert is None or server.tls_key is None:
+        return
+    cert_pem = _read(settings, "server.tls_cert", server.tls_cert)
+    key_pem = _read(settings, "server.tls_key", server.tls_key)
+    try:
+        certificate = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise ConfigError(settings.path, "server.tls_cert", "holds no PEM certificate",
+                          str(server.tls_cert)) from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(settings.path, "server.tls_key",
+                          "holds no PEM private key without a passphrase",
+                          str(server.tls_key)) from None
+    if key.public_key() != certificate.public_key():
+        raise ConfigError(settings.path, "server.tls_key",
+                          f"does not belong to the certificate {server.tls_cert}",
+                          str(server.tls_key))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(server.tls_cert, server.tls_key)  # as the workers will
+    except ssl.SSLError as exc:
+        raise ConfigError(settings.path, "server.tls_cert", f"cannot be used: {exc}",
+                          str(server.tls_cert)) from None
+
+
+def check_geoip(settings: Settings) -> None:
+    path = settings.geoip.database
+    if path is None:
+        return
+    _readable(settings, "geoip.database", path)
+    try:
+        reader = maxminddb.open_database(str(path), maxminddb.MODE_MMAP)
+    except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
+        raise ConfigError(settings.path, "geoip.database",
+                          f"{path}: not a readable MaxMind database: {exc}", str(path)) from None
+    try:
+        check_country_reader(reader, str(path))
+    except ValueError as exc:
+        raise ConfigError(settings.path, "geoip.database", str(exc), str(path)) from None
+    finally:
+        reader.close()
+
+
+def check_tenants(settings: Settings) -> None:
+    # Its own errors name the tenant file and the entry.
+    load_tenants(settings.tenants_file)
+
+
+def check_dkim(settings: Settings) -> None:
+    # {dkim.keys_dir}/{domain}/{selector}.pem of every domain with a dkim_selector.
+    check_dkim_keys(settings, load_tenants(settings.tenants_file))
+
+
+def check_log_file(settings: Settings) -> None:
+    if settings.log_file is not None:
+        _writable_file(settings, "log.file", settings.log_file)
+
+
+def check_spool(settings: Settings) -> None:
+    _writable_folder(settings, "delivery.spool", settings.delivery.spool)
+
+
+def check_state_dir(settings: Settings) -> None:
+    _writable_folder(settings, "cluster.state_dir", settings.cluster.state_dir)
+
+
+def check_admin_users(settings: Settings) -> None:
+    # Its lines are read by the coordinator at start, with the same one-line errors.
+    if settings.admin.users_file is not None:
+        _readable(settings, "admin.users_file", settings.admin.users_file)
+
+
+# In order: the DKIM keys after the tenant directory that names them.
+FILE_CHECKS: dict[str, Callable[[Settings], None]] = {
+    "server.tls_cert": check_tls,
+    "tenants.file": check_tenants,
+    "dkim.keys_dir": check_dkim,
+    "geoip.database": check_geoip,
+    "log.file": check_log_file,
+    "delivery.spool": check_spool,
+    "cluster.state_dir": check_state_dir,
+    "admin.users_file": check_admin_users,
+}
+
+
+# Files the gateway runs without: a domain whose DKIM key cannot be read is
+# sent unsigned and the key logged, so only check-config fails for them.
+OPTIONAL_AT_START = ("dkim.keys_dir",)
+
+
+def check_files(settings: Settings, *, only: tuple[str, ...] = (),
+                skip: tuple[str, ...] = ()) -> None:
+    """Raises ConfigError for the first file that cannot be used (``only``: just those
+    checks; ``skip``: all but those)."""
+    for name, check in FILE_CHECKS.items():
+        if (not only or name in only) and name not in skip:
+            check(settings)
+
+
+def _readable(settings: Settings, key: str, path: Path) -> None:
+    _read(settings, key, path, size=0)
+
+
+def _read(settings: Settings, key: str, path: Path, size: int = -1) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(size)
+    except FileNotFoundError:
+        raise ConfigError(settings.path, key, "no such file", str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError(settings.path, key, "is a folder, not a file", str(path)) from None
+    except OSError as exc:
+        raise ConfigError(settings.path, key, f"cannot be read: {exc.strerror}",
+                          str(path)) from None
+
+
+def _writable_file(settings: Settings, key: str, path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(settings.path, key, "is a folder, not a file", str(path))
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(settings.path, key, "is not writable", str(path))
+        return
+    if not path.parent.is_dir():
+        raise ConfigError(settings.path, key, f"its folder {path.parent} does not exist",
+                          str(path))
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(settings.path, key, f"cannot be created in {path.parent}", str(path))
+
+
+def _writable_folder(settings: Settings, key: str, folder: Path) -> None:
+    if folder.exists():
+        if not folder.is_dir():
+            raise ConfigError(settings.path, key, "is not a folder", str(folder))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(settings.path, key, "is not writable", str(folder))
+        return
+    parent = _existing_parent(folder)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(settings.path, key, f"does not exist and cannot be made in {parent}",
+                          str(folder))
+
+
+def _existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path("/")
