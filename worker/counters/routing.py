@@ -242,7 +242,10 @@ class RoutedCounters:
             requests: list[tuple[str, list[int], list[list[Any]], list[Shape]]] = []
             for owner, idx, limited, plain, leasable, covered in plans:
                 if covered:
+                    seen = self._seen_here(ops, idx, ring)
                     uses += book.spend(ops, limited, plain, now, counts)
+                    for i, n in seen.items():
+                        counts[i] = n
                     continue
                 asks: list[list[Any]] = []
                 shapes: list[Shape] = []
@@ -315,6 +318,21 @@ class RoutedCounters:
                 raise CounterUnavailable(f"counter owner refused: {refused[0][wire.A_DETAIL]}")
             delay = await self._settle_wait(max(r[wire.A_EPOCH] for r in unsettled), delay,
                                             call)
+
+    def _seen_here(self, ops: tuple[Op, ...], idx: list[int], ring: Ring) -> dict[int, int]:
+        """Counts before a decision taken on leases, of the ops whose keys this
+        node owns or replicates, as `check` would give them (the engine judges
+        shadow limits by them); the others are the lease's own estimate."""
+        links = self._links
+        if not links.active:
+            return {}
+        here = [i for i in idx if links.name in self._locate(ring, ops[i].key)]
+        if not here:
+            return {}
+        mine = [ops[i] for i in here]
+        counts = list(self._shard.check(mine).counts)
+        self._book.adjust(mine, range(len(mine)), counts)
+        return dict(zip(here, counts, strict=True))
 
     def _plan(self, ops: tuple[Op, ...], ring: Ring) -> list[_Group]:
         """The decision's ops by owner, with their shapes (`LeaseBook.shapes`).
