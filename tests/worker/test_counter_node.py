@@ -277,6 +277,20 @@ async def test_an_owner_that_dies_leaves_its_leases_with_its_replica(
                                                for n in (b, c)))) == limit
 
 
+async def test_nothing_is_lent_for_an_owner_whose_other_limit_is_small(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"])
+    await form([a, b], 1)
+    key = key_where(Ring(["a", "b"]), "a")
+    # A wide message limit beside a small recipient limit on the same key: a
+    # lease for the messages alone could never decide one here.
+    decision = [msg(key, 1000), Op(key, "rcpt", HOUR, 14, 2)]
+    accepted = sum([(await b.client.reserve(f"d{i}", decision)).ok for i in range(10)])
+    assert accepted == 7
+    assert not b.client._book.leases
+    assert count_in(a.shard.snapshot(key)) == 7  # no units lent and held
+
+
 async def test_a_lease_whose_answer_was_lost_is_given_back(
         sock_dir: str, made: list[CounterNode]) -> None:
     a, b = await start(made, sock_dir, ["a", "b"], request_timeout=0.4)

@@ -229,7 +229,7 @@ class LeaseBook:
     def granted(self, shape: Shape, lease_id: str, grant: Sequence[Any]) -> None:
         units, expires, counts = grant
         if not units:
-            self.refused[shape] = float(expires)
+            self.refused[shape] = float(expires)  # not asked for again in this bucket
             return
         self.refused.pop(shape, None)
         old = self.leases.get(shape)

@@ -200,7 +200,8 @@ class OwnedKeys:
             outcome = shard.reserve(_text(arg), ops, RESERVATION_TTL)
             if not outcome.ok:
                 return outcome.to_wire(), None, None
-            rids, grants = [arg], None
+            rids: list[str] = [arg]
+            grants: list[list[Any]] | None = None
             if extra:
                 grants = []
                 for lease_id, want, indices in extra:
@@ -210,8 +211,15 @@ class OwnedKeys:
                     units, expires, counts = shard.lend(_text(lease_id), part, int(want),
                                                         RESERVATION_TTL, LONGEST)
                     grants.append([units, expires, list(counts)])
-                    if units:
-                        rids.append(lease_id)
+                    rids.append(lease_id)
+                if not all(grant[0] for grant in grants):
+                    # All or none: the borrower decides alone only when every
+                    # limited counter it has here is covered, so a part would
+                    # only hold room.
+                    for (lease_id, _, indices), grant in zip(extra, grants, strict=True):
+                        if grant[0]:
+                            shard.return_lease(lease_id, [int(grant[0])] * len(indices))
+                            grant[0] = 0
             return outcome.to_wire(), grants, rids
         if kind == "release":
             released = shard.release(_text(arg))
