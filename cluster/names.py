@@ -8,6 +8,7 @@ parts are kept as sent.
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 
 import idna
@@ -43,6 +44,47 @@ def split_address(address: str) -> tuple[str, str]:
     if not at or not local:
         raise BadDomain(address)
     return local, to_alabel(domain)
+
+
+# C0 and C1 controls and DEL, and the lone surrogates that stand for bytes
+# that were not UTF-8 (aiosmtpd decodes command arguments with surrogateescape).
+_UNUSABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def has_unusable_characters(text: str) -> bool:
+    """A control character, or a byte that was not UTF-8 (a lone surrogate)."""
+    return _UNUSABLE.search(text) is not None
+
+
+def address_problem(address: str) -> str | None:
+    """Why an envelope address (as parsed, without angle brackets) is unusable, or None.
+
+    An address must be ``local@domain`` with a domain name (IDNA allowed) or
+    an address literal, and hold no control character and no byte that is
+    not UTF-8: such an address could not be written to the spool, sent to a
+    scanner or delivered as it was given.
+    """
+    if _UNUSABLE.search(address):
+        return "control character or bytes that are not UTF-8"
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return "not local@domain"
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        if literal[:5].lower() == "ipv6:":
+            literal = literal[5:]
+        elif ":" in literal:
+            return "address literal"
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            return "address literal"
+        return None
+    try:
+        to_alabel(domain)
+    except BadDomain:
+        return "domain"
+    return None
 
 
 def normalise_address(address: str) -> str:

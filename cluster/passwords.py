@@ -33,6 +33,8 @@ __all__ = [
     "SUPPORTED_SCHEMES",
     "PasswordSchemeError",
     "check_scheme",
+    "cost_of",
+    "decoy_hash",
     "hash_password",
     "verify_password",
 ]
@@ -271,3 +273,53 @@ def hash_password(
     else:
         body = password
     return f"{{{name}}}{body}"
+
+
+def cost_of(stored: str) -> str:
+    """The scheme and work factor of ``stored``, e.g. ``"ARGON2ID m=65536,t=3,p=4"``.
+
+    Two hashes with the same answer cost the same to verify. Cheap (no
+    hashing); ``""`` for a hash that is not well formed.
+    """
+    try:
+        scheme, body = _split(stored)
+        _SCHEMES[scheme][0](scheme, body)
+    except PasswordSchemeError:
+        return ""
+    if scheme in ("ARGON2ID", "ARGON2I"):
+        p = extract_parameters(body)
+        return f"{scheme} m={p.memory_cost},t={p.time_cost},p={p.parallelism},l={p.hash_len}"
+    if scheme == "BLF-CRYPT":
+        return f"{scheme} {body[4:6]}"
+    if scheme == "SHA512-CRYPT":
+        match = _SHA512_RE.fullmatch(body)
+        assert match is not None
+        return f"{scheme} rounds={match.group(1) or 5000}"
+    return scheme
+
+
+def decoy_hash(like: str) -> str:
+    """A hash of a random password with the scheme and cost of ``like`` (blocking).
+
+    Verifying a login of an unknown user against it costs what verifying a
+    real account of that kind costs, so neither the reply nor its timing
+    says whether the account exists.
+    """
+    scheme, body = _split(like)
+    _SCHEMES[scheme][0](scheme, body)
+    password = secrets.token_urlsafe(24)
+    if scheme in ("ARGON2ID", "ARGON2I"):
+        params = extract_parameters(body)
+        return f"{{{scheme}}}" + PasswordHasher.from_parameters(params).hash(password)
+    if scheme == "BLF-CRYPT":
+        return hash_password(password, scheme, cost=int(body[4:6]))
+    if scheme == "SHA512-CRYPT":
+        match = _SHA512_RE.fullmatch(body)
+        assert match is not None
+        salt = "".join(secrets.choice(_CRYPT_SALT_CHARS) for _ in range(16))
+        rounds = f"rounds={match.group(1)}$" if match.group(1) else ""
+        result = crypt_r.crypt(password, f"$6${rounds}{salt}")
+        if result is None or not result.startswith("$6$"):
+            raise PasswordSchemeError("malformed {SHA512-CRYPT} hash: refused by crypt(3)")
+        return f"{{{scheme}}}{result}"
+    return f"{{{scheme}}}{password}"

@@ -68,6 +68,15 @@ class ServerSettings:
     max_recipients: int
     workers: int
     drain_timeout: float
+    max_connections_per_ip: int   # 0: no cap
+    command_timeout: float
+    max_session_time: float
+    max_errors: int               # 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    from_alignment: str           # enforce | log | off
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +107,7 @@ class AdminSettings:
 class AuthSettings:
     max_failures: int
     failure_window: float
+    max_pending: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +144,8 @@ class DnsSettings:
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
     mode: str
+    tls: str                      # may | encrypt | verify
+    tls_ca: Path | None
     smarthost: str
     port: int
     spool: Path
@@ -161,6 +173,7 @@ class CompromiseSettings:
 class Settings:
     path: Path
     server: ServerSettings
+    policy: PolicySettings
     tenants_file: Path
     cluster: ClusterSettings
     counters: CounterSettings
@@ -201,6 +214,7 @@ def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
     settings = Settings(
         path=path,
         server=_server(Section(path, "server", top.raw("server")), base),
+        policy=_policy(Section(path, "policy", top.raw("policy"))),
         tenants_file=_tenants_file(Section(path, "tenants", top.raw("tenants")), base),
         cluster=_cluster(Section(path, "cluster", top.raw("cluster")), path),
         counters=_counters(Section(path, "counters", top.raw("counters"))),
@@ -280,9 +294,21 @@ def _server(s: Section, base: Path) -> ServerSettings:
         max_recipients=s.integer("max_recipients", 100, minimum=1),
         workers=s.integer("workers", 0, minimum=0),
         drain_timeout=s.duration("drain_timeout", "10s", allow_zero=True),
+        max_connections_per_ip=s.integer("max_connections_per_ip", 20, minimum=0),
+        command_timeout=s.duration("command_timeout", "5m"),
+        max_session_time=s.duration("max_session_time", "1h"),
+        max_errors=s.integer("max_errors", 10, minimum=0),
     )
     if not settings.listen and not settings.listen_tls:
         raise s.error("listen", "no listening address: set server.listen or server.listen_tls", [])
+    s.reject_unknown()
+    return settings
+
+
+def _policy(s: Section) -> PolicySettings:
+    settings = PolicySettings(
+        from_alignment=s.choice("from_alignment", "enforce", ("enforce", "log", "off")),
+    )
     s.reject_unknown()
     return settings
 
@@ -304,7 +330,7 @@ def _cluster(s: Section, config_path: Path) -> ClusterSettings:
         if not runtime_dir.is_absolute():
             runtime_dir = config_path.parent / runtime_dir
     else:
-        runtime_dir = default_runtime_dir(config_path)
+        runtime_dir = default_runtime_dir()
     settings = ClusterSettings(
         request_timeout=s.duration("request_timeout", "500ms"),
         runtime_dir=runtime_dir,
@@ -323,6 +349,9 @@ def _state_dir(s: Section, base: Path) -> Path:
 
 def default_state_dir() -> Path:
     """Where the coordinator keeps suspensions, country exceptions and the audit log."""
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)  # StateDirectory= of the service unit
     if os.geteuid() == 0:
         return Path("/var/lib/sendguard")
     xdg = os.environ.get("XDG_STATE_HOME", "")
@@ -371,15 +400,27 @@ def _counters(s: Section) -> CounterSettings:
     return settings
 
 
-def default_runtime_dir(config_path: Path) -> Path:
-    """A short per-configuration folder: ipc:// paths must stay under ~107 bytes."""
-    import hashlib
+def default_runtime_dir() -> Path:
+    """Where the ipc sockets and the lock live when ``cluster.runtime_dir`` is empty.
 
-    digest = hashlib.blake2b(str(config_path).encode(), digest_size=6).hexdigest()
-    root = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
-    if len(str(root)) > 40:
-        root = Path("/tmp")
-    return root / f"sendguard-{digest}"
+    The folder systemd made for the service (``RuntimeDirectory=``, passed as
+    ``$RUNTIME_DIRECTORY``), else ``/run/sendguard`` for root, else
+    ``$XDG_RUNTIME_DIR/sendguard`` (a 0700 folder of the user's own), else
+    ``/tmp/sendguard-UID``. Whichever it is, the supervisor refuses to start
+    unless it is a real folder of this user with no group or other access
+    (``cluster.supervisor.lock_runtime_dir``), so a folder someone else made
+    in ``/tmp`` beforehand cannot capture the sockets. ipc:// paths must stay
+    under ~107 bytes, so a long ``$XDG_RUNTIME_DIR`` is not used.
+    """
+    systemd = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if systemd and len(systemd) <= 60:
+        return Path(systemd)
+    if os.geteuid() == 0:
+        return Path("/run/sendguard")
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and len(xdg) <= 40:
+        return Path(xdg) / "sendguard"
+    return Path(f"/tmp/sendguard-{os.geteuid()}")
 
 
 def _metrics(s: Section) -> tuple[str, int] | None:
@@ -413,6 +454,7 @@ def _auth(s: Section) -> AuthSettings:
     settings = AuthSettings(
         max_failures=s.integer("max_failures", 10, minimum=1),
         failure_window=s.duration("failure_window", "10m"),
+        max_pending=s.integer("max_pending", 64, minimum=1),
     )
     s.reject_unknown()
     return settings
@@ -512,6 +554,8 @@ def _delivery(s: Section, base: Path) -> DeliverySettings:
         raise s.error("spool", "must name a folder", "")
     settings = DeliverySettings(
         mode=mode,
+        tls=s.choice("tls", "may", ("may", "encrypt", "verify")),
+        tls_ca=s.path("tls_ca", "", base),
         smarthost=smarthost,
         port=s.integer("port", 25, minimum=1),
         spool=spool,

@@ -38,8 +38,10 @@ Exit status:
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -78,11 +80,44 @@ class AlreadyRunning(Exception):
     pass
 
 
+class UnsafeRuntimeDir(Exception):
+    """The runtime folder could be reached by someone else; str() says why."""
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` 0700 if missing, then insist it is ours alone.
+
+    Checked with ``lstat`` after creating it: a symlink, a file, a folder of
+    another user or one that group or others can enter would let someone
+    else reach the control sockets (or swap them for theirs), so it is
+    refused rather than repaired.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a file or a dangling symlink: lstat below says which
+    except OSError as exc:
+        raise UnsafeRuntimeDir(f"cannot be created: {exc.strerror}") from None
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise UnsafeRuntimeDir(f"cannot be read: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeRuntimeDir("is a symbolic link, not a folder")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeRuntimeDir("is not a folder")
+    if info.st_uid != os.geteuid():
+        raise UnsafeRuntimeDir(f"belongs to uid {info.st_uid}, not to this user "
+                               f"(uid {os.geteuid()})")
+    if info.st_mode & 0o077:
+        raise UnsafeRuntimeDir(f"is open to group or others (mode {info.st_mode & 0o777:04o}); "
+                               "it must be 0700")
+
+
 def lock_runtime_dir(runtime_dir: Path) -> int:
     """Hold an exclusive lock for the life of this process; SO_REUSEPORT would not stop a twin."""
-    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(runtime_dir, 0o700)
-    fd = os.open(runtime_dir / "sendguard.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    make_private_dir(runtime_dir)
+    fd = os.open(runtime_dir / "sendguard.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -455,6 +490,14 @@ def run_cluster(settings: Settings) -> int:
         print(f"sendguard: already running on this configuration (lock in {exc})",
               file=sys.stderr)
         return EXIT_FAILED
+    except UnsafeRuntimeDir as exc:
+        print(ConfigError(settings.path, "cluster.runtime_dir", str(exc), str(runtime_dir)),
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if os.geteuid() == 0:
+        log_event("running_as_root", logging.WARNING,
+                  advice="run as an unprivileged user (examples/sendguard.service: "
+                         "User=sendguard with CAP_NET_BIND_SERVICE for ports below 1024)")
     try:
         clear_runtime_dir(runtime_dir)
         return Supervisor(settings).run()

@@ -29,10 +29,13 @@ no process talks to another host):
   A worker's ``MetricsReport`` doubles as its heartbeat and says which
   snapshot version and ring epoch it holds, so a missed publication is
   sent again to it directly.
-- ``events.sock`` — the coordinator's PUB. Two frames: a topic (``b"snap"``
-  or ``b"ring"``) and a ``SnapshotMessage`` or ``RingMessage``. Versions and
-  epochs only grow: a subscriber that sees a gap asks for the snapshot again
-  (the zguide "Clone" pattern).
+- ``events.sock`` — the coordinator's PUB. Two frames: a topic (``b"snap"``,
+  ``b"ring"`` or ``b"conn"``) and a ``SnapshotMessage``, ``RingMessage`` or
+  ``ConnectionCounts``. Versions and epochs only grow: a subscriber that
+  sees a gap asks for the snapshot again (the zguide "Clone" pattern).
+  ``ConnectionCounts`` carries the open-connection tables the live workers
+  put in their ``MetricsReport`` (``values["connections"]``), for the
+  connection cap per client address (worker/connections.py).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ PROTOCOL_VERSION = 1
 
 TOPIC_SNAPSHOT = b"snap"
 TOPIC_RING = b"ring"
+TOPIC_CONNECTIONS = b"conn"
 
 
 class WireError(ValueError):
@@ -283,6 +287,14 @@ class MetricsReport(Message):
     name: str
     pid: int
     values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCounts(Message):
+    """Per live worker name, ``{client key: open connections}`` of its reported keys."""
+
+    TYPE: ClassVar[str] = "connections"
+    tables: dict[str, dict[str, int]]
 
 
 @dataclass(frozen=True, slots=True)

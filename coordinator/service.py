@@ -36,6 +36,7 @@ import zmq.asyncio
 from cluster import wire
 from cluster.logjson import log_event
 from coordinator.compromise import CompromiseWatch
+from coordinator.connections import SOON, ConnectionBoard
 from coordinator.errors import AdminError, Unavailable
 from coordinator.http_users import AdminUsers
 from coordinator.inspect import SubjectError, subject_keys, summary, with_limits
@@ -103,6 +104,8 @@ class Coordinator:
         self._stop = asyncio.Event()
         self._hup = False
         self._admin_tasks: set[asyncio.Task[None]] = set()
+        self.connections = ConnectionBoard()
+        self._connections_soon: asyncio.Task[None] | None = None
 
     # -- sockets ---------------------------------------------------------------
 
@@ -140,6 +143,8 @@ class Coordinator:
         try:
             await self._stop.wait()
         finally:
+            if self._connections_soon is not None:
+                tasks.append(self._connections_soon)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -252,6 +257,7 @@ class Coordinator:
                     await self._send(self.supervisor,
                                      wire.ProcessEvent(worker.name, "silent", worker.pid))
             await self._update_ring()
+            await self._publish_connections()
             self.compromise.tick()
             if self._support_task is None or self._support_task.done():
                 self._support_task = asyncio.create_task(self._support_tick())
@@ -268,6 +274,7 @@ class Coordinator:
             self.metrics.report(message.name, message.pid, message.values)
             if worker is not None:
                 await self._catch_up(worker.name, identity, message.values, now)
+                self._connections_changed()
         elif isinstance(message, wire.Evidence):
             self.compromise.receive(message.name, message.notes)
         elif isinstance(message, wire.SnapshotRequest):
@@ -313,6 +320,29 @@ class Coordinator:
                 await self._send(identity, self._ring())
             return
         await self._update_ring()
+
+    async def _publish_connections(self, force: bool = False) -> None:
+        """The live workers' connection tables (worker/connections.py), when there is news."""
+        tables = self.connections.collect(self.membership.workers.values())
+        if not (force and self.connections.changed(tables)) and not self.connections.due(tables):
+            return
+        await self.pub.send_multipart([wire.TOPIC_CONNECTIONS,
+                                       wire.encode(wire.ConnectionCounts(tables))])
+        self.connections.published(tables)
+
+    def _connections_changed(self) -> None:
+        """A report came in: if it changed a table, publish soon rather than on the tick."""
+        if self._connections_soon is not None and not self._connections_soon.done():
+            return
+        if not self.connections.changed(self.connections.collect(
+                self.membership.workers.values())):
+            return
+
+        async def soon() -> None:
+            await asyncio.sleep(SOON)
+            await self._publish_connections(force=True)
+
+        self._connections_soon = asyncio.create_task(soon())
 
     async def _catch_up(self, name: str, identity: bytes, values: dict[str, Any],
                         now: float) -> None:

@@ -42,8 +42,9 @@ class LoadResult:
     first_error: str = ""
 
 
-def message(size: int) -> bytes:
-    head = b"From: <jan@kowalski.pl>\r\nTo: <a@example.org>\r\nSubject: load\r\n\r\n"
+def message(size: int, sender: str = "jan@kowalski.pl") -> bytes:
+    # The header From: is the envelope sender: the gateway checks they align.
+    head = f"From: <{sender}>\r\nTo: <a@example.org>\r\nSubject: load\r\n\r\n".encode()
     line = b"The quarterly report is attached as we agreed on the phone call.\r\n"
     body = (line * (size // len(line) + 1))[: max(0, size - len(head))]
     return head + body
@@ -82,7 +83,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    body = message(spec.size)
+    body = message(spec.size, spec.sender)
     result = LoadResult()
     sessions = spec.messages // spec.per_session
     queue: asyncio.Queue[int] = asyncio.Queue()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import smtplib
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -50,6 +52,13 @@ COUNTRIES = {
 UNKNOWN_IP = "127.9.0.1"  # outside every network of the database below
 MESSAGE = (b"From: Jan <jan@kowalski.pl>\r\nTo: <a@example.org>\r\nSubject: Hello\r\n\r\n"
            b"An ordinary message about the invoice we discussed.\r\n")
+
+
+def message_from(sender: str) -> bytes:
+    """MESSAGE with a header From: naming ``sender`` (SPEC §3.8 checks it)."""
+    return MESSAGE.replace(b"<jan@kowalski.pl>", f"<{sender}>".encode())
+
+
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
@@ -218,8 +227,12 @@ class Gateway:
 
     def send(self, client: smtplib.SMTP, sender: str = "jan@kowalski.pl",
              recipients: tuple[str, ...] = ("someone@example.org",),
-             body: bytes = MESSAGE) -> tuple[int, str]:
-        """One full transaction; the reply that ended it (MAIL, RCPT or end of DATA)."""
+             body: bytes | None = None) -> tuple[int, str]:
+        """One full transaction; the reply that ended it (MAIL, RCPT or end of DATA).
+
+        The default message's header From: is the envelope sender."""
+        if body is None:
+            body = message_from(sender)
         code, text = client.mail(sender)
         if code != 250:
             return code, text.decode()
@@ -247,6 +260,50 @@ class Gateway:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Raw:
+    """A plain-text SMTP client on a bare socket: what it sends is exactly what goes."""
+
+    def __init__(self, gateway: Gateway, source: str = "127.0.0.5") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", gateway.port), 30,
+                                             source_address=(source, 0))
+        self.lines = self.sock.makefile("rb")
+        self.banner = self.line()
+
+    def line(self) -> str:
+        return self.lines.readline().decode("utf-8", "replace").rstrip("\r\n")
+
+    def reply(self) -> str:
+        """The last line of the next (possibly multi-line) reply."""
+        while True:
+            line = self.line()
+            if line[3:4] != "-":
+                return line
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, line: str | bytes) -> str:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    @property
+    def sid(self) -> str:
+        match = re.search(r"sendguard ([A-Za-z0-9]{22})$", self.banner)
+        assert match, self.banner
+        return match.group(1)
+
+    def closed(self, timeout: float = 10.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.lines.close()
+        self.sock.close()
 
 
 def reply(client: smtplib.SMTP, line: str) -> tuple[int, str]:

@@ -13,21 +13,60 @@ cache key is a keyed BLAKE2b of user, stored hash and password: the
 password itself is never kept, the key is useless outside this process,
 and a changed stored hash (a new password) can never hit an old entry.
 Failures are not cached: a wrong guess must always cost the full hash.
+
+A login of an unknown user is verified too, against a decoy hash of the
+scheme and cost most accounts use (:meth:`PasswordVerifier.verify_decoy`),
+so the reply and its timing do not tell which accounts exist.
+
+The pool is sized per host (:func:`threads_per_worker`): every worker of a
+host has its own, and hashing threads beyond the CPUs only add memory
+(Argon2id takes tens of MiB per verification) and latency. Logins waiting
+for a thread beyond ``max_waiting`` are turned away (:class:`VerifierBusy`)
+instead of queueing without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import os
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster.passwords import verify_password
+from cluster.passwords import cost_of, decoy_hash, verify_password
 
-__all__ = ["PasswordVerifier"]
+__all__ = ["PasswordVerifier", "VerifierBusy", "threads_per_worker", "typical_hash"]
+
+# Accounts looked at to find the usual scheme and cost of the directory.
+_TYPICAL_SAMPLE = 1000
+
+
+class VerifierBusy(Exception):
+    """Too many verifications are already waiting for a hashing thread."""
+
+
+def threads_per_worker(workers: int, cpus: int | None = None) -> int:
+    """Hashing threads for one of ``workers`` workers, so the host has about one per CPU."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, cpus // max(1, workers))
+
+
+def typical_hash(stored: Iterable[str]) -> str | None:
+    """One of the hashes with the most common scheme and cost among the first few."""
+    by_cost: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for hashed in itertools.islice(stored, _TYPICAL_SAMPLE):
+        cost = cost_of(hashed)
+        if cost:
+            counts[cost] += 1
+            by_cost.setdefault(cost, hashed)
+    if not counts:
+        return None
+    return by_cost[counts.most_common(1)[0][0]]
 
 
 class PasswordVerifier:
@@ -71,9 +110,16 @@ class PasswordVerifier:
         self.waiting = 0
         self.in_flight = 0
         self.peak_in_flight = 0
+        # cost_of(model) -> a decoy hash of that cost; made once, in a pool thread.
+        self._decoys: dict[str, str] = {}
 
-    async def verify(self, user: str, stored: str, password: str) -> bool:
-        """Return whether ``password`` matches ``stored`` for ``user``."""
+    async def verify(self, user: str, stored: str, password: str, *,
+                     max_waiting: int | None = None) -> bool:
+        """Return whether ``password`` matches ``stored`` for ``user``.
+
+        Raises :class:`VerifierBusy` when the hash would have to wait for a
+        thread behind ``max_waiting`` others (a cached success never waits).
+        """
         if self._closed:
             raise RuntimeError("PasswordVerifier is closed")
         key = self._cache_key(user, stored, password)
@@ -81,10 +127,25 @@ class PasswordVerifier:
             self.cache_hits += 1
             return True
         self.cache_misses += 1
-        ok = await self._verify_in_pool(stored, password)
+        ok = await self._verify_in_pool(self._verify_blocking, stored, password, max_waiting)
         if ok:
             self._cache_put(key)
         return ok
+
+    def known_good(self, user: str, stored: str, password: str) -> bool:
+        """Whether this exact login succeeded lately (the cache): no hashing needed."""
+        if self._cache_get(self._cache_key(user, stored, password)):
+            self.cache_hits += 1
+            return True
+        return False
+
+    async def verify_decoy(self, model: str, password: str, *,
+                           max_waiting: int | None = None) -> bool:
+        """The work of :meth:`verify` against a hash as costly as ``model``; always False."""
+        if self._closed:
+            raise RuntimeError("PasswordVerifier is closed")
+        await self._verify_in_pool(self._verify_decoy_blocking, model, password, max_waiting)
+        return False
 
     def close(self) -> None:
         """Stop the thread pool and forget cached successes. Idempotent."""
@@ -99,6 +160,15 @@ class PasswordVerifier:
     def _verify_blocking(self, stored: str, password: str) -> bool:
         """Runs in a pool thread; a subclass may wrap it to observe verifications."""
         return verify_password(stored, password)
+
+    def _verify_decoy_blocking(self, model: str, password: str) -> bool:
+        cost = cost_of(model)
+        decoy = self._decoys.get(cost)
+        if decoy is None:
+            # Racing threads may both make one; either is as good.
+            decoy = self._decoys.setdefault(cost, decoy_hash(model))
+        self._verify_blocking(decoy, password)
+        return False
 
     def _cache_key(self, user: str, stored: str, password: str) -> bytes:
         mac = hashlib.blake2b(key=self._key, digest_size=32)
@@ -141,8 +211,11 @@ class PasswordVerifier:
         assert self._executor is not None and self._semaphore is not None
         return loop, self._executor, self._semaphore
 
-    async def _verify_in_pool(self, stored: str, password: str) -> bool:
+    async def _verify_in_pool(self, work: Callable[[str, str], bool], stored: str, password: str,
+                              max_waiting: int | None) -> bool:
         loop, executor, semaphore = self._start()
+        if max_waiting is not None and semaphore.locked() and self.waiting >= max_waiting:
+            raise VerifierBusy(f"{self.waiting} verifications waiting")
         self.waiting += 1
         try:
             await semaphore.acquire()
@@ -151,7 +224,7 @@ class PasswordVerifier:
         try:
             if self._closed:
                 raise RuntimeError("PasswordVerifier is closed")
-            future = loop.run_in_executor(executor, self._verify_blocking, stored, password)
+            future = loop.run_in_executor(executor, work, stored, password)
         except BaseException:
             semaphore.release()
             raise

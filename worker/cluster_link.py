@@ -103,6 +103,9 @@ class ClusterLink:
         self.member = False
         self.removed = asyncio.Event()
         self.report_values: Callable[[], dict[str, Any]] = dict
+        # Told every ConnectionCounts publication (worker/connections.py).
+        self.on_connections: Callable[[dict[str, dict[str, int]]], None] | None = None
+        self._report_soon: asyncio.TimerHandle | None = None
         self.delivery: DeliveryAgent | None = None
         self.recent: RecentDecisions | None = None
         self._snapshot: Snapshot | None = None
@@ -127,6 +130,7 @@ class ClusterLink:
             sock.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_SNAPSHOT)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_RING)
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_CONNECTIONS)
         self.sub.connect(wire.events_endpoint(self.runtime_dir))
         self.dealer.connect(wire.coordinator_endpoint(self.runtime_dir))
         self._tasks += [asyncio.create_task(self._receive(self.sub)),
@@ -219,6 +223,19 @@ class ClusterLink:
                       snapshot_version=self._snapshot.version if self._snapshot else 0,
                       ring_epoch=self.ring_epoch)
         await self._send(wire.MetricsReport(self.name, os.getpid(), values))
+
+    def report_soon(self, delay: float) -> None:
+        """An extra report within ``delay`` (at most one pending), between the regular ones."""
+        if self._report_soon is not None or not self._tasks:
+            return
+
+        def send() -> None:
+            self._report_soon = None
+            task = asyncio.ensure_future(self.report())
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+        self._report_soon = asyncio.get_running_loop().call_later(delay, send)
 
     async def _report_loop(self) -> None:
         while True:
@@ -319,6 +336,9 @@ class ClusterLink:
                 self._offer_snapshot(message)
             elif isinstance(message, wire.RingMessage):
                 self._offer_ring(message)
+            elif isinstance(message, wire.ConnectionCounts):
+                if self.on_connections is not None and isinstance(message.tables, dict):
+                    self.on_connections(message.tables)
             elif isinstance(message, wire.AdminRequest):
                 ring = self._node is not None
                 work = {"inspect": self._inspect if ring else None,
@@ -331,6 +351,8 @@ class ClusterLink:
                     task.add_done_callback(self._requests.discard)
 
     async def close(self) -> None:
+        if self._report_soon is not None:
+            self._report_soon.cancel()
         tasks = [*self._tasks, *self._requests]
         for task in tasks:
             task.cancel()

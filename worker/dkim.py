@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass

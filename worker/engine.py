@@ -1,13 +1,17 @@
 """The policy engine: the decisions of one SMTP session, stage by stage.
 
-The SMTP handler calls one method per protocol stage; each returns a
-:class:`Verdict` whose reply goes to the client unchanged, and logs one
-structured line. Counter-based policies share one counter request per
-decision (one ``check`` at MAIL, one ``reserve`` at the end of DATA).
+The SMTP layer (worker/smtp.py through worker/handler.py) calls one method
+per decision; each returns a :class:`Verdict` whose reply goes to the client
+unchanged and writes one structured decision line, and the worker's metrics
+are told of it (``on_decision``). That holds for the refusals the protocol
+makes itself too (syntax, sequence, size, timeouts): :meth:`refused`.
+Counter-based policies share one counter request per decision (one
+``check`` at MAIL, one ``reserve`` at the end of DATA).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -15,23 +19,25 @@ from dataclasses import dataclass
 
 from cluster.counting import Op, Outcome
 from cluster.logjson import log_event
-from cluster.passwords import PasswordSchemeError
 from cluster.support_state import iso_utc
 from worker import replies
 from worker.auth import PasswordVerifier
+from worker.authentication import Authenticator, recheck_login
+from worker.connections import ConnectionTable
 from worker.counters.client import CounterClient, CounterUnavailable
 from worker.dkim import DkimSigner
 from worker.evidence import EvidenceNotes
 from worker.policies import CONTINUE, Action, Client, Verdict, reject, tempfail
-from worker.policies.auth_throttle import AuthThrottlePolicy
 from worker.policies.bounce_ratio import BounceRatioPolicy
 from worker.policies.geoip import GeoipPolicy, client_country
+from worker.policies.header_sender import HeaderSenderPolicy
 from worker.policies.rate_limit import RateLimitPolicy, shadow_fields, window_text
 from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.policies.sender_domain import SenderDomainPolicy
 from worker.policies.spam_grace import SpamGracePolicy
 from worker.policies.suspension import SuspensionPolicy
 from worker.recent import RecentDecisions
+from worker.sasl import Credentials
 from worker.snapshot import Snapshot
 from worker.spam import ScannerUnavailable, ScanRequest, ScanResult, SpamScanner
 from worker.spool import BaseSpool, SpoolError, new_queue_id
@@ -69,82 +75,119 @@ class PolicyEngine:
         clock: Callable[[], float] = time.time,
         on_queued: Callable[[SpoolRecord], None] | None = None,
         recent: RecentDecisions | None = None,
+        connections: ConnectionTable | None = None,
+        on_decision: Callable[[str, Verdict], None] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.counters = counters
-        self.verifier = verifier
         self.scanner = scanner
         self.spool = spool
         self.clock = clock
         self.on_queued = on_queued
         # Every decision is also kept here for ``sendguard why`` (None: not kept).
         self.recent = recent
-        self.auth_throttle = AuthThrottlePolicy()
+        self.connections = connections or ConnectionTable()
+        self.authenticator = Authenticator(snapshot, counters, verifier, self._release_later)
         self.suspension = SuspensionPolicy(clock)
         self.sender_domain = SenderDomainPolicy()
         self.geoip = GeoipPolicy(clock)
         self.bounce_ratio = BounceRatioPolicy()
         self.rate_limit = RateLimitPolicy()
         self.recipient_domain = recipient_domain
+        self.header_sender = HeaderSenderPolicy()
         self.spam_grace = SpamGracePolicy()
         self.dkim = DkimSigner()
         # Successful logins and spam for compromise detection, sent to the coordinator.
         self.evidence = EvidenceNotes()
         # Told every verdict that is logged (the worker's metrics).
-        self.on_decision: Callable[[str, Verdict], None] | None = None
+        self.on_decision = on_decision
+        self._background: set[asyncio.Task[None]] = set()
         # (key, series, window) -> (when a full window lets the next message in, when that
         # was asked): a burst of refusals of one key asks its owner once.
         self._clears: dict[tuple[str, str, float], tuple[float, float]] = {}
 
+    @property
+    def verifier(self) -> PasswordVerifier:
+        return self.authenticator.verifier
+
+    @verifier.setter
+    def verifier(self, verifier: PasswordVerifier) -> None:
+        self.authenticator.verifier = verifier
+
+    # -- the connection and the session -----------------------------------------
+
+    def connect(self, client: Client) -> Verdict:
+        """Before the banner: is this address over ``server.max_connections_per_ip``?
+
+        An admitted connection must be given back with :meth:`disconnect`.
+        """
+        if client.trusted:
+            return CONTINUE
+        cap = self.snapshot().settings.server.max_connections_per_ip
+        if self.connections.admit(client.key, cap):
+            return CONTINUE
+        held, others = self.connections.held(client.key), self.connections.others(client.key)
+        return self._log(client, "CONNECT", tempfail(
+            "connection_cap", replies.TOO_MANY_CONNECTIONS.format(sid=client.sid),
+            f"{held} here, {others} on other workers, cap {cap}"))
+
+    def disconnect(self, client: Client) -> None:
+        if not client.trusted:
+            self.connections.release(client.key)
+
+    def refused(self, client: Client, stage: str, policy: str, reply: str,
+                detail: str = "") -> Verdict:
+        """A refusal the protocol decides (syntax, sequence, size, limits, timeouts), logged."""
+        action = Action.TEMPFAIL if reply[:1] == "4" else Action.REJECT
+        return self._log(client, stage or "SESSION", Verdict(action, reply, policy, detail))
+
+    def unauthenticated(self, client: Client, stage: str) -> Verdict:
+        return self.refused(client, stage, "auth", replies.AUTH_REQUIRED.format(sid=client.sid),
+                            "not authenticated")
+
+    def bad_address(self, client: Client, stage: str, problem: str) -> Verdict:
+        return self.refused(client, stage, "address_syntax",
+                            replies.BAD_ADDRESS.format(sid=client.sid), problem)
+
+    def internal_error(self, client: Client, stage: str, error: BaseException) -> Verdict:
+        """A bug met while handling a command: 451, and nothing was counted or queued."""
+        where = ""
+        trace = error.__traceback__
+        while trace is not None and trace.tb_next is not None:
+            trace = trace.tb_next
+        if trace is not None:
+            code = trace.tb_frame.f_code
+            where = f" at {code.co_filename.rpartition('/')[2]}:{trace.tb_lineno} ({code.co_name})"
+        return self._log_at(logging.ERROR, client, stage or "SESSION", tempfail(
+            "internal", replies.INTERNAL_ERROR.format(sid=client.sid),
+            f"{type(error).__name__}: {error}{where}"))
+
     # -- AUTH ---------------------------------------------------------------
 
-    async def auth_allowed(self, client: Client) -> Verdict:
-        """Before the credentials are read: is this address locked out?"""
-        snapshot = self.snapshot()
-        ops = self.auth_throttle.ops(snapshot, client)
-        if not ops:
-            return CONTINUE
+    async def authenticate(self, client: Client, credentials: Credentials) -> Verdict:
         try:
-            outcome = await self.counters.check(ops)
-        except CounterUnavailable as exc:
-            return self._log(client, "AUTH", _counter_tempfail(client, self.auth_throttle.name,
-                                                               exc))
-        verdict = self.auth_throttle.judge(client, ops, outcome.counts)
-        if not verdict.ok:
-            self._log(client, "AUTH", verdict)
-        return verdict
-
-    async def authenticate(self, client: Client, user: str, password: str) -> Verdict:
-        snapshot = self.snapshot()
-        account = snapshot.tenants.account(user)
-        ok = False
-        if account is not None:
-            try:
-                ok = await self.verifier.verify(account.user, account.password, password)
-            except PasswordSchemeError as exc:
-                log_event("bad_password_hash", logging.ERROR, sid=client.sid,
-                          account=account.user, error=str(exc))
-        if ok:
-            assert account is not None
-            client.account = account
-            self.evidence.login(snapshot, client)
-            return self._log(client, "AUTH", Verdict(Action.CONTINUE, replies.AUTH_OK, "auth"),
-                             account=account.user)
-        failure_ops = self.auth_throttle.failure_ops(snapshot, client)
-        if failure_ops:
-            try:
-                await self.counters.add(failure_ops)
-            except CounterUnavailable as exc:
-                logging.getLogger(__name__).warning("auth failure not counted: %s", exc)
-        return self._log(client, "AUTH",
-                         reject("auth", replies.AUTH_FAILED.format(sid=client.sid),
-                                "unknown user" if account is None else "wrong password"),
-                         account=user)
+            verdict = await self.authenticator.authenticate(client, credentials)
+        except asyncio.CancelledError:
+            # The client hung up during the check: its failure stays counted.
+            self._log(client, "AUTH", reject("auth", "", "abandoned during the check"),
+                      account=credentials.login, mechanism=credentials.mechanism)
+            raise
+        if verdict.ok:
+            self.evidence.login(self.snapshot(), client)
+        return self._log(client, "AUTH", verdict, account=credentials.login,
+                         mechanism=credentials.mechanism)
 
     # -- MAIL ---------------------------------------------------------------
 
     async def mail(self, client: Client, sender: str) -> Verdict:
         snapshot = self.snapshot()
+        # The login is checked again first: an account removed, or whose
+        # password changed, since this session's AUTH may no longer send.
+        # Then a suspension, which may have come since as well.
+        login = client.account.user if client.account else None
+        relogin = recheck_login(snapshot, client)
+        if relogin is not None:
+            return self._log(client, "MAIL", relogin, sender=sender, account=login)
         for policy in (self.suspension, self.sender_domain, self.geoip):
             verdict = policy.check(snapshot, client, sender)
             if not verdict.ok:
@@ -172,7 +215,13 @@ class PolicyEngine:
 
     # -- RCPT ---------------------------------------------------------------
 
-    async def rcpt(self, client: Client, recipient: str) -> Verdict:
+    async def rcpt(self, client: Client, recipient: str, accepted: int = 0) -> Verdict:
+        """``accepted``: recipients this transaction already has."""
+        limit = self.snapshot().settings.server.max_recipients
+        if accepted >= limit:
+            verdict = tempfail("max_recipients", replies.TOO_MANY_RECIPIENTS,
+                               f"{accepted} accepted, max {limit}")
+            return self._log(client, "RCPT", verdict, recipient=recipient)
         verdict = await self.recipient_domain.check(client, recipient)
         if verdict.ok:
             verdict = Verdict(Action.CONTINUE, replies.RECIPIENT_OK, "rcpt")
@@ -185,7 +234,16 @@ class PolicyEngine:
         queue_id = new_queue_id()
         now = self.clock()
         hostname = snapshot.settings.server.hostname
-        content = complete_headers(transaction.content, hostname, queue_id, now)
+        content = complete_headers(transaction.content, hostname, queue_id, now,
+                                   sender=transaction.mail_from)
+        noted: dict[str, object] = {}
+        alignment = snapshot.settings.policy.from_alignment
+        if alignment != "off":
+            verdict = self.header_sender.check(snapshot, client, content)
+            if not verdict.ok and alignment == "enforce":
+                return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id))
+            if not verdict.ok:
+                noted["from_alignment"] = f"would refuse: {verdict.reply}"
         scan, skipped = await self._scan(snapshot, client, transaction, content)
         if isinstance(scan, Verdict):
             return Acceptance(self._log(client, "DATA", scan, queue_id=queue_id,
@@ -202,6 +260,9 @@ class PolicyEngine:
         except CounterUnavailable as exc:
             return Acceptance(self._log(client, "DATA", _counter_tempfail(client, "counters", exc),
                                         queue_id=queue_id, **scanned))
+        except asyncio.CancelledError:
+            self._release_later(reservation)  # the client is gone: count nothing
+            raise
         if not outcome.ok:
             verdict = self._refusal(client, ops, outcome, scan, spam_ops)
             if verdict.policy == self.spam_grace.name:
@@ -214,29 +275,40 @@ class PolicyEngine:
         rate_counts = outcome.counts[len(spam_ops):len(spam_ops) + len(rate_ops)]
         self._log_shadows(snapshot, client, "DATA", rate_ops, rate_counts, queue_id=queue_id)
 
-        # Signed as it will be delivered; the trace headers added below are not signed.
-        signed = await self.dkim.sign(snapshot.dkim, snapshot.tenants, client, content)
-        content = signed.content
-        record = SpoolRecord.new(
-            queue_id=queue_id,
-            session_id=client.sid,
-            client_ip=client.ip,
-            account=client.account.user if client.account else "",
-            helo=client.helo,
-            mail_from=transaction.mail_from,
-            rcpt_tos=list(transaction.rcpt_tos),
-            received_at=now,
-            message=trace_headers(hostname, client, queue_id, spam_headers(scan, skipped), now)
-            + content,
-        )
         try:
-            await self.spool.store(record)
-        except SpoolError as exc:
-            await self._release(reservation)
-            verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid), str(exc))
+            # Signed as it will be delivered; the trace headers added below are not signed.
+            signed = await self.dkim.sign(snapshot.dkim, snapshot.tenants, client, content)
+            content = signed.content
+            record = SpoolRecord.new(
+                queue_id=queue_id,
+                session_id=client.sid,
+                client_ip=client.ip,
+                account=client.account.user if client.account else "",
+                helo=client.helo,
+                mail_from=transaction.mail_from,
+                rcpt_tos=list(transaction.rcpt_tos),
+                received_at=now,
+                message=trace_headers(hostname, client, queue_id, spam_headers(scan, skipped),
+                                      now) + content,
+            )
+        except BaseException:  # a bug, or the client left while signing: count nothing
+            self._release_later(reservation)
+            raise
+        # Shielded: a client that hangs up while its message is being stored
+        # cancels this coroutine, but the store and the hand-over to delivery
+        # finish (or release the reservation) all the same, so no stored
+        # message is left that delivery never heard of.
+        commit = asyncio.ensure_future(self._commit(record, reservation))
+        try:
+            failure = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            commit.add_done_callback(
+                lambda done: self._log_unheard(client, done, queue_id, len(record.message)))
+            raise
+        if failure is not None:
+            verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid),
+                               str(failure))
             return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned))
-        if self.on_queued is not None:
-            self.on_queued(record)
         if scan.spam:
             self.evidence.spam(snapshot, client, queue_id)
         # The reservation stands as the message's count: owners keep an open
@@ -247,7 +319,32 @@ class PolicyEngine:
         return Acceptance(self._log(client, "DATA", verdict, queue_id=queue_id, **scanned,
                                     recipients=len(transaction.rcpt_tos),
                                     size=len(record.message), dkim=signed.by,
-                                    dkim_skipped=signed.skipped), queue_id)
+                                    dkim_skipped=signed.skipped, **noted), queue_id)
+
+    def _log_unheard(self, client: Client, commit: asyncio.Future[SpoolError | None],
+                     queue_id: str, size: int) -> None:
+        """What became of a message whose client left before its reply."""
+        if commit.cancelled() or commit.exception() is not None or commit.result() is not None:
+            verdict = tempfail("spool", replies.SPOOL_TEMPFAIL.format(sid=client.sid),
+                               "not stored; the client had left")
+        else:
+            verdict = Verdict(Action.CONTINUE, replies.QUEUED.format(queue_id=queue_id), "data",
+                              "queued; the client left before the reply")
+        self._log(client, "DATA", verdict, queue_id=queue_id, size=size)
+
+    async def _commit(self, record: SpoolRecord, reservation: str) -> SpoolError | None:
+        """Store and enqueue, or release the reservation: either way, all of it."""
+        try:
+            await self.spool.store(record)
+        except SpoolError as exc:
+            await self._release(reservation)
+            return exc
+        except BaseException:
+            self._release_later(reservation)
+            raise
+        if self.on_queued is not None:
+            self.on_queued(record)
+        return None
 
     async def _scan(self, snapshot: Snapshot, client: Client, transaction: Transaction,
                     content: bytes) -> tuple[ScanResult | Verdict, str]:
@@ -296,7 +393,13 @@ class PolicyEngine:
         try:
             await self.counters.release(reservation)
         except CounterUnavailable:
-            pass  # it expires on its owner and is released there
+            pass  # it stays counted on its owner: that can only under-admit
+
+    def _release_later(self, reservation: str) -> None:
+        """Release without making anyone wait (or from a coroutine being cancelled)."""
+        task = asyncio.get_running_loop().create_task(self._release(reservation))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _limit_facts(self, ops: Sequence[Op], counts: Sequence[int],
                            denied: int | None) -> dict[str, object]:
@@ -334,6 +437,10 @@ class PolicyEngine:
         return self._log(client, stage, verdict, **extra)
 
     def _log(self, client: Client, stage: str, verdict: Verdict, **extra: object) -> Verdict:
+        return self._log_at(logging.INFO, client, stage, verdict, **extra)
+
+    def _log_at(self, level: int, client: Client, stage: str, verdict: Verdict,
+                **extra: object) -> Verdict:
         named = extra.pop("account", None)
         account = str(named) if named else (client.account.user if client.account else None)
         country = client.country
@@ -342,6 +449,7 @@ class PolicyEngine:
         outcome = verdict.action.value if verdict.action is not Action.CONTINUE else "accept"
         log_event(
             "decision",
+            level,
             sid=client.sid,
             client_ip=client.ip,
             account=account,
@@ -359,7 +467,8 @@ class PolicyEngine:
                             verdict.detail or None, extra)
         if self.on_decision is not None:
             self.on_decision(stage, verdict)
-        return verdict
+        return Verdict(verdict.action, replies.Decided(verdict.reply), verdict.policy,
+                       verdict.detail)
 
 
 def fits_again_at(row: dict[str, object], limit: int, amount: int) -> float | None:

@@ -1,25 +1,41 @@
-"""aiosmtpd handler hooks mapped onto the policy engine; no business rules here."""
+"""aiosmtpd handler hooks mapped onto the policy engine; no business rules here.
+
+Besides aiosmtpd's ``handle_*`` hooks and the ``auth_PLAIN``/``auth_LOGIN``
+mechanisms (which aiosmtpd prefers to its own), the protocol object
+(worker/smtp.py) calls the methods below for the decisions it makes itself
+(connection cap, syntax, sequence, limits, internal errors), so that every
+decision reaches the engine and is logged there, once.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import MISSING, Envelope, Session
+from aiosmtpd.smtp import AuthResult, Envelope, Session
 
-from worker import replies
+from worker import sasl
 from worker.engine import PolicyEngine, Transaction
-from worker.smtp import GatewaySMTP
+from worker.policies import Client, Verdict
+
+if TYPE_CHECKING:
+    from worker.smtp import GatewaySMTP
+
+
+def _client(server: GatewaySMTP) -> Client:
+    assert server.client is not None
+    return server.client
 
 
 class GatewayHandler:
     def __init__(self, engine: PolicyEngine) -> None:
         self.engine = engine
 
+    # -- aiosmtpd's hooks ----------------------------------------------------------
+
     async def handle_EHLO(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        assert server.client is not None
-        server.client.helo = hostname
+        _client(server).helo = hostname
         # Commands are read and answered one after another, in order, so
         # pipelined commands need nothing more than saying so.
         responses.insert(1, "250-PIPELINING")
@@ -28,21 +44,32 @@ class GatewayHandler:
     async def handle_HELO(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           hostname: str) -> str:
         session.host_name = hostname
-        assert server.client is not None
-        server.client.helo = hostname
+        _client(server).helo = hostname
         return f"250 {server.hostname}"
 
-    async def handle_AUTH(self, server: GatewaySMTP, session: Session, envelope: Envelope,
-                          args: list[str]) -> Any:
-        assert server.client is not None
-        verdict = await self.engine.auth_allowed(server.client)
-        return MISSING if verdict.ok else verdict.reply
+    async def auth_PLAIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
+        return await self._authenticate(server, await sasl.read_plain(server, args))
+
+    async def auth_LOGIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
+        return await self._authenticate(server, await sasl.read_login(server, args))
+
+    async def _authenticate(self, server: GatewaySMTP,
+                            credentials: sasl.Credentials | None) -> AuthResult:
+        if credentials is None:
+            return AuthResult(success=False, handled=True)  # answered while reading them
+        verdict = await self.engine.authenticate(_client(server), credentials)
+        if verdict.ok:
+            return AuthResult(success=True, handled=False, message=verdict.reply,
+                              auth_data=credentials.login)
+        return AuthResult(success=False, handled=False, message=verdict.reply)
 
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        assert server.client is not None
+        client = _client(server)
         sender = "" if address == "<>" else address
-        verdict = await self.engine.mail(server.client, sender)
+        verdict = await self.engine.mail(client, sender)
+        if client.account is None:
+            session.authenticated = False  # the login was withdrawn since AUTH
         if verdict.ok:
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
@@ -50,10 +77,7 @@ class GatewayHandler:
 
     async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        assert server.client is not None
-        if len(envelope.rcpt_tos) >= self.engine.snapshot().settings.server.max_recipients:
-            return replies.TOO_MANY_RECIPIENTS
-        verdict = await self.engine.rcpt(server.client, address)
+        verdict = await self.engine.rcpt(_client(server), address, len(envelope.rcpt_tos))
         if verdict.ok:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
@@ -61,9 +85,30 @@ class GatewayHandler:
 
     async def handle_DATA(self, server: GatewaySMTP, session: Session,
                           envelope: Envelope) -> str:
-        assert server.client is not None
         content = envelope.original_content or b""
         mail_from = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         transaction = Transaction(mail_from, tuple(envelope.rcpt_tos), content)
-        acceptance = await self.engine.data(server.client, transaction)
+        acceptance = await self.engine.data(_client(server), transaction)
         return acceptance.verdict.reply
+
+    # -- decisions the protocol object makes ---------------------------------------
+
+    def connect(self, server: GatewaySMTP) -> Verdict:
+        return self.engine.connect(_client(server))
+
+    def disconnect(self, server: GatewaySMTP) -> None:
+        self.engine.disconnect(_client(server))
+
+    def refused(self, server: GatewaySMTP, stage: str, policy: str, reply: str,
+                detail: str = "") -> str:
+        return self.engine.refused(_client(server), stage, policy, reply, detail).reply
+
+    def unauthenticated(self, server: GatewaySMTP, stage: str) -> str:
+        return self.engine.unauthenticated(_client(server), stage).reply
+
+    def bad_address(self, server: GatewaySMTP, stage: str, problem: str) -> str:
+        return self.engine.bad_address(_client(server), stage, problem).reply
+
+    def internal_error(self, server: GatewaySMTP, stage: str, error: BaseException) -> str:
+        return self.engine.internal_error(_client(server), stage, error).reply
+

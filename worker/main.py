@@ -34,7 +34,8 @@ from typing import Any, Protocol
 from cluster.logjson import flush_log, log_event, setup_logging
 from cluster.settings import Settings, SpamSettings
 from cluster.validate import ConfigError
-from worker.auth import PasswordVerifier
+from worker.auth import PasswordVerifier, threads_per_worker
+from worker.connections import EARLY_REPORT
 from worker.counters.client import CounterClient, LocalCounters
 from worker.counters.redis_store import counters_for
 from worker.counters.shard import CounterShard
@@ -160,14 +161,16 @@ async def build_worker(settings: Settings, name: str = "w0", *,
     engine = PolicyEngine(
         snapshot=source.current,
         counters=counters,
-        verifier=PasswordVerifier(max_concurrent=max(2, (os.cpu_count() or 2))),
+        # Sized per host: every worker of the host has a pool of its own.
+        verifier=PasswordVerifier(max_concurrent=threads_per_worker(
+            settings.server.workers or os.cpu_count() or 1)),
         recipient_domain=RecipientDomainPolicy(resolver),
         scanner=scanners,
         spool=spool,
         on_queued=delivery.enqueue,
+        on_decision=metrics.decision,
         recent=RecentDecisions(recent_share(settings), settings.admin.recent_decisions_for),
     )
-    engine.on_decision = metrics.decision
     return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
                        delivery, resolver, scanners)
 
@@ -188,6 +191,7 @@ async def _housekeeping(parts: WorkerParts) -> None:
             parts.source.reload()
         parts.follow_settings()
         parts.shard.expire()
+        parts.engine.connections.expire()
 
 
 class _Stop:
@@ -273,7 +277,11 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         parts = await build_worker(settings, name, source=link, shard=shard,
                                    counters=counters, metrics=metrics)
         sessions = parts.server.sessions
-        link.report_values = lambda: metrics.values(len(sessions), sessions.total)
+        connections = parts.engine.connections
+        link.report_values = lambda: {**metrics.values(len(sessions), sessions.total),
+                                      "connections": connections.report()}
+        link.on_connections = lambda tables: connections.update(tables, name)
+        connections.on_growth = lambda: link.report_soon(EARLY_REPORT)
         await link.join(node, node.endpoint)
         while not stop.any.is_set() and not node.active():
             await _first(node.wait_active(5.0), stop.any.wait())

@@ -23,7 +23,7 @@ from typing import Any
 
 from cluster.logjson import log_event
 from cluster.names import plain_ip
-from cluster.settings import Network, Settings
+from cluster.settings import Network, ServerSettings, Settings
 from cluster.validate import ConfigError
 from worker.engine import PolicyEngine
 from worker.handler import GatewayHandler
@@ -87,6 +87,9 @@ class SmtpServer:
     def _trusted(self, ip: str) -> bool:
         return _in_networks(ip, self.snapshot().settings.server.trusted_networks)
 
+    def _server_settings(self) -> ServerSettings:
+        return self.snapshot().settings.server
+
     def _factory(self, context: ssl.SSLContext | None,
                  implicit_tls: bool) -> Callable[..., GatewaySMTP]:
         handler = GatewayHandler(self.engine)
@@ -98,8 +101,8 @@ class SmtpServer:
             settings = self.snapshot().settings.server
             return GatewaySMTP(
                 handler,
-                engine=self.engine,
                 sessions=self.sessions,
+                server_settings=self._server_settings,
                 trusted=self._trusted,
                 peer=peer,
                 proxy=proxy,
@@ -110,7 +113,6 @@ class SmtpServer:
                 auth_required=True,
                 auth_require_tls=settings.require_tls_for_auth and not implicit_tls,
                 auth_exclude_mechanism=[],
-                timeout=300,
                 loop=loop,
             )
 

@@ -8,6 +8,8 @@ scanner thought of a message that was delivered anyway.
 from __future__ import annotations
 
 import email.utils
+import functools
+import re
 import time
 
 from worker.policies import Client
@@ -17,8 +19,9 @@ _HEADER_SCAN_LIMIT = 256 * 1024
 _FOLD_AT = 76
 
 
-def complete_headers(content: bytes, hostname: str, queue_id: str, now: float) -> bytes:
-    """The client's message with Message-ID and Date added when missing.
+def complete_headers(content: bytes, hostname: str, queue_id: str, now: float,
+                     sender: str = "") -> bytes:
+    """The client's message with From (the envelope sender), Message-ID and Date when missing.
 
     Done before the content scan, so a scanner does not score the absence of
     headers the gateway adds anyway.
@@ -26,13 +29,15 @@ def complete_headers(content: bytes, hostname: str, queue_id: str, now: float) -
     head_end = _header_end(content)
     head = content[:head_end].lower()
     added = []
+    if sender and not _has_header(head, b"from"):
+        added.append(f"From: <{sender}>\r\n")
     if not _has_header(head, b"message-id"):
         added.append(f"Message-ID: <{queue_id}@{hostname}>\r\n")
     if not _has_header(head, b"date"):
         added.append(f"Date: {email.utils.formatdate(now)}\r\n")
     if not added:
         return content
-    extra = "".join(added).encode("ascii", "replace")
+    extra = "".join(added).encode("utf-8", "surrogateescape")
     return content[:head_end] + extra + content[head_end:]
 
 
@@ -84,6 +89,24 @@ def _folded(name: str, words: list[str]) -> str:
             line += piece
     lines.append(line)
     return "\r\n".join(lines) + "\r\n"
+
+
+def header_fields(content: bytes, names: tuple[bytes, ...]) -> list[str]:
+    """The unfolded values of the header fields called ``names``, in order."""
+    head = content[:_header_end(content)]
+    return [_FOLD.sub(b"", match.group(1)).decode("utf-8", "surrogateescape").strip()
+            for match in _field_pattern(names).finditer(head)]
+
+
+@functools.lru_cache(maxsize=8)
+def _field_pattern(names: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    # A field starts a line; its continuation lines start with a space or a tab.
+    alternatives = b"|".join(re.escape(name) for name in names)
+    return re.compile(rb"^(?:" + alternatives + rb")[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                      re.IGNORECASE | re.MULTILINE)
+
+
+_FOLD = re.compile(rb"\r?\n")
 
 
 def _header_end(content: bytes) -> int:

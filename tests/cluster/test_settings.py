@@ -59,6 +59,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert server.max_recipients == 100
     assert server.workers == 0
     assert server.drain_timeout == 10.0
+    assert (server.max_connections_per_ip, server.command_timeout, server.max_session_time,
+            server.max_errors) == (20, 300.0, 3600.0, 10)
+    assert settings.policy.from_alignment == "enforce"
     assert settings.tenants_file == tmp_path / "tenants.toml"
     assert settings.cluster.request_timeout == 0.5
     assert settings.counters.backend == "ring"
@@ -68,6 +71,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.metrics_listen is None
     assert settings.auth.max_failures == 10
     assert settings.auth.failure_window == 600.0
+    assert settings.auth.max_pending == 64
     assert settings.geoip.database is None
     assert settings.geoip.default_countries == frozenset({"PL"})
     assert settings.geoip.unknown == "allow"
@@ -83,6 +87,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.log_file is None
     delivery = settings.delivery
     assert (delivery.mode, delivery.smarthost, delivery.port) == ("mx", "", 25)
+    assert (delivery.tls, delivery.tls_ca) == ("may", None)
     assert delivery.spool == Path("/var/spool/sendguard")
     assert delivery.retry == (60.0, 300.0, 900.0, 3600.0, 14400.0)
     assert delivery.max_queue_time == 432000.0
@@ -115,6 +120,21 @@ def test_admin_settings(tmp_path: Path) -> None:
     admin = load_settings(path).admin
     assert (admin.listen, admin.users_file, admin.recent_decisions,
             admin.recent_decisions_for) == (("127.0.0.1", 8026), tmp_path / "u", 10, 3600.0)
+
+
+def test_the_default_runtime_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from cluster.settings import default_runtime_dir
+
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    expected = Path("/run/sendguard") if os.geteuid() == 0 else Path("/run/user/1000/sendguard")
+    assert default_runtime_dir() == expected
+    assert load_settings(write(tmp_path, MINIMAL)).cluster.runtime_dir == expected
+    # Under systemd's RuntimeDirectory=, the folder systemd made.
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/sendguard-test")
+    assert default_runtime_dir() == Path("/run/sendguard-test")
 
 
 def test_relative_paths_follow_the_config_folder(tmp_path: Path) -> None:
@@ -199,6 +219,20 @@ def test_limits_list(tmp_path: Path) -> None:
     ('[metrics]\nlisten = "9464"\n',
      'metrics.listen: must be "ADDRESS:PORT" like "0.0.0.0:587" (got "9464")'),
     ('[sever]\nhostname = "x"\n', 'sever: is not a known setting (got {hostname = "x"})'),
+    ('[server]\nmax_connections_per_ip = -1\n',
+     "server.max_connections_per_ip: must be at least 0 (got -1)"),
+    ('[server]\ncommand_timeout = "0s"\n',
+     'server.command_timeout: must be longer than zero (got "0s")'),
+    ('[server]\nmax_session_time = 3600\n',
+     'server.max_session_time: must be a duration like "500ms", "2s", "1m", "12h" or "5d" '
+     '(got 3600)'),
+    ('[server]\nmax_errors = "ten"\n', 'server.max_errors: must be a whole number (got "ten")'),
+    ('[policy]\nfrom_alignment = "strict"\n',
+     'policy.from_alignment: must be one of enforce, log, off (got "strict")'),
+    ('[policy]\nfrom_align = "off"\n', 'policy.from_align: is not a known setting (got "off")'),
+    ('[auth]\nmax_pending = 0\n', "auth.max_pending: must be at least 1 (got 0)"),
+    ('[delivery]\ntls = "required"\n',
+     'delivery.tls: must be one of may, encrypt, verify (got "required")'),
     ('[admin]\nlisten = "127.0.0.1:8026"\n',
      'admin.users_file: is required when admin.listen is set (got "")'),
     ('[admin]\nlisten = "localhost"\nusers_file = "u"\n',

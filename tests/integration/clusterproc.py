@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway import COUNTRIES, MESSAGE, PASSWORD, TENANTS, toml_document
+from gateway import COUNTRIES, PASSWORD, TENANTS, message_from, toml_document
 from geoipdb import write_country_db
 
 from cluster.admin import AdminFailure, request
@@ -207,7 +207,7 @@ class Cluster:
             code, text = client.rcpt(recipient)
             if code != 250:
                 return code, text.decode()
-            code, text = client.data(MESSAGE)
+            code, text = client.data(message_from(sender or user))
             return code, text.decode()
         finally:
             try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from clusterproc import Cluster
-from gateway import MESSAGE, TENANTS
+from gateway import TENANTS, message_from
 from redisserver import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ def race(jobs: list[tuple[Cluster, str, str]]) -> list[tuple[int, str]]:
                 code, text = client.rcpt("someone@example.org")
             gate.wait()
             if code == 250:
-                code, text = client.data(MESSAGE)
+                code, text = client.data(message_from(user))
             return code, text.decode()
         finally:
             client.close()
@@ -146,7 +146,7 @@ def test_redis_stopped_mid_run_tempfails_then_resumes_without_over_admitting(
             assert code == 451, (code, text)
             assert text.decode().startswith(POLICY_TEMPFAIL[4:])
             assert text.decode().endswith("temporary policy failure, try later")
-        code, text = at_data.data(MESSAGE)  # refused there too, not queued
+        code, text = at_data.data(message_from(ACCOUNT))  # refused there too, not queued
         assert code == 451 and text.decode().endswith("temporary policy failure, try later")
     finally:
         for client in (*at_mail, at_data):

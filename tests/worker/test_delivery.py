@@ -333,6 +333,80 @@ async def test_a_failed_tls_handshake_falls_back_to_plain_text(
         await server.wait_closed()
 
 
+async def _plain_sink(handler: Sink, context: ssl.SSLContext | None = None) -> Any:
+    """A sink offering STARTTLS with ``context``, or not at all without one."""
+    def factory() -> ServerSMTP:
+        handler.connections += 1
+        return ServerSMTP(handler, hostname="plain.test", tls_context=context,
+                          require_starttls=False)
+
+    return await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+
+
+async def test_tls_encrypt_never_delivers_in_plain_text(make_world: MakeWorld) -> None:
+    handler = Sink()
+    server = await _plain_sink(handler)  # no certificate: STARTTLS is not offered
+    try:
+        world = await make_world(port=server.sockets[0].getsockname()[1], tls="encrypt")
+        world.sink = handler
+        record = await world.submit("ok@dest.test")
+        await until(lambda: record.recipients[0]["status"] == "deferred", "the deferral")
+        assert handler.messages == [] and handler.connections >= 1
+        error = record.recipients[0]["last_error"]
+        assert "TLS is required, but STARTTLS was not offered" in error, error
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tls_encrypt_does_not_fall_back_after_a_failed_handshake(
+        make_world: MakeWorld, tmp_path: Path) -> None:
+    write_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem", "mx.dest.test")
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    broken.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    broken.maximum_version = ssl.TLSVersion.TLSv1_2
+    broken.verify_mode = ssl.CERT_REQUIRED  # fails the handshake, as in the test above
+    broken.load_verify_locations(tmp_path / "cert.pem")
+    handler = Sink()
+    server = await _plain_sink(handler, broken)
+    try:
+        world = await make_world(port=server.sockets[0].getsockname()[1], tls="encrypt")
+        record = await world.submit("ok@dest.test")
+        await until(lambda: record.recipients[0]["status"] == "deferred", "the deferral")
+        assert "the TLS handshake failed" in record.recipients[0]["last_error"]
+        assert handler.messages == [] and handler.connections == 1  # no plain-text retry
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tls_verify_needs_a_certificate_for_the_host(make_world: MakeWorld,
+                                                           tmp_path: Path) -> None:
+    # mx1.dest.test is the MX of dest.test (see the zone above).
+    write_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem", "mx1.dest.test")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    handler = Sink()
+    server = await _plain_sink(handler, context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # Not signed by an authority the system knows: the mail waits.
+        world = await make_world(port=port, tls="verify")
+        record = await world.submit("ok@dest.test")
+        await until(lambda: record.recipients[0]["status"] == "deferred", "the deferral")
+        assert "certificate verify failed" in record.recipients[0]["last_error"]
+        assert handler.messages == []
+        await world.close()
+        # With the certificate as delivery.tls_ca, it goes, over TLS.
+        world = await make_world(port=port, tls="verify", tls_ca=str(tmp_path / "cert.pem"))
+        await world.submit("ok2@dest.test")
+        got = await until(lambda: handler.to("ok2@dest.test"), "verified delivery")
+        assert got[0].tls
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 # -- failures, retries, DSNs --------------------------------------------------------------
 
 

@@ -224,15 +224,24 @@ async def test_overlong_v1_and_oversize_v2_are_refused_without_reading_on() -> N
 
 
 async def test_session_peer_is_the_header_address() -> None:
+    from cluster.demo import bundled_examples
+    from cluster.settings import load_settings
+    from worker.policies import CONTINUE
     from worker.sessions import SessionRegistry
     from worker.smtp import GatewaySMTP
 
     class Handler:
-        pass
+        def connect(self, server: object) -> object:
+            return CONTINUE
+
+        def disconnect(self, server: object) -> None:
+            pass
 
     ours, theirs = socket.socketpair()
     sessions = SessionRegistry()
-    protocol = GatewaySMTP(Handler(), engine=None, sessions=sessions,  # type: ignore[arg-type]
+    settings = load_settings(bundled_examples() / "sendguard.toml").server
+    protocol = GatewaySMTP(Handler(), sessions=sessions,  # type: ignore[arg-type]
+                           server_settings=lambda: settings,
                            trusted=lambda ip: ip == "203.0.113.7", hostname="x",
                            peer=("203.0.113.7", 4000), proxy="127.0.0.1")
     transport, _ = await asyncio.get_running_loop().connect_accepted_socket(

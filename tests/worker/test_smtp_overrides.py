@@ -15,8 +15,13 @@ import aiosmtpd.smtp
 import pytest
 from aiosmtpd.smtp import SMTP
 
+from cluster.demo import bundled_examples
+from cluster.settings import load_settings
 from worker import smtp_speedups
+from worker.handler import GatewayHandler
 from worker.smtp import GatewaySMTP
+
+EXAMPLE = bundled_examples() / "sendguard.toml"
 
 
 class Handler:
@@ -53,15 +58,40 @@ async def test_cached_introspection_finds_what_aiosmtpd_finds() -> None:
     assert cached._ehlo_hook_ver == "new"
 
 
-async def test_gateway_auth_methods_are_ours() -> None:
-    loop = asyncio.get_running_loop()
-    protocol = GatewaySMTP(Handler(), engine=None, sessions=None,  # type: ignore[arg-type]
-                           trusted=lambda ip: False, hostname="x", loop=loop,
-                           auth_required=True)
+def _protocol(handler: object, loop: asyncio.AbstractEventLoop) -> GatewaySMTP:
+    settings = load_settings(EXAMPLE).server
+    return GatewaySMTP(handler, sessions=None, server_settings=lambda: settings,  # type: ignore[arg-type]
+                       trusted=lambda ip: False, hostname="x", loop=loop, auth_required=True)
+
+
+async def test_the_handlers_auth_mechanisms_replace_aiosmtpds() -> None:
+    protocol = _protocol(GatewayHandler(None), asyncio.get_running_loop())  # type: ignore[arg-type]
     for mechanism in ("PLAIN", "LOGIN"):
         method = protocol._auth_methods[mechanism]
-        assert method.is_builtin
-        assert method.method.__func__ is getattr(GatewaySMTP, f"auth_{mechanism}")
+        assert not method.is_builtin
+        assert method.method.__func__ is getattr(GatewayHandler, f"auth_{mechanism}")
+
+
+async def test_every_command_runs_through_the_session() -> None:
+    """aiosmtpd dispatches through ``_smtp_methods.get``; HELP reads it as a table."""
+    protocol = _protocol(Handler(), asyncio.get_running_loop())
+    for command in ("MAIL", "NOSUCH"):
+        runner = protocol._smtp_methods.get(command)
+        assert runner.func == protocol._run and runner.args == (command,)
+    protocol._running = True
+    assert protocol._smtp_methods.get("MAIL") == protocol.smtp_MAIL
+    assert protocol._smtp_methods.get("NOSUCH") is None
+    assert ("QUIT", protocol.smtp_QUIT) in list(protocol._smtp_methods.items())
+
+
+def test_the_loop_we_hook_is_still_aiosmtpds() -> None:
+    import inspect
+
+    source = inspect.getsource(aiosmtpd.smtp.SMTP._handle_client)
+    assert "method = self._smtp_methods.get(command)" in source
+    assert "status = await self.handle_exception(error)" in source
+    assert "self._reset_timeout()\n                await method(arg)" in source
+    assert "self._timeout_cb" in inspect.getsource(aiosmtpd.smtp.SMTP._reset_timeout)
 
 
 ADDRESS_FORMS = [

@@ -38,7 +38,7 @@ from cluster.logjson import log_event
 from cluster.settings import Settings
 from worker.delivery.result import DEFERRED, Result, local
 from worker.delivery.route import RouteError, Router
-from worker.delivery.transport import ConnectError, Connection, opportunistic_tls
+from worker.delivery.transport import ConnectError, Connection, tls_policy
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,6 @@ class SessionPool:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.idle_timeout = idle_timeout
-        self._tls = opportunistic_tls()
         self._destinations: dict[str, Destination] = {}
         self._waiting: OrderedDict[str, Destination] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -176,7 +175,8 @@ class SessionPool:
             try:
                 settings = self._settings()
                 hops = await self._router.hops(dest.domain, settings.delivery)
-                conn = await Connection.open(hops, helo=settings.server.hostname, tls=self._tls,
+                tls = tls_policy(settings.delivery.tls, settings.delivery.tls_ca)
+                conn = await Connection.open(hops, helo=settings.server.hostname, tls=tls,
                                              connect_timeout=self.connect_timeout,
                                              timeout=self.command_timeout)
             except RouteError as exc:

@@ -1,10 +1,15 @@
 """One SMTP client session to a next hop, reused for several messages.
 
 :meth:`Connection.open` tries the hops in order until one greets us, says
-EHLO (or HELO) and, when it offers STARTTLS, upgrades the session. TLS is
-opportunistic, as between MTAs on port 25: certificates are not verified
-(RFC 7435), and a failed handshake is retried once in plain text, since
-refusing to deliver over plain text would only keep the mail queued.
+EHLO (or HELO) and, when it offers STARTTLS, upgrades the session.
+``delivery.tls`` (:func:`tls_policy`) says how much TLS is required:
+``may`` is opportunistic, as between MTAs on port 25: certificates are not
+verified (RFC 7435), and a failed handshake is retried once in plain text,
+since refusing to deliver over plain text would only keep the mail queued;
+``encrypt`` delivers only over TLS (a hop without STARTTLS, or whose
+handshake fails, is a temporary failure, never a plain-text retry);
+``verify`` also requires a certificate valid for the hop's host name, from
+the system's authorities or ``delivery.tls_ca``.
 
 :meth:`Connection.send` runs one transaction and returns one
 :class:`~worker.delivery.result.Result` per recipient; it never raises for
@@ -20,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from aiosmtplib import SMTP
 from aiosmtplib.errors import (
@@ -56,6 +64,29 @@ def opportunistic_tls() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """``delivery.tls``: the context for STARTTLS and whether delivery needs it."""
+
+    mode: str
+    context: ssl.SSLContext
+    required: bool
+
+
+@lru_cache(maxsize=8)
+def tls_policy(mode: str, ca: Path | None = None) -> TlsPolicy:
+    """One policy per setting (contexts are costly to build and safe to share)."""
+    if mode == "verify":
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        return TlsPolicy(mode, context, True)
+    return TlsPolicy(mode, opportunistic_tls(), mode == "encrypt")
+
+
+def _tls_required(hop: Hop, why: str) -> ConnectError:
+    # As Postfix's smtp_tls_security_level: the mail waits for a hop that can.
+    return ConnectError(local(DEFERRED, f"TLS is required, but {why} ({hop.label})", "4.7.5"))
 
 
 def wire_address(address: str, smtputf8: bool) -> str | None:
@@ -100,7 +131,7 @@ class Connection:
         return self.pipe.connected if self.pipe is not None else self.smtp.is_connected
 
     @classmethod
-    async def open(cls, hops: Sequence[Hop], *, helo: str, tls: ssl.SSLContext | None,
+    async def open(cls, hops: Sequence[Hop], *, helo: str, tls: TlsPolicy | None,
                    connect_timeout: float, timeout: float) -> Connection:
         """The first hop that takes a session; ConnectError when none does."""
         last = local(DEFERRED, "no mail exchanger to connect to", "4.4.1")
@@ -116,7 +147,7 @@ class Connection:
         raise ConnectError(last)
 
     @classmethod
-    async def _open(cls, hop: Hop, helo: str, tls: ssl.SSLContext | None,
+    async def _open(cls, hop: Hop, helo: str, tls: TlsPolicy | None,
                     connect_timeout: float, timeout: float) -> Connection:
         smtp = SMTP(hostname=hop.address, port=hop.port, local_hostname=helo,
                     timeout=timeout, use_tls=False, start_tls=False)
@@ -125,16 +156,29 @@ class Connection:
             await smtp.connect(timeout=connect_timeout)
             stage = "EHLO"
             await cls._hello(smtp)
-            if tls is None or not smtp.supports_extension("starttls"):
+            if tls is None:
+                return cls(smtp, hop, False)
+            if not smtp.supports_extension("starttls"):
+                if tls.required:
+                    smtp.close()
+                    raise _tls_required(hop, "STARTTLS was not offered")
                 return cls(smtp, hop, False)
             stage = "STARTTLS"
             try:
-                await smtp.starttls(tls_context=tls, server_hostname=hop.host, timeout=timeout)
-            except SMTPResponseException:
+                await smtp.starttls(tls_context=tls.context, server_hostname=hop.host,
+                                    timeout=timeout)
+            except SMTPResponseException as exc:
+                if tls.required:
+                    smtp.close()
+                    raise _tls_required(hop, f"STARTTLS was refused: {exc.code} "
+                                        f"{exc.message}") from None
                 # Refused with a reply: the session goes on in plain text.
                 return cls(smtp, hop, False)
-            except _LOST:
+            except _LOST as exc:
                 smtp.close()
+                if tls.required:
+                    # Never a plain-text retry: that is what an attacker on the path wants.
+                    raise _tls_required(hop, f"the TLS handshake failed: {exc}") from None
                 return await cls._open(hop, helo, None, connect_timeout, timeout)
             stage = "EHLO after STARTTLS"
             await cls._hello(smtp)

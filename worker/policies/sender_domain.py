@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 from cluster.names import BadDomain, split_address
+from cluster.tenants import Account, TenantDirectory
 from worker import replies
 from worker.policies import CONTINUE, Client, Verdict, reject
 from worker.snapshot import Snapshot
+
+
+def may_send_as(tenants: TenantDirectory, account: Account, address: str) -> bool:
+    """The account's domain or one of its aliases (any case), or its alternate sender."""
+    try:
+        local, domain = split_address(address)
+    except BadDomain:
+        return False
+    if domain in tenants.sender_domains(account):
+        return True
+    alternate = account.alternate_sender
+    if alternate is not None:
+        # Mailbox names of the big providers are case-insensitive; a
+        # client that capitalises the configured address is still it.
+        alt_local, alt_domain = alternate.rsplit("@", 1)
+        if domain == alt_domain and local.lower() == alt_local.lower():
+            return True
+    return False
 
 
 class SenderDomainPolicy:
@@ -14,20 +33,6 @@ class SenderDomainPolicy:
     def check(self, snapshot: Snapshot, client: Client, sender: str) -> Verdict:
         account = client.account
         assert account is not None, "runs after AUTH"
-        refusal = reject(self.name, replies.SENDER_REJECTED.format(sender=sender))
-        if not sender:
-            return refusal
-        try:
-            local, domain = split_address(sender)
-        except BadDomain:
-            return refusal
-        if domain in snapshot.tenants.sender_domains(account):
+        if sender and may_send_as(snapshot.tenants, account, sender):
             return CONTINUE
-        alternate = account.alternate_sender
-        if alternate is not None:
-            # Mailbox names of the big providers are case-insensitive; a
-            # client that capitalises the configured address is still it.
-            alt_local, alt_domain = alternate.rsplit("@", 1)
-            if domain == alt_domain and local.lower() == alt_local.lower():
-                return CONTINUE
-        return refusal
+        return reject(self.name, replies.SENDER_REJECTED.format(sender=sender))
