@@ -1,21 +1,23 @@
 """Every message that crosses a process boundary, and how it is framed.
 
 Encoding: msgpack of ``[TYPE, VERSION, field, field, ...]`` in the order the
-dataclass declares its fields; nested counter types use their own
-``to_wire()`` forms (``cluster.counting``). Plain data only: a peer's bytes are
-decoded into plain data and every field is checked against the type the
-dataclass declares for it, in one place (:func:`decode`), so a malformed
-frame raises :class:`WireError` instead of running anything. The admin
-commands' requests and replies are in :mod:`cluster.admin_wire`.
+dataclass declares its fields; the counter types of ``cluster.counting`` are
+named tuples, packed as arrays. Plain data only: a peer's bytes are decoded into plain
+data and every field is checked against the type the dataclass declares
+for it, in one place (:func:`decode`), so a malformed frame raises
+:class:`WireError` instead of running anything. The admin commands'
+requests and replies are in :mod:`cluster.admin_wire`.
 
 Sockets and frames (every path under ``cluster.runtime_dir``, a 0700 folder;
 no process talks to another host):
 
-- ``w-<name>.sock`` — a worker's ROUTER for counter traffic. Peers connect a
-  DEALER and send one frame: ``CounterRequest``, ``Replicate``, ``Handoff``,
-  ``HandoffDone``, ``InspectRequest`` or ``ResetRequest``; the ROUTER answers
-  on the same identity with ``CounterReply``, ``ReplicateAck``,
-  ``InspectReply`` or ``ResetReply``.
+- ``w-<name>.sock`` — a worker's ROUTER for counter traffic (ipc:// only).
+  Every other member connects a DEALER whose routing id is its name and
+  sends ``CounterRequest``, ``Replicate``, ``Handoff``, ``HandoffDone`` or
+  ``ReplicateAck``; the ROUTER answers on the same identity with
+  ``CounterReply`` and ``ReplicateAck``, and sends its own ``Replicate``s to
+  a replica the same way, so everything an owner sends one replica travels
+  in order on one connection.
 - ``coord.sock`` — the coordinator's ROUTER. Workers send ``Hello``,
   ``SnapshotRequest``, ``Ready``, ``MetricsReport`` and ``Evidence`` (never
   answered); the supervisor sends
@@ -41,6 +43,7 @@ no process talks to another host):
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import sys
 import types
@@ -50,8 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
-
-from cluster.counting import Op, Outcome
 
 PROTOCOL_VERSION = 1
 
@@ -76,19 +77,10 @@ class Message:
             _TYPES[cls.TYPE] = cls
 
     def _fields_to_wire(self) -> list[Any]:
-        values = []
-        for item in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, item.name)
-            values.append(_to_wire(value))
-        return values
-
-
-def _to_wire(value: Any) -> Any:
-    if isinstance(value, (Op, Outcome)):
-        return value.to_wire()
-    if isinstance(value, (list, tuple)):
-        return [_to_wire(v) for v in value]
-    return value
+        # Plain data as it is: msgpack packs tuples (Op and Outcome are named
+        # tuples) as arrays, so a large payload (a hand-off, a replication)
+        # is not walked in Python first.
+        return [getattr(self, item.name) for item in dataclasses.fields(self)]  # type: ignore[arg-type]
 
 
 def encode(message: Message) -> bytes:
@@ -96,13 +88,34 @@ def encode(message: Message) -> bytes:
                          use_bin_type=True)
 
 
+def encode_counter_request(items: list[list[Any]]) -> bytes:
+    """`encode(CounterRequest(items))` for items already in wire form (ops are tuples)."""
+    return msgpack.packb([CounterRequest.TYPE, PROTOCOL_VERSION, items], use_bin_type=True)
+
+
+def encode_counter_reply(items: list[list[Any]], replication: Any = None) -> bytes:
+    return msgpack.packb([CounterReply.TYPE, PROTOCOL_VERSION, items, replication],
+                         use_bin_type=True)
+
+
 def decode(frame: bytes) -> Message:
+    return message(unpack(frame))
+
+
+def unpack(frame: bytes) -> list[Any]:
+    """A frame as plain data, ``[TYPE, VERSION, ...]`` checked; `message()` builds the type."""
     try:
         data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireError(f"not msgpack: {exc}") from None
     if not isinstance(data, list) or len(data) < 2:
         raise WireError("not a [TYPE, VERSION, ...] list")
+    if data[1] != PROTOCOL_VERSION:
+        raise WireError(f"{data[0]!r}: protocol version {data[1]!r}, expected {PROTOCOL_VERSION}")
+    return data
+
+
+def message(data: list[Any]) -> Message:
     kind, version, *values = data
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -211,47 +224,69 @@ def _reader(hint: Any, name: str) -> Reader:
 
 # -- counter traffic between workers -------------------------------------------
 
-COUNTER_KINDS = ("check", "reserve", "confirm", "release", "add", "mark")
+class Status(enum.StrEnum):
+    """How an owner answered one counter request."""
+
+    OK = "ok"
+    MOVED = "moved"    # not the key's owner in the answering node's epoch: nothing counted
+    RETRY = "retry"    # the owner is taking hand-offs for a new epoch: nothing counted
+    ERROR = "error"    # the request cannot be applied (e.g. a negative amount); `detail` says why
+
+
+# What a counter request asks of a key's owner (the `kind` of an item).
+COUNTER_KINDS = ("check", "reserve", "release", "add", "mark", "return", "reset", "inspect")
+
+# Positions in a request item: [rid, epoch, kind, arg, ops, extra].
+#   check, add, mark: arg "", extra None
+#   reserve:  arg = reservation id; extra = None or [lease id, units wanted] to
+#             borrow (see worker.counters.leases)
+#   release:  arg = reservation id; ops name the keys (for ownership), extra None
+#   return:   arg = lease id; ops = the lease's ops; extra = [unused units per op]
+#   reset, inspect: ops [], extra = [key, ...]
+R_RID, R_EPOCH, R_KIND, R_ARG, R_OPS, R_EXTRA = range(6)
+# Positions in a reply item: [rid, status, epoch, value, detail, grant].
+#   value: an Outcome's wire form (check, reserve, add), a bool (release,
+#   return), the number of keys that had state (reset), {key: rows} (inspect)
+#   grant: None, or [units, expires, [count per op]] when a reserve borrowed
+A_RID, A_STATUS, A_EPOCH, A_VALUE, A_DETAIL, A_GRANT = range(6)
 
 
 @dataclass(frozen=True, slots=True)
 class CounterRequest(Message):
-    """One decision's ops for one owner. ``rid`` makes a retry idempotent."""
+    """Every request one node has for one owner in one event-loop iteration.
+
+    Items are plain lists (layout above), read by position: the counter
+    path decodes a frame once and builds no object per request. ``rid``
+    makes a retry idempotent."""
 
     TYPE: ClassVar[str] = "counter"
-    rid: str
-    epoch: int
-    kind: str
-    reservation: str
-    ops: tuple[Op, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in COUNTER_KINDS:
-            raise ValueError(f"kind {self.kind!r}")
+    items: list[list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
 class CounterReply(Message):
-    """``status``: ok | moved (not the owner in this epoch) | retry (hand-off under way)
-    | error (the request cannot be applied, e.g. a negative amount; ``detail`` says why)."""
+    """The answers to one ``CounterRequest`` frame (or part of it), in any order.
+
+    ``replication``: when the requester is the replica of keys the answers
+    changed, their state (``CounterShard.export``), which it applies before
+    it uses the answers: one round trip instead of a request and a push."""
 
     TYPE: ClassVar[str] = "counter-reply"
-    rid: str
-    status: str
-    epoch: int
-    outcome: Outcome | None = None
-    result: bool = False
-    detail: str = ""
+    items: list[list[Any]]
+    replication: Any = None
 
 
 @dataclass(frozen=True, slots=True)
 class Replicate(Message):
-    """The owner's state of some keys (``CounterShard.export``), applied by max-merge."""
+    """The owner's state of some keys (``CounterShard.export``). ``exact``: sent
+    on the owner's one ordered path to this replica, so it replaces the copy;
+    otherwise it is merged (larger bucket wins)."""
 
     TYPE: ClassVar[str] = "replicate"
     rid: str
     epoch: int
     data: Any
+    exact: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,44 +312,6 @@ class HandoffDone(Message):
     TYPE: ClassVar[str] = "handoff-done"
     epoch: int
     sender: str
-
-
-@dataclass(frozen=True, slots=True)
-class InspectRequest(Message):
-    TYPE: ClassVar[str] = "inspect"
-    rid: str
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class InspectReply(Message):
-    TYPE: ClassVar[str] = "inspect-reply"
-    rid: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class ResetRequest(Message):
-    """Forget every count of ``keys`` (``sendguard counters reset``). To the keys' owner,
-    which applies it and sends it on to each key's replica with ``replica`` set. ``rid``
-    names one owner's part of one reset: a repeat is answered without resetting again."""
-
-    TYPE: ClassVar[str] = "reset"
-    rid: str
-    epoch: int
-    keys: list[str]
-    replica: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ResetReply(Message):
-    """``status`` as ``CounterReply``'s; ``cleared``: counters that held something."""
-
-    TYPE: ClassVar[str] = "reset-reply"
-    rid: str
-    status: str
-    epoch: int
-    cleared: int = 0
 
 
 # -- workers, supervisor and admin with the coordinator ---------------------------

@@ -271,7 +271,7 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
                            observe=metrics.observe_counter)
         try:
             await node.start()
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ValueError, OSError) as exc:
             raise BootError(f"cannot bind the counter endpoint {endpoint}: {exc}") from None
         counters = counters_for(settings, node.client, metrics.observe_counter)
         parts = await build_worker(settings, name, source=link, shard=shard,

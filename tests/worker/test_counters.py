@@ -8,9 +8,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from cluster.counting import Op, Outcome
+from cluster.counting import Op, Outcome, check_wire_ops
 from worker.counters import SLOTS, CounterShard, TrailingWindow
-from worker.counters.shard import CONFIRMED, OPEN
+from worker.counters.shard import OPEN, RELEASED
 
 # A multiple of every bucket width used below (1 s, 5 s, 60 s, 720 s), so
 # that bucket boundaries in the assertions are easy to read.
@@ -62,7 +62,6 @@ def test_reserves_admit_exactly_the_limit(shard: CounterShard, clock: Clock) -> 
         outcome = shard.reserve(f"r{i}", msg_ops("ip:127.0.0.5"))
         if outcome.ok:
             admitted += 1
-            assert shard.confirm(f"r{i}")
         else:
             assert outcome.denied == 0
             assert outcome.counts == (250, 250, 250)
@@ -94,7 +93,7 @@ def test_multi_op_reserve_is_all_or_nothing(shard: CounterShard) -> None:
     assert outcome == Outcome(False, (0, 3), 1)
     assert count(shard, "ip:127.0.0.5", "msg", MINUTE) == 0
     assert count(shard, "acct:jan@kowalski.pl", "msg", MINUTE) == 3
-    assert not shard.confirm("r1")
+    assert not shard.release("r1")
 
 
 def test_same_counter_twice_in_one_decision_must_fit_together(shard: CounterShard) -> None:
@@ -133,12 +132,11 @@ def test_reserve_is_idempotent_on_rid(shard: CounterShard) -> None:
     first = shard.reserve("r1", msg_ops("ip:a"))
     assert shard.reserve("r1", msg_ops("ip:a")) is first
     assert count(shard, "ip:a", "msg", MINUTE) == 1
-    assert shard.confirm("r1")
-    # A late duplicate after confirm still gets the first answer, and a
-    # retried confirm is not mistaken for an unknown reservation.
+    # A late duplicate after a release still gets the first answer, and
+    # counts nothing again.
+    assert shard.release("r1")
     assert shard.reserve("r1", msg_ops("ip:a")) is first
-    assert shard.confirm("r1")
-    assert count(shard, "ip:a", "msg", MINUTE) == 1
+    assert count(shard, "ip:a", "msg", MINUTE) == 0
 
 
 def test_denied_reserve_is_idempotent_too(shard: CounterShard) -> None:
@@ -160,21 +158,18 @@ def test_release_restores_exactly(shard: CounterShard, clock: Clock) -> None:
     assert shard.release("r1")
     assert shard.release("r1")  # a retry subtracts nothing more
     assert [r["count"] for r in shard.snapshot("ip:a")] == [1, 1, 1]
-    assert [r["count"] for r in shard.snapshot("acct:jan@kowalski.pl")] == [0, 0, 0]
-    assert not shard.confirm("r1")
+    assert shard.snapshot("acct:jan@kowalski.pl") == []  # no count left: no row
 
 
-def test_confirmed_reservation_cannot_be_released(shard: CounterShard, clock: Clock) -> None:
+def test_a_reservation_is_the_count_when_its_record_goes(shard: CounterShard,
+                                                        clock: Clock) -> None:
     shard.reserve("r1", msg_ops("ip:a"))
-    assert shard.confirm("r1")
-    assert not shard.release("r1")
     clock.advance(121)
     assert shard.expire() == 1  # the record goes, the count stays
     assert count(shard, "ip:a", "msg", HOUR) == 1
 
 
 def test_unknown_rid(shard: CounterShard) -> None:
-    assert not shard.confirm("nope")
     assert not shard.release("nope")
 
 
@@ -189,7 +184,6 @@ def test_unconfirmed_reservation_keeps_its_count_when_it_expires(
     clock.advance(0.1)
     assert shard.expire() == 1
     assert count(shard, "ip:a", "msg", MINUTE) == 1
-    assert not shard.confirm("r1")
     assert not shard.release("r1")  # too late to undo
     assert count(shard, "ip:a", "msg", MINUTE) == 1
 
@@ -199,7 +193,7 @@ def test_expired_reservation_frees_its_id_without_expire_call(
 ) -> None:
     shard.reserve("r1", msg_ops("ip:a"), ttl=10)
     clock.advance(11)
-    assert not shard.confirm("r1")
+    assert not shard.release("r1")
     assert count(shard, "ip:a", "msg", MINUTE) == 1
     # After expiry the rid is free again: a new reserve counts anew.
     assert shard.reserve("r1", msg_ops("ip:a")).ok
@@ -334,7 +328,6 @@ def test_dead_keys_are_evicted_without_an_expire_call(shard: CounterShard, clock
     clock.advance(MINUTE + 2)
     for i in range(1_000):
         shard.reserve(f"r{i}", msg_ops("ip:hot", ((MINUTE, 5000),)))
-        shard.confirm(f"r{i}")
     assert list(shard.keys()) == ["ip:hot"]
 
 
@@ -363,10 +356,7 @@ def test_long_window_keeps_key_alive(shard: CounterShard, clock: Clock) -> None:
     shard.add([Op("acct:a", "msg", MINUTE, None), Op("acct:a", "msg", HALF_DAY, None)])
     clock.advance(HOUR)
     assert shard.expire() == 0
-    assert [(r["window"], r["count"]) for r in shard.snapshot("acct:a")] == [
-        (MINUTE, 0),
-        (HALF_DAY, 1),
-    ]
+    assert [(r["window"], r["count"]) for r in shard.snapshot("acct:a")] == [(HALF_DAY, 1)]
     clock.advance(HALF_DAY)
     assert shard.expire() == 1
     assert len(shard) == 0
@@ -389,8 +379,8 @@ def test_export_import_round_trip(clock: Clock) -> None:
     clock.advance(90)
     a.add(msg_ops("ip:a") + msg_ops("acct:b"))
     a.mark([Op("bounce:a", "bad", HOUR, None, 2, at=T0)])
-    confirmed = a.reserve("done", msg_ops("ip:a"))
-    a.confirm("done")
+    done = a.reserve("done", msg_ops("ip:a"))
+    a.release("done")
     pending = a.reserve("open", msg_ops("ip:a") + msg_ops("acct:b"))
 
     b = CounterShard(clock=clock)
@@ -399,11 +389,10 @@ def test_export_import_round_trip(clock: Clock) -> None:
     b.import_(_wire(a.export()))  # a replay counts nothing twice
     assert _state(b) == _state(a)
 
-    assert b.reserve("done", msg_ops("ip:a")) == confirmed
+    assert b.reserve("done", msg_ops("ip:a")) == done
     assert b.reserve("open", msg_ops("ip:a")) == pending
-    assert b.confirm("done")
     assert b.release("open")
-    assert count(b, "ip:a", "msg", HOUR) == 3
+    assert count(b, "ip:a", "msg", HOUR) == 2
     assert count(b, "acct:b", "msg", HOUR) == 1
 
 
@@ -437,7 +426,8 @@ def test_import_of_a_finished_reservation_finishes_it_here(clock: Clock) -> None
     assert a.release("r1")
     b.import_(a.export())
     assert count(b, "ip:a", "msg", MINUTE) == 0
-    assert not b.confirm("r1")
+    assert b.release("r1")  # finished: a repeat subtracts nothing
+    assert count(b, "ip:a", "msg", MINUTE) == 0
 
 
 def test_import_skips_what_has_aged_out(clock: Clock) -> None:
@@ -521,21 +511,21 @@ def test_export_can_be_limited_to_some_reservations(
     a = CounterShard(clock=clock)
     for i in range(10_000):
         a.reserve(f"r{i}", [Op("ip:hot", "msg", HOUR, None), Op("acct:x", "msg", HOUR, None)])
-    a.confirm("r7")
+    a.release("r7")
     version, keys, reservations = a.export(["ip:hot"], ["r7", "unknown", "r7"])
     assert [name for name, _ in keys] == ["ip:hot"]
-    assert [(r[0], r[1], r[4]) for r in reservations] == [("r7", CONFIRMED, ["ip:hot"])]
+    assert [(r[0], r[1], r[4]) for r in reservations] == [("r7", RELEASED, ["ip:hot"])]
     assert a.export(["ip:hot"], [])[2] == []
     assert a.export(["ip:other"], ["r8"])[2] == []  # it does not touch the keys asked for
-    [(rid, state, _, _, rec_keys, entries)] = a.export(None, ["r8"])[2]
+    [(rid, state, _, _, rec_keys, entries, _)] = a.export(None, ["r8"])[2]
     assert (rid, state, rec_keys) == ("r8", OPEN, ["ip:hot", "acct:x"])
     assert [e[0] for e in entries] == ["ip:hot", "acct:x"]
 
     b = CounterShard(clock=clock)
     b.import_(_wire(a.export(["ip:hot"], ["r8"])))
-    assert count(b, "ip:hot", "msg", HOUR) == 10_000
-    assert b.release("r8")
     assert count(b, "ip:hot", "msg", HOUR) == 9_999
+    assert b.release("r8")
+    assert count(b, "ip:hot", "msg", HOUR) == 9_998
     with capsys.disabled():
         print(f"\nexport of a hot key with 10,000 live reservations: "
               f"{_export_us(a, ['ip:hot'], ['r8']):.1f} us for one of them")
@@ -565,8 +555,6 @@ def test_reservations_stay_indexed_by_key_exactly(clock: Clock) -> None:
         if roll < 0.35:
             ops = [Op(k, "msg", MINUTE, rng.choice((None, 5))) for k in picked]
             shard.reserve(rid, ops, ttl=rng.choice((5.0, 30.0, 120.0)))
-        elif roll < 0.5:
-            shard.confirm(rid)
         elif roll < 0.65:
             shard.release(rid)
         elif roll < 0.8:
@@ -624,3 +612,145 @@ def test_op_from_wire_rejects_malformed(data: object) -> None:
 def test_outcome_from_wire_rejects_malformed(data: object) -> None:
     with pytest.raises(ValueError):
         Outcome.from_wire(data)
+
+
+# -- leases, reset, rows ---------------------------------------------------------
+
+
+def test_a_lease_counts_its_units_at_once_in_its_own_bucket(
+        shard: CounterShard, clock: Clock) -> None:
+    clock.advance(0.25)  # a quarter into a one-second bucket of the minute window
+    ops = msg_ops("acct:a")
+    units, expires, counts = shard.lend("L1", ops, want=10, ttl=30)
+    assert (units, counts) == (10, (0, 0, 0))
+    assert expires == T0 + 1.0  # the end of the minute window's bucket
+    assert [r["count"] for r in shard.snapshot("acct:a")] == [10, 10, 10]
+    # Still counted when the lease's last moment has slid out of the window.
+    clock.t = T0 + 1.0 - 1e-6 + MINUTE
+    assert count(shard, "acct:a", "msg", MINUTE) == 10
+    clock.t = T0 + 1.0 + MINUTE
+    assert count(shard, "acct:a", "msg", MINUTE) == 0
+
+
+def test_a_lease_returns_what_was_not_spent_once(shard: CounterShard) -> None:
+    ops = msg_ops("acct:a")
+    assert shard.lend("L1", ops, want=10, ttl=30)[0] == 10
+    assert shard.lend("L1", ops, want=10, ttl=30)[0] == 10  # a repeat lends nothing more
+    assert count(shard, "acct:a", "msg", HOUR) == 10
+    assert shard.return_lease("L1", [4, 4, 6])
+    assert [r["count"] for r in shard.snapshot("acct:a")] == [6, 6, 4]
+    assert not shard.return_lease("L1", [6, 6, 6])  # returned: nothing more comes back
+    assert not shard.return_lease("unknown", [1])
+    assert not shard.release("L1")  # a lease is returned, not released
+    assert [r["count"] for r in shard.snapshot("acct:a")] == [6, 6, 4]
+
+
+def test_nothing_is_lent_near_a_limit(shard: CounterShard) -> None:
+    small = msg_ops("ip:a", ((MINUTE, 60), (HOUR, 1000)))
+    assert shard.lend("L1", small, want=5, ttl=30)[0] == 0
+    assert len(shard) == 0
+    big = msg_ops("ip:b", ((MINUTE, 250), (HOUR, 1000)))
+    shard.add([Op("ip:b", "msg", MINUTE, None, 150)])
+    # 100 left on the minute: at most a quarter of it, and never into the last 64.
+    assert shard.lend("L2", big, want=500, ttl=30)[0] == 25
+    shard.add([Op("ip:b", "msg", MINUTE, None, 20)])
+    assert shard.lend("L3", big, want=500, ttl=30)[0] == 0
+
+
+def test_an_unreturned_lease_stays_counted(shard: CounterShard, clock: Clock) -> None:
+    assert shard.lend("L1", msg_ops("acct:a"), want=8, ttl=30)[0] == 8
+    clock.advance(40)
+    assert shard.expire() == 1  # the record goes, its units stay
+    assert count(shard, "acct:a", "msg", HOUR) == 8
+    assert not shard.return_lease("L1", [8, 8, 8])
+
+
+def test_reset_forgets_counts_and_reservations_but_not_open_leases(
+        shard: CounterShard) -> None:
+    shard.add(msg_ops("ip:a"))
+    shard.reserve("r1", msg_ops("ip:a") + msg_ops("acct:b"))
+    shard.mark([Op("bounce:a", "bad", HOUR, None, 2)])
+    shard.lend("L1", msg_ops("ip:a"), want=5, ttl=30)
+    assert shard.reset(["ip:a", "bounce:a", "ip:nothing"]) == 4  # counters that held a count
+    # The lease's borrower may still spend its units: they stay counted.
+    assert [r["count"] for r in shard.snapshot("ip:a")] == [5, 5, 5]
+    assert shard.snapshot("bounce:a") == []
+    assert count(shard, "acct:b", "msg", HOUR) == 1  # not asked for
+    assert shard.release("r1")  # only its part on the other key is left to undo
+    assert count(shard, "acct:b", "msg", HOUR) == 0
+    assert [r["count"] for r in shard.snapshot("ip:a")] == [5, 5, 5]
+    assert shard.return_lease("L1", [5, 5, 5])
+    assert count(shard, "ip:a", "msg", HOUR) == 0
+
+
+def test_rows_say_when_one_more_fits(shard: CounterShard, clock: Clock) -> None:
+    limit = [(MINUTE, 3)]
+    for _ in range(2):
+        shard.reserve(f"a{_}", msg_ops("ip:a", limit))
+    clock.advance(20)
+    shard.reserve("b", msg_ops("ip:a", limit))
+    shard.add([Op("ip:a", "plain", MINUTE, None)])
+    rows = {r["series"]: r for r in shard.rows("ip:a")}
+    # Full: one more fits once the first two leave (their bucket ends a minute on).
+    assert rows["msg"] == {"series": "msg", "window": MINUTE, "count": 3, "max": 3,
+                           "clears_at": T0 + 1 + MINUTE,
+                           "buckets": [[T0 + 1 + MINUTE, 2], [T0 + 21 + MINUTE, 1]]}
+    # No limit: when the oldest counted bucket leaves.
+    assert rows["plain"]["max"] is None
+    assert rows["plain"]["clears_at"] == T0 + 20 + 1 + MINUTE
+
+
+def test_an_exact_import_replaces_the_copy(clock: Clock) -> None:
+    owner, replica = CounterShard(clock=clock), CounterShard(clock=clock)
+    owner.reserve("r1", msg_ops("ip:a"))
+    owner.lend("L1", msg_ops("ip:a"), want=6, ttl=30)
+    replica.import_(_wire(owner.export(["ip:a"], ["r1", "L1"])), exact=True)
+    assert _state(replica) == _state(owner)
+    owner.release("r1")
+    owner.return_lease("L1", [6, 6, 6])
+    owner.mark([Op("ip:a", "msg", MINUTE, None, -5)])  # no bucket below zero
+    replica.import_(_wire(owner.export(["ip:a"], ["r1", "L1"])), exact=True)
+    assert owner.snapshot("ip:a") == replica.snapshot("ip:a") == []
+    # What the owner no longer has, the copy forgets too.
+    owner.add(msg_ops("ip:b"))
+    replica.import_(_wire(owner.export(["ip:b", "ip:a"])), exact=True)
+    assert list(replica.keys()) == ["ip:b"]
+    # A merge (a hand-off) never lowers a count instead.
+    stale = CounterShard(clock=clock)
+    stale.add(msg_ops("ip:b", amount=4))
+    replica.import_(_wire(stale.export()))
+    assert count(replica, "ip:b", "msg", MINUTE) == 4
+
+
+@pytest.mark.parametrize("ops", [
+    [["ip:a", "msg", 60.0, 250, 1, None], ["ip:a", "msg", 3600, None, 0, 1.5]],
+    [],
+])
+def test_well_formed_ops_pass_the_quick_check(ops: list) -> None:
+    check_wire_ops(ops)
+
+
+@pytest.mark.parametrize("ops", [
+    (["ip:a", "msg", 60.0, 250, 1, None],),
+    [["ip:a", "msg", 60.0, 250, 1]],
+    [["ip:a", "msg", -60.0, 250, 1, None]],
+    [["ip:a", "msg", float("inf"), 250, 1, None]],
+    [["ip:a", "msg", 60.0, 2.5, 1, None]],
+    [["ip:a", "msg", 60.0, 250, True, None]],
+])
+def test_malformed_ops_fail_the_quick_check(ops: object) -> None:
+    with pytest.raises(ValueError):
+        check_wire_ops(ops)
+
+
+def test_a_named_reset_is_done_once_and_its_copy_knows(clock: Clock) -> None:
+    owner, replica = CounterShard(clock=clock), CounterShard(clock=clock)
+    owner.add(msg_ops("ip:a"))
+    assert owner.reset(["ip:a"], "reset-1") == 3
+    replica.import_(_wire(owner.export(["ip:a"])), exact=True)
+    owner.add(msg_ops("ip:a"))
+    replica.add(msg_ops("ip:a"))  # the replica took over, and counted a message since
+    assert owner.reset(["ip:a"], "reset-1") == 3  # the first answer; nothing cleared
+    assert replica.reset(["ip:a"], "reset-1") == 3
+    assert count(owner, "ip:a", "msg", HOUR) == count(replica, "ip:a", "msg", HOUR) == 1
+    assert not owner.release("reset-1")

@@ -1,8 +1,9 @@
 """How the policy engine reaches counters: one awaitable call per decision.
 
-:class:`LocalCounters` answers from this process's own shard (one worker, or
-keys this worker owns). The cluster's routed client has the same methods and
-raises :class:`CounterUnavailable` when an owner does not answer in time.
+:class:`LocalCounters` answers from this process's own shard (one worker).
+The cluster's routed client (``routing.RoutedCounters``) has the same
+methods and raises :class:`CounterUnavailable` when an owner does not
+answer in time. Any backend implements :class:`CounterClient`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any, Protocol
 from cluster.counting import Op, Outcome
 from worker.counters.shard import CounterShard
 
-# An unconfirmed reservation is released after this long; the gap it covers is
-# one spool write, so anything longer means the confirming worker is gone.
+# How long an owner remembers a reservation by its id (a retried reserve
+# gets the first answer, a release finds what to undo). An open reservation
+# keeps its counts when its record goes: it is the message's count.
 RESERVATION_TTL = 30.0
 
 
@@ -23,13 +25,29 @@ class CounterUnavailable(Exception):
 
 
 class CounterClient(Protocol):
-    async def check(self, ops: Sequence[Op]) -> Outcome: ...
-    async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome: ...
-    async def confirm(self, rid: str) -> bool: ...
-    async def release(self, rid: str) -> bool: ...
-    async def add(self, ops: Sequence[Op]) -> Outcome: ...
-    async def mark(self, ops: Sequence[Op]) -> None: ...
-    async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]: ...
+    async def check(self, ops: Sequence[Op]) -> Outcome:
+        """Would this decision fit? Counts nothing."""
+
+    async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
+        """Count every op if all fit, else nothing; idempotent by `rid`. The
+        reservation stands as the event's count unless released."""
+
+    async def release(self, rid: str) -> bool:
+        """Undo the reservation `rid`; False if there is nothing to undo."""
+
+    async def add(self, ops: Sequence[Op]) -> Outcome:
+        """Count unconditionally; the Outcome is as `check` saw it before."""
+
+    async def mark(self, ops: Sequence[Op]) -> None:
+        """Add each op's amount (possibly negative) in the bucket of `op.at`."""
+
+    async def reset(self, keys: Sequence[str]) -> int:
+        """Forget every count of `keys` and their part of open reservations;
+        how many counters (series and window) held a count."""
+
+    async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Per key, rows of series, window, count, clears_at and buckets
+        (`CounterShard.rows`; a backend that knows the limit adds max)."""
 
 
 class LocalCounters:
@@ -42,9 +60,6 @@ class LocalCounters:
     async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
         return self.shard.reserve(rid, ops, RESERVATION_TTL)
 
-    async def confirm(self, rid: str) -> bool:
-        return self.shard.confirm(rid)
-
     async def release(self, rid: str) -> bool:
         return self.shard.release(rid)
 
@@ -54,6 +69,8 @@ class LocalCounters:
     async def mark(self, ops: Sequence[Op]) -> None:
         self.shard.mark(ops)
 
+    async def reset(self, keys: Sequence[str]) -> int:
+        return self.shard.reset(keys)
+
     async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-        """Each key's rows: series, window, count, clears_at (``CounterShard.snapshot``)."""
-        return {key: self.shard.snapshot(key) for key in keys}
+        return {key: self.shard.rows(key) for key in keys}

@@ -1,10 +1,19 @@
-"""The owner's side of a counter request: decide, replicate, then answer.
+"""The owner's side of counter requests: decide, replicate, then answer.
 
 `OwnedKeys.decide` checks ownership and calls the shard in one synchronous
-step, so ownership cannot change between the check and the count. A
-decision that changed something is exported in that same step and pushed
-to each key's replica, and only then answered. Answers are remembered by
-request rid, so a resent request is answered again without counting again.
+step, so ownership cannot change between the check and the count. What a
+decision changed is sent to each key's replica, and only then answered:
+
+- when the requester is itself the keys' replica (always so with two
+  workers), the answer carries the keys' state and the requester applies
+  it before it uses the answer: one round trip, not two;
+- otherwise the changes of one loop iteration go to each replica in one
+  ``Replicate`` (`Replicator`), and the answers wait for its ack.
+
+Answers are remembered by request rid, so a resent request is answered
+again without counting again. Requests arrive coalesced (every request one
+node had for this one in a loop iteration, in one frame), and are read as
+the plain lists they were decoded to (layouts in ``cluster.wire``).
 """
 
 from __future__ import annotations
@@ -12,144 +21,320 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from cluster import wire
-from cluster.counting import Outcome
-from cluster.ring import Ring
-from worker.counters.client import RESERVATION_TTL, CounterUnavailable
-from worker.counters.peer import Peer
-
-if TYPE_CHECKING:
-    from worker.counters.node import CounterNode
+from cluster.counting import KEY, MAX, check_wire_ops
+from cluster.wire import Status
+from worker.counters.client import RESERVATION_TTL
+from worker.counters.leases import LONGEST
+from worker.counters.links import RingLinks
+from worker.counters.shard import CounterShard
 
 log = logging.getLogger(__name__)
 
-OK, MOVED, RETRY, ERROR = "ok", "moved", "retry", "error"
 # Owner-side memory of answered request rids: enough for every request that
 # can still be resent within a request timeout at a few thousand per second.
 _REPLY_CACHE = 16384
 
-Push = tuple[Peer, str, bytes]  # replica, rid, encoded Replicate
+Reply = list[Any]  # [rid, status, epoch, value, detail, grant]
+Change = tuple[list[str], list[str]]  # keys and reservation rids to replicate
 
 
 class OwnedKeys:
-    """Answers `CounterRequest`s for the keys its node owns in the node's epoch."""
+    """Answers counter requests for the keys its node owns in the node's epoch."""
 
-    def __init__(self, node: CounterNode) -> None:
-        self._node = node
-        self._replies: OrderedDict[str, asyncio.Future[wire.CounterReply]] = OrderedDict()
+    def __init__(self, links: RingLinks, shard: CounterShard) -> None:
+        self._links = links
+        self._shard = shard
+        self._replies: OrderedDict[str, Reply | asyncio.Future[Reply]] = OrderedDict()
+        self.replicator = Replicator(links, shard)
 
-    def on_request(self, ident: bytes, request: wire.CounterRequest) -> None:
-        node = self._node
-        known = self._replies.get(request.rid)
-        if known is not None:
-            if known.done():
-                node._reply(ident, known.result())
-            else:
-                node._spawn(self._reply_when(ident, known))
-            return
-        try:
-            reply, pushes = self.decide(request)
-        except ValueError as exc:
-            reply, pushes = wire.CounterReply(request.rid, ERROR, node._epoch, detail=str(exc)), []
-        if reply.status != OK or request.kind == "check":
-            node._reply(ident, reply)  # nothing counted: a repeat may be answered afresh
-            return
-        answered: asyncio.Future[wire.CounterReply] = asyncio.get_running_loop().create_future()
-        self._replies[request.rid] = answered
+    # -- a peer's frame ------------------------------------------------------------
+
+    def on_request(self, ident: bytes, items: Any) -> None:
+        if not isinstance(items, list):
+            raise ValueError("counter request items must be a list")
+        links = self._links
+        requester = ident.decode(errors="replace")
+        now: list[Reply] = []
+        carried_keys: dict[str, None] = {}
+        carried_rids: dict[str, None] = {}
+        for item in items:
+            if not isinstance(item, list) or len(item) != 6 or not isinstance(item[0], str):
+                raise ValueError(f"malformed counter request item {item!r}")
+            rid = item[0]
+            known = self._replies.get(rid)
+            if known is not None:
+                if isinstance(known, list):
+                    now.append(known)
+                else:
+                    known.add_done_callback(self._answer_later(ident))
+                continue
+            reply, change = self.decide(item)
+            if change is None:
+                now.append(reply)  # nothing changed: a repeat may be answered afresh
+                continue
+            keys, rids = change
+            waits = []
+            pushes: dict[str, list[str]] = {}
+            for key in keys:
+                replica = links.locate(key)[1]
+                if replica is None or replica == links.name:
+                    continue
+                if replica == requester:
+                    carried_keys[key] = None
+                    carried_rids.update(dict.fromkeys(rids))
+                else:
+                    pushes.setdefault(replica, []).append(key)
+            for replica, names in pushes.items():
+                waits.append(self.replicator.push(replica, names, rids))
+            if not waits:
+                self._remember(rid, reply)
+                now.append(reply)
+                continue
+            answered = _after(waits, reply)
+            self._remember(rid, answered)
+            answered.add_done_callback(self._answered_later(ident, rid))
+        if now or carried_keys:
+            carried = self._shard.export(carried_keys, carried_rids) if carried_keys else None
+            if not links.send_router(ident, wire.encode_counter_reply(now, carried)) and \
+                    carried_keys:
+                # The answer is lost (its queue is full): the replica still gets
+                # the change, the other way (`Replicator`).
+                self.replicator.push(requester, carried_keys, carried_rids)
+
+    def _answered_later(self, ident: bytes, rid: str) -> Callable[[asyncio.Future[Reply]], None]:
+        def answered(future: asyncio.Future[Reply]) -> None:
+            reply = future.result()
+            if self._replies.get(rid) is future:
+                self._replies[rid] = reply
+            self._answer(ident, [reply])
+        return answered
+
+    def _answer_later(self, ident: bytes) -> Callable[[asyncio.Future[Reply]], None]:
+        return lambda future: self._answer(ident, [future.result()])
+
+    def _answer(self, ident: bytes, replies: list[Reply]) -> None:
+        self._links.send_router(ident, wire.encode_counter_reply(replies))
+
+    def _remember(self, rid: str, reply: Reply | asyncio.Future[Reply]) -> None:
+        self._replies[rid] = reply
         while len(self._replies) > _REPLY_CACHE:
             self._replies.popitem(last=False)
-        if pushes:
-            node._spawn(self._replicate_then_reply(ident, answered, reply, pushes))
-        else:
-            answered.set_result(reply)
-            node._reply(ident, reply)
 
-    async def _reply_when(self, ident: bytes, answered: asyncio.Future[wire.CounterReply]) -> None:
-        self._node._reply(ident, await asyncio.shield(answered))
+    # -- this node's own requests ----------------------------------------------------
 
-    async def _replicate_then_reply(
-        self,
-        ident: bytes,
-        answered: asyncio.Future[wire.CounterReply],
-        reply: wire.CounterReply,
-        pushes: list[Push],
-    ) -> None:
-        await self.replicate(pushes)
-        answered.set_result(reply)
-        self._node._reply(ident, reply)
+    def apply(self, item: list[Any]) -> tuple[Reply, asyncio.Future[Reply] | None]:
+        """Decide a request of this node's own now; the future (if any) resolves
+        once its replicas hold the change: only then may the answer be used."""
+        reply, change = self.decide(item, trusted=True)
+        if change is None:
+            return reply, None
+        keys, rids = change
+        pushes: dict[str, list[str]] = {}
+        for key in keys:
+            replica = self._links.locate(key)[1]
+            if replica is not None and replica != self._links.name:
+                pushes.setdefault(replica, []).append(key)
+        if not pushes:
+            return reply, None
+        return reply, _after([self.replicator.push(r, names, rids)
+                              for r, names in pushes.items()], reply)
 
-    def decide(self, request: wire.CounterRequest) -> tuple[wire.CounterReply, list[Push]]:
+    async def local(self, item: list[Any]) -> Reply:
+        """`apply`, then wait for the replicas. (Never resent: its rid needs no
+        place in the reply cache.)"""
+        reply, wait = self.apply(item)
+        if wait is not None:
+            await asyncio.shield(wait)
+        return reply
+
+    # -- deciding --------------------------------------------------------------------
+
+    def decide(self, item: list[Any], trusted: bool = False) -> tuple[Reply, Change | None]:
         """Answer from the shard if this node owns every key; no await in here,
-        so ownership cannot change between the check and the count."""
-        node = self._node
-        ring, epoch, rid = node._ring, node._epoch, request.rid
+        so ownership cannot change between the check and the count. The
+        change is None when nothing was counted. `trusted`: built by this
+        node from `Op`s, already checked."""
+        links = self._links
+        rid, _, kind, arg, ops, extra = item
+        ring, epoch = links.ring, links.epoch
         if ring is None:
-            return wire.CounterReply(rid, RETRY, epoch, detail="no ring yet"), []
-        keys = list(dict.fromkeys(op.key for op in request.ops))
-        for key in keys:
-            if ring.owner(key) != node.name:
-                return wire.CounterReply(rid, MOVED, epoch, detail=key), []
-        if not node._active:
-            prev = node._prev
-            if prev is None or any(prev.owner(key) != node.name for key in keys):
-                return wire.CounterReply(rid, RETRY, epoch, detail="hand-off under way"), []
-        shard, kind, ops = node.shard, request.kind, request.ops
-        outcome: Outcome | None = None
-        result = changed = True
-        if kind == "check":
-            outcome, changed = shard.check(ops), False
-        elif kind == "reserve":
-            outcome = shard.reserve(request.reservation, ops, RESERVATION_TTL)
-            changed = outcome.ok
-        elif kind == "confirm":
-            result = changed = shard.confirm(request.reservation)
-        elif kind == "release":
-            result = changed = shard.release(request.reservation)
-        elif kind == "add":
-            outcome = shard.add(ops)
+            return [rid, Status.RETRY, epoch, None, "no ring yet", None], None
+        if kind in ("reset", "inspect"):
+            if not isinstance(extra, list) or not all(isinstance(k, str) for k in extra):
+                return [rid, Status.ERROR, epoch, None, f"{kind}: keys must be strings",
+                        None], None
+            keys = list(dict.fromkeys(extra))
         else:
-            shard.mark(ops)
-        reply = wire.CounterReply(rid, OK, epoch, outcome, result)
-        return reply, (self._replication(ring, keys, request.reservation) if changed else [])
-
-    def _replication(self, ring: Ring, keys: Iterable[str], reservation: str) -> list[Push]:
-        # Exported now, in the same step as the change, so every replica
-        # gets a state at least as new as the answer it guards.
-        node = self._node
-        by_replica: dict[str, list[str]] = {}
+            try:
+                if not trusted:
+                    check_wire_ops(ops)
+            except ValueError as exc:
+                return [rid, Status.ERROR, epoch, None, str(exc), None], None
+            keys = list(dict.fromkeys(op[KEY] for op in ops))
+        locate = links.locate
         for key in keys:
-            replica = ring.replica(key)
-            if replica is not None and replica != node.name:
-                by_replica.setdefault(replica, []).append(key)
-        pushes = []
-        for name, names in by_replica.items():
-            peer = node._peers.get(name)
-            if peer is not None:
-                rid = node._rid()
-                # Only the reservation this request changed: the others went
-                # out with their own changes, and a hot key has thousands.
-                data = node.shard.export(names, [reservation] if reservation else ())
-                pushes.append((peer, rid, wire.encode(wire.Replicate(rid, node._epoch, data))))
-        return pushes
+            if locate(key)[0] != links.name:
+                return [rid, Status.MOVED, epoch, None, key, None], None
+        if not links.active:
+            prev = links.prev
+            if prev is None or any(prev.owner(key) != links.name for key in keys):
+                return [rid, Status.RETRY, epoch, None, "hand-off under way", None], None
+        try:
+            value, grant, rids = self._apply(kind, arg, ops, extra, keys)
+        except (ValueError, TypeError) as exc:
+            return [rid, Status.ERROR, epoch, None, str(exc), None], None
+        reply = [rid, Status.OK, epoch, value, "", grant]
+        return reply, (None if rids is None else (keys, rids))
 
-    async def replicate(self, pushes: list[Push]) -> None:
+    def _apply(self, kind: str, arg: Any, ops: list[Any], extra: Any,
+               keys: list[str]) -> tuple[Any, Any, list[str] | None]:
+        """(value, grant, reservation rids to replicate or None if nothing changed)."""
+        shard = self._shard
+        if kind == "check":
+            return shard.check(ops).to_wire(), None, None
+        if kind == "reserve":
+            outcome = shard.reserve(_text(arg), ops, RESERVATION_TTL)
+            if not outcome.ok:
+                return outcome.to_wire(), None, None
+            rids: list[str] = [arg]
+            grants: list[list[Any]] | None = None
+            if extra:
+                grants = []
+                for lease_id, want, indices in extra:
+                    part = [ops[i] for i in indices]
+                    if any(op[MAX] is None for op in part):
+                        raise ValueError("a lease is for limited counters only")
+                    units, expires, counts = shard.lend(_text(lease_id), part, int(want),
+                                                        RESERVATION_TTL, LONGEST)
+                    grants.append([units, expires, list(counts)])
+                    rids.append(lease_id)
+                if not all(grant[0] for grant in grants):
+                    # All or none: the borrower decides alone only when every
+                    # limited counter it has here is covered, so a part would
+                    # only hold room.
+                    for (lease_id, _, indices), grant in zip(extra, grants, strict=True):
+                        if grant[0]:
+                            shard.return_lease(lease_id, [int(grant[0])] * len(indices))
+                            grant[0] = 0
+            return outcome.to_wire(), grants, rids
+        if kind == "release":
+            released = shard.release(_text(arg))
+            return released, None, ([arg] if released else None)
+        if kind == "add":
+            return shard.add(ops).to_wire(), None, []
+        if kind == "mark":
+            shard.mark(ops)
+            return None, None, []
+        if kind == "return":
+            returned = shard.return_lease(_text(arg), list(extra))
+            return returned, None, ([arg] if returned else None)
+        if kind == "reset":
+            # Every record on these keys changed (and the reset's own, by its
+            # id, is one of them): the replica gets them all.
+            cleared = shard.reset(keys, _text(arg) or None)
+            return cleared, None, shard.reservations_of(keys)
+        if kind == "inspect":
+            return {key: shard.rows(key) for key in keys}, None, None
+        raise ValueError(f"unknown counter request kind {kind!r}")
+
+
+class Replicator:
+    """Sends what decisions changed to the keys' replicas: everything for one
+    replica in one loop iteration goes in one ``Replicate``, and resolves one
+    future when the replica acknowledged it (or could not be waited for)."""
+
+    def __init__(self, links: RingLinks, shard: CounterShard) -> None:
+        self._links = links
+        self._shard = shard
+        # replica -> (keys, rids, future) gathered in this loop iteration
+        self._batches: dict[str, tuple[dict[str, None], dict[str, None],
+                                       asyncio.Future[None]]] = {}
+        self._acks: dict[str, tuple[str, asyncio.Future[None]]] = {}
+
+    def push(self, replica: str, keys: Iterable[str], rids: Iterable[str]) -> asyncio.Future[None]:
+        batch = self._batches.get(replica)
+        if batch is None:
+            loop = asyncio.get_running_loop()
+            batch = self._batches[replica] = ({}, {}, loop.create_future())
+            loop.call_soon(self._flush, replica)
+        batch[0].update(dict.fromkeys(keys))
+        batch[1].update(dict.fromkeys(rids))
+        return batch[2]
+
+    def _flush(self, replica: str) -> None:
+        keys, rids, done = self._batches.pop(replica)
+        links = self._links
+        peer = links.peers.get(replica)
+        if peer is None:
+            done.set_result(None)
+            return
+        # Exported now, after every change it covers and before any answer
+        # it guards: the replica gets a state at least as new as each answer.
+        data = self._shard.export(keys, rids)
+        rid = links.rid()
+        sent = links.send_router(replica.encode(),
+                                 wire.encode(wire.Replicate(rid, links.epoch, data, True)))
+        if not sent:
+            # Not connected to us yet: through our own link, merged on arrival
+            # (it may overtake or trail the ordered path).
+            sent = peer.post(wire.encode(wire.Replicate(rid, links.epoch, data, False)))
+        if not sent:
+            done.set_result(None)
+            return
+        if peer.suspect:
+            done.set_result(None)  # not waited for; its ack still clears the suspicion
+        self._acks[rid] = (replica, done)
         # Half the request timeout, so a remote caller still gets the answer
         # in time when a replica is gone.
-        deadline = asyncio.get_running_loop().time() + self._node.request_timeout / 2
-        await asyncio.gather(*(self._push(p, rid, frame, deadline) for p, rid, frame in pushes))
+        asyncio.get_running_loop().call_later(links.request_timeout / 2, self._late, rid)
 
-    async def _push(self, peer: Peer, rid: str, frame: bytes, deadline: float) -> None:
-        if peer.suspect:
-            peer.post(frame)
+    def acked(self, rid: str) -> None:
+        entry = self._acks.pop(rid, None)
+        if entry is None:
             return
-        try:
-            await peer.ask(frame, rid, deadline, resend=False)
-        except CounterUnavailable:
-            if not peer.suspect:
-                log.warning("counter node %s: replica %s did not acknowledge; answering "
-                            "without waiting for it until it is heard from",
-                            self._node.name, peer.name)
+        replica, done = entry
+        peer = self._links.peers.get(replica)
+        if peer is not None:
+            peer.suspect = False
+        if not done.done():
+            done.set_result(None)
+
+    def _late(self, rid: str) -> None:
+        entry = self._acks.pop(rid, None)
+        if entry is None:
+            return
+        replica, done = entry
+        peer = self._links.peers.get(replica)
+        if peer is not None and not peer.suspect and not done.done():
+            log.warning("counter node %s: replica %s did not acknowledge; answering "
+                        "without waiting for it until it is heard from",
+                        self._links.name, replica)
             peer.suspect = True
+        if not done.done():
+            done.set_result(None)
+
+
+def _after(waits: list[asyncio.Future[None]], reply: Reply) -> asyncio.Future[Reply]:
+    """A future of `reply` that resolves once every one of `waits` did."""
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[Reply] = loop.create_future()
+    left = [len(waits)]
+
+    def one(_: asyncio.Future[None]) -> None:
+        left[0] -= 1
+        if not left[0] and not answered.done():
+            answered.set_result(reply)
+
+    for wait in waits:
+        wait.add_done_callback(one)
+    return answered
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string id, got {value!r}")
+    return value

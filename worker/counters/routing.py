@@ -1,11 +1,19 @@
 """The engine's side of the counter ring: each call goes to its keys' owners.
 
 A call's ops are grouped by owner on the node's current ring, one request
-per owner (a local owner is called directly, with no socket). A decision
-whose keys live on several owners is a reservation on each of them, then
-confirmed or released on all. After "moved" or "retry" a call waits for
-the ring to settle and tries again; a reservation starts again under a new
-shard rid once the partial one is released, so nothing counts twice.
+per owner (a local owner is called directly, with no socket; requests to
+one remote owner issued in one loop iteration share a frame, see
+``peer.py``). A decision whose keys live on several owners is a
+reservation on each of them, released on all if any refuses. After
+"moved" or "retry" a call waits for the ring to settle and tries again; a
+reservation starts again under a new shard rid once the partial one is
+released, so nothing counts twice.
+
+Reads are answered here when this node owns the keys or holds their
+replica (an exact copy: the owner replicates every change, in order,
+before it answers). A reservation whose limited counters are covered by
+leases this node holds is decided here too (``leases.py``); otherwise it
+asks the owner, and borrows for the next ones in the same request.
 """
 
 from __future__ import annotations
@@ -15,41 +23,45 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cluster import wire
-from cluster.counting import Op, Outcome
+from cluster.counting import Op, Outcome, judge
 from cluster.ring import Ring
+from cluster.wire import Status
 from worker.counters.client import RESERVATION_TTL, CounterUnavailable
-from worker.counters.owner import ERROR, MOVED, OK, RETRY
-
-if TYPE_CHECKING:
-    from worker.counters.node import CounterNode
+from worker.counters.leases import Lease, LeaseBook, Shape, Tally, Use
+from worker.counters.links import RingLinks
+from worker.counters.owner import OwnedKeys
+from worker.counters.shard import CounterShard
 
 log = logging.getLogger(__name__)
 
 _BACKOFF = (0.002, 0.05)
 
-# A read of counts that only grow (messages, failed AUTHs) may be answered by
-# this node's replica copy instead of a round trip: an owner replicates every
-# change before it answers, so the copy is never lower than anything the
-# owner has acknowledged, and the message itself is still decided by the
-# owner's reservation at the end of DATA. The bounce ratio's counts go down
-# when a deferred message is delivered, so they are always read from the owner.
-_READ_AT_REPLICA = frozenset({"msg", "fail"})
-_LOCAL_REPLICA = "\0replica"
+Reply = list[Any]
+_Part = tuple[list[int], Reply]
+# One owner's ops of a decision: owner, op positions, limited shapes (shape ->
+# op positions), plain-count op positions, whether leases can decide them.
+_Group = tuple[str, list[int], dict[Shape, list[int]], list[int], bool]
+_PLANS = 4096
+_ALL = 2**31 - 1  # unused units of a lease whose size is not known: all of them
 
 
-@dataclass
 class _Held:
-    """A reservation this node made for its engine: what to confirm, where."""
+    """A reservation this node made for its engine: what to release, where."""
 
-    shard_rid: str
-    ops: tuple[Op, ...]
-    outcome: Outcome
-    expires: float
-    owners: tuple[str, ...] = ()  # each op's owner when it was reserved
+    __slots__ = ("shard_rid", "ops", "outcome", "expires", "owners", "asked", "uses")
+
+    def __init__(self, shard_rid: str, ops: tuple[Op, ...], outcome: Outcome, expires: float,
+                 owners: tuple[str, ...], asked: list[int], uses: list[Use]) -> None:
+        self.shard_rid = shard_rid
+        self.ops = ops
+        self.outcome = outcome
+        self.expires = expires
+        self.owners = owners  # each op's owner when it was reserved
+        self.asked = asked  # the ops reserved at their owners (the rest spent leases)
+        self.uses = uses
 
     def rid_of(self, index: int) -> str:
         return _part_rid(self.shard_rid, self.owners[index])
@@ -75,44 +87,37 @@ class Call:
 
 class RoutedCounters:
     """The `CounterClient` a worker's engine uses: every call goes to the keys'
-    owners on the node's current ring."""
+    owners on the node's current ring, or to leases it holds from them."""
 
-    def __init__(self, node: CounterNode) -> None:
-        self._node = node
+    def __init__(self, links: RingLinks, owned: OwnedKeys, shard: CounterShard) -> None:
+        self._links = links
+        self._owned = owned
+        self._shard = shard
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._reserving: dict[str, asyncio.Future[Outcome]] = {}
+        self._book = LeaseBook(self._ended)
+        self._plans: dict[tuple[Op, ...], list[_Group]] = {}
+        self._plans_ring: Ring | None = None
+        # Off: every reservation goes to its owners (to measure, or to compare).
+        self.leasing = True
+        self._closing = False
+
+    # -- the CounterClient protocol -------------------------------------------------
 
     async def check(self, ops: Sequence[Op]) -> Outcome:
-        return await self._decision("check", ops)
-
-    async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
-        return await self._reserve(rid, ops)
-
-    async def confirm(self, rid: str) -> bool:
-        return await self._settle("confirm", rid)
-
-    async def release(self, rid: str) -> bool:
-        return await self._settle("release", rid)
-
-    async def add(self, ops: Sequence[Op]) -> Outcome:
-        return await self._decision("add", ops)
-
-    async def mark(self, ops: Sequence[Op]) -> None:
-        await self._decision("mark", ops)
-
-    async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-        """Each key's rows as its owner sees them (``CounterShard.snapshot``)."""
-        return {key: await self._node.inspect(key) for key in keys}
-
-    async def _decision(self, kind: str, ops: Sequence[Op]) -> Outcome:
-        ops, call = tuple(ops), self._node._call()
+        ops, call = tuple(ops), self._call()
         try:
-            return _merge(len(ops), await self._route(kind, "", ops, range(len(ops)), call))
+            counts = [0] * len(ops)
+            for idx, reply in await self._route("check", "", ops, range(len(ops)), call):
+                for j, n in zip(idx, reply[wire.A_VALUE][1], strict=True):
+                    counts[j] = n
+            self._book.adjust(ops, range(len(ops)), counts)
+            return judge(ops, counts)
         finally:
             self._observed(call)
 
-    async def _reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
-        ops, call = tuple(ops), self._node._call()
+    async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
+        ops, call = tuple(ops), self._call()
         try:
             now = asyncio.get_running_loop().time()
             while self._held and next(iter(self._held.values())).expires <= now:
@@ -142,77 +147,263 @@ class RoutedCounters:
         finally:
             self._observed(call)
 
+    async def release(self, rid: str) -> bool:
+        """Release a reservation on every current owner of its keys, and give
+        back what it spent of leases."""
+        call = self._call()
+        try:
+            held = self._held.get(rid)
+            if held is None or held.expires <= asyncio.get_running_loop().time():
+                return False
+            uses, held.uses = held.uses, []
+            late = self._give_back(uses)
+            if late is not None:
+                await late
+            if not held.asked:
+                return True
+            parts = await self._route("release", held.shard_rid, held.ops, held.asked, call,
+                                      held.rid_of)
+            return all(reply[wire.A_VALUE] for _, reply in parts)
+        finally:
+            self._observed(call)
+
+    async def add(self, ops: Sequence[Op]) -> Outcome:
+        ops, call = tuple(ops), self._call()
+        try:
+            return _merge(len(ops), await self._route("add", "", ops, range(len(ops)), call))
+        finally:
+            self._observed(call)
+
+    async def mark(self, ops: Sequence[Op]) -> None:
+        ops, call = tuple(ops), self._call()
+        try:
+            await self._route("mark", "", ops, range(len(ops)), call)
+        finally:
+            self._observed(call)
+
+    async def reset(self, keys: Sequence[str]) -> int:
+        """Forget every count of `keys` and their part of open reservations at
+        their owners (and replicas); how many counters held a count. A lease
+        still open keeps its units counted until its borrower returns them."""
+        return (await self.reset_once(keys, self._links.rid()))[0]
+
+    async def reset_once(self, keys: Sequence[str], rid: str,
+                         timeout: float | None = None) -> tuple[int, list[str]]:
+        """`reset` named `rid`: asked again with the same `rid` (from this node or
+        any other), an owner answers what it cleared the first time and clears
+        nothing. Returns (counters cleared, owners asked)."""
+        parts = await self._by_key("reset", keys, lambda owner: f"{rid}@{owner}", timeout)
+        return (sum(int(reply[wire.A_VALUE]) for _, reply in parts),
+                sorted({owner for owner, _ in parts}))
+
+    async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Per key, its rows as its owner sees them (`CounterShard.rows`)."""
+        rows: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
+        for _, reply in await self._by_key("inspect", keys):
+            rows.update(reply[wire.A_VALUE])
+        return rows
+
+    async def close(self) -> None:
+        """Return what this node holds of leases, and send its tallies."""
+        self._closing = True
+        ended = self._book.close()
+        if ended:
+            self._ended(ended)
+
+    # -- reserving ------------------------------------------------------------------
+
     async def _reserve_once(self, rid: str, ops: tuple[Op, ...], call: Call) -> Outcome:
+        links, book, loop = self._links, self._book, asyncio.get_running_loop()
         delay = _BACKOFF[0]
+        patient = True
         while True:
-            ring, epoch = await self._node._ring_for(call)
+            ring, epoch = await links.ring_for(call.deadline)
+            now = time.time()
+            plans = []
+            waiting: list[asyncio.Future[None]] = []
+            for owner, idx, limited, plain, leasable in self._plan(ops, ring):
+                covered = self.leasing and leasable and bool(limited) and \
+                    book.covers(ops, limited, now)
+                if not covered and self.leasing and patient:
+                    waiting += [book.wait(s, max(ops[i].amount for i in sub))
+                                for s, sub in limited.items() if s in book.asking]
+                plans.append((owner, idx, limited, plain, leasable, covered))
+            if waiting:
+                # A lease for these is on its way: decide on it, not per message.
+                # Not for long: that request began before this call, and this
+                # call still needs the time to ask the owner itself.
+                patience = (call.deadline - loop.time()) / 2
+                done, _ = await asyncio.wait(waiting, timeout=max(0.0, patience))
+                patient = len(done) == len(waiting)
+                continue
+            counts = [0] * len(ops)
+            uses: list[Use] = []
+            asked: list[int] = []
+            requests: list[tuple[str, list[int], list[list[Any]], list[Shape]]] = []
+            for owner, idx, limited, plain, leasable, covered in plans:
+                if covered:
+                    seen = self._seen_here(ops, idx, ring)
+                    uses += book.spend(ops, limited, plain, now, counts)
+                    for i, n in seen.items():
+                        counts[i] = n
+                    continue
+                asks: list[list[Any]] = []
+                shapes: list[Shape] = []
+                if self.leasing and leasable:
+                    for shape, sub in limited.items():
+                        if book.covers(ops, {shape: sub}, now):
+                            continue
+                        book.retire(shape)  # too little left for this decision: return it
+                        if book.wants_lease(shape, now):
+                            ask = [links.rid(), book.want(shape, max(ops[i].amount for i in sub)),
+                                   [idx.index(i) for i in sub]]
+                            asks.append(ask)
+                            shapes.append(shape)
+                            book.asking[shape] = (loop.create_future(), ask)
+                asked += idx
+                requests.append((owner, idx, asks, shapes))
+            if not requests:
+                outcome = Outcome(True, tuple(counts), None)
+                self._keep(rid, "", ops, outcome, (), [], uses)
+                return outcome
             # Fresh on every attempt: an owner that saw an earlier,
             # released attempt must count this one, not replay that one.
-            shard_rid = f"{rid}/{self._node._rid()}"
-            owners = tuple(ring.owner(op.key) for op in ops)
+            shard_rid = f"{rid}/{links.rid()}"
+            owners = tuple(self._locate(ring, op.key)[0] for op in ops)
 
             def rid_of(index: int, shard_rid: str = shard_rid,
                        owners: tuple[str, ...] = owners) -> str:
                 # Bound now: an undo in the background outlives this attempt.
                 return _part_rid(shard_rid, owners[index])
 
-            parts = await self._send_groups("reserve", shard_rid, ops, range(len(ops)), ring,
-                                            epoch, call, rid_of)
-            replies = [(idx, r) for idx, r in parts if isinstance(r, wire.CounterReply)]
-            failed = [r for _, r in parts if not isinstance(r, wire.CounterReply)]
-            refused = [r for _, r in replies if r.status == ERROR]
-            unsettled = [r for _, r in replies if r.status in (MOVED, RETRY)]
+            jobs = []
+            for owner, idx, asks, shapes in requests:
+                item = [links.rid(), epoch, "reserve", rid_of(idx[0]),
+                        [ops[i] for i in idx], asks or None]
+                jobs.append(self._borrow(owner, item, shapes, call))
+            try:
+                replies = await _all(jobs)
+            except BaseException:
+                self._give_back_later(uses)
+                raise  # cancellation
+            parts: list[tuple[list[int], Reply | BaseException]] = [
+                (r[1], reply) for r, reply in zip(requests, replies, strict=True)]
+            good = [(idx, r) for idx, r in parts if isinstance(r, list)]
+            failed = [r for _, r in parts if isinstance(r, Exception)]
+            refused = [r for _, r in good if r[wire.A_STATUS] == Status.ERROR]
+            unsettled = [r for _, r in good if r[wire.A_STATUS] in (Status.MOVED, Status.RETRY)]
             # Undo wherever it may have counted: granted, or no answer at all.
-            held_by = [i for idx, r in parts
-                       if not isinstance(r, wire.CounterReply) or _granted(r) for i in idx]
+            held_by = [i for idx, r in parts if not isinstance(r, list) or _granted(r)
+                       for i in idx]
             if not (failed or refused or unsettled):
-                outcome = _merge(len(ops), replies)
+                for idx, reply in good:
+                    outcome = reply[wire.A_VALUE]
+                    for j, n in zip(idx, outcome[1], strict=True):
+                        counts[j] = n
+                denied = min((idx[r[wire.A_VALUE][2]] for idx, r in good
+                              if not r[wire.A_VALUE][0]), default=None)
+                outcome = Outcome(denied is None, tuple(counts), denied)
                 if outcome.ok:
-                    expires = asyncio.get_running_loop().time() + RESERVATION_TTL
-                    self._held[rid] = _Held(shard_rid, ops, outcome, expires, owners)
+                    self._keep(rid, shard_rid, ops, outcome, owners, asked, uses)
                 else:
+                    self._give_back_later(uses)
                     await self._undo(shard_rid, ops, held_by, call, rid_of)
                 return outcome
-            await self._undo(shard_rid, ops, held_by, None if failed or refused else call, rid_of)
+            self._give_back_later(uses)
+            await self._undo(shard_rid, ops, held_by, None if failed or refused else call,
+                             rid_of)
             if failed:
                 raise failed[0]
             if refused:
-                raise CounterUnavailable(f"counter owner refused: {refused[0].detail}")
-            delay = await self._settle_wait(max(r.epoch for r in unsettled), delay, call)
+                raise CounterUnavailable(f"counter owner refused: {refused[0][wire.A_DETAIL]}")
+            delay = await self._settle_wait(max(r[wire.A_EPOCH] for r in unsettled), delay,
+                                            call)
 
-    async def _settle(self, kind: str, rid: str) -> bool:
-        """Confirm or release on every current owner of the reservation's keys."""
-        call = self._node._call()
+    def _seen_here(self, ops: tuple[Op, ...], idx: list[int], ring: Ring) -> dict[int, int]:
+        """Counts before a decision taken on leases, of the ops whose keys this
+        node owns or replicates, as `check` would give them (the engine judges
+        shadow limits by them); the others are the lease's own estimate."""
+        links = self._links
+        if not links.active:
+            return {}
+        here = [i for i in idx if links.name in self._locate(ring, ops[i].key)]
+        if not here:
+            return {}
+        mine = [ops[i] for i in here]
+        counts = list(self._shard.check(mine).counts)
+        self._book.adjust(mine, range(len(mine)), counts)
+        return dict(zip(here, counts, strict=True))
+
+    def _plan(self, ops: tuple[Op, ...], ring: Ring) -> list[_Group]:
+        """The decision's ops by owner, with their shapes (`LeaseBook.shapes`).
+        Remembered per ring: an engine sends the same decisions again and again."""
+        if ring is not self._plans_ring:
+            self._plans, self._plans_ring = {}, ring
+        plan = self._plans.get(ops)
+        if plan is None:
+            if len(self._plans) >= _PLANS:
+                self._plans.clear()
+            by_owner: dict[str, list[int]] = {}
+            for i, op in enumerate(ops):
+                by_owner.setdefault(self._locate(ring, op.key)[0], []).append(i)
+            plan = self._plans[ops] = [(owner, idx, *LeaseBook.shapes(ops, idx))
+                                       for owner, idx in by_owner.items()]
+        return plan
+
+    def _locate(self, ring: Ring, key: str) -> tuple[str, str | None]:
+        """`ring.locate(key)`; remembered by the links while `ring` is current."""
+        return self._links.locate(key) if ring is self._links.ring else ring.locate(key)
+
+    async def _borrow(self, owner: str, item: list[Any], shapes: list[Shape],
+                      call: Call) -> Reply:
+        """Send a reserve; take the leases its answer grants."""
+        book = self._book
         try:
-            held = self._held.get(rid)
-            if held is None or held.expires <= asyncio.get_running_loop().time():
-                return False
-            ops = held.ops
             try:
-                parts = await self._route(kind, held.shard_rid, ops, range(len(ops)), call,
-                                          held.rid_of)
-            except CounterUnavailable:
-                if kind == "confirm":
-                    self._node._spawn(self._confirm_later(held))
+                reply = await self._send(owner, item, call)
+            except BaseException:
+                # No answer: the owner may have lent all the same. Whatever it
+                # lent comes back (it takes back at most what it lent), or the
+                # units would hold the limit's room until the window passes.
+                ring = self._links.ring
+                for n, shape in enumerate(shapes if ring is not None else ()):
+                    key, series, windows = shape
+                    ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
+                    self._now_or_later("return", item[wire.R_EXTRA][n][0], ops,
+                                       [_ALL] * len(windows), ring)  # type: ignore[arg-type]
                 raise
-            return all(reply.result for _, reply in parts)
+            grants = reply[wire.A_GRANT] if reply[wire.A_STATUS] == Status.OK else None
+            for n, shape in enumerate(shapes):
+                if grants is not None and n < len(grants):
+                    book.granted(shape, item[wire.R_EXTRA][n][0], grants[n])
+            return reply
         finally:
-            self._observed(call)
+            for shape in shapes:
+                asking = book.asking.pop(shape, None)
+                if asking is not None and not asking[0].done():
+                    asking[0].set_result(None)
 
-    async def _confirm_later(self, held: _Held) -> None:
-        # The message behind it is accepted: if the reservation expired
-        # unconfirmed it would count nowhere, so keep trying while it lives
-        # (after a failover the new owner holds the replicated reservation).
-        node, loop = self._node, asyncio.get_running_loop()
-        while loop.time() < held.expires:
-            call = Call(min(loop.time() + node.request_timeout, held.expires))
-            try:
-                await self._route("confirm", held.shard_rid, held.ops, range(len(held.ops)), call,
-                                  held.rid_of)
-                return
-            except CounterUnavailable:
-                await asyncio.sleep(min(node.request_timeout, max(call.deadline - loop.time(), 0)))
-        log.warning("reservation %s expired unconfirmed", held.shard_rid)
+    def _keep(self, rid: str, shard_rid: str, ops: tuple[Op, ...], outcome: Outcome,
+              owners: tuple[str, ...], asked: list[int], uses: list[Use]) -> None:
+        expires = asyncio.get_running_loop().time() + RESERVATION_TTL
+        self._held[rid] = _Held(shard_rid, ops, outcome, expires, owners, asked, uses)
+
+    def _give_back(self, uses: list[Use]) -> Coroutine[Any, Any, None] | None:
+        """Give back to leases and tallies what a decision spent; what already
+        went to the owners is taken back there, in its bucket, by the job
+        returned (the caller awaits it, or it runs in the background)."""
+        late = self._book.give_back(uses)
+        if not late:
+            return None
+        ops = tuple(Op(key, series, window, None, -amount, at=at)
+                    for (key, series, window), amount, at in late)
+        return _quietly(self._route("mark", "", ops, range(len(ops)), self._call()),
+                        "a released lease use")
+
+    def _give_back_later(self, uses: list[Use]) -> None:
+        job = self._give_back(uses)
+        if job is not None:
+            self._links.spawn(job)
 
     async def _undo(self, shard_rid: str, ops: tuple[Op, ...], indices: list[int],
                     call: Call | None, rid_of: Callable[[int], str]) -> None:
@@ -220,133 +411,241 @@ class RoutedCounters:
         Without a `call` it runs in the background: the caller is failing anyway."""
         if not indices:
             return
-        own = call or self._node._call()
+        own = call or self._call()
         job = self._route("release", shard_rid, ops, indices, own, rid_of)
         if call is None:
-            self._node._spawn(_quietly(job, shard_rid))
+            self._links.spawn(_quietly(job, f"reservation {shard_rid}"))
         else:
-            await _quietly(job, shard_rid)
+            await _quietly(job, f"reservation {shard_rid}")
 
-    async def _route(self, kind: str, reservation: str, ops: tuple[Op, ...],
+    # -- leases and tallies that ended ---------------------------------------------------
+
+    def _ended(self, ended: list[Lease | Tally]) -> None:
+        """Return what ended leases did not spend, send what tallies counted: at
+        once, so that a request this iteration sends next goes after them."""
+        ring = self._links.ring
+        if ring is None:
+            return
+        for held in ended:
+            if isinstance(held, Lease):
+                key, series, windows = held.shape
+                if not any(held.left):
+                    continue
+                ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
+                self._now_or_later("return", held.lease_id, ops, list(held.left), ring)
+            elif held.amount > 0:
+                key, series, window = held.counter
+                ops = (Op(key, series, window, None, held.amount, at=held.at),)
+                self._now_or_later("mark", "", ops, None, ring)
+
+    def _now_or_later(self, kind: str, arg: str, ops: tuple[Op, ...], extra: Any,
+                      ring: Ring) -> None:
+        links = self._links
+        owner = ring.owner(ops[0].key)
+        item = [links.rid(), links.epoch, kind, arg, list(ops), extra]
+        what = f"lease {arg}" if kind == "return" else f"tally of {ops[0].key}"
+        if owner == links.name:
+            # Decided now, in order with what this node asks next.
+            reply, wait = self._owned.apply(item)
+            if reply[wire.A_STATUS] != Status.OK:
+                links.spawn(self._again(kind, arg, ops, extra, what))
+            elif wait is not None:
+                links.spawn(_quietly(wait, what))
+            return
+        peer = links.peers.get(owner)
+        if peer is None:
+            links.spawn(self._again(kind, arg, ops, extra, what))
+            return
+        answer = peer.ask(item, links.deadline())
+
+        def settled(future: asyncio.Future[Reply]) -> None:
+            if future.cancelled():
+                return
+            failed = future.exception() is not None
+            if self._closing or (not failed and future.result()[wire.A_STATUS] == Status.OK):
+                return  # closing: the frame went out with the link's linger
+            links.spawn(self._again(kind, arg, ops, extra, what))
+
+        answer.add_done_callback(settled)
+
+    async def _again(self, kind: str, arg: str, ops: tuple[Op, ...], extra: Any,
+                     what: str) -> None:
+        """A return or a tally that did not go through, through the ring's retries.
+        A return is tried for as long as the owner keeps the lease (a lost one
+        would hold room until the window passes; returning twice takes back
+        nothing more); a tally once more (twice would count twice)."""
+        loop = asyncio.get_running_loop()
+        end, delay = loop.time() + RESERVATION_TTL, 0.05
+        while True:
+            try:
+                await self._route(kind, arg, ops, range(len(ops)), self._call(), extra=extra)
+                return
+            except (CounterUnavailable, ValueError) as exc:
+                if kind != "return" or self._closing or loop.time() + delay >= end:
+                    log.warning("%s not settled, it stays counted: %s", what, exc)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def _route(self, kind: str, arg: str, ops: tuple[Op, ...],
                      indices: Iterable[int], call: Call,
-                     rid_of: Callable[[int], str] | None = None) -> list[_Part]:
+                     rid_of: Callable[[int], str] | None = None, extra: Any = None
+                     ) -> list[_Part]:
         """Send each op to its owner until every owner answered "ok"."""
+        links = self._links
         todo, answered, delay = list(indices), [], _BACKOFF[0]
         while todo:
-            ring, epoch = await self._node._ring_for(call)
-            parts = await self._send_groups(kind, reservation, ops, todo, ring, epoch, call,
-                                            rid_of)
+            ring, epoch = await links.ring_for(call.deadline)
+            groups: dict[tuple[str, str], list[int]] = {}
+            local: list[int] = []
+            name, active = links.name, links.active
+            for i in todo:
+                owner, replica = self._locate(ring, ops[i].key)
+                if kind == "check" and active and (owner == name or replica == name):
+                    local.append(i)
+                    continue
+                groups.setdefault((owner, rid_of(i) if rid_of is not None else arg), []).append(i)
+            if local:
+                outcome = self._shard.check([ops[i] for i in local])
+                answered.append((local, [None, Status.OK, epoch, outcome, "", None]))
+            if not groups:
+                break
+            jobs = []
+            for (owner, part), idx in groups.items():
+                item = [links.rid(), epoch, kind, part, [ops[i] for i in idx], extra]
+                jobs.append(self._send(owner, item, call))
+            replies = await _all(jobs)
             todo, newest = [], epoch
-            for idx, reply in parts:
-                if not isinstance(reply, wire.CounterReply):
+            for idx, reply in zip(groups.values(), replies, strict=True):
+                if isinstance(reply, BaseException):
                     raise reply
-                if reply.status == OK:
+                status = reply[wire.A_STATUS]
+                if status == Status.OK:
+                    if not _complete(kind, reply, len(idx)):
+                        raise CounterUnavailable("a counter owner sent a malformed answer")
                     answered.append((idx, reply))
-                elif reply.status in (MOVED, RETRY):
+                elif status in (Status.MOVED, Status.RETRY):
                     todo.extend(idx)
-                    newest = max(newest, reply.epoch)
+                    newest = max(newest, reply[wire.A_EPOCH])
                 else:
-                    raise CounterUnavailable(f"counter owner refused: {reply.detail}")
+                    raise CounterUnavailable(f"counter owner refused: {reply[wire.A_DETAIL]}")
             if todo:
                 delay = await self._settle_wait(newest, delay, call)
         return answered
 
-    async def _send_groups(self, kind: str, reservation: str, ops: tuple[Op, ...],
-                           indices: Iterable[int], ring: Ring, epoch: int, call: Call,
-                           rid_of: Callable[[int], str] | None = None,
-                           ) -> list[tuple[list[int], wire.CounterReply | Exception]]:
-        node = self._node
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i in indices:
-            part = rid_of(i) if rid_of is not None else reservation
-            owner, replica = ring.locate(ops[i].key)
-            if kind == "check" and replica == node.name and ops[i].series in _READ_AT_REPLICA:
-                owner = _LOCAL_REPLICA
-            groups.setdefault((owner, part), []).append(i)
+    async def _by_key(self, kind: str, keys: Sequence[str],
+                      arg: Callable[[str], str] = lambda owner: "",
+                      timeout: float | None = None) -> list[tuple[str, Reply]]:
+        """`reset` or `inspect` of `keys` on their owners, one request each;
+        (owner, answer) per owner. `arg(owner)` names each owner's part."""
+        call = self._call() if timeout is None else \
+            Call(asyncio.get_running_loop().time() + timeout)
+        links = self._links
+        todo, answered, delay = list(dict.fromkeys(keys)), [], _BACKOFF[0]
+        while todo:
+            ring, epoch = await links.ring_for(call.deadline)
+            groups: dict[str, list[str]] = {}
+            for key in todo:
+                groups.setdefault(ring.owner(key), []).append(key)
+            replies = await _all([
+                self._send(owner, [f"{links.rid()}.{kind}", epoch, kind, arg(owner), [], part],
+                           call) for owner, part in groups.items()])
+            todo, newest = [], epoch
+            for (owner, part), reply in zip(groups.items(), replies, strict=True):
+                if isinstance(reply, BaseException):
+                    raise reply
+                if reply[wire.A_STATUS] == Status.OK:
+                    answered.append((owner, reply))
+                elif reply[wire.A_STATUS] in (Status.MOVED, Status.RETRY):
+                    todo.extend(part)
+                    newest = max(newest, reply[wire.A_EPOCH])
+                else:
+                    raise CounterUnavailable(f"counter owner refused: {reply[wire.A_DETAIL]}")
+            if todo:
+                delay = await self._settle_wait(newest, delay, call)
+        return answered
 
-        async def ask(target: tuple[str, str], idx: list[int]) -> wire.CounterReply:
-            owner, part = target
-            group = tuple(ops[i] for i in idx)
-            request = wire.CounterRequest(node._rid(), epoch, kind, part, group)
-            if owner == _LOCAL_REPLICA:
-                return wire.CounterReply(request.rid, OK, epoch, node.shard.check(group))
-            if owner == node.name:
-                reply, pushes = node._owned.decide(request)
-                if pushes:
-                    await node._owned.replicate(pushes)
-                return reply
-            call.remote = True
-            peer = node._peers.get(owner)
-            if peer is None:
-                raise CounterUnavailable(f"no connection to counter owner {owner}")
-            answer = await peer.ask(wire.encode(request), request.rid, call.deadline, True)
-            if not isinstance(answer, wire.CounterReply) or not _complete(kind, answer, len(idx)):
-                raise CounterUnavailable(f"counter owner {owner} sent a malformed answer")
-            return answer
-
-        if len(groups) == 1:
-            (target, idx), = groups.items()
-            try:
-                return [(idx, await ask(target, idx))]
-            except (CounterUnavailable, ValueError) as exc:
-                return [(idx, exc)]
-        replies = await asyncio.gather(*(ask(t, idx) for t, idx in groups.items()),
-                                       return_exceptions=True)
-        for reply in replies:
-            if isinstance(reply, BaseException) and not isinstance(reply, Exception):
-                raise reply  # cancellation
-        return list(zip(groups.values(), replies, strict=True))  # type: ignore[arg-type]
+    async def _send(self, owner: str, item: list[Any], call: Call) -> Reply:
+        if owner == self._links.name:
+            return await self._owned.local(item)
+        call.remote = True
+        reply = await self._links.peer(owner).ask(item, call.deadline)
+        if not isinstance(reply, list) or len(reply) != 6:
+            raise CounterUnavailable(f"counter owner {owner} sent a malformed answer")
+        return reply
 
     async def _settle_wait(self, newest: int, delay: float, call: Call) -> float:
         """After "moved" or "retry": wait for this node's ring to reach the epoch
         an owner already has, or a short backoff while an owner takes hand-offs."""
-        node = self._node
+        links = self._links
         loop = asyncio.get_running_loop()
-        if newest > node._epoch:
-            while node._epoch < newest:
-                if not await node._wait_change(call.deadline - loop.time()):
+        if newest > links.epoch:
+            while links.epoch < newest:
+                if not await links.wait_change(call.deadline - loop.time()):
                     break
         else:
-            await node._wait_change(min(delay, call.deadline - loop.time()))
+            await links.wait_change(min(delay, call.deadline - loop.time()))
         if loop.time() >= call.deadline:
             raise CounterUnavailable("counter owners did not settle on a ring in time")
         return min(delay * 2, _BACKOFF[1])
 
+    def _call(self) -> Call:
+        return Call(self._links.deadline())
+
     def _observed(self, call: Call) -> None:
-        observe = self._node._observe
+        observe = self._links.observe
         if observe is not None:
             observe(time.perf_counter() - call.started, call.remote)
-
-
-_Part = tuple[list[int], wire.CounterReply]
 
 
 def _merge(size: int, parts: Iterable[_Part]) -> Outcome:
     """Owners' outcomes back in the decision's op order."""
     counts, denied = [0] * size, None
     for idx, reply in parts:
-        outcome = reply.outcome
+        outcome = reply[wire.A_VALUE]
         if outcome is None:
             continue
         for j, i in enumerate(idx):
-            counts[i] = outcome.counts[j]
-        if outcome.denied is not None and (denied is None or idx[outcome.denied] < denied):
-            denied = idx[outcome.denied]
+            counts[i] = outcome[1][j]
+        if outcome[2] is not None and (denied is None or idx[outcome[2]] < denied):
+            denied = idx[outcome[2]]
     return Outcome(denied is None, tuple(counts), denied)
 
 
-def _granted(reply: wire.CounterReply) -> bool:
-    return reply.status == OK and reply.outcome is not None and reply.outcome.ok
+def _granted(reply: Reply) -> bool:
+    return reply[wire.A_STATUS] == Status.OK and bool(reply[wire.A_VALUE]) and \
+        bool(reply[wire.A_VALUE][0])
 
 
-def _complete(kind: str, reply: wire.CounterReply, size: int) -> bool:
-    if reply.status != OK or kind not in ("check", "reserve", "add"):
+def _complete(kind: str, reply: Reply, size: int) -> bool:
+    if kind not in ("check", "reserve", "add"):
         return True
-    return reply.outcome is not None and len(reply.outcome.counts) == size
+    value = reply[wire.A_VALUE]
+    return isinstance(value, (list, tuple)) and len(value) == 3 and \
+        isinstance(value[1], (list, tuple)) and len(value[1]) == size
 
 
-async def _quietly(job: Coroutine[object, object, list[_Part]], shard_rid: str) -> None:
+async def _all(jobs: list[Coroutine[Any, Any, Reply]]) -> list[Reply | Exception]:
+    """Every job's reply or exception; cancellation goes through. One job
+    (the usual case) is awaited as it is: no task, no gathering future."""
+    if len(jobs) == 1:
+        try:
+            return [await jobs[0]]
+        except Exception as exc:
+            return [exc]
+    replies = await asyncio.gather(*jobs, return_exceptions=True)
+    for reply in replies:
+        if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+            raise reply
+    return replies  # type: ignore[return-value]
+
+
+async def _quietly(job: Coroutine[Any, Any, Any] | asyncio.Future[Any], what: str) -> None:
     try:
         await job
     except (CounterUnavailable, ValueError) as exc:
-        log.warning("reservation %s not released, it expires instead: %s", shard_rid, exc)
+        log.warning("%s not settled, it stays counted: %s", what, exc)
+
+

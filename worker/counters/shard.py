@@ -1,22 +1,29 @@
-"""The counters a worker owns: check, reserve/confirm/release, add, mark.
+"""The counters a worker owns: check, reserve/release, add, mark, lend/return, reset.
 
 Every method is synchronous and runs to completion, so on one event loop a
 check-and-add is atomic without locks (the owner is the only writer).
 
-Reservations are remembered per request id until their ttl, also after
-confirm or release: a retried reserve or confirm that arrives late must get
-the first answer instead of counting again. An open reservation past its
-ttl keeps its counts: the one failure that leaves it open is a worker that
-died between its spool write and the confirm, and a message that may have
-been acknowledged must go on counting (it can only under-admit). Confirming
-is therefore optional: release is what undoes a reservation. Keys whose
-every bucket has left its window are evicted a few at a time on every call,
-so memory stays bounded without a housekeeping task; `expire()` does a full
-pass.
+Reservations are remembered per request id until their ttl, also after a
+release: a retried reserve that arrives late must get the first answer
+instead of counting again. A reservation is the message's count: it is
+never confirmed, and one still open at its ttl keeps its counts (a worker
+that died after its spool write may have acknowledged the message, and
+keeping the count can only under-admit). Release is what undoes one.
 
-Reservations are also indexed by the keys they touch, so exporting a few
-keys (replication does it for every change) costs what those keys hold, not
-what the whole shard holds.
+A lease (`lend`) is a reservation of a few units of a limited counter that
+its borrower spends by itself until the lease expires (see
+``worker.counters.leases``): the units are counted at once, in the bucket
+the whole lease lies in, and `return_lease` takes back what was not used.
+An unreturned lease simply stays counted.
+
+Keys whose every bucket has left its window are evicted a few at a time on
+every call, so memory stays bounded without a housekeeping task; `expire()`
+does a full pass. Reservations are also indexed by the keys they touch, so
+exporting a few keys (replication does it for every change) costs what
+those keys hold, not what the whole shard holds.
+
+Ops are read by position (`cluster.counting`), so the plain lists of a
+decoded frame are used as they are.
 
 Time never runs backwards inside a shard: if the clock steps back, windows
 stop sliding until it catches up, which can only under-admit.
@@ -30,35 +37,43 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from cluster.counting import Op, Outcome
-from worker.counters.window import TrailingWindow, bucket_index, oldest_counted
+from cluster.counting import AMOUNT, AT, KEY, MAX, SERIES, WINDOW, Outcome
+from worker.counters.window import (
+    SLOTS,
+    CounterTable,
+    bucket_index,
+    clears_at,
+    ends_at,
+    oldest_counted,
+)
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 
 OPEN = "open"
-CONFIRMED = "confirmed"
 RELEASED = "released"
 DENIED = "denied"
-_STATES = (OPEN, CONFIRMED, RELEASED, DENIED)
+RETURNED = "returned"  # a lease whose unused units were taken back
+RESET = "reset"  # not a reservation: a reset done, remembered by its id
+_STATES = (OPEN, RELEASED, DENIED, RETURNED, RESET)
 
 # Heap entries examined per call, plus two per op: eviction outpaces the
 # keys a call can create, so the backlog of dead keys cannot grow.
 _SWEEP_BUDGET = 8
 
+# A lease is granted only while every counter it touches has at least this
+# much room left after it, and takes at most 1/_LEND_SHARE of the room:
+# small limits, and any limit close to being reached, stay per message.
+LEND_MIN_ROOM = 64
+_LEND_SHARE = 4
+
 # (key, series, window, bucket index, amount applied)
 _Entry = tuple[str, str, float, int, int]
-
-
-class _Key:
-    __slots__ = ("windows", "expires")
-
-    def __init__(self) -> None:
-        self.windows: dict[tuple[str, float], TrailingWindow] = {}
-        self.expires = -math.inf  # when the newest bucket of any window stops counting
+Ops = Sequence[Sequence[Any]]
 
 
 class _Reservation:
-    __slots__ = ("outcome", "state", "expires", "keys", "entries")
+    # `lease_end`: when a lease stops being spendable; 0 for a reservation.
+    __slots__ = ("outcome", "state", "expires", "keys", "entries", "lease_end")
 
     def __init__(
         self,
@@ -67,22 +82,23 @@ class _Reservation:
         expires: float,
         keys: tuple[str, ...],
         entries: tuple[_Entry, ...],
+        lease_end: float = 0.0,
     ) -> None:
         self.outcome = outcome
         self.state = state
         self.expires = expires
         self.keys = keys
         self.entries = entries
+        self.lease_end = lease_end
 
 
 class CounterShard:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         # Wall-clock by default: `mark()` receives acceptance times taken by
-        # other processes, which must share the time base.
+        # other processes, and leases expire by it in the borrower.
         self._clock = clock
         self._last = -math.inf
-        self._keys: dict[str, _Key] = {}
-        self._key_heap: list[tuple[float, str]] = []
+        self._table = CounterTable()
         self._reservations: dict[str, _Reservation] = {}
         self._rsv_heap: list[tuple[float, str]] = []
         # key -> rids of the reservations in `_reservations` that touch it;
@@ -91,13 +107,13 @@ class CounterShard:
 
     # -- decisions -------------------------------------------------------
 
-    def check(self, ops: Sequence[Op]) -> Outcome:
+    def check(self, ops: Ops) -> Outcome:
         """Would this decision fit? Counts nothing."""
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET)
         return self._evaluate(ops, now)
 
-    def reserve(self, rid: str, ops: Sequence[Op], ttl: float = 120.0) -> Outcome:
+    def reserve(self, rid: str, ops: Ops, ttl: float = 120.0) -> Outcome:
         """Add every op's amount if all fit, else nothing; remember it under `rid`.
 
         A repeated reserve with a known `rid` returns the first Outcome and
@@ -109,7 +125,7 @@ class CounterShard:
         if known is not None:
             return known.outcome
         outcome = self._evaluate(ops, now)
-        keys = tuple({op.key: None for op in ops})
+        keys = tuple({op[KEY]: None for op in ops})
         if outcome.ok:
             rec = _Reservation(outcome, OPEN, now + ttl, keys, self._apply(ops, now))
         else:
@@ -117,40 +133,22 @@ class CounterShard:
         self._store_reservation(rid, rec)
         return outcome
 
-    def confirm(self, rid: str) -> bool:
-        """Make a reservation permanent.
-
-        False when it is unknown, expired (and so released), released or
-        denied: the caller may then `add` if the event must still count.
-        A repeated confirm returns True again.
-        """
-        now = self._now()
-        self._sweep(now, _SWEEP_BUDGET)
-        rec = self._live_reservation(rid, now)
-        if rec is None or rec.state in (RELEASED, DENIED):
-            return False
-        if rec.state == OPEN:
-            rec.state = CONFIRMED
-            rec.entries = ()  # nothing left to undo
-        return True
-
     def release(self, rid: str) -> bool:
         """Subtract exactly what the reservation added, from the buckets it added to.
 
-        False when there is nothing to release: unknown, expired (released
-        by expiry already), denied or confirmed. A repeated release returns
-        True again and subtracts nothing.
+        False when there is nothing to release: unknown, expired, denied or
+        a lease. A repeated release returns True again and subtracts nothing.
         """
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET)
         rec = self._live_reservation(rid, now)
-        if rec is None or rec.state in (CONFIRMED, DENIED):
+        if rec is None or rec.state in (DENIED, RESET) or rec.lease_end:
             return False
         if rec.state == OPEN:
             self._undo(rec)
         return True
 
-    def add(self, ops: Sequence[Op]) -> Outcome:
+    def add(self, ops: Ops) -> Outcome:
         """Count unconditionally (a failed AUTH); the Outcome is as `check` saw it before."""
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET + 2 * len(ops))
@@ -158,7 +156,7 @@ class CounterShard:
         self._apply(ops, now)
         return outcome
 
-    def mark(self, ops: Sequence[Op]) -> None:
+    def mark(self, ops: Ops) -> None:
         """Add each op's amount to the bucket holding `op.at` (default now).
 
         The amount may be negative (unflag a message once delivered); no
@@ -167,67 +165,155 @@ class CounterShard:
         """
         now = self._now()
         self._sweep(now, _SWEEP_BUDGET + 2 * len(ops))
+        table = self._table
         for op in ops:
-            if not op.amount:
+            amount, window = op[AMOUNT], op[WINDOW]
+            if not amount:
                 continue
-            index = bucket_index(op.window, now if op.at is None else op.at)
-            if index < oldest_counted(op.window, now):
+            at = op[AT]
+            index = bucket_index(window, now if at is None else at)
+            if index < oldest_counted(window, now):
                 continue
-            if op.amount < 0:
-                key = self._keys.get(op.key)
-                counter = key.windows.get((op.series, op.window)) if key is not None else None
-                if counter is not None:
-                    counter.add(index, op.amount)
-                continue
-            key, counter = self._counter(op.key, op.series, op.window)
-            counter.add(index, op.amount)
-            self._extend(op.key, key, counter.ends_at(index))
+            table.add(op[KEY], op[SERIES], window, None, index, amount, now)
 
-    def reset(self, keys: Iterable[str]) -> int:
-        """Forget every count of ``keys`` (``sendguard counters reset``); returns how many
-        counters (series and window) held something.
+    # -- leases ----------------------------------------------------------
 
-        Open reservations keep their other keys but no longer undo anything on
-        these: a release after the reset must not take back a later message's count.
+    def lend(self, rid: str, ops: Ops, want: int, ttl: float,
+             longest: float = 1.0) -> tuple[int, float, tuple[int, ...]]:
+        """Lend up to `want` units of every op's counter (all limited) under `rid`.
+
+        Returns (units, expires, counts before): units is 0 when any
+        counter has too little room left. The lease ends with the bucket
+        it began in (on every window, and at the next multiple of `longest`
+        seconds at the latest), so
+        counting its units in that bucket outlives any use of them. The
+        record is kept `ttl` past the end, for the return. A repeated
+        `rid` answers what it granted the first time, counting nothing.
         """
         now = self._now()
+        self._sweep(now, _SWEEP_BUDGET + 2 * len(ops))
+        known = self._live_reservation(rid, now)
+        if known is not None:
+            units = known.entries[0][4] if known.state == OPEN and known.entries else 0
+            return units, known.lease_end, known.outcome.counts
+        outcome = self._evaluate(ops, now)
+        room = min(op[MAX] - n for op, n in zip(ops, outcome.counts, strict=True))
+        units = min(want, room // _LEND_SHARE, room - LEND_MIN_ROOM)
+        # On a grid of `longest` seconds: leases that end together come back
+        # together, in one frame per owner.
+        expires = (math.floor(now / longest) + 1) * longest
+        for op in ops:
+            width = op[WINDOW] / SLOTS
+            expires = min(expires, (math.floor(now / width) + 1) * width)
+        if units <= 0:
+            return 0, expires, outcome.counts
+        entries = []
+        for op in ops:
+            index = bucket_index(op[WINDOW], now)
+            self._table.add(op[KEY], op[SERIES], op[WINDOW], op[MAX], index, units, now)
+            entries.append((op[KEY], op[SERIES], op[WINDOW], index, units))
+        keys = tuple({op[KEY]: None for op in ops})
+        self._store_reservation(rid, _Reservation(outcome, OPEN, expires + ttl, keys,
+                                                  tuple(entries), expires))
+        return units, expires, outcome.counts
+
+    def return_lease(self, rid: str, unused: Sequence[int]) -> bool:
+        """Take back `unused[i]` units of the lease's i-th counter. False when
+        the lease is unknown or already returned (a repeat takes nothing)."""
+        now = self._now()
+        self._sweep(now, _SWEEP_BUDGET)
+        rec = self._live_reservation(rid, now)
+        if rec is None or not rec.lease_end or rec.state != OPEN:
+            return False
+        if len(unused) != len(rec.entries):
+            raise ValueError(f"lease {rid}: {len(unused)} unused counts for "
+                             f"{len(rec.entries)} counters")
+        kept = []
+        for (name, series, window, index, amount), back in zip(rec.entries, unused, strict=True):
+            back = min(max(0, int(back)), amount)
+            if back:
+                back = -self._table.add(name, series, window, None, index, -back, now)
+            kept.append((name, series, window, index, amount - back))
+        rec.entries = tuple(kept)
+        rec.state = RETURNED
+        return True
+
+    # -- support ---------------------------------------------------------
+
+    def reset(self, keys: Iterable[str], rid: str | None = None, ttl: float = 600.0) -> int:
+        """Forget every count of `keys` and every reservation's part on them;
+        returns how many counters (series and window) held a count.
+
+        A lease still open keeps its units counted: its borrower may still
+        spend them, and forgetting them could admit more than the limit.
+        With a `rid` the reset is remembered (and exported with the keys) for
+        `ttl` seconds: a repeat, here or on the replica that took over,
+        answers the first count and clears nothing, since counts that came
+        after the first must stay."""
+        now = self._now()
+        names = tuple(dict.fromkeys(keys))
+        if rid is not None:
+            known = self._live_reservation(rid, now)
+            if known is not None:
+                return known.outcome.counts[0] if known.outcome.counts else 0
         cleared = 0
-        for name in dict.fromkeys(keys):
-            key = self._keys.pop(name, None)
-            if key is not None:
-                cleared += sum(1 for counter in key.windows.values() if counter.count(now))
-            for rid in self._rsv_by_key.get(name, {}):
-                rec = self._reservations.get(rid)
-                if rec is not None:
+        for name in names:
+            cleared += sum(1 for *_, buckets in self._table.counters(name, now) if buckets)
+            self._table.clear(name)
+            for held in list(self._rsv_by_key.get(name, ())):
+                rec = self._reservations[held]
+                mine = [e for e in rec.entries if e[0] == name]
+                if rec.lease_end and rec.state == OPEN and rec.expires > now:
+                    for entry in mine:
+                        if entry[4] > 0:
+                            self._table.add(name, entry[1], entry[2], None, entry[3], entry[4],
+                                            now)
+                elif mine:
+                    # Nothing left here to undo; the record stays, indexed, so
+                    # that a repeated reserve is still answered as before.
                     rec.entries = tuple(e for e in rec.entries if e[0] != name)
+        if rid is not None:
+            self._store_reservation(rid, _Reservation(Outcome(True, (cleared,), None), RESET,
+                                                      now + ttl, names, ()))
         return cleared
+
+    def reservations_of(self, keys: Iterable[str]) -> list[str]:
+        """The ids of the reservations and leases that touch `keys`."""
+        return list(self._exported_rids(set(keys), None))
+
+    def rows(self, key: str) -> list[dict[str, Any]]:
+        """Per (series, window) of `key` with a count: the count; the limit of the
+        last decision that counted on it (`max`, None if none had one);
+        `clears_at`, at or over that limit when enough of the window has
+        passed for one more to fit, otherwise when the oldest counted bucket
+        stops counting; and `buckets`, every counted bucket as [when it stops
+        counting, count], oldest first. Times are epoch seconds."""
+        now = self._now()
+        rows = []
+        for series, window, limit, buckets in self._table.counters(key, now):
+            width = window / SLOTS
+            rows.append({"series": series, "window": float(window),
+                         "count": sum(buckets.values()), "max": limit,
+                         "clears_at": clears_at(buckets, width, limit),
+                         "buckets": [[ends_at(width, i), n] for i, n in sorted(buckets.items())]})
+        return rows
+
+    def snapshot(self, key: str) -> list[dict[str, Any]]:
+        """`rows` as any backend gives them, without the limit: series, window,
+        count, clears_at (when the oldest counted bucket stops counting) and
+        buckets."""
+        rows = self.rows(key)
+        for row in rows:
+            del row["max"]
+            row["clears_at"] = row["buckets"][0][0]
+        return rows
 
     # -- housekeeping ----------------------------------------------------
 
     def expire(self) -> int:
-        """Release reservations past their ttl and evict keys with nothing left in
+        """Drop reservations past their ttl and evict keys with nothing left in
         any window. Returns how many reservations and keys were dropped."""
         return self._sweep(self._now(), math.inf)
-
-    def snapshot(self, key: str) -> list[dict[str, Any]]:
-        """Per (series, window) of `key`: its count, when the oldest counted
-        bucket stops counting (None when empty), and every counted bucket as
-        [when it stops counting, count], oldest first."""
-        now = self._now()
-        entry = self._keys.get(key)
-        if entry is None:
-            return []
-        return [
-            {
-                "series": series,
-                "window": float(window),
-                "count": counter.count(now),
-                "clears_at": counter.clears_at(now),
-                "buckets": [[counter.ends_at(index), n]
-                            for index, n in sorted(counter.buckets.items())],
-            }
-            for (series, window), counter in sorted(entry.windows.items())
-        ]
 
     def export(
         self,
@@ -238,22 +324,22 @@ class CounterShard:
         reservations that touch them: only those among `reservations` (rids)
         when given, so a change can ship just the reservation it made.
 
+        Every key asked for is listed, an empty one with no series, so
+        that an exact import (a replica's) forgets it too.
+
         Layout: [version, keys, reservations] with
-            keys:         [[key, [[series, window, [[index, count], ...]], ...]], ...]
+            keys:         [[key, [[series, window, max, [[index, count], ...]], ...]], ...]
             reservations: [[rid, state, expires, outcome, [key, ...],
-                            [[key, series, window, index, amount], ...]], ...]
+                            [[key, series, window, index, amount], ...], lease_end], ...]
         """
         now = self._now()
         wanted = None if keys is None else set(keys)
-        names = self._keys if wanted is None else [k for k in wanted if k in self._keys]
+        names = self._table.names() if wanted is None else wanted
         out_keys: list[Any] = []
         for name in names:
-            series_out = []
-            for (series, window), counter in self._keys[name].windows.items():
-                if counter.count(now):
-                    buckets = [[i, n] for i, n in sorted(counter.buckets.items())]
-                    series_out.append([series, float(window), buckets])
-            if series_out:
+            series_out = [[series, float(window), limit, [[i, n] for i, n in sorted(b.items())]]
+                          for series, window, limit, b in self._table.counters(name, now) if b]
+            if series_out or wanted is not None:
                 out_keys.append([name, series_out])
         out_rsv: list[Any] = []
         for rid in self._exported_rids(wanted, reservations):
@@ -264,15 +350,22 @@ class CounterShard:
                 continue
             entries = [list(e) for e in rec.entries if wanted is None or e[0] in wanted]
             rec_keys = [k for k in rec.keys if wanted is None or k in wanted]
-            out_rsv.append([rid, rec.state, rec.expires, rec.outcome.to_wire(), rec_keys, entries])
+            out_rsv.append([rid, rec.state, rec.expires, rec.outcome.to_wire(), rec_keys,
+                            entries, rec.lease_end])
         return [EXPORT_VERSION, out_keys, out_rsv]
 
-    def import_(self, data: Any) -> None:
-        """Merge an `export()`: per bucket the larger count wins, so importing
-        the same data twice counts it once.
+    def import_(self, data: Any, exact: bool = False) -> None:
+        """Apply an `export()`.
 
-        A reservation already finished here (confirmed or released) stays
-        finished; one finished on the other side is finished here too.
+        Merged by default (hand-offs, which may come from several holders):
+        per bucket the larger count wins, so importing the same data twice
+        counts it once; a reservation already finished here stays
+        finished, and one finished on the other side is finished here too.
+
+        `exact` (a replica, from its owner, in the order the owner sent
+        them): each key listed replaces this shard's copy, and each
+        reservation's state and entries replace the copy's.
+
         Expired reservations and buckets already out of their window are
         skipped.
         """
@@ -284,39 +377,44 @@ class CounterShard:
         now = self._now()
         # Reservations first: a release subtracts from local buckets before
         # the max-merge, or the merge would bring the amount back.
-        for rid, state, expires, outcome, rec_keys, entries in reservations:
+        for rid, state, expires, outcome, rec_keys, entries, lease_end in reservations:
             if state not in _STATES:
                 raise ValueError(f"counter import: unknown reservation state {state!r}")
             if expires <= now:
                 continue
-            self._merge_reservation(
-                rid,
-                _Reservation(
-                    Outcome.from_wire(outcome),
-                    state,
-                    float(expires),
-                    tuple(dict.fromkeys(rec_keys)),  # hashable and unique, as indexed
-                    tuple((k, s, float(w), int(i), int(a)) for k, s, w, i, a in entries),
-                ),
-                now,
+            incoming = _Reservation(
+                Outcome.from_wire(outcome),
+                state,
+                float(expires),
+                tuple(dict.fromkeys(rec_keys)),  # hashable and unique, as indexed
+                tuple((k, s, float(w), int(i), int(a)) for k, s, w, i, a in entries),
+                float(lease_end),
             )
+            if exact:
+                self._replace_reservation(rid, incoming, now)
+            else:
+                self._merge_reservation(rid, incoming, now)
+        table = self._table
         for name, series_list in keys:
-            for series, window, buckets in series_list:
-                low = oldest_counted(float(window), now)
-                live = [(int(i), int(n)) for i, n in buckets if i >= low and n > 0]
-                if not live:
-                    continue
-                key, counter = self._counter(name, series, float(window))
-                for index, n in live:
-                    counter.merge_max(index, n)
-                self._extend(name, key, counter.ends_at(max(i for i, _ in live)))
+            live = []
+            for series, window, limit, buckets in series_list:
+                window = float(window)
+                low = oldest_counted(window, now)
+                live.append((series, window, limit,
+                             [(int(i), int(n)) for i, n in buckets if i >= low and n > 0]))
+            if exact:
+                table.replace(name, live)
+                continue
+            for series, window, limit, pairs in live:
+                for i, n in pairs:
+                    table.merge_max(name, series, window, limit, i, n, now)
 
     def keys(self) -> Iterator[str]:
         # A copy: callers may export or mark while iterating.
-        return iter(list(self._keys))
+        return self._table.names()
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._table)
 
     # -- internals -------------------------------------------------------
 
@@ -333,63 +431,58 @@ class CounterShard:
             self._last = t
         return self._last
 
-    def _evaluate(self, ops: Sequence[Op], now: float) -> Outcome:
-        keys = self._keys
+    def _evaluate(self, ops: Ops, now: float) -> Outcome:
+        totals = self._table.totals
+        seen: dict[str, dict[tuple[str, float], int]] = {}
         counts: list[int] = []
         denied: int | None = None
         # Two ops on one counter in one decision must fit together.
         pending: dict[tuple[str, str, float], int] = {}
         for i, op in enumerate(ops):
-            if op.amount < 0:
+            name, series, window, limit, amount = op[KEY], op[SERIES], op[WINDOW], op[MAX], \
+                op[AMOUNT]
+            if amount < 0:
                 raise ValueError(f"negative amount outside mark(): {op!r}")
-            key = keys.get(op.key)
-            counter = key.windows.get((op.series, op.window)) if key is not None else None
-            n = counter.count(now) if counter is not None else 0
+            held = seen.get(name)
+            if held is None:
+                held = seen[name] = totals(name, now)
+            n = held.get((series, window), 0)
             counts.append(n)
-            ident = (op.key, op.series, op.window)
-            added = pending.get(ident, 0) + op.amount
-            pending[ident] = added
-            if denied is None and op.max is not None and n + added > op.max:
-                denied = i
+            if limit is not None and denied is None:
+                ident = (name, series, window)
+                added = pending.get(ident, 0) + amount
+                pending[ident] = added
+                if n + added > limit:
+                    denied = i
+            elif amount:
+                ident = (name, series, window)
+                pending[ident] = pending.get(ident, 0) + amount
         return Outcome(denied is None, tuple(counts), denied)
 
-    def _apply(self, ops: Sequence[Op], now: float) -> tuple[_Entry, ...]:
-        entries: list[_Entry] = []
+    def _apply(self, ops: Ops, now: float) -> tuple[_Entry, ...]:
+        # One change per key: a packed key is unpacked and packed once.
+        by_key: dict[str, list[tuple[str, float, int | None, int, int]]] = {}
         for op in ops:
-            if op.amount <= 0:
-                continue
-            key, counter = self._counter(op.key, op.series, op.window)
-            index = counter.index(now)
-            applied = counter.add(index, op.amount)
-            self._extend(op.key, key, counter.ends_at(index))
-            entries.append((op.key, op.series, op.window, index, applied))
+            amount = op[AMOUNT]
+            if amount > 0:
+                window = op[WINDOW]
+                by_key.setdefault(op[KEY], []).append(
+                    (op[SERIES], window, op[MAX], math.floor(now / (window / SLOTS)), amount))
+        entries: list[_Entry] = []
+        for name, changes in by_key.items():
+            for (series, window, _, index, _), applied in zip(
+                    changes, self._table.add_many(name, changes, now), strict=True):
+                entries.append((name, series, window, index, applied))
         return tuple(entries)
 
-    def _counter(self, name: str, series: str, window: float) -> tuple[_Key, TrailingWindow]:
-        """The counter, created if missing; the caller must `_extend` it."""
-        key = self._keys.get(name)
-        if key is None:
-            key = self._keys[name] = _Key()
-        ident = (series, window)
-        counter = key.windows.get(ident)
-        if counter is None:
-            counter = key.windows[ident] = TrailingWindow(window)
-        return key, counter
-
-    def _extend(self, name: str, key: _Key, until: float) -> None:
-        if until > key.expires:
-            # One heap entry per key: pushed when the key gets its first
-            # count; a later, longer life is picked up when the entry pops.
-            if key.expires == -math.inf:
-                heapq.heappush(self._key_heap, (until, name))
-            key.expires = until
+    def _subtract(self, entries: Iterable[_Entry]) -> None:
+        now = self._now()
+        for name, series, window, index, amount in entries:
+            if amount:
+                self._table.add(name, series, window, None, index, -amount, now)
 
     def _undo(self, rec: _Reservation) -> None:
-        for name, series, window, index, amount in rec.entries:
-            key = self._keys.get(name)
-            counter = key.windows.get((series, window)) if key is not None else None
-            if counter is not None:
-                counter.add(index, -amount)
+        self._subtract(rec.entries)
         rec.entries = ()
         rec.state = RELEASED
 
@@ -431,15 +524,35 @@ class CounterShard:
             return
         if incoming.state == RELEASED:
             self._undo(local)
-        elif incoming.state == CONFIRMED:
-            local.state = CONFIRMED
-            local.entries = ()
+        elif incoming.state == RETURNED:
+            # Take back here what the owner took back, before the max-merge.
+            back = {e[:4]: e[4] for e in incoming.entries}
+            self._subtract(e[:4] + (e[4] - back[e[:4]],) for e in local.entries
+                           if e[:4] in back and e[4] > back[e[:4]])
+            local.entries = tuple(e[:4] + (back.get(e[:4], e[4]),) for e in local.entries)
+            local.state = RETURNED
         elif incoming.state == OPEN:
             # The same decision exported key by key: join the parts.
             have = {e[0] for e in local.entries}
             local.entries += tuple(e for e in incoming.entries if e[0] not in have)
             local.keys = tuple(dict.fromkeys(local.keys + incoming.keys))
             self._index(rid, incoming.keys)
+
+    def _replace_reservation(self, rid: str, incoming: _Reservation, now: float) -> None:
+        local = self._live_reservation(rid, now)
+        if local is None:
+            self._store_reservation(rid, incoming)
+            return
+        # Counts come with the keys' own data: only the record changes here.
+        exported = set(incoming.keys)
+        local.state = incoming.state
+        local.outcome = incoming.outcome
+        local.entries = tuple(e for e in local.entries if e[0] not in exported) + \
+            incoming.entries
+        new_keys = tuple(k for k in incoming.keys if k not in local.keys)
+        if new_keys:
+            local.keys += new_keys
+            self._index(rid, new_keys)
 
     def _sweep(self, now: float, budget: float) -> int:
         dropped = 0
@@ -452,16 +565,6 @@ class CounterShard:
             if rec is not None and rec.expires <= now:
                 self._drop_reservation(rid, rec)
                 dropped += 1
-        heap = self._key_heap
-        while budget > 0 and heap and heap[0][0] <= now:
-            _, name = heapq.heappop(heap)
-            budget -= 1
-            key = self._keys.get(name)
-            if key is None:
-                continue  # reset: gone already, or back with an entry of its own
-            if key.expires <= now:
-                del self._keys[name]
-                dropped += 1
-            else:
-                heapq.heappush(heap, (key.expires, name))
-        return dropped
+        evicted, _ = self._table.sweep(now, budget)
+        return dropped + evicted
+
