@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiosmtpd
+
 from cluster.logjson import flush_log, log_event, setup_logging
 from cluster.settings import Settings, SpamSettings
 from cluster.validate import ConfigError
+from worker import smtp_speedups
 from worker.auth import PasswordVerifier, threads_per_worker
 from worker.connections import EARLY_REPORT
 from worker.counters.client import CounterClient, LocalCounters
@@ -149,6 +152,9 @@ async def build_worker(settings: Settings, name: str = "w0", *,
                        counters: CounterClient | None = None,
                        metrics: WorkerMetrics | None = None) -> WorkerParts:
     """Defaults make a worker that runs alone: files from disk, counters in this process."""
+    if not smtp_speedups.install():
+        log_event("aiosmtpd_unpatched", logging.WARNING, version=aiosmtpd.__version__,
+                  checked=sorted(smtp_speedups.CHECKED_RELEASES))
     source = source or LocalSnapshotSource(settings)
     shard = shard or CounterShard()
     metrics = metrics or WorkerMetrics()
