@@ -42,17 +42,18 @@ from worker.connections import EARLY_REPORT
 from worker.counters.client import CounterClient, LocalCounters
 from worker.counters.redis_store import counters_for
 from worker.counters.shard import CounterShard
+from worker.decisions import DecisionLog
 from worker.delivery import DeliveryAgent
 from worker.dns import DomainResolver
 from worker.engine import PolicyEngine
 from worker.local_source import LocalSnapshotSource
 from worker.metrics import WorkerMetrics
-from worker.policies.recipient_domain import RecipientDomainPolicy
 from worker.recent import RecentDecisions
 from worker.server import BootError, SmtpServer
 from worker.snapshot import Snapshot
 from worker.spam import SpamScanner, make_scanner
 from worker.spool.adoption import open_spool
+from worker.stages import stages
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
@@ -164,18 +165,18 @@ async def build_worker(settings: Settings, name: str = "w0", *,
     spool = await open_spool(settings.delivery.spool, name)
     counters = counters or counters_for(settings, LocalCounters(shard))
     delivery = DeliveryAgent(spool, lambda: source.current().settings, counters, resolver)
+    decisions = DecisionLog(source.current, RecentDecisions(
+        recent_share(settings), settings.admin.recent_decisions_for), metrics.decision)
     engine = PolicyEngine(
         snapshot=source.current,
         counters=counters,
         # Sized per host: every worker of the host has a pool of its own.
         verifier=PasswordVerifier(max_concurrent=threads_per_worker(
             settings.server.workers or os.cpu_count() or 1)),
-        recipient_domain=RecipientDomainPolicy(resolver),
-        scanner=scanners,
+        stages=stages(counters, resolver, scanners),
         spool=spool,
+        decisions=decisions,
         on_queued=delivery.enqueue,
-        on_decision=metrics.decision,
-        recent=RecentDecisions(recent_share(settings), settings.admin.recent_decisions_for),
     )
     return WorkerParts(source, shard, engine, SmtpServer(engine, source.current), metrics,
                        delivery, resolver, scanners)
@@ -297,7 +298,7 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
             return EXIT_OK
         await parts.start()
         link.delivery = parts.delivery  # queue commands and spool adoption
-        link.recent = parts.engine.recent  # sendguard why
+        link.recent = parts.engine.log.recent  # sendguard why
         parts.engine.evidence.send = link.send_evidence  # compromise detection
         link.phase = "serving"
         await link.report()
