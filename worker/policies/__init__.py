@@ -1,9 +1,7 @@
-"""Policies: each a small object whose ``check`` returns a :class:`Verdict`.
+"""The policies' vocabulary: a :class:`Verdict` and what they know of a :class:`Client`.
 
-Policies that need counters do not call them: they say which counter
-operations they need (``ops``) and judge the counts the engine fetched for
-them in one request per decision (``judge``), so the cluster can route that
-one request to the counters' owners.
+Each policy is a module of this package with one class (its interface is
+in base.py); worker/stages.py lists them by stage, in SPEC order.
 """
 
 from __future__ import annotations
