@@ -41,8 +41,9 @@ from cluster.passwords import PasswordSchemeError
 from cluster.tenants import Account, TenantDirectory
 from worker import replies
 from worker.auth import PasswordVerifier, VerifierBusy, typical_hash
+from worker.client import Client
 from worker.counters.client import CounterClient, CounterUnavailable
-from worker.policies import Action, Client, Verdict, reject, tempfail
+from worker.policies import Action, Verdict, reject, tempfail
 from worker.policies.auth_throttle import AuthThrottlePolicy
 from worker.policies.base import Counts, Decision
 from worker.sasl import Credentials

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from cluster.logjson import log_event
 from worker import replies
-from worker.policies import Action, Client, Verdict
+from worker.client import Client
+from worker.policies import Action, Verdict
 from worker.policies.geoip import client_country
 from worker.recent import RecentDecisions
 from worker.snapshot import Snapshot

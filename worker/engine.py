@@ -25,12 +25,13 @@ from cluster.counting import Op, Outcome, judge
 from worker import replies
 from worker.auth import PasswordVerifier
 from worker.authentication import Authenticator
+from worker.client import Client
 from worker.connections import ConnectionTable
 from worker.counters.client import CounterClient, CounterUnavailable
 from worker.decisions import DecisionLog
 from worker.dkim import DkimSigner
 from worker.evidence import EvidenceNotes
-from worker.policies import CONTINUE, Action, Client, Verdict, reject, tempfail
+from worker.policies import CONTINUE, Action, Verdict, reject, tempfail
 from worker.policies.base import NO_COUNTS, Counts, Decision, Policy
 from worker.policies.spam_grace import SpamGracePolicy
 from worker.sasl import Credentials

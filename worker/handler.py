@@ -14,8 +14,9 @@ from collections.abc import Awaitable
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
 from worker import sasl
+from worker.client import Client
 from worker.engine import PolicyEngine, Transaction
-from worker.policies import Client, Verdict
+from worker.policies import Verdict
 from worker.smtp import GatewaySMTP
 
 

@@ -66,7 +66,8 @@ from cluster.names import address_problem, client_key, has_unusable_characters, 
 from cluster.sessionid import new_session_id
 from cluster.settings import ServerSettings
 from worker import replies, starttls
-from worker.policies import Client, Verdict
+from worker.client import Client
+from worker.policies import Verdict
 from worker.sessions import SessionRegistry
 from worker.smtp_data import TooMuchData, read_data, unstuff
 

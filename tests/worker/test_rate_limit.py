@@ -12,8 +12,9 @@ from cluster.counting import Op
 from cluster.keys import MESSAGES, RECIPIENTS
 from cluster.settings import parse_settings
 from cluster.tenants import parse_tenants
+from worker.client import Client
 from worker.counters.shard import CounterShard
-from worker.policies import Action, Client
+from worker.policies import Action
 from worker.policies.base import Counts, Decision
 from worker.policies.rate_limit import RateLimitPolicy
 from worker.snapshot import Snapshot

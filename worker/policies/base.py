@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol
 
 from cluster.counting import Op
-from worker.policies import Client, Verdict
+from worker.client import Client
+from worker.policies import Verdict
 from worker.snapshot import Snapshot
 from worker.spam import ScanResult
 

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 
 from worker import replies
-from worker.policies import CONTINUE, Client, Verdict, reject
+from worker.client import Client
+from worker.policies import CONTINUE, Verdict, reject
 from worker.policies.base import Counts, Decision, Policy
 from worker.snapshot import Snapshot
 

@@ -16,7 +16,8 @@ import email.utils
 import re
 
 from worker import replies
-from worker.policies import CONTINUE, Client, Verdict, reject
+from worker.client import Client
+from worker.policies import CONTINUE, Verdict, reject
 from worker.policies.base import Counts, Decision, Policy
 from worker.policies.sender_domain import may_send_as
 from worker.snapshot import Snapshot

@@ -23,7 +23,8 @@ from cluster.keys import MESSAGES, RECIPIENTS, account_key, ip_key
 from cluster.settings import COUNT_RECIPIENTS, Limit
 from cluster.support_state import iso_utc
 from worker import replies
-from worker.policies import CONTINUE, Action, Client, Verdict, reject
+from worker.client import Client
+from worker.policies import CONTINUE, Action, Verdict, reject
 from worker.policies.base import Counts, Decision, Policy
 from worker.policies.limit_clears import LimitClears
 from worker.snapshot import Snapshot
