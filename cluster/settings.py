@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cluster.hostport import split_host_port
 from cluster.validate import ConfigError, Section, read_duration
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -361,6 +362,7 @@ def default_state_dir() -> Path:
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+DNS_PORT = 53
 
 
 def _counters(s: Section) -> CounterSettings:
@@ -391,10 +393,11 @@ def _counters(s: Section) -> CounterSettings:
             raise s.error("redis_url", "has a bad port", url)
     seeds = []
     for item in nodes:
-        host, _, number = item.rpartition(":")
-        if not host or not number.isdigit() or not 0 < int(number) < 65536:
-            raise s.error("redis_cluster", 'must list seed nodes like "10.0.0.5:7000"', item)
-        seeds.append((host.strip("[]"), int(number)))
+        try:
+            seeds.append(split_host_port(item))
+        except ValueError:
+            raise s.error("redis_cluster", 'must list seed nodes like "10.0.0.5:7000"',
+                          item) from None
     settings = CounterSettings(backend=backend, redis_url=url, redis_cluster=tuple(seeds))
     s.reject_unknown()
     return settings
@@ -510,11 +513,8 @@ def _spam(s: Section) -> SpamSettings:
 def _dns(s: Section) -> DnsSettings:
     nameservers = s.strings("nameservers", [])
     for item in nameservers:
-        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
         try:
-            ipaddress.ip_address(host.strip("[]") if host else item)
-            if port and not 0 < int(port) < 65536:
-                raise ValueError
+            ipaddress.ip_address(split_host_port(item, DNS_PORT)[0])
         except ValueError:
             raise s.error("nameservers", 'must list addresses like "127.0.0.1" or '
                           '"127.0.0.1:5353"', item) from None
@@ -541,10 +541,11 @@ def _delivery(s: Section, base: Path) -> DeliverySettings:
     mode = s.choice("mode", "mx", ("mx", "smarthost"))
     smarthost = s.string("smarthost", "")
     if mode == "smarthost":
-        host, _, port = smarthost.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:
+            split_host_port(smarthost)
+        except ValueError:
             raise s.error("smarthost", 'must be "HOST:PORT" with delivery.mode = "smarthost"',
-                          smarthost)
+                          smarthost) from None
     retry_raw = s.raw("retry", ["1m", "5m", "15m", "1h", "4h"])
     if not isinstance(retry_raw, list) or not retry_raw:
         raise s.error("retry", "must be a non-empty list of durations", retry_raw)
