@@ -140,6 +140,8 @@ class WorkerParts:
         close = getattr(self.engine.counters, "aclose", None)  # a Redis client
         if close is not None:
             await close()
+        # Lookups still running are cancelled now, not answered into a closed event loop.
+        await self.resolver.close()
 
 
 async def build_worker(settings: Settings, name: str = "w0", *,
