@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cluster.hostport import split_host_port
-from cluster.validate import ConfigError, Section, read_duration
+from cluster.validate import ConfigError, Section, read_duration, read_toml
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -195,18 +194,7 @@ class Settings:
 
 def load_settings(path: str | Path) -> Settings:
     path = Path(path).absolute()
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(path, "(file)", "cannot be read: no such file",
-                          show_value=False) from None
-    except OSError as exc:
-        raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
-                          show_value=False) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "(file)", f"is not valid TOML: {exc}", show_value=False) from None
-    return parse_settings(path, data)
+    return parse_settings(path, read_toml(path)[1])
 
 
 def parse_settings(path: Path, data: dict[str, Any]) -> Settings:

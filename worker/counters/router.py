@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster import wire
 from cluster.counting import Op, Outcome
@@ -35,6 +35,8 @@ BACKOFF = (0.002, 0.05)
 
 Reply = list[Any]
 Part = tuple[list[int], Reply]
+Label = TypeVar("Label")
+Item = TypeVar("Item")
 
 
 class Call:
@@ -147,15 +149,9 @@ class OwnerRouter:
             for (owner, part), idx in groups.items():
                 item = [links.rid(), epoch, kind, part, [ops[i] for i in idx], extra]
                 jobs.append(self.send(owner, item, call))
-            replies = await gather_replies(jobs)
-            todo, newest = [], epoch
-            for idx, answer in zip(groups.values(), replies, strict=True):
-                reply = _usable(answer, kind, len(idx))
-                if reply[wire.A_STATUS] == Status.OK:
-                    answered.append((idx, reply))
-                else:
-                    todo.extend(idx)
-                    newest = max(newest, reply[wire.A_EPOCH])
+            done, todo, newest = _sorted([(idx, idx) for idx in groups.values()],
+                                         await gather_replies(jobs), kind, epoch)
+            answered += done
             if todo:
                 delay = await self.settle_wait(newest, delay, call)
         return answered
@@ -176,14 +172,8 @@ class OwnerRouter:
             replies = await gather_replies([
                 self.send(owner, [f"{links.rid()}.{kind}", epoch, kind, arg(owner), [], part],
                           call) for owner, part in groups.items()])
-            todo, newest = [], epoch
-            for (owner, part), answer in zip(groups.items(), replies, strict=True):
-                reply = _usable(answer, kind, len(part))
-                if reply[wire.A_STATUS] == Status.OK:
-                    answered.append((owner, reply))
-                else:
-                    todo.extend(part)
-                    newest = max(newest, reply[wire.A_EPOCH])
+            done, todo, newest = _sorted(list(groups.items()), replies, kind, epoch)
+            answered += done
             if todo:
                 delay = await self.settle_wait(newest, delay, call)
         return answered
@@ -230,6 +220,24 @@ def merge(size: int, parts: Iterable[Part]) -> Outcome:
 def granted(reply: Reply) -> bool:
     return reply[wire.A_STATUS] == Status.OK and bool(reply[wire.A_VALUE]) and \
         bool(reply[wire.A_VALUE][0])
+
+
+def _sorted(asked: list[tuple[Label, list[Item]]], replies: list[Reply | Exception], kind: str,
+            epoch: int) -> tuple[list[tuple[Label, Reply]], list[Item], int]:
+    """Each owner's answer to what it was ``asked``: the labels of those that answered "ok"
+    with their answers, the items to ask again ("moved", "retry"), and the newest epoch
+    an owner named."""
+    answered: list[tuple[Label, Reply]] = []
+    again: list[Item] = []
+    newest = epoch
+    for (label, items), answer in zip(asked, replies, strict=True):
+        reply = _usable(answer, kind, len(items))
+        if reply[wire.A_STATUS] == Status.OK:
+            answered.append((label, reply))
+        else:
+            again.extend(items)
+            newest = max(newest, reply[wire.A_EPOCH])
+    return answered, again, newest
 
 
 def _usable(reply: Reply | Exception, kind: str, size: int) -> Reply:
