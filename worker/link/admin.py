@@ -24,7 +24,9 @@ from worker.recent import RecentDecisions
 from worker.spool.adoption import adopt_orphans
 
 
-class CounterNode(Protocol):
+class KeyOwners(Protocol):
+    """The counter node, as far as these questions need it (worker/counters/node.py)."""
+
     async def inspect(self, key: str) -> list[dict[str, Any]]: ...
     async def reset(self, keys: Sequence[str], rid: str) -> tuple[int, list[str]]: ...
 
@@ -34,7 +36,7 @@ class _Refused(Exception):
 
 
 class AdminServer:
-    def __init__(self, line: CoordinatorLine, node: CounterNode, delivery: DeliveryAgent,
+    def __init__(self, line: CoordinatorLine, node: KeyOwners, delivery: DeliveryAgent,
                  recent: RecentDecisions | None, phase: Callable[[], str]) -> None:
         self._line = line
         self._node = node
