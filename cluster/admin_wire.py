@@ -13,15 +13,17 @@ the HTTP API answers: the fields in :attr:`~AdminReplyMessage.OPTIONAL`
 appear only when set, and :attr:`~AdminReplyMessage.PRIVATE` ones never.
 
 The coordinator asks workers for their part of ``inspect``, ``reset``,
-``queue``, ``why`` and spool adoption with :class:`cluster.wire.AdminRequest`
-(a command name and plain arguments, answered by ``AdminReply``).
+``queue``, ``why`` and spool adoption with the :class:`WorkerRequest`s at
+the end of this module, on the worker's DEALER; the worker answers each
+with its :class:`WorkerReply` (or :class:`WorkerFailed`), which carries the
+request's ``rid`` and the worker's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from cluster.wire import Message
 
@@ -336,3 +338,133 @@ class QueueReply(AdminReplyMessage):
     queue_id: str | None = None
     deleted: bool | None = None
     worker: str | None = None
+
+
+# -- a worker's part -------------------------------------------------------------------------
+# ``rid`` is set by the coordinator when it sends a request (``dataclasses.replace``).
+
+class WorkerReply(Message):
+    """What a worker answers; ``rid`` names the request, ``worker`` the worker."""
+
+    rid: str
+    worker: str
+
+
+Reply = TypeVar("Reply", bound=WorkerReply)
+
+
+class WorkerRequest(Message, Generic[Reply]):
+    """What the coordinator asks one worker; answered by ``Reply`` or :class:`WorkerFailed`."""
+
+    rid: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailed(WorkerReply):
+    TYPE: ClassVar[str] = "worker-failed"
+    rid: str
+    worker: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInspectReply(WorkerReply):
+    """``rows``: per key, its rows as the key's owner has them (``CounterShard.rows``)."""
+
+    TYPE: ClassVar[str] = "worker-inspect-reply"
+    rid: str
+    worker: str
+    rows: dict[str, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInspectRequest(WorkerRequest[WorkerInspectReply]):
+    TYPE: ClassVar[str] = "worker-inspect"
+    keys: list[str]
+    rid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResetReply(WorkerReply):
+    TYPE: ClassVar[str] = "worker-reset-reply"
+    rid: str
+    worker: str
+    cleared: int
+    owners: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResetRequest(WorkerRequest[WorkerResetReply]):
+    """``reset_id``: one per ``counters reset``, so a second worker asked resets nothing twice."""
+
+    TYPE: ClassVar[str] = "worker-reset"
+    keys: list[str]
+    reset_id: str
+    rid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerWhyReply(WorkerReply):
+    """``kept``: how much the worker remembers (``decisions``, ``seconds``)."""
+
+    TYPE: ClassVar[str] = "worker-why-reply"
+    rid: str
+    worker: str
+    decisions: list[dict[str, Any]]
+    kept: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerWhyRequest(WorkerRequest[WorkerWhyReply]):
+    TYPE: ClassVar[str] = "worker-why"
+    sid: str
+    rid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerQueueReply(WorkerReply):
+    """``list``: ``messages``; ``flush``: ``started``; ``delete``: ``deleted``; a change:
+    ``touched`` (queue id and account of each message)."""
+
+    TYPE: ClassVar[str] = "worker-queue-reply"
+    rid: str
+    worker: str
+    messages: list[dict[str, Any]] | None = None
+    started: int | None = None
+    deleted: bool | None = None
+    touched: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerQueueRequest(WorkerRequest[WorkerQueueReply]):
+    """``action`` as in :class:`QueueRequest`; a change selects by ``ids``, ``account`` or
+    ``client`` (a client key, cluster.names.client_key)."""
+
+    TYPE: ClassVar[str] = "worker-queue"
+    action: str
+    queue_id: str = ""
+    ids: list[str] = field(default_factory=list)
+    account: str = ""
+    client: str = ""
+    bounce: bool = False
+    rid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerAdoptReply(WorkerReply):
+    """``adopted``: messages taken over per spool folder; ``busy``: folders still in use."""
+
+    TYPE: ClassVar[str] = "worker-adopt-reply"
+    rid: str
+    worker: str
+    adopted: dict[str, int]
+    busy: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerAdoptRequest(WorkerRequest[WorkerAdoptReply]):
+    """``keep``: the names whose spool folders are not orphans."""
+
+    TYPE: ClassVar[str] = "worker-adopt"
+    keep: list[str]
+    rid: str = ""

@@ -5,7 +5,7 @@ current snapshot where it uses it (``snapshot().settings...``): policies,
 limits, the SMTP session's host name, SIZE, recipients and timeouts (read
 for every new connection), delivery. A few objects are built from settings
 and rebuilt when their part changes (the worker's DNS resolver, spam
-scanner and TLS certificate: worker/main.py ``WorkerParts.follow_settings``;
+scanner and TLS certificate: worker/builder.py ``WorkerParts.follow_settings``;
 the supervisor's worker count and drain timeout).
 
 Everything else is bound or opened once per process: it is listed in

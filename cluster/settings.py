@@ -12,14 +12,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cluster.validate import ConfigError, Section, read_duration
+from cluster.hostport import split_host_port
+from cluster.validate import ConfigError, Section, read_duration, read_toml
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -194,18 +194,7 @@ class Settings:
 
 def load_settings(path: str | Path) -> Settings:
     path = Path(path).absolute()
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(path, "(file)", "cannot be read: no such file",
-                          show_value=False) from None
-    except OSError as exc:
-        raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
-                          show_value=False) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "(file)", f"is not valid TOML: {exc}", show_value=False) from None
-    return parse_settings(path, data)
+    return parse_settings(path, read_toml(path)[1])
 
 
 def parse_settings(path: Path, data: dict[str, Any]) -> Settings:
@@ -361,6 +350,7 @@ def default_state_dir() -> Path:
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+DNS_PORT = 53
 
 
 def _counters(s: Section) -> CounterSettings:
@@ -391,10 +381,11 @@ def _counters(s: Section) -> CounterSettings:
             raise s.error("redis_url", "has a bad port", url)
     seeds = []
     for item in nodes:
-        host, _, number = item.rpartition(":")
-        if not host or not number.isdigit() or not 0 < int(number) < 65536:
-            raise s.error("redis_cluster", 'must list seed nodes like "10.0.0.5:7000"', item)
-        seeds.append((host.strip("[]"), int(number)))
+        try:
+            seeds.append(split_host_port(item))
+        except ValueError:
+            raise s.error("redis_cluster", 'must list seed nodes like "10.0.0.5:7000"',
+                          item) from None
     settings = CounterSettings(backend=backend, redis_url=url, redis_cluster=tuple(seeds))
     s.reject_unknown()
     return settings
@@ -510,11 +501,8 @@ def _spam(s: Section) -> SpamSettings:
 def _dns(s: Section) -> DnsSettings:
     nameservers = s.strings("nameservers", [])
     for item in nameservers:
-        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
         try:
-            ipaddress.ip_address(host.strip("[]") if host else item)
-            if port and not 0 < int(port) < 65536:
-                raise ValueError
+            ipaddress.ip_address(split_host_port(item, DNS_PORT)[0])
         except ValueError:
             raise s.error("nameservers", 'must list addresses like "127.0.0.1" or '
                           '"127.0.0.1:5353"', item) from None
@@ -541,10 +529,11 @@ def _delivery(s: Section, base: Path) -> DeliverySettings:
     mode = s.choice("mode", "mx", ("mx", "smarthost"))
     smarthost = s.string("smarthost", "")
     if mode == "smarthost":
-        host, _, port = smarthost.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:
+            split_host_port(smarthost)
+        except ValueError:
             raise s.error("smarthost", 'must be "HOST:PORT" with delivery.mode = "smarthost"',
-                          smarthost)
+                          smarthost) from None
     retry_raw = s.raw("retry", ["1m", "5m", "15m", "1h", "4h"])
     if not isinstance(retry_raw, list) or not retry_raw:
         raise s.error("retry", "must be a non-empty list of durations", retry_raw)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from cluster.names import BadDomain, normalise_address, split_address, to_alabel
 from cluster.passwords import PasswordSchemeError, check_scheme
 from cluster.settings import Limit, is_country_code, read_limits
-from cluster.validate import ConfigError, Section
+from cluster.validate import ConfigError, Section, read_toml
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -77,17 +76,7 @@ def load_tenants(path: str | Path) -> TenantDirectory:
 def read_tenant_file(path: str | Path) -> tuple[TenantDirectory, dict[str, Any]]:
     """The validated directory and the plain data it was built from (workers rebuild it)."""
     path = Path(path)
-    try:
-        blob = path.read_bytes()
-        data = tomllib.loads(blob.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(path, "(file)", "cannot be read: no such file",
-                          show_value=False) from None
-    except OSError as exc:
-        raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
-                          show_value=False) from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(path, "(file)", f"is not valid TOML: {exc}", show_value=False) from None
+    blob, data = read_toml(path)
     version = hashlib.blake2b(blob, digest_size=6).hexdigest()
     return parse_tenants(path, data, version=version), data
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,19 @@ def read_endpoint(section: Section, name: str, item: str) -> tuple[str, int]:
     except ValueError:
         raise section.error(name, 'must be "ADDRESS:PORT" like "0.0.0.0:587"', item) from None
     return host, number
+
+
+def read_toml(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """A TOML file's bytes and data; ConfigError (key ``(file)``) when it cannot be read
+    or is not UTF-8 TOML."""
+    try:
+        blob = path.read_bytes()
+        return blob, tomllib.loads(blob.decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "(file)", "cannot be read: no such file",
+                          show_value=False) from None
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}",
+                          show_value=False) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(path, "(file)", f"is not valid TOML: {exc}", show_value=False) from None

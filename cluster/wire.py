@@ -21,13 +21,14 @@ no process talks to another host):
 - ``coord.sock`` — the coordinator's ROUTER. Workers send ``Hello``,
   ``SnapshotRequest``, ``Ready``, ``MetricsReport`` and ``Evidence`` (never
   answered); the supervisor sends
-  ``SupervisorHello`` and ``ProcessEvent``; the admin CLI sends
-  ``AdminRequest``. Answers: ``SnapshotMessage``, ``RingMessage``,
-  ``AdminReply``; the supervisor receives ``ScaleCommand`` and, after a
-  ``leaving`` event, the ``RingMessage`` that no longer lists that worker.
-  The coordinator also asks a worker for counter rows the other way round:
-  ``AdminRequest("inspect", {"rid", "keys"})`` to the worker's DEALER,
-  answered by ``AdminReply(data={"rid", "rows": {key: [row, ...]}})``.
+  ``SupervisorHello`` and ``ProcessEvent``; the admin CLI sends the
+  requests of :mod:`cluster.admin_wire`. Answers: ``SnapshotMessage``,
+  ``RingMessage``, the admin replies; the supervisor receives
+  ``ScaleCommand`` and, after a ``leaving`` event, the ``RingMessage`` that
+  no longer lists that worker. The coordinator also asks a worker for its
+  part of some commands the other way round: a ``WorkerRequest`` of
+  :mod:`cluster.admin_wire` (``inspect``, ``reset``, ``queue``, ``why``,
+  ``adopt``) to the worker's DEALER, answered by its ``WorkerReply``.
   A worker's ``MetricsReport`` doubles as its heartbeat and says which
   snapshot version and ring epoch it holds, so a missed publication is
   sent again to it directly.
@@ -415,24 +416,6 @@ class ProcessEvent(Message):
 class ScaleCommand(Message):
     TYPE: ClassVar[str] = "scale"
     workers: int
-
-
-@dataclass(frozen=True, slots=True)
-class AdminRequest(Message):
-    """``command``: status | scale | allow-country | disallow-country | inspect | queue |
-    why | suspend | unsuspend | reset | history (``coordinator.service``)."""
-
-    TYPE: ClassVar[str] = "admin"
-    command: str
-    args: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class AdminReply(Message):
-    TYPE: ClassVar[str] = "admin-reply"
-    ok: bool
-    data: dict[str, Any]
-    error: str = ""
 
 
 # -- where the sockets are ---------------------------------------------------------

@@ -17,6 +17,10 @@ from cluster.admin_wire import (
     InspectSubjectRequest,
     ResetCountersReply,
     ResetCountersRequest,
+    WorkerInspectReply,
+    WorkerInspectRequest,
+    WorkerResetReply,
+    WorkerResetRequest,
 )
 from cluster.logjson import log_event
 from coordinator.compromise import CompromiseWatch
@@ -26,7 +30,7 @@ from coordinator.membership import MEMBER, Membership, Worker
 from coordinator.shared_counters import SharedCounters
 from coordinator.sources import SnapshotSources
 from coordinator.support import SupportDesk, text
-from coordinator.worker_rpc import Ask
+from coordinator.worker_rpc import Ask, answer_of
 from worker.counters.client import CounterUnavailable
 
 INSPECT_TIMEOUT = 3.0
@@ -101,26 +105,27 @@ class CounterCommands:
     async def _inspect_on_workers(self, keys: list[str]) -> tuple[dict[str, Any], str]:
         # A worker asks each key's owner through its counter node; try another if one is slow.
         for worker in self._members():
-            reply = await self._ask(worker, "inspect", {"keys": keys}, INSPECT_TIMEOUT)
-            if reply is None:
+            answer = answer_of(await self._ask(worker, WorkerInspectRequest(keys),
+                                               INSPECT_TIMEOUT), WorkerInspectReply)
+            if answer is None:
                 continue
-            if not reply.ok:
-                raise AdminError(f"{worker.name}: {reply.error}")
-            return dict(reply.data.get("rows", {})), worker.name
+            if isinstance(answer, str):
+                raise AdminError(f"{worker.name}: {answer}")
+            return dict(answer.rows), worker.name
         raise Unavailable("no worker answered in time")
 
     async def _reset_on_workers(self, keys: list[str]) -> ResetCountersReply:
         # One id for the whole reset: a second worker asked after a silent first one
         # reaches owners that answer it again without resetting twice.
-        payload = {"keys": keys, "reset_id": uuid.uuid4().hex}
+        request = WorkerResetRequest(keys, uuid.uuid4().hex)
         for worker in self._members():
-            reply = await self._ask(worker, "reset", payload, RESET_TIMEOUT)
-            if reply is None:
+            answer = answer_of(await self._ask(worker, request, RESET_TIMEOUT),
+                               WorkerResetReply)
+            if answer is None:
                 continue
-            if not reply.ok:
-                raise AdminError(f"{worker.name}: {reply.error}")
-            return ResetCountersReply(keys, int(reply.data.get("cleared", 0)),
-                                      list(reply.data.get("owners", [])), worker.name)
+            if isinstance(answer, str):
+                raise AdminError(f"{worker.name}: {answer}")
+            return ResetCountersReply(keys, answer.cleared, list(answer.owners), worker.name)
         raise Unavailable("no worker answered in time")
 
 

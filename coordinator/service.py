@@ -38,7 +38,7 @@ from pathlib import Path
 import zmq.asyncio
 
 from cluster import wire
-from cluster.admin_wire import AdminRequestMessage
+from cluster.admin_wire import AdminRequestMessage, WorkerReply
 from cluster.logjson import log_event
 from coordinator.admin_router import AdminRouter
 from coordinator.compromise import CompromiseWatch
@@ -176,7 +176,7 @@ class Coordinator:
             await self.ring.ready(identity, message, now)
         elif isinstance(message, AdminRequestMessage):
             self.admin.receive(identity, message)
-        elif isinstance(message, wire.AdminReply):
+        elif isinstance(message, WorkerReply):
             self.workers.reply(message)
         elif isinstance(message, wire.SupervisorHello):
             self.supervisor.hello(identity, message)

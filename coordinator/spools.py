@@ -24,11 +24,19 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from cluster.admin_wire import QUEUE_ACTIONS, QueueReply, QueueRequest
+from cluster.admin_wire import (
+    QUEUE_ACTIONS,
+    QueueReply,
+    QueueRequest,
+    WorkerAdoptReply,
+    WorkerAdoptRequest,
+    WorkerQueueReply,
+    WorkerQueueRequest,
+)
 from cluster.logjson import log_event
 from cluster.names import BadDomain, client_key, normalise_address
 from coordinator.membership import MEMBER, Membership, Worker
-from coordinator.worker_rpc import Ask, ask_all
+from coordinator.worker_rpc import Ask, answer_of, ask_all
 
 QUEUE_TIMEOUT = 5.0
 ADOPT_EVERY = 2.0
@@ -48,7 +56,7 @@ async def queue_command(workers: Sequence[Worker], ask: Ask,
     action = request.action
     if action not in QUEUE_ACTIONS:
         raise QueueError(f"queue: unknown action {action!r} (list, flush or delete)")
-    payload: dict[str, Any] = {"action": action}
+    payload: dict[str, Any] = {}
     if action == "delete":
         queue_id = request.queue_id
         if not isinstance(queue_id, str) or not QUEUE_ID_RE.fullmatch(queue_id):
@@ -59,28 +67,29 @@ async def queue_command(workers: Sequence[Worker], ask: Ask,
     targets = sorted((w for w in workers if w.identity), key=lambda w: order(w.name))
     if not targets:
         raise QueueError("no worker is running to ask")
-    answers, unanswered = await ask_all(ask, targets, "queue", payload, QUEUE_TIMEOUT)
+    answers, unanswered = await ask_all(ask, targets, WorkerQueueRequest(action, **payload),
+                                        WorkerQueueReply, QUEUE_TIMEOUT)
     answered = sorted(answers, key=order)
     if action != "delete" and not answers:
         raise QueueError("no worker answered: " + _reasons(unanswered))
     if action == "list":
-        messages = [{**message, "worker": name} for name, data in answers.items()
-                    for message in data.get("messages", [])]
+        messages = [{**message, "worker": name} for name, answer in answers.items()
+                    for message in answer.messages or ()]
         messages.sort(key=lambda m: (m.get("arrival", 0.0), m.get("queue_id", "")))
         return QueueReply(action, answered, unanswered, messages=messages)
     if action == "flush":
-        per_worker = {name: int(data.get("started", 0)) for name, data in answers.items()}
+        per_worker = {name: answer.started or 0 for name, answer in answers.items()}
         return QueueReply(action, answered, unanswered, started=sum(per_worker.values()),
                           per_worker=per_worker)
     if action in CHANGES:
-        touched = [{**item, "worker": name} for name, data in answers.items()
-                   for item in data.get("touched", [])]
+        touched = [{**item, "worker": name} for name, answer in answers.items()
+                   for item in answer.touched or ()]
         return QueueReply(action, answered, unanswered, messages=touched, touched=len(touched),
                           per_worker={name: sum(1 for t in touched if t["worker"] == name)
                                       for name in answers},
                           ids=payload.get("ids"), account=payload.get("account"),
                           client=payload.get("client"), bounce=payload.get("bounce"))
-    found = [name for name, data in answers.items() if data.get("deleted")]
+    found = [name for name, answer in answers.items() if answer.deleted]
     if not found:
         message = f"no queued message has the id {payload['queue_id']}"
         if unanswered:
@@ -178,13 +187,14 @@ class AdoptionSweep:
                 self._tasks[host] = asyncio.create_task(self._sweep(worker, keep))
 
     async def _sweep(self, worker: Worker, keep: list[str]) -> None:
-        reply = await self._ask(worker, "adopt", {"keep": keep}, ADOPT_TIMEOUT)
-        if reply is None:
+        answer = answer_of(await self._ask(worker, WorkerAdoptRequest(keep), ADOPT_TIMEOUT),
+                           WorkerAdoptReply)
+        if answer is None:
             log_event("adoption_unanswered", logging.WARNING, worker=worker.name)
-        elif not reply.ok:
-            log_event("adoption_failed", logging.WARNING, worker=worker.name, error=reply.error)
-        elif reply.data.get("adopted"):
-            log_event("spools_adopted", worker=worker.name, adopted=reply.data["adopted"])
+        elif isinstance(answer, str):
+            log_event("adoption_failed", logging.WARNING, worker=worker.name, error=answer)
+        elif answer.adopted:
+            log_event("spools_adopted", worker=worker.name, adopted=answer.adopted)
 
     async def close(self) -> None:
         for task in self._tasks.values():

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from cluster.admin_wire import WhyReply, WhyRequest
+from cluster.admin_wire import WhyReply, WhyRequest, WorkerWhyReply, WorkerWhyRequest
 from coordinator.errors import AdminError, NotFound, Unavailable
 from coordinator.membership import Worker
 from coordinator.spools import order
@@ -30,12 +30,13 @@ async def why(workers: Sequence[Worker], ask: Ask, request: WhyRequest) -> WhyRe
     targets = sorted((w for w in workers if w.identity), key=lambda w: order(w.name))
     if not targets:
         raise Unavailable("no worker is running to ask")
-    answers, unanswered = await ask_all(ask, targets, "why", {"sid": sid}, WHY_TIMEOUT)
+    answers, unanswered = await ask_all(ask, targets, WorkerWhyRequest(sid), WorkerWhyReply,
+                                        WHY_TIMEOUT)
     decisions: list[dict[str, Any]] = []
     kept: dict[str, Any] = {}
-    for name, data in answers.items():
-        decisions += [{**d, "worker": name} for d in data.get("decisions", [])]
-        kept = data.get("kept", kept)
+    for name, answer in answers.items():
+        decisions += [{**d, "worker": name} for d in answer.decisions]
+        kept = answer.kept or kept
     decisions.sort(key=lambda d: d.get("ts", ""))
     if not decisions:
         message = (f"no decision of session {sid} is remembered by the workers"

@@ -14,9 +14,13 @@ decision reserved at the owner, or decided on leases the owner lent):
   start on schedule, whatever is still outstanding, up to `--in-flight`);
 - CPU per decision of both processes (utime + stime from /proc).
 
-Then a counter shard's memory per tracked key: `--keys` synthetic keys
-with the three default windows and a few messages each, RSS measured in a
-fresh process. A benchmark, not a test: compare figures within one run.
+Then what replication costs an owner: exporting one key's state beside
+10,000 unrelated live reservations and beside none, and exporting one of
+10,000 reservations of a hot key (tests/worker/test_counters.py checks that
+neither walks every reservation). Last, a counter shard's memory per
+tracked key: `--keys` synthetic keys with the three default windows and a
+few messages each, RSS measured in a fresh process. A benchmark, not a
+test: compare figures within one run.
 """
 
 from __future__ import annotations
@@ -195,6 +199,38 @@ async def _open(decide: Any, rate: float, seconds: float, in_flight: int
     return samples, late
 
 
+def _export_figures() -> None:
+    """Microseconds per ``CounterShard.export`` of one key, busy shard against quiet one."""
+    from cluster.counting import Op
+    from worker.counters.shard import CounterShard
+
+    hour, now = 3600.0, 1_700_000_000.0
+
+    def per_export(shard: CounterShard, keys: list[str], rids: list[str] | None = None) -> float:
+        began, rounds = time.perf_counter(), 500
+        for _ in range(rounds):
+            shard.export(keys, rids)
+        return (time.perf_counter() - began) / rounds * 1e6
+
+    def mine(shard: CounterShard) -> CounterShard:
+        shard.reserve("mine", [Op("ip:a", "msg", hour, 100)])
+        shard.reserve("both", [Op("ip:a", "msg", hour, 100), Op("ip:b", "msg", hour, 100)])
+        return shard
+
+    busy = CounterShard(clock=lambda: now)
+    for i in range(10_000):
+        busy.reserve(f"other{i}", [Op(f"ip:10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", "msg",
+                                      hour, None)])
+    quiet = mine(CounterShard(clock=lambda: now))
+    print(f"export of one key: {per_export(mine(busy), ['ip:a']):.1f} us with 10,000 unrelated "
+          f"live reservations, {per_export(quiet, ['ip:a']):.1f} us with none")
+    hot = CounterShard(clock=lambda: now)
+    for i in range(10_000):
+        hot.reserve(f"r{i}", [Op("ip:hot", "msg", hour, None), Op("acct:x", "msg", hour, None)])
+    print(f"export of a hot key with 10,000 live reservations: "
+          f"{per_export(hot, ['ip:hot'], ['r8']):.1f} us for one of them")
+
+
 def _memory(keys: int, conn: Connection) -> None:
     """In a fresh process: RSS per tracked key of a shard."""
     from cluster.counting import Op
@@ -230,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     uvloop.run(_run(args))
+    _export_figures()
     if args.keys:
         spawn = multiprocessing.get_context("spawn")
         parent, child = spawn.Pipe()

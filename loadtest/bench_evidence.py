@@ -28,8 +28,8 @@ from cluster.names import client_key
 from cluster.settings import CompromiseSettings, parse_settings
 from cluster.tenants import Account, TenantDirectory
 from coordinator.evidence import EvidenceBook
+from worker.client import Client
 from worker.evidence import EvidenceNotes
-from worker.policies import Client
 from worker.snapshot import Snapshot
 
 COUNTRIES = ("PL", "DE", "CZ", "GB", "US", "FR")

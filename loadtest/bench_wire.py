@@ -21,11 +21,14 @@ from cluster.admin_wire import InspectSubjectRequest, ResetCountersReply
 from cluster.counting import Op, Outcome
 
 SAMPLES: dict[str, wire.Message] = {
-    "counter request, 3 ops": wire.CounterRequest(
+    # As the counter path frames them: one item per request, plain lists (wire.R_*, wire.A_*).
+    "counter request, 3 ops": wire.CounterRequest([[
         "r1f3", 7, "reserve", "res-0001",
-        (Op("ip:192.0.2.10", "msg", 60.0, 100), Op("ip:192.0.2.10", "msg", 3600.0, 1000),
-         Op("acct:jan@kowalski.pl", "msg", 3600.0, 500))),
-    "counter reply": wire.CounterReply("r1f3", "ok", 7, Outcome(True, (3, 40, 12), None), True),
+        [Op("ip:192.0.2.10", "msg", 60.0, 100).to_wire(),
+         Op("ip:192.0.2.10", "msg", 3600.0, 1000).to_wire(),
+         Op("acct:jan@kowalski.pl", "msg", 3600.0, 500).to_wire()], None]]),
+    "counter reply": wire.CounterReply([[
+        "r1f3", "ok", 7, Outcome(True, (3, 40, 12), None).to_wire(), "", None]]),
     "metrics report": wire.MetricsReport("w0", 4242, {
         "sessions_open": 12, "sessions_total": 90210, "accepted": 81234, "phase": "serving",
         "snapshot_version": 14, "ring_epoch": 3, "member": True, "endpoint": "ipc:///run/w0",

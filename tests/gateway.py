@@ -150,7 +150,7 @@ class Gateway:
     def _run(self) -> None:
         import uvloop
 
-        from worker.main import build_worker
+        from worker.builder import build_worker
 
         async def main() -> None:
             try:

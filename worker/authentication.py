@@ -32,18 +32,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from cluster.counting import Op
+from cluster.counting import Op, judge
 from cluster.logjson import log_event
 from cluster.names import BadDomain, normalise_address
 from cluster.passwords import PasswordSchemeError
 from cluster.tenants import Account, TenantDirectory
 from worker import replies
 from worker.auth import PasswordVerifier, VerifierBusy, typical_hash
+from worker.client import Client
 from worker.counters.client import CounterClient, CounterUnavailable
-from worker.policies import Action, Client, Verdict, reject, tempfail
+from worker.policies import Action, Verdict, reject, tempfail
 from worker.policies.auth_throttle import AuthThrottlePolicy
+from worker.policies.base import Counts, Decision
 from worker.sasl import Credentials
 from worker.snapshot import Snapshot
 
@@ -64,10 +66,11 @@ class Authenticator:
     async def authenticate(self, client: Client, credentials: Credentials) -> Verdict:
         """The verdict for one AUTH; sets ``client.account`` on success. Not logged here."""
         snapshot = self.snapshot()
-        ops = self.throttle.ops(snapshot, client)
+        decision = Decision(snapshot, client, "AUTH")
+        ops = self.throttle.ops(decision)
         known = self._known_good(snapshot, credentials)
         if known is not None:
-            return await self._without_hashing(client, ops, known)
+            return await self._without_hashing(decision, ops, known)
         reservation = ""
         if ops:
             reservation = f"{client.sid}.auth{next(_attempts)}"
@@ -76,7 +79,8 @@ class Authenticator:
             except CounterUnavailable as exc:
                 return _counter_tempfail(client, exc)
             if not outcome.ok:
-                return self.throttle.refusal(client, outcome.counts)
+                return await self.throttle.judge(decision, Counts(ops, outcome.counts,
+                                                                  outcome.denied))
         try:
             verdict = await self._verify(snapshot, client, credentials)
         except VerifierBusy as exc:
@@ -108,16 +112,20 @@ class Authenticator:
             return account
         return None
 
-    async def _without_hashing(self, client: Client, ops: list[Op], account: Account) -> Verdict:
+    async def _without_hashing(self, decision: Decision, ops: Sequence[Op],
+                               account: Account) -> Verdict:
         # A locked-out address stays locked out, whatever it knows.
+        client = decision.client
         if ops:
             try:
-                outcome = await self.counters.check(ops)
+                counts = (await self.counters.check(ops)).counts
             except CounterUnavailable as exc:
                 return _counter_tempfail(client, exc)
-            if any(count >= (op.max or 0) for op, count in zip(ops, outcome.counts,
-                                                                strict=True)):
-                return self.throttle.refusal(client, outcome.counts)
+            # Would one more failure fit? (The check itself counts nothing.)
+            verdict = await self.throttle.judge(decision, Counts(ops, counts,
+                                                                 judge(ops, counts).denied))
+            if not verdict.ok:
+                return verdict
         client.account = account
         return Verdict(Action.CONTINUE, replies.AUTH_OK, "auth")
 
@@ -156,25 +164,6 @@ class Authenticator:
             model = typical_hash(a.password for a in tenants.accounts.values())
             self._decoy_for = (tenants, model)
         return model
-
-
-def recheck_login(snapshot: Snapshot, client: Client) -> Verdict | None:
-    """At MAIL: the session's login as the tenant directory has it now.
-
-    None when the account still exists with the same password (``client``
-    then holds its current entry: limits and aliases may have changed);
-    else the refusal, and the session is no longer logged in.
-    """
-    account: Account | None = client.account
-    if account is None:
-        return None
-    current = snapshot.tenants.account(account.user)
-    if current is not None and current.password == account.password:
-        client.account = current
-        return None
-    client.account = None
-    return reject("auth", replies.AUTH_REQUIRED.format(sid=client.sid),
-                  "account removed" if current is None else "password changed")
 
 
 def _counter_tempfail(client: Client, exc: Exception) -> Verdict:

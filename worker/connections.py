@@ -41,6 +41,7 @@ single worker (or a worker running alone) is exact.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 
@@ -59,8 +60,9 @@ class ConnectionTable:
         self._others: dict[str, int] = {}
         self._others_at = -STALE_AFTER
         self._cap = 0  # the cap last applied, for when to report early
-        # Told when an address nears the cap, so the worker reports early.
-        self.on_growth: Callable[[], None] | None = None
+        # Set when an address nears the cap: the worker's heartbeat
+        # (worker/link/heartbeat.py) then reports early, and clears it.
+        self.near_cap = asyncio.Event()
 
     def admit(self, key: str, cap: int) -> bool:
         """Count one more connection of ``key`` unless the host already has ``cap``."""
@@ -70,8 +72,8 @@ class ConnectionTable:
             return False
         self._local[key] = held + 1
         self._cap = cap
-        if self.on_growth is not None and self._near_cap(held + 1 + others):
-            self.on_growth()
+        if self._near_cap(held + 1 + others):
+            self.near_cap.set()
         return True
 
     def _near_cap(self, total: int) -> bool:
@@ -110,8 +112,8 @@ class ConnectionTable:
                    for key, held in others.items() if key in self._local)
         self._others = others
         self._others_at = self._clock()
-        if near and self.on_growth is not None:
-            self.on_growth()  # our connections of an address near the cap count now
+        if near:
+            self.near_cap.set()  # our connections of an address near the cap count now
 
     def expire(self) -> None:
         if self._others and self._clock() - self._others_at > STALE_AFTER:

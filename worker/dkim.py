@@ -41,8 +41,8 @@ from cluster.dkimkeys import DkimKeyError, SigningKey, key_path, read_signing_ke
 from cluster.logjson import log_event
 from cluster.names import BadDomain, to_alabel
 from cluster.tenants import TenantDirectory
+from worker.client import Client
 from worker.delivery.lines import for_delivery
-from worker.policies import Client
 
 # Signed when present, and their absence signed when absent (so none can be
 # added on the way). From twice: a second From: added later breaks the

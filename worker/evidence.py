@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker.policies import Client
+from worker.client import Client
 from worker.policies.geoip import client_country
 from worker.snapshot import Snapshot
 

@@ -9,16 +9,15 @@ decision reaches the engine and is logged there, once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
 
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
 from worker import sasl
+from worker.client import Client
 from worker.engine import PolicyEngine, Transaction
-from worker.policies import Client, Verdict
-
-if TYPE_CHECKING:
-    from worker.smtp import GatewaySMTP
+from worker.policies import Verdict
+from worker.smtp import GatewaySMTP
 
 
 def _client(server: GatewaySMTP) -> Client:
@@ -48,15 +47,20 @@ class GatewayHandler:
         return f"250 {server.hostname}"
 
     async def auth_PLAIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
-        return await self._authenticate(server, await sasl.read_plain(server, args))
+        return await self._authenticate(server, sasl.read_plain(server, args))
 
     async def auth_LOGIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
-        return await self._authenticate(server, await sasl.read_login(server, args))
+        return await self._authenticate(server, sasl.read_login(server, args))
 
     async def _authenticate(self, server: GatewaySMTP,
-                            credentials: sasl.Credentials | None) -> AuthResult:
+                            reading: Awaitable[sasl.Credentials | None]) -> AuthResult:
+        try:
+            credentials = await reading
+        except sasl.SaslRefused as exc:
+            await server.push(self.refused(server, "AUTH", "syntax", exc.reply, exc.detail))
+            return AuthResult(success=False, handled=True)
         if credentials is None:
-            return AuthResult(success=False, handled=True)  # answered while reading them
+            return AuthResult(success=False, handled=True)  # aiosmtpd answered the abort
         verdict = await self.engine.authenticate(_client(server), credentials)
         if verdict.ok:
             return AuthResult(success=True, handled=False, message=verdict.reply,

@@ -38,3 +38,10 @@ def after_last_header_line(message: bytes, limit: int | None = None) -> int:
     if end == 0:
         return 0
     return end + (2 if message.startswith(b"\r\n", end) else 1)
+
+
+def header_section(message: bytes) -> bytes:
+    """The header lines of ``message`` (without the empty line); all of it when it has no
+    empty line."""
+    bounds = header_end(message)
+    return message if bounds is None else message[:bounds[0]]

@@ -2,9 +2,11 @@
 
 aiosmtpd's built-in mechanisms drop the PLAIN authorization identity; SPEC
 refuses one that names another user, so the exchange is read here and the
-verdict is the engine's. Each reader returns the :class:`Credentials` or
-None when it has already answered the client (``*`` to abort, bad base64,
-a PLAIN message without its two NULs): those answers are aiosmtpd's.
+verdict is the engine's. Each reader returns the :class:`Credentials`, None
+when aiosmtpd has already answered the client (``*`` to abort), or raises
+:class:`SaslRefused` for what cannot be read (bad base64, a PLAIN message
+without its two NULs, an answer too long), whose reply the handler has the
+engine log and send.
 
 Bytes that are not UTF-8 are kept as lone surrogates: such a login names no
 account and such a password matches no hash, and neither turns into
@@ -28,6 +30,15 @@ BAD_PLAIN = "501 5.5.2 Can't split auth value"
 TOO_LONG = "500 5.5.6 Authentication exchange line is too long"  # RFC 4954 §4
 
 
+class SaslRefused(Exception):
+    """The client's answer cannot be read: ``reply`` is what it gets, ``detail`` why."""
+
+    def __init__(self, reply: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reply = reply
+        self.detail = detail
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     mechanism: str
@@ -47,8 +58,7 @@ async def _challenge(server: SMTP, challenge: str) -> bytes | None:
     try:
         answer = await server.challenge_auth(challenge)
     except ValueError:  # the answer overran the stream's line limit
-        await server.push(TOO_LONG)
-        return None
+        raise SaslRefused(TOO_LONG, "answer longer than a line may be") from None
     return None if answer is MISSING else answer  # type: ignore[return-value]
 
 
@@ -58,8 +68,7 @@ async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -
     try:
         return b64decode(args[1].encode(), validate=True)
     except (binascii.Error, ValueError):
-        await server.push(BAD_BASE64)
-        return None
+        raise SaslRefused(BAD_BASE64, "initial response is not base64") from None
 
 
 async def read_plain(server: SMTP, args: list[str]) -> Credentials | None:
@@ -68,8 +77,7 @@ async def read_plain(server: SMTP, args: list[str]) -> Credentials | None:
         return None
     parts = message.split(b"\x00")
     if len(parts) != 3:
-        await server.push(BAD_PLAIN)
-        return None
+        raise SaslRefused(BAD_PLAIN, "PLAIN message without its two NULs")
     authzid, login, password = parts
     return Credentials("PLAIN", _text(login), _text(password), _text(authzid))
 

@@ -5,40 +5,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from worker.smtp import GatewaySMTP
+from typing import Protocol
 
 # After our 421 a TLS peer may take a moment to answer the close; past this
 # the connection is dropped so the worker can exit.
 _CLOSE_GRACE = 1.0
 
 
+class Session(Protocol):
+    """What the registry asks of an open session (worker/smtp.py's protocol object)."""
+
+    def begin_drain(self) -> None: ...
+    async def end_now(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class SessionRegistry:
     def __init__(self) -> None:
-        self._open: set[GatewaySMTP] = set()
-        self._closing: set[GatewaySMTP] = set()
+        self._open: set[Session] = set()
+        self._closing: set[Session] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._gone = asyncio.Event()
         self._gone.set()
         self.total = 0
 
-    def add(self, session: GatewaySMTP) -> None:
+    def add(self, session: Session) -> None:
         self._open.add(session)
         self.total += 1
         self._idle.clear()
         self._gone.clear()
 
-    def finished(self, session: GatewaySMTP) -> None:
+    def finished(self, session: Session) -> None:
         """We said goodbye; the connection may still be closing."""
         if session in self._open:
             self._open.discard(session)
             self._closing.add(session)
         self._update()
 
-    def discard(self, session: GatewaySMTP) -> None:
+    def discard(self, session: Session) -> None:
         """The connection is gone."""
         self._open.discard(session)
         self._closing.discard(session)

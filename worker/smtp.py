@@ -1,7 +1,8 @@
 """Every change sendguard makes to aiosmtpd's protocol class, in one place.
 
-aiosmtpd 1.4.6 is pinned: these overrides rely on its behaviour, and each
-has a test in ``tests/worker/test_smtp_overrides.py``.
+aiosmtpd is held to the releases these overrides were tested on
+(pyproject.toml): they rely on its internals, and each has a test in
+``tests/worker/test_smtp_overrides.py``.
 
 - a session id per connection, in the banner and the replies, kept across
   STARTTLS (aiosmtpd recreates ``session`` there);
@@ -12,10 +13,12 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
   as SPEC orders it) and for too much data after DATA; addresses with
   control characters, bytes that are not UTF-8 or no ``local@domain``
   refused with ``501 5.1.3`` before aiosmtpd parses the rest of MAIL/RCPT;
-- every refusal is a decision line: the engine's verdicts are logged by the
-  engine (their replies are :class:`~worker.replies.Decided`); whatever
-  aiosmtpd refuses by itself (syntax, sequence, 538) is handed to the
-  engine here, in :meth:`GatewaySMTP.push`, so nothing is refused unlogged;
+- every refusal is a decision line: what this object refuses goes through
+  the handler to the engine (:meth:`GatewaySMTP.refuse`), as the hooks'
+  decisions do, and comes back as a :class:`~worker.replies.Decided`
+  reply; only what aiosmtpd refuses by itself (its syntax and sequence
+  replies, 538) is handed to the engine in :meth:`GatewaySMTP.push`, so
+  nothing is refused unlogged;
 - session limits: ``server.command_timeout`` (idle time between commands;
   bytes arriving inside DATA count as activity), ``server.max_session_time``
   and ``server.max_errors`` (refused commands since the last accepted
@@ -29,7 +32,9 @@ has a test in ``tests/worker/test_smtp_overrides.py``.
 - an internal error answers ``451 4.3.0 {sid} temporary failure`` with a
   decision line, never ``500`` with Python's text;
 - the per-class scan of ``smtp_*``/``auth_*`` methods done once per class
-  instead of once per connection (worker/smtp_speedups.py);
+  instead of once per connection, and the common address form parsed
+  without the email package (worker/smtp_speedups.py, installed by the
+  worker's builder, not by importing this module);
 - graceful shutdown: 421 at once outside a transaction, after the reply to
   the end of DATA inside one;
 - DATA read as SPEC §3 wants it (worker/smtp_data.py): lines of any length,
@@ -52,7 +57,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
@@ -60,15 +65,11 @@ from cluster.logjson import log_event
 from cluster.names import address_problem, client_key, has_unusable_characters, plain_ip
 from cluster.sessionid import new_session_id
 from cluster.settings import ServerSettings
-from worker import replies, smtp_speedups, starttls
-from worker.policies import Client
+from worker import replies, starttls
+from worker.client import Client
+from worker.policies import Verdict
+from worker.sessions import SessionRegistry
 from worker.smtp_data import TooMuchData, read_data, unstuff
-
-smtp_speedups.install()
-
-if TYPE_CHECKING:
-    from worker.handler import GatewayHandler
-    from worker.sessions import SessionRegistry
 
 _SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)", re.IGNORECASE)
 # aiosmtpd's reply to a command line longer than its reader takes (or than
@@ -113,6 +114,20 @@ def _never(*_: Any) -> AuthResult:
     return AuthResult(success=False, handled=False)
 
 
+class ProtocolDecisions(Protocol):
+    """What the protocol object asks its handler (worker/handler.py) besides aiosmtpd's hooks:
+    the decisions it makes itself, each logged by the engine; the replies are
+    :class:`~worker.replies.Decided`."""
+
+    def connect(self, server: GatewaySMTP) -> Verdict: ...
+    def disconnect(self, server: GatewaySMTP) -> None: ...
+    def refused(self, server: GatewaySMTP, stage: str, policy: str, reply: str,
+                detail: str = "") -> str: ...
+    def unauthenticated(self, server: GatewaySMTP, stage: str) -> str: ...
+    def bad_address(self, server: GatewaySMTP, stage: str, problem: str) -> str: ...
+    def internal_error(self, server: GatewaySMTP, stage: str, error: BaseException) -> str: ...
+
+
 class _CommandTable:
     """Stands in for aiosmtpd's ``_smtp_methods``: every command it looks up runs through
     :meth:`GatewaySMTP._run`. Lookups made while a command runs (HELP) see the plain table."""
@@ -133,14 +148,14 @@ class _CommandTable:
 
 
 class GatewaySMTP(SMTP):
-    def __init__(self, handler: GatewayHandler, *, sessions: SessionRegistry,
+    def __init__(self, handler: ProtocolDecisions, *, sessions: SessionRegistry,
                  server_settings: Callable[[], ServerSettings], trusted: Any,
                  peer: tuple[str, int] | None = None, proxy: str | None = None,
                  **kwargs: Any) -> None:
         kwargs.setdefault("timeout", server_settings().command_timeout)
         kwargs.setdefault("command_call_limit", COMMAND_CALL_LIMIT)
         super().__init__(handler, authenticator=_never, **kwargs)
-        self.event_handler: GatewayHandler = handler
+        self.event_handler: ProtocolDecisions = handler
         self.sessions = sessions
         self._server_settings = server_settings
         self._is_trusted = trusted
@@ -202,7 +217,13 @@ class GatewaySMTP(SMTP):
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         # uvloop's TLS, not aiosmtpd's pure-Python one: see worker/starttls.py.
         assert self.client is not None
-        if await starttls.upgrade(self, arg, sid=self.client.sid, client_ip=self.client.ip):
+        if arg:
+            await self.refuse("STARTTLS", "syntax", "501 Syntax: STARTTLS", "an argument")
+            return
+        if not self.tls_context:
+            await self.refuse("STARTTLS", "protocol", "454 TLS not available", "no certificate")
+            return
+        if await starttls.upgrade(self, sid=self.client.sid, client_ip=self.client.ip):
             self.client.tls = True
             if self._peer is not None and self.session is not None:
                 self.session.peer = self._peer  # type: ignore[assignment]
@@ -250,9 +271,8 @@ class GatewaySMTP(SMTP):
             return
         method = self._smtp_methods.methods.get(command)  # type: ignore[attr-defined]
         if method is None:
-            await self.push(self.event_handler.refused(
-                self, self._command, "syntax", replies.UNKNOWN_COMMAND.format(sid=self.sid),
-                f"unknown command {replies.printable(command, 40)}"))
+            await self.refuse(self._command, "syntax", replies.UNKNOWN_COMMAND.format(sid=self.sid),
+                              f"unknown command {replies.printable(command, 40)}")
             return
         self._running = True
         try:
@@ -304,6 +324,10 @@ class GatewaySMTP(SMTP):
             self.transport.close()
         self.sessions.finished(self)
 
+    async def refuse(self, stage: str, policy: str, reply: str, detail: str = "") -> None:
+        """A refusal this object decides: logged by the engine, then sent."""
+        await self.push(self.event_handler.refused(self, stage, policy, reply, detail))
+
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would answer "500 Error: (TypeError) ..." and log a traceback.
         return self.event_handler.internal_error(self, self._command, error)
@@ -324,9 +348,8 @@ class GatewaySMTP(SMTP):
         if arg and self.data_size_limit:
             match = _SIZE_PARAM.search(arg)
             if match and int(match.group(1)) > self.data_size_limit:
-                await self.push(self.event_handler.refused(
-                    self, "MAIL", "size", replies.SIZE_EXCEEDED,
-                    f"declared {match.group(1)}, max {self.data_size_limit}"))
+                await self.refuse("MAIL", "size", replies.SIZE_EXCEEDED,
+                                  f"declared {match.group(1)}, max {self.data_size_limit}")
                 return
         if await self.check_auth_needed("MAIL"):
             return
@@ -342,19 +365,18 @@ class GatewaySMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            await self.refuse("DATA", "sequence", "503 Error: need RCPT command", "no recipient")
             return
         if arg:
-            await self.push("501 Syntax: DATA")
+            await self.refuse("DATA", "syntax", "501 Syntax: DATA", "an argument")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             raw = await read_data(self._reader, self.data_size_limit)
         except TooMuchData:
             self._set_post_data_state()
-            await self.push(self.event_handler.refused(
-                self, "DATA", "size", replies.SIZE_EXCEEDED,
-                f"more than {self.data_size_limit} bytes"))
+            await self.refuse("DATA", "size", replies.SIZE_EXCEEDED,
+                              f"more than {self.data_size_limit} bytes")
             return
         except asyncio.CancelledError:
             self._writer.close()  # the connection went away during DATA

@@ -13,8 +13,14 @@ Per-class caching of aiosmtpd's per-connection introspection.
 ``inspect.getmembers``, ``dir`` and ``inspect.signature`` on every
 connection (about 120 µs here, most of the CPU of a one-message session's
 set-up). What those scans find depends only on the classes, so the names
-are looked up once per class and re-bound per instance. This rebinds names
-inside ``aiosmtpd.smtp`` only; aiosmtpd is pinned (1.4.6) for that reason.
+are looked up once per class and re-bound per instance.
+
+Nothing is patched by importing this module: the worker's builder calls
+:func:`install`, which rebinds names inside ``aiosmtpd.smtp`` only, and
+only on the aiosmtpd releases whose internals these shortcuts were checked
+against (:data:`CHECKED_RELEASES`, with a test each in
+``tests/worker/test_smtp_overrides.py``); on any other release aiosmtpd
+runs as it comes, slower but correct.
 """
 
 from __future__ import annotations
@@ -24,7 +30,12 @@ import re
 import types
 from typing import Any
 
+import aiosmtpd
 import aiosmtpd.smtp
+
+# What ``SMTP.__init__`` and ``SMTP._getaddr`` look like in these releases is what
+# the shortcuts below stand in for.
+CHECKED_RELEASES = frozenset({"1.4.5", "1.4.6"})
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH = re.compile(
@@ -81,12 +92,17 @@ class _CachedInspect(types.ModuleType):
         return getattr(inspect, name)
 
 
-def install() -> None:
+def install() -> bool:
+    """Patch aiosmtpd in this process (once); False, and nothing patched, on a release
+    these shortcuts were not checked against."""
+    if aiosmtpd.__version__ not in CHECKED_RELEASES:
+        return False
     if isinstance(aiosmtpd.smtp.inspect, _CachedInspect):
-        return
+        return True
     shim = _CachedInspect("inspect")
     shim.getmembers = _getmembers  # type: ignore[attr-defined]
     shim.signature = _signature  # type: ignore[attr-defined]
     aiosmtpd.smtp.inspect = shim  # type: ignore[attr-defined]
     aiosmtpd.smtp.dir = _cached_dir  # type: ignore[attr-defined]
     aiosmtpd.smtp.SMTP._getaddr = _fast_getaddr  # type: ignore[method-assign]
+    return True

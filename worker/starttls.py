@@ -1,6 +1,6 @@
 """STARTTLS through the event loop's own TLS instead of aiosmtpd's.
 
-aiosmtpd 1.4.6 upgrades a connection by wiring ``asyncio.sslproto`` in by
+aiosmtpd 1.4 upgrades a connection by wiring ``asyncio.sslproto`` in by
 hand: every byte of the session then goes through the pure-Python TLS
 layer, about a tenth of a worker's CPU. ``loop.start_tls()`` does the same
 job in uvloop's compiled TLS layer, the one implicit-TLS listeners already
@@ -27,18 +27,14 @@ from cluster.logjson import log_event
 _TLS_DETAILS = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
 
 
-async def upgrade(protocol: SMTP, arg: str | None, *, sid: str, client_ip: str) -> bool:
-    """Answer STARTTLS and run the handshake; True once the session is encrypted.
+async def upgrade(protocol: SMTP, *, sid: str, client_ip: str) -> bool:
+    """Answer a STARTTLS the session accepted and run the handshake; True once the
+    session is encrypted.
 
     A failed handshake closes the connection and ends the session (the
     client is told nothing more: the wire is neither plaintext nor TLS).
     """
-    if arg:
-        await protocol.push("501 Syntax: STARTTLS")
-        return False
-    if not protocol.tls_context:
-        await protocol.push("454 TLS not available")
-        return False
+    assert protocol.tls_context is not None
     await protocol.push("220 Ready to start TLS")
     plain = protocol.transport
     assert plain is not None

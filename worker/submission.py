@@ -12,8 +12,8 @@ import functools
 import re
 import time
 
+from worker.client import Client
 from worker.headers import after_last_header_line
-from worker.policies import Client
 from worker.spam import ScanResult
 
 _HEADER_SCAN_LIMIT = 256 * 1024

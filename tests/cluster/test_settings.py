@@ -268,6 +268,12 @@ def test_not_toml(tmp_path: Path) -> None:
     assert error_of(path).startswith(f"{path}: (file): is not valid TOML: ")
 
 
+def test_a_file_that_is_not_utf8_is_one_line_too(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nhostname = "\xb3\xf3d\xbc.pl"\n')
+    assert error_of(path).startswith(f"{path}: (file): is not valid TOML: ")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     assert error_of(path) == f"{path}: (file): cannot be read: no such file"

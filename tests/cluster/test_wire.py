@@ -30,6 +30,10 @@ def test_every_message_type_has_a_reader_for_each_field() -> None:
     aw.QueueRequest("purge", ip="192.0.2.1", bounce=True, by="ops"),
     aw.StatusReply(1, 2, 2, 3, ["w0"], 4, "/etc/sg.toml", "v", 1, 2, "", [{"name": "w0"}]),
     aw.AdminFailed("no such account", aw.NOT_FOUND),
+    aw.WorkerQueueRequest("hold", ids=["Q1"], rid="r9"),
+    aw.WorkerInspectReply("r9", "w1", {"ip:192.0.2.1": [{"series": "msg", "count": 2}]}),
+    aw.WorkerAdoptReply("r9", "w0", {"w3": 12}, ["w4"]),
+    aw.WorkerFailed("r9", "w0", "w0 has not loaded its spool yet"),
 ])
 def test_round_trip(message: wire.Message) -> None:
     assert wire.decode(wire.encode(message)) == message
@@ -47,6 +51,8 @@ def test_round_trip(message: wire.Message) -> None:
     (frame("admin-queue", "list", None, "id1", None, None, False, None, None),
      "ids must be a list"),
     (frame("admin-suspend", "a@b.pl", "ops", 12, None), "reason must be a string"),
+    (frame("worker-reset-reply", "r9", "w0", "3", ["w1"]), "cleared must be an integer"),
+    (frame("worker-why-reply", "r9", "w0", [{"stage": "MAIL"}], ["kept"]), "kept must be a map"),
 ])
 def test_a_field_of_the_wrong_type_is_refused(data: bytes, error: str) -> None:
     with pytest.raises(wire.WireError, match=error.replace("[", r"\[").replace("]", r"\]")):

@@ -5,7 +5,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -658,26 +657,8 @@ async def _ask(conn: Connection, *command: Any) -> Any:
     return await asyncio.to_thread(wait)
 
 
-def _quantiles(samples: list[float]) -> str:
-    cuts = statistics.quantiles(samples, n=100)
-    return f"p50 {cuts[49] * 1000:.2f} ms, p99 {cuts[98] * 1000:.2f} ms, n={len(samples)}"
-
-
-async def _at_rate(rate: float, seconds: float, decide: Any) -> None:
-    # A fixed arrival rate, as a load generator would send: not waiting for answers.
-    loop = asyncio.get_running_loop()
-    began, pending = loop.time(), []
-    for i in range(int(rate * seconds)):
-        delay = began + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        pending.append(asyncio.create_task(decide(i)))
-    await asyncio.gather(*pending)
-
-
 @pytest.mark.integration
-async def test_nodes_in_separate_processes(sock_dir: str, made: list[CounterNode],
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+async def test_nodes_in_separate_processes(sock_dir: str, made: list[CounterNode]) -> None:
     spawn = multiprocessing.get_context("spawn")
     links, children = {}, {}
     for name in ("x", "y"):
@@ -702,27 +683,14 @@ async def test_nodes_in_separate_processes(sock_dir: str, made: list[CounterNode
                                       *(_ask(c, "reserve", key, limit, 50) for c in links.values()))
         assert len(counts[0]) + counts[1] + counts[2] == limit
 
-        # Latency at a fixed rate: owner local (replica in a child), then remote.
-        # Reported, not asserted: it measures the machine as much as the code.
+        # A decision is observed as remote exactly when its owner is another process
+        # (how long it takes: python -m loadtest.bench_counters).
         local, remote = key_where(ring, "p", "x"), key_where(ring, "x", "y")
-        report, rate = [], 200
-        for label, target in (("local owner", local), ("remote owner", remote)):
+        for target, crosses in ((local, False), (remote, True)):
             samples.clear()
-            unavailable = 0
-
-            async def decide(i: int, key: str = target) -> None:
-                nonlocal unavailable
-                try:
-                    await p.client.reserve(f"lat-{key}-{i}", [msg(key, None)])
-                except CounterUnavailable:
-                    unavailable += 1
-
-            await _at_rate(rate, 1.5, decide)
-            assert all(remote_call == (label == "remote owner") for _, remote_call in samples)
-            report.append(f"{label} reserve at {rate}/s: {_quantiles([s for s, _ in samples])}, "
-                          f"{unavailable} unavailable")
-        with capsys.disabled():
-            print("\n" + "\n".join(report))
+            for i in range(20):
+                assert (await p.client.reserve(f"obs-{target}-{i}", [msg(target, None)])).ok
+            assert [remote_call for _, remote_call in samples] == [crosses] * 20
 
         # kill -9 of an owner in another process: its replica takes over with the counts.
         doomed = [key_where(ring, "y", skip=i) for i in range(6)]

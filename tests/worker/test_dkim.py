@@ -19,9 +19,9 @@ from cluster.dkimkeys import generate_key, key_path
 from cluster.logjson import JsonFormatter
 from cluster.tenants import TenantDirectory, parse_tenants
 from worker import dkim as signing
+from worker.client import Client
 from worker.delivery.lines import for_delivery
 from worker.dkim import DkimKeyring, DkimSigner, header_from_domain, sign_message
-from worker.policies import Client
 
 TENANTS = {
     "domains": {

@@ -15,8 +15,8 @@ from cluster.names import client_key
 from cluster.settings import parse_settings
 from cluster.tenants import parse_tenants
 from worker import evidence
+from worker.client import Client
 from worker.evidence import EvidenceNotes
-from worker.policies import Client
 from worker.snapshot import Snapshot
 
 NOW = 1_700_000_000.0

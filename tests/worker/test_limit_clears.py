@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cluster.counting import Op
 from worker.counters.shard import CounterShard
-from worker.engine import fits_again_at
+from worker.policies.limit_clears import fits_again_at
 
 
 def test_the_oldest_counts_must_leave_until_the_message_fits() -> None:

@@ -13,8 +13,8 @@ from dnsserver import TestDNSServer
 
 from cluster.reload import RESTART_ONLY, needs_restart
 from cluster.settings import SpamSettings, parse_settings
+from worker.builder import ScannerSlot
 from worker.dns import DestinationStatus, DomainResolver
-from worker.main import ScannerSlot
 
 
 async def test_a_reconfigured_resolver_asks_the_new_servers_and_forgets_old_answers() -> None:

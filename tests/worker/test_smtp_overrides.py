@@ -3,7 +3,7 @@
 The replies themselves (banner, 550 before AUTH, SIZE before AUTH, 552 after
 DATA, AUTH verdicts, 421 on shutdown) are asserted over real SMTP in
 test_smtp_replies.py and test_shutdown.py; these tests pin what the
-overrides rely on in aiosmtpd 1.4.6.
+overrides rely on in the aiosmtpd releases pyproject.toml admits.
 """
 
 from __future__ import annotations
@@ -32,8 +32,20 @@ class Handler:
         return "250 OK"
 
 
-def test_aiosmtpd_is_the_pinned_version() -> None:
-    assert importlib.metadata.version("aiosmtpd") == "1.4.6"
+def test_aiosmtpd_is_a_release_the_overrides_were_checked_against() -> None:
+    assert importlib.metadata.version("aiosmtpd") in smtp_speedups.CHECKED_RELEASES
+    assert smtp_speedups.install()
+
+
+def test_the_speedups_are_not_installed_by_importing_the_protocol() -> None:
+    import subprocess
+    import sys
+
+    code = ("import inspect, aiosmtpd.smtp, worker.smtp, worker.handler, worker.server;"
+            "assert aiosmtpd.smtp.inspect is inspect;"
+            "from worker import smtp_speedups; assert smtp_speedups.install();"
+            "assert aiosmtpd.smtp.inspect is not inspect")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_texts_we_replace_are_still_aiosmtpd_texts() -> None:

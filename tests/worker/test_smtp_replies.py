@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import smtplib
 from collections.abc import Iterator
@@ -217,3 +218,34 @@ def test_half_closed_client_is_let_go(gateway: Gateway) -> None:
         sock.shutdown(socket.SHUT_WR)
         # The server closes its side instead of holding the connection until its idle timeout.
         assert sock.recv(512) == b""
+
+
+def test_refusals_of_the_protocol_layer_are_one_decision_line_each(gateway: Gateway) -> None:
+    """What the session refuses itself (bad SASL answers, DATA out of sequence, STARTTLS
+    with an argument) goes through the engine like a policy's refusal: one line each."""
+    client = connect(gateway, "127.0.0.24", starttls=False)
+    sid = sid_of(client)
+    assert reply(client, "STARTTLS now") == (501, "Syntax: STARTTLS")
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    client.starttls(context=context)
+    client.ehlo()
+    assert reply(client, "AUTH PLAIN %%%") == (501, "5.5.2 Can't decode base64")
+    no_nuls = base64.b64encode(b"jan@kowalski.pl correct horse").decode()
+    assert reply(client, f"AUTH PLAIN {no_nuls}") == (501, "5.5.2 Can't split auth value")
+    client.login("jan@kowalski.pl", PASSWORD)
+    assert client.mail("jan@kowalski.pl")[0] == 250
+    assert reply(client, "DATA") == (503, "Error: need RCPT command")
+    client.quit()
+    expected = [("STARTTLS", "syntax", "501 Syntax: STARTTLS"),
+                ("AUTH", "syntax", "501 5.5.2 Can't decode base64"),
+                ("AUTH", "syntax", "501 5.5.2 Can't split auth value"),
+                ("DATA", "sequence", "503 Error: need RCPT command")]
+    refusals = [(line["stage"], line["policy"], line["reply"])
+                for line in gateway.log_lines()
+                if line.get("sid") == sid and line.get("event") == "decision"
+                and line["verdict"] != "accept"]
+    assert refusals == expected

@@ -1,16 +1,13 @@
 """The engine's side of the counter ring: each call goes to its keys' owners.
 
-A call's ops are grouped by owner on the node's current ring, one request
-per owner (a local owner is called directly, with no socket; requests to
-one remote owner issued in one loop iteration share a frame, see
-``peer.py``). A decision whose keys live on several owners is a
-reservation on each of them, released on all if any refuses. After
-"moved" or "retry" a call waits for the ring to settle and tries again; a
-reservation starts again under a new shard rid once the partial one is
-released, so nothing counts twice.
+A call's ops go to their owners through ``router.py`` (grouped by owner,
+tried again after "moved" or "retry"). A decision whose keys live on
+several owners is a reservation on each of them, released on all if any
+refuses; after "moved" or "retry" a reservation starts again under a new
+shard rid once the partial one is released, so nothing counts twice.
 
-Reads are answered here when this node owns the keys or holds their
-replica (an exact copy: the owner replicates every change, in order,
+Reads are answered from this node's shard when it owns the keys or holds
+their replica (an exact copy: the owner replicates every change, in order,
 before it answers). A reservation whose limited counters are covered by
 leases this node holds is decided here too (``leases.py``); otherwise it
 asks the owner, and borrows for the next ones in the same request.
@@ -19,10 +16,9 @@ asks the owner, and borrows for the next ones in the same request.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from cluster import wire
@@ -33,14 +29,18 @@ from worker.counters.client import RESERVATION_TTL, CounterUnavailable
 from worker.counters.leases import Lease, LeaseBook, Shape, Tally, Use
 from worker.counters.links import RingLinks
 from worker.counters.owner import OwnedKeys
+from worker.counters.router import (
+    BACKOFF,
+    Call,
+    OwnerRouter,
+    Reply,
+    gather_replies,
+    granted,
+    merge,
+    quietly,
+)
 from worker.counters.shard import CounterShard
 
-log = logging.getLogger(__name__)
-
-_BACKOFF = (0.002, 0.05)
-
-Reply = list[Any]
-_Part = tuple[list[int], Reply]
 # One owner's ops of a decision: owner, op positions, limited shapes (shape ->
 # op positions), plain-count op positions, whether leases can decide them.
 _Group = tuple[str, list[int], dict[Shape, list[int]], list[int], bool]
@@ -74,17 +74,6 @@ def _part_rid(shard_rid: str, owner: str) -> str:
     return f"{shard_rid}@{owner}"
 
 
-class Call:
-    """One engine call: its deadline, and whether it crossed a socket."""
-
-    __slots__ = ("deadline", "remote", "started")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.remote = False
-        self.started = time.perf_counter()
-
-
 class RoutedCounters:
     """The `CounterClient` a worker's engine uses: every call goes to the keys'
     owners on the node's current ring, or to leases it holds from them."""
@@ -100,24 +89,24 @@ class RoutedCounters:
         self._plans_ring: Ring | None = None
         # Off: every reservation goes to its owners (to measure, or to compare).
         self.leasing = True
-        self._closing = False
+        self._router = OwnerRouter(links, owned, shard)
 
     # -- the CounterClient protocol -------------------------------------------------
 
     async def check(self, ops: Sequence[Op]) -> Outcome:
-        ops, call = tuple(ops), self._call()
+        ops, call = tuple(ops), self._router.call()
         try:
             counts = [0] * len(ops)
-            for idx, reply in await self._route("check", "", ops, range(len(ops)), call):
+            for idx, reply in await self._router.route("check", "", ops, range(len(ops)), call):
                 for j, n in zip(idx, reply[wire.A_VALUE][1], strict=True):
                     counts[j] = n
             self._book.adjust(ops, range(len(ops)), counts)
             return judge(ops, counts)
         finally:
-            self._observed(call)
+            self._router.observed(call)
 
     async def reserve(self, rid: str, ops: Sequence[Op]) -> Outcome:
-        ops, call = tuple(ops), self._call()
+        ops, call = tuple(ops), self._router.call()
         try:
             now = asyncio.get_running_loop().time()
             while self._held and next(iter(self._held.values())).expires <= now:
@@ -145,12 +134,12 @@ class RoutedCounters:
                 del self._reserving[rid]
             return outcome
         finally:
-            self._observed(call)
+            self._router.observed(call)
 
     async def release(self, rid: str) -> bool:
         """Release a reservation on every current owner of its keys, and give
         back what it spent of leases."""
-        call = self._call()
+        call = self._router.call()
         try:
             held = self._held.get(rid)
             if held is None or held.expires <= asyncio.get_running_loop().time():
@@ -161,25 +150,25 @@ class RoutedCounters:
                 await late
             if not held.asked:
                 return True
-            parts = await self._route("release", held.shard_rid, held.ops, held.asked, call,
+            parts = await self._router.route("release", held.shard_rid, held.ops, held.asked, call,
                                       held.rid_of)
             return all(reply[wire.A_VALUE] for _, reply in parts)
         finally:
-            self._observed(call)
+            self._router.observed(call)
 
     async def add(self, ops: Sequence[Op]) -> Outcome:
-        ops, call = tuple(ops), self._call()
+        ops, call = tuple(ops), self._router.call()
         try:
-            return _merge(len(ops), await self._route("add", "", ops, range(len(ops)), call))
+            return merge(len(ops), await self._router.route("add", "", ops, range(len(ops)), call))
         finally:
-            self._observed(call)
+            self._router.observed(call)
 
     async def mark(self, ops: Sequence[Op]) -> None:
-        ops, call = tuple(ops), self._call()
+        ops, call = tuple(ops), self._router.call()
         try:
-            await self._route("mark", "", ops, range(len(ops)), call)
+            await self._router.route("mark", "", ops, range(len(ops)), call)
         finally:
-            self._observed(call)
+            self._router.observed(call)
 
     async def reset(self, keys: Sequence[str]) -> int:
         """Forget every count of `keys` and their part of open reservations at
@@ -192,20 +181,20 @@ class RoutedCounters:
         """`reset` named `rid`: asked again with the same `rid` (from this node or
         any other), an owner answers what it cleared the first time and clears
         nothing. Returns (counters cleared, owners asked)."""
-        parts = await self._by_key("reset", keys, lambda owner: f"{rid}@{owner}", timeout)
+        parts = await self._router.by_key("reset", keys, lambda owner: f"{rid}@{owner}", timeout)
         return (sum(int(reply[wire.A_VALUE]) for _, reply in parts),
                 sorted({owner for owner, _ in parts}))
 
     async def inspect(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """Per key, its rows as its owner sees them (`CounterShard.rows`)."""
         rows: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
-        for _, reply in await self._by_key("inspect", keys):
+        for _, reply in await self._router.by_key("inspect", keys):
             rows.update(reply[wire.A_VALUE])
         return rows
 
     async def close(self) -> None:
         """Return what this node holds of leases, and send its tallies."""
-        self._closing = True
+        self._router.closing = True
         ended = self._book.close()
         if ended:
             self._ended(ended)
@@ -214,7 +203,7 @@ class RoutedCounters:
 
     async def _reserve_once(self, rid: str, ops: tuple[Op, ...], call: Call) -> Outcome:
         links, book, loop = self._links, self._book, asyncio.get_running_loop()
-        delay = _BACKOFF[0]
+        delay = BACKOFF[0]
         patient = True
         while True:
             ring, epoch = await links.ring_for(call.deadline)
@@ -269,7 +258,7 @@ class RoutedCounters:
             # Fresh on every attempt: an owner that saw an earlier,
             # released attempt must count this one, not replay that one.
             shard_rid = f"{rid}/{links.rid()}"
-            owners = tuple(self._locate(ring, op.key)[0] for op in ops)
+            owners = tuple(self._router.locate(ring, op.key)[0] for op in ops)
 
             def rid_of(index: int, shard_rid: str = shard_rid,
                        owners: tuple[str, ...] = owners) -> str:
@@ -282,7 +271,7 @@ class RoutedCounters:
                         [ops[i] for i in idx], asks or None]
                 jobs.append(self._borrow(owner, item, shapes, call))
             try:
-                replies = await _all(jobs)
+                replies = await gather_replies(jobs)
             except BaseException:
                 self._give_back_later(uses)
                 raise  # cancellation
@@ -293,7 +282,7 @@ class RoutedCounters:
             refused = [r for _, r in good if r[wire.A_STATUS] == Status.ERROR]
             unsettled = [r for _, r in good if r[wire.A_STATUS] in (Status.MOVED, Status.RETRY)]
             # Undo wherever it may have counted: granted, or no answer at all.
-            held_by = [i for idx, r in parts if not isinstance(r, list) or _granted(r)
+            held_by = [i for idx, r in parts if not isinstance(r, list) or granted(r)
                        for i in idx]
             if not (failed or refused or unsettled):
                 for idx, reply in good:
@@ -316,7 +305,7 @@ class RoutedCounters:
                 raise failed[0]
             if refused:
                 raise CounterUnavailable(f"counter owner refused: {refused[0][wire.A_DETAIL]}")
-            delay = await self._settle_wait(max(r[wire.A_EPOCH] for r in unsettled), delay,
+            delay = await self._router.settle_wait(max(r[wire.A_EPOCH] for r in unsettled), delay,
                                             call)
 
     def _seen_here(self, ops: tuple[Op, ...], idx: list[int], ring: Ring) -> dict[int, int]:
@@ -326,7 +315,7 @@ class RoutedCounters:
         links = self._links
         if not links.active:
             return {}
-        here = [i for i in idx if links.name in self._locate(ring, ops[i].key)]
+        here = [i for i in idx if links.name in self._router.locate(ring, ops[i].key)]
         if not here:
             return {}
         mine = [ops[i] for i in here]
@@ -345,14 +334,10 @@ class RoutedCounters:
                 self._plans.clear()
             by_owner: dict[str, list[int]] = {}
             for i, op in enumerate(ops):
-                by_owner.setdefault(self._locate(ring, op.key)[0], []).append(i)
+                by_owner.setdefault(self._router.locate(ring, op.key)[0], []).append(i)
             plan = self._plans[ops] = [(owner, idx, *LeaseBook.shapes(ops, idx))
                                        for owner, idx in by_owner.items()]
         return plan
-
-    def _locate(self, ring: Ring, key: str) -> tuple[str, str | None]:
-        """`ring.locate(key)`; remembered by the links while `ring` is current."""
-        return self._links.locate(key) if ring is self._links.ring else ring.locate(key)
 
     async def _borrow(self, owner: str, item: list[Any], shapes: list[Shape],
                       call: Call) -> Reply:
@@ -360,7 +345,7 @@ class RoutedCounters:
         book = self._book
         try:
             try:
-                reply = await self._send(owner, item, call)
+                reply = await self._router.send(owner, item, call)
             except BaseException:
                 # No answer: the owner may have lent all the same. Whatever it
                 # lent comes back (it takes back at most what it lent), or the
@@ -369,7 +354,7 @@ class RoutedCounters:
                 for n, shape in enumerate(shapes if ring is not None else ()):
                     key, series, windows = shape
                     ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
-                    self._now_or_later("return", item[wire.R_EXTRA][n][0], ops,
+                    self._router.now_or_later("return", item[wire.R_EXTRA][n][0], ops,
                                        [_ALL] * len(windows), ring)  # type: ignore[arg-type]
                 raise
             grants = reply[wire.A_GRANT] if reply[wire.A_STATUS] == Status.OK else None
@@ -397,7 +382,7 @@ class RoutedCounters:
             return None
         ops = tuple(Op(key, series, window, None, -amount, at=at)
                     for (key, series, window), amount, at in late)
-        return _quietly(self._route("mark", "", ops, range(len(ops)), self._call()),
+        return quietly(self._router.route("mark", "", ops, range(len(ops)), self._router.call()),
                         "a released lease use")
 
     def _give_back_later(self, uses: list[Use]) -> None:
@@ -411,12 +396,12 @@ class RoutedCounters:
         Without a `call` it runs in the background: the caller is failing anyway."""
         if not indices:
             return
-        own = call or self._call()
-        job = self._route("release", shard_rid, ops, indices, own, rid_of)
+        own = call or self._router.call()
+        job = self._router.route("release", shard_rid, ops, indices, own, rid_of)
         if call is None:
-            self._links.spawn(_quietly(job, f"reservation {shard_rid}"))
+            self._links.spawn(quietly(job, f"reservation {shard_rid}"))
         else:
-            await _quietly(job, f"reservation {shard_rid}")
+            await quietly(job, f"reservation {shard_rid}")
 
     # -- leases and tallies that ended ---------------------------------------------------
 
@@ -432,220 +417,8 @@ class RoutedCounters:
                 if not any(held.left):
                     continue
                 ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
-                self._now_or_later("return", held.lease_id, ops, list(held.left), ring)
+                self._router.now_or_later("return", held.lease_id, ops, list(held.left), ring)
             elif held.amount > 0:
                 key, series, window = held.counter
                 ops = (Op(key, series, window, None, held.amount, at=held.at),)
-                self._now_or_later("mark", "", ops, None, ring)
-
-    def _now_or_later(self, kind: str, arg: str, ops: tuple[Op, ...], extra: Any,
-                      ring: Ring) -> None:
-        links = self._links
-        owner = ring.owner(ops[0].key)
-        item = [links.rid(), links.epoch, kind, arg, list(ops), extra]
-        what = f"lease {arg}" if kind == "return" else f"tally of {ops[0].key}"
-        if owner == links.name:
-            # Decided now, in order with what this node asks next.
-            reply, wait = self._owned.apply(item)
-            if reply[wire.A_STATUS] != Status.OK:
-                links.spawn(self._again(kind, arg, ops, extra, what))
-            elif wait is not None:
-                links.spawn(_quietly(wait, what))
-            return
-        peer = links.peers.get(owner)
-        if peer is None:
-            links.spawn(self._again(kind, arg, ops, extra, what))
-            return
-        answer = peer.ask(item, links.deadline())
-
-        def settled(future: asyncio.Future[Reply]) -> None:
-            if future.cancelled():
-                return
-            failed = future.exception() is not None
-            if self._closing or (not failed and future.result()[wire.A_STATUS] == Status.OK):
-                return  # closing: the frame went out with the link's linger
-            links.spawn(self._again(kind, arg, ops, extra, what))
-
-        answer.add_done_callback(settled)
-
-    async def _again(self, kind: str, arg: str, ops: tuple[Op, ...], extra: Any,
-                     what: str) -> None:
-        """A return or a tally that did not go through, through the ring's retries.
-        A return is tried for as long as the owner keeps the lease (a lost one
-        would hold room until the window passes; returning twice takes back
-        nothing more); a tally once more (twice would count twice)."""
-        loop = asyncio.get_running_loop()
-        end, delay = loop.time() + RESERVATION_TTL, 0.05
-        while True:
-            try:
-                await self._route(kind, arg, ops, range(len(ops)), self._call(), extra=extra)
-                return
-            except (CounterUnavailable, ValueError) as exc:
-                if kind != "return" or self._closing or loop.time() + delay >= end:
-                    log.warning("%s not settled, it stays counted: %s", what, exc)
-                    return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    # -- routing ---------------------------------------------------------------------------
-
-    async def _route(self, kind: str, arg: str, ops: tuple[Op, ...],
-                     indices: Iterable[int], call: Call,
-                     rid_of: Callable[[int], str] | None = None, extra: Any = None
-                     ) -> list[_Part]:
-        """Send each op to its owner until every owner answered "ok"."""
-        links = self._links
-        todo, answered, delay = list(indices), [], _BACKOFF[0]
-        while todo:
-            ring, epoch = await links.ring_for(call.deadline)
-            groups: dict[tuple[str, str], list[int]] = {}
-            local: list[int] = []
-            name, active = links.name, links.active
-            for i in todo:
-                owner, replica = self._locate(ring, ops[i].key)
-                if kind == "check" and active and (owner == name or replica == name):
-                    local.append(i)
-                    continue
-                groups.setdefault((owner, rid_of(i) if rid_of is not None else arg), []).append(i)
-            if local:
-                outcome = self._shard.check([ops[i] for i in local])
-                answered.append((local, [None, Status.OK, epoch, outcome, "", None]))
-            if not groups:
-                break
-            jobs = []
-            for (owner, part), idx in groups.items():
-                item = [links.rid(), epoch, kind, part, [ops[i] for i in idx], extra]
-                jobs.append(self._send(owner, item, call))
-            replies = await _all(jobs)
-            todo, newest = [], epoch
-            for idx, reply in zip(groups.values(), replies, strict=True):
-                if isinstance(reply, BaseException):
-                    raise reply
-                status = reply[wire.A_STATUS]
-                if status == Status.OK:
-                    if not _complete(kind, reply, len(idx)):
-                        raise CounterUnavailable("a counter owner sent a malformed answer")
-                    answered.append((idx, reply))
-                elif status in (Status.MOVED, Status.RETRY):
-                    todo.extend(idx)
-                    newest = max(newest, reply[wire.A_EPOCH])
-                else:
-                    raise CounterUnavailable(f"counter owner refused: {reply[wire.A_DETAIL]}")
-            if todo:
-                delay = await self._settle_wait(newest, delay, call)
-        return answered
-
-    async def _by_key(self, kind: str, keys: Sequence[str],
-                      arg: Callable[[str], str] = lambda owner: "",
-                      timeout: float | None = None) -> list[tuple[str, Reply]]:
-        """`reset` or `inspect` of `keys` on their owners, one request each;
-        (owner, answer) per owner. `arg(owner)` names each owner's part."""
-        call = self._call() if timeout is None else \
-            Call(asyncio.get_running_loop().time() + timeout)
-        links = self._links
-        todo, answered, delay = list(dict.fromkeys(keys)), [], _BACKOFF[0]
-        while todo:
-            ring, epoch = await links.ring_for(call.deadline)
-            groups: dict[str, list[str]] = {}
-            for key in todo:
-                groups.setdefault(ring.owner(key), []).append(key)
-            replies = await _all([
-                self._send(owner, [f"{links.rid()}.{kind}", epoch, kind, arg(owner), [], part],
-                           call) for owner, part in groups.items()])
-            todo, newest = [], epoch
-            for (owner, part), reply in zip(groups.items(), replies, strict=True):
-                if isinstance(reply, BaseException):
-                    raise reply
-                if reply[wire.A_STATUS] == Status.OK:
-                    answered.append((owner, reply))
-                elif reply[wire.A_STATUS] in (Status.MOVED, Status.RETRY):
-                    todo.extend(part)
-                    newest = max(newest, reply[wire.A_EPOCH])
-                else:
-                    raise CounterUnavailable(f"counter owner refused: {reply[wire.A_DETAIL]}")
-            if todo:
-                delay = await self._settle_wait(newest, delay, call)
-        return answered
-
-    async def _send(self, owner: str, item: list[Any], call: Call) -> Reply:
-        if owner == self._links.name:
-            return await self._owned.local(item)
-        call.remote = True
-        reply = await self._links.peer(owner).ask(item, call.deadline)
-        if not isinstance(reply, list) or len(reply) != 6:
-            raise CounterUnavailable(f"counter owner {owner} sent a malformed answer")
-        return reply
-
-    async def _settle_wait(self, newest: int, delay: float, call: Call) -> float:
-        """After "moved" or "retry": wait for this node's ring to reach the epoch
-        an owner already has, or a short backoff while an owner takes hand-offs."""
-        links = self._links
-        loop = asyncio.get_running_loop()
-        if newest > links.epoch:
-            while links.epoch < newest:
-                if not await links.wait_change(call.deadline - loop.time()):
-                    break
-        else:
-            await links.wait_change(min(delay, call.deadline - loop.time()))
-        if loop.time() >= call.deadline:
-            raise CounterUnavailable("counter owners did not settle on a ring in time")
-        return min(delay * 2, _BACKOFF[1])
-
-    def _call(self) -> Call:
-        return Call(self._links.deadline())
-
-    def _observed(self, call: Call) -> None:
-        observe = self._links.observe
-        if observe is not None:
-            observe(time.perf_counter() - call.started, call.remote)
-
-
-def _merge(size: int, parts: Iterable[_Part]) -> Outcome:
-    """Owners' outcomes back in the decision's op order."""
-    counts, denied = [0] * size, None
-    for idx, reply in parts:
-        outcome = reply[wire.A_VALUE]
-        if outcome is None:
-            continue
-        for j, i in enumerate(idx):
-            counts[i] = outcome[1][j]
-        if outcome[2] is not None and (denied is None or idx[outcome[2]] < denied):
-            denied = idx[outcome[2]]
-    return Outcome(denied is None, tuple(counts), denied)
-
-
-def _granted(reply: Reply) -> bool:
-    return reply[wire.A_STATUS] == Status.OK and bool(reply[wire.A_VALUE]) and \
-        bool(reply[wire.A_VALUE][0])
-
-
-def _complete(kind: str, reply: Reply, size: int) -> bool:
-    if kind not in ("check", "reserve", "add"):
-        return True
-    value = reply[wire.A_VALUE]
-    return isinstance(value, (list, tuple)) and len(value) == 3 and \
-        isinstance(value[1], (list, tuple)) and len(value[1]) == size
-
-
-async def _all(jobs: list[Coroutine[Any, Any, Reply]]) -> list[Reply | Exception]:
-    """Every job's reply or exception; cancellation goes through. One job
-    (the usual case) is awaited as it is: no task, no gathering future."""
-    if len(jobs) == 1:
-        try:
-            return [await jobs[0]]
-        except Exception as exc:
-            return [exc]
-    replies = await asyncio.gather(*jobs, return_exceptions=True)
-    for reply in replies:
-        if isinstance(reply, BaseException) and not isinstance(reply, Exception):
-            raise reply
-    return replies  # type: ignore[return-value]
-
-
-async def _quietly(job: Coroutine[Any, Any, Any] | asyncio.Future[Any], what: str) -> None:
-    try:
-        await job
-    except (CounterUnavailable, ValueError) as exc:
-        log.warning("%s not settled, it stays counted: %s", what, exc)
-
-
+                self._router.now_or_later("mark", "", ops, None, ring)

@@ -44,6 +44,7 @@ from worker.delivery.lines import for_delivery
 from worker.delivery.pipeline import ReplyReader, command, data_block
 from worker.delivery.result import BOUNCED, DEFERRED, Result, local, remote
 from worker.delivery.route import Hop
+from worker.headers import header_section
 
 # Errors after which the connection is gone; anything the server *says* is
 # an SMTPResponseException and handled per command.
@@ -104,13 +105,6 @@ def wire_address(address: str, smtputf8: bool) -> str | None:
         return f"{local_part}@{to_alabel(domain)}"
     except BadDomain:
         return None
-
-
-def _header_block(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        end = message.find(b"\n\n")
-    return message if end < 0 else message[:end]
 
 
 class Connection:
@@ -226,7 +220,7 @@ class Connection:
         if not message.isascii() and smtp.supports_extension("8bitmime"):
             options.append(b"BODY=8BITMIME")
         needs_utf8 = not wire_from.isascii() or any(w and not w.isascii() for w in wire_to)
-        if utf8_offered and (needs_utf8 or not _header_block(message).isascii()):
+        if utf8_offered and (needs_utf8 or not header_section(message).isascii()):
             options.append(b"SMTPUTF8")
         self.lost_before_mail = False
         if self.pipe is not None:
@@ -247,8 +241,7 @@ class Connection:
             accepted: list[int] = []
             for index, address in enumerate(wire_to):
                 if address is None:
-                    results[index] = local(BOUNCED, "SMTPUTF8 is required, but was not offered "
-                                           f"by host {label}", "5.6.7")
+                    results[index] = _no_smtputf8(label)
                     continue
                 try:
                     reply = await smtp.execute_command(b"RCPT", b"TO:<%s>" % address.encode())
@@ -294,8 +287,7 @@ class Connection:
         commands = [mail]
         for index, address in enumerate(wire_to):
             if address is None:
-                results[index] = local(BOUNCED, "SMTPUTF8 is required, but was not offered "
-                                       f"by host {label}", "5.6.7")
+                results[index] = _no_smtputf8(label)
                 continue
             try:
                 commands.append(command(b"RCPT", b"TO:<%s>" % address.encode()))
@@ -369,6 +361,11 @@ class Connection:
         if self.pipe is not None:
             self.pipe.close()
         self.smtp.close()
+
+
+def _no_smtputf8(label: str) -> Result:
+    """A recipient whose address needs SMTPUTF8 at a host that does not offer it."""
+    return local(BOUNCED, f"SMTPUTF8 is required, but was not offered by host {label}", "5.6.7")
 
 
 def _unsendable(stage: str) -> Result:

@@ -1,17 +1,13 @@
-"""Policies: each a small object whose ``check`` returns a :class:`Verdict`.
+"""The policies' vocabulary: the :class:`Verdict` every decision comes to.
 
-Policies that need counters do not call them: they say which counter
-operations they need (``ops``) and judge the counts the engine fetched for
-them in one request per decision (``judge``), so the cluster can route that
-one request to the counters' owners.
+Each policy is a module of this package with one class (its interface is
+in base.py); worker/stages.py lists them by stage, in SPEC order.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-
-from cluster.tenants import Account
+from dataclasses import dataclass
 
 
 class Action(enum.Enum):
@@ -42,19 +38,3 @@ def reject(policy: str, reply: str, detail: str = "") -> Verdict:
 
 def tempfail(policy: str, reply: str, detail: str = "") -> Verdict:
     return Verdict(Action.TEMPFAIL, reply, policy, detail)
-
-
-@dataclass(slots=True)
-class Client:
-    """What the policies know of one SMTP connection; lives as long as it."""
-
-    sid: str
-    ip: str
-    key: str
-    trusted: bool
-    tls: bool = False
-    helo: str = ""
-    account: Account | None = None
-    # Looked up once per session when first needed: None not yet, "" not in the database.
-    country: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)

@@ -12,21 +12,23 @@ from collections.abc import Sequence
 from cluster.counting import Op
 from cluster.keys import FAILURES, auth_failure_key
 from worker import replies
-from worker.policies import Client, Verdict, reject
-from worker.snapshot import Snapshot
+from worker.policies import CONTINUE, Verdict, reject
+from worker.policies.base import Counts, Decision, Policy
 
 
-class AuthThrottlePolicy:
+class AuthThrottlePolicy(Policy):
     name = "auth_throttle"
 
-    def ops(self, snapshot: Snapshot, client: Client) -> list[Op]:
+    def ops(self, decision: Decision) -> Sequence[Op]:
         """One failure, counted against ``auth.max_failures``; none for trusted networks."""
-        if client.trusted:
-            return []
-        settings = snapshot.settings.auth
-        return [Op(auth_failure_key(client.key), FAILURES, settings.failure_window,
-                   settings.max_failures)]
+        if decision.client.trusted:
+            return ()
+        settings = decision.snapshot.settings.auth
+        return (Op(auth_failure_key(decision.client.key), FAILURES, settings.failure_window,
+                   settings.max_failures),)
 
-    def refusal(self, client: Client, counts: Sequence[int]) -> Verdict:
-        return reject(self.name, replies.AUTH_THROTTLED.format(sid=client.sid),
-                      f"{counts[0] if counts else '?'} failures")
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        if counts.denied is None:
+            return CONTINUE
+        return reject(self.name, replies.AUTH_THROTTLED.format(sid=decision.client.sid),
+                      f"{counts.values[0] if counts.values else '?'} failures")

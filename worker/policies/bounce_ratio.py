@@ -1,4 +1,9 @@
-"""SPEC §3.6: refuse a client address whose recent mail mostly did not deliver."""
+"""SPEC §3.6: refuse a client address whose recent mail mostly did not deliver.
+
+At MAIL it reads the window's accepted and undeliverable counts; at the end
+of DATA it counts the message as accepted, as part of the message's
+reservation (it never refuses there: its op has no limit).
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,29 @@ from collections.abc import Sequence
 from cluster.counting import Op
 from cluster.keys import ACCEPTED, UNDELIVERABLE, bounce_key
 from worker import replies
-from worker.policies import CONTINUE, Client, Verdict, reject
-from worker.snapshot import Snapshot
+from worker.policies import CONTINUE, Verdict, reject
+from worker.policies.base import Counts, Decision, Policy
 
 
-class BounceRatioPolicy:
+class BounceRatioPolicy(Policy):
     name = "bounce_ratio"
 
-    def ops(self, snapshot: Snapshot, client: Client) -> list[Op]:
-        """Reads only: the accepted and the undeliverable count of the window."""
+    def ops(self, decision: Decision) -> Sequence[Op]:
+        client = decision.client
         if client.trusted:
-            return []
-        window = snapshot.settings.bounce.window
+            return ()
+        window = decision.snapshot.settings.bounce.window
         key = bounce_key(client.key)
-        return [Op(key, ACCEPTED, window, None, 0), Op(key, UNDELIVERABLE, window, None, 0)]
+        if decision.stage == "DATA":
+            return (Op(key, ACCEPTED, window, None, 1),)
+        return (Op(key, ACCEPTED, window, None, 0), Op(key, UNDELIVERABLE, window, None, 0))
 
-    def accept_ops(self, snapshot: Snapshot, client: Client) -> list[Op]:
-        """Counts the message as accepted; part of the end-of-DATA reservation."""
-        if client.trusted:
-            return []
-        return [Op(bounce_key(client.key), ACCEPTED, snapshot.settings.bounce.window, None, 1)]
-
-    def judge(self, snapshot: Snapshot, client: Client, ops: Sequence[Op],
-              counts: Sequence[int]) -> Verdict:
-        if not ops:
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        if decision.stage != "MAIL" or not counts.ops:
             return CONTINUE
-        accepted, undeliverable = counts
-        settings = snapshot.settings.bounce
+        accepted, undeliverable = counts.values
+        settings = decision.snapshot.settings.bounce
         if accepted >= settings.min_messages and undeliverable > settings.max_ratio * accepted:
-            return reject(self.name, replies.POLICY_VIOLATION.format(sid=client.sid),
+            return reject(self.name, replies.POLICY_VIOLATION.format(sid=decision.client.sid),
                           f"{undeliverable}/{accepted} undeliverable")
         return CONTINUE

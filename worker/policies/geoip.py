@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable
 
 from worker import replies
-from worker.policies import CONTINUE, Client, Verdict, reject
+from worker.client import Client
+from worker.policies import CONTINUE, Verdict, reject
+from worker.policies.base import Counts, Decision, Policy
 from worker.snapshot import Snapshot
 
 
@@ -24,19 +26,20 @@ def client_country(snapshot: Snapshot, client: Client) -> str:
     return client.country
 
 
-class GeoipPolicy:
+class GeoipPolicy(Policy):
     name = "geoip"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
 
-    def check(self, snapshot: Snapshot, client: Client, sender: str) -> Verdict:
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        snapshot, client = decision.snapshot, decision.client
         if snapshot.geoip is None or client.trusted:
             return CONTINUE
         account = client.account
         assert account is not None, "runs after AUTH"
         country = client_country(snapshot, client)
-        refusal = replies.SENDER_REJECTED.format(sender=sender)
+        refusal = replies.SENDER_REJECTED.format(sender=decision.sender)
         if not country:
             if snapshot.settings.geoip.unknown == "allow":
                 return CONTINUE

@@ -16,7 +16,9 @@ import email.utils
 import re
 
 from worker import replies
-from worker.policies import CONTINUE, Client, Verdict, reject
+from worker.client import Client
+from worker.policies import CONTINUE, Verdict, reject
+from worker.policies.base import Counts, Decision, Policy
 from worker.policies.sender_domain import may_send_as
 from worker.snapshot import Snapshot
 from worker.submission import header_fields
@@ -40,11 +42,21 @@ def addresses_of(values: list[str]) -> list[str]:
     return [address for _, address in email.utils.getaddresses(values)]
 
 
-class HeaderSenderPolicy:
+class HeaderSenderPolicy(Policy):
     name = "from_alignment"
 
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        alignment = decision.snapshot.settings.policy.from_alignment
+        if alignment == "off":
+            return CONTINUE
+        verdict = self.check(decision.snapshot, decision.client, decision.content)
+        if verdict.ok or alignment == "enforce":
+            return verdict
+        decision.noted["from_alignment"] = f"would refuse: {verdict.reply}"
+        return CONTINUE
+
     def check(self, snapshot: Snapshot, client: Client, content: bytes) -> Verdict:
-        """CONTINUE, or the refusal the first address not allowed gets (also in ``log`` mode)."""
+        """CONTINUE, or the refusal the first address not allowed gets."""
         account = client.account
         assert account is not None, "runs after AUTH"
         values = header_fields(content, _FIELDS)

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from cluster.counting import Op
 from cluster.keys import MESSAGES, RECIPIENTS, account_key, ip_key
 from cluster.settings import COUNT_RECIPIENTS, Limit
+from cluster.support_state import iso_utc
 from worker import replies
-from worker.policies import CONTINUE, Action, Client, Verdict, reject
+from worker.client import Client
+from worker.policies import CONTINUE, Action, Verdict, reject
+from worker.policies.base import Counts, Decision, Policy
+from worker.policies.limit_clears import LimitClears
 from worker.snapshot import Snapshot
 
 # Which transaction a MAIL-stage shadow verdict belongs to (Client.extra):
@@ -43,18 +47,23 @@ class ShadowHit:
         return f"{self.op.key} {window_text(self.limit.window)} {self.count}/{self.limit.max}"
 
 
-class RateLimitPolicy:
+class RateLimitPolicy(Policy):
     name = "rate_limit"
 
-    def ops(self, snapshot: Snapshot, client: Client, recipients: int = 1) -> list[Op]:
+    def __init__(self, clears: LimitClears | None = None) -> None:
+        # Looks up when a full window clears, for the refusal's line (None: not said).
+        self.clears = clears
+
+    def ops(self, decision: Decision) -> Sequence[Op]:
         """One op per counter of the client's address and account.
 
-        A message limit adds 1, a recipient limit ``recipients``: the
-        message's accepted recipients at the end of DATA, 1 at MAIL (where
-        "the window is already full" is all that can be known).
+        A message limit adds 1, a recipient limit the message's accepted
+        recipients at the end of DATA, 1 at MAIL (where "the window is
+        already full" is all that can be known).
         """
+        recipients = len(decision.rcpt_tos) if decision.stage == "DATA" else 1
         ops: list[Op] = []
-        for key, limits in self._subjects(snapshot, client):
+        for key, limits in self._subjects(decision.snapshot, decision.client):
             merged: dict[tuple[str, float], int | None] = {}
             for limit in limits:
                 ident = (series_of(limit), limit.window)
@@ -66,21 +75,22 @@ class RateLimitPolicy:
                 ops.append(Op(key, series, window, maximum, amount))
         return ops
 
-    def judge(self, client: Client, ops: Sequence[Op], counts: Sequence[int]) -> Verdict:
-        index = self.denied(ops, counts)
-        if index is None:
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        """The first full window refuses; otherwise the shadow limits that would have."""
+        client = decision.client
+        full = counts.full()
+        if full is None:
+            hits = self.shadow_hits(decision.snapshot, client, counts.ops, counts.values)
+            for hit, verdict in self.shadow_verdicts(client, hits, decision.stage):
+                decision.shadows.append((verdict, shadow_fields(hit)))
             return CONTINUE
-        op, count = ops[index], counts[index]
+        op, count = full
+        window = window_text(op.window) if decision.stage == "MAIL" else f"{op.window:g}s"
+        clears = await self.clears.clears_at(op) if self.clears is not None else None
+        decision.found.update(key=op.key, window=window_text(op.window), count=count,
+                              max=op.max, clears_at=iso_utc(clears))
         return reject(self.name, replies.POLICY_VIOLATION.format(sid=client.sid),
-                      f"{op.key} {window_text(op.window)} {count}/{op.max}")
-
-    @staticmethod
-    def denied(ops: Sequence[Op], counts: Sequence[int]) -> int | None:
-        """The first op whose window is already full, if any."""
-        for index, (op, count) in enumerate(zip(ops, counts, strict=True)):
-            if op.max is not None and count + op.amount > op.max:
-                return index
-        return None
+                      f"{op.key} {window} {count}/{op.max}")
 
     def shadow_hits(self, snapshot: Snapshot, client: Client, ops: Sequence[Op],
                     counts: Sequence[int]) -> list[ShadowHit]:

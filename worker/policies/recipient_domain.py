@@ -5,19 +5,21 @@ from __future__ import annotations
 from cluster.names import BadDomain, split_address
 from worker import replies
 from worker.dns import DestinationStatus, DomainResolver
-from worker.policies import CONTINUE, Client, Verdict, reject, tempfail
+from worker.policies import CONTINUE, Verdict, reject, tempfail
+from worker.policies.base import Counts, Decision, Policy
 
 
-class RecipientDomainPolicy:
+class RecipientDomainPolicy(Policy):
     name = "recipient_domain"
 
     def __init__(self, resolver: DomainResolver) -> None:
         self.resolver = resolver
 
-    async def check(self, client: Client, recipient: str) -> Verdict:
-        invalid = reject(self.name, replies.INVALID_DESTINATION.format(sid=client.sid))
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        sid = decision.client.sid
+        invalid = reject(self.name, replies.INVALID_DESTINATION.format(sid=sid))
         try:
-            _, domain = split_address(recipient)
+            _, domain = split_address(decision.recipient)
         except BadDomain:
             return invalid
         status = await self.resolver.destination_status(domain)
@@ -25,4 +27,4 @@ class RecipientDomainPolicy:
             return CONTINUE
         if status is DestinationStatus.INVALID:
             return reject(self.name, invalid.reply, domain)
-        return tempfail(self.name, replies.DESTINATION_TEMPFAIL.format(sid=client.sid), domain)
+        return tempfail(self.name, replies.DESTINATION_TEMPFAIL.format(sid=sid), domain)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from cluster.names import BadDomain, split_address
 from cluster.tenants import Account, TenantDirectory
 from worker import replies
-from worker.policies import CONTINUE, Client, Verdict, reject
-from worker.snapshot import Snapshot
+from worker.policies import CONTINUE, Verdict, reject
+from worker.policies.base import Counts, Decision, Policy
 
 
 def may_send_as(tenants: TenantDirectory, account: Account, address: str) -> bool:
@@ -27,12 +27,13 @@ def may_send_as(tenants: TenantDirectory, account: Account, address: str) -> boo
     return False
 
 
-class SenderDomainPolicy:
+class SenderDomainPolicy(Policy):
     name = "sender_domain"
 
-    def check(self, snapshot: Snapshot, client: Client, sender: str) -> Verdict:
-        account = client.account
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        account = decision.client.account
         assert account is not None, "runs after AUTH"
-        if sender and may_send_as(snapshot.tenants, account, sender):
+        sender = decision.sender
+        if sender and may_send_as(decision.snapshot.tenants, account, sender):
             return CONTINUE
         return reject(self.name, replies.SENDER_REJECTED.format(sender=sender))

@@ -7,20 +7,20 @@ from collections.abc import Callable
 
 from cluster.support_state import iso_utc
 from worker import replies
-from worker.policies import CONTINUE, Client, Verdict, reject
-from worker.snapshot import Snapshot
+from worker.policies import CONTINUE, Verdict, reject
+from worker.policies.base import Counts, Decision, Policy
 
 
-class SuspensionPolicy:
+class SuspensionPolicy(Policy):
     name = "suspension"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
 
-    def check(self, snapshot: Snapshot, client: Client, sender: str) -> Verdict:
-        account = client.account
-        assert account is not None, "runs after AUTH"
-        found = snapshot.support.suspension(account.user, self.clock())
+    async def judge(self, decision: Decision, counts: Counts) -> Verdict:
+        client = decision.client
+        assert client.account is not None, "runs after AUTH"
+        found = decision.snapshot.support.suspension(client.account.user, self.clock())
         if found is None:
             return CONTINUE
         until = f" until {iso_utc(found.until)}" if found.until is not None else ""
