@@ -235,13 +235,16 @@ class Status(enum.StrEnum):
 
 
 # What a counter request asks of a key's owner (the `kind` of an item).
-COUNTER_KINDS = ("check", "reserve", "release", "add", "mark", "return", "reset", "inspect")
+COUNTER_KINDS = ("check", "reserve", "release", "add", "mark", "lend", "return", "reset",
+                 "inspect")
 
 # Positions in a request item: [rid, epoch, kind, arg, ops, extra].
 #   check, add, mark: arg "", extra None
 #   reserve:  arg = reservation id; extra = None or [lease id, units wanted] to
 #             borrow (see worker.counters.leases)
 #   release:  arg = reservation id; ops name the keys (for ownership), extra None
+#   lend:     arg ""; ops = the ops of the shapes asked for (amount 0); extra = a list
+#             of [lease id, units wanted, op positions], each lent or not on its own
 #   return:   arg = lease id; ops = the lease's ops; extra = [unused units per op]
 #   reset, inspect: ops [], extra = [key, ...]
 R_RID, R_EPOCH, R_KIND, R_ARG, R_OPS, R_EXTRA = range(6)

@@ -638,3 +638,32 @@ async def test_group_commit_batches_and_fails_items_one_by_one() -> None:
         seen.clear()
         await asyncio.gather(*(group.submit(i) for i in (4, 5, 6)))
         assert seen == [[4, 5, 6]]
+
+
+async def test_group_commit_lazy_items_wait_for_an_urgent_one() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.spool.group import GroupCommit
+
+    seen: list[list[str]] = []
+
+    def flush(items: list[str]) -> list[object]:
+        seen.append(items)
+        return list(items)
+
+    with ThreadPoolExecutor(1) as pool:
+        group: GroupCommit[str, object] = GroupCommit(flush, pool, lazy_delay=30.0)
+        removal = asyncio.ensure_future(group.submit("del", lazy=True))
+        await asyncio.sleep(0.1)
+        assert seen == [] and not removal.done()
+        # An urgent item goes at once, and takes the waiting one along.
+        t0 = time.monotonic()
+        assert await group.submit("put") == "put"
+        assert time.monotonic() - t0 < 10.0
+        assert await removal == "del"
+        assert seen == [["del", "put"]]
+        # Alone, a lazy item goes once its delay has passed.
+        group = GroupCommit(flush, pool, lazy_delay=0.05)
+        seen.clear()
+        assert await asyncio.wait_for(group.submit("x", lazy=True), 10.0) == "x"
+        assert seen == [["x"]]

@@ -27,6 +27,13 @@ their time, when the tally's bucket ends (within a second).
 
 Lease sizes follow the rate each shape was spent at, so what is lent and
 unused stays small.
+
+A lease that ends with its bucket having been spent from is *renewed*: the
+frame that returns what it did not spend also asks for the next bucket's
+(`renew` set by the ending; the caller sends both). So a shape spent from
+every second costs one frame per owner per second, not a round trip on
+the first decision of each second; one not spent from in a bucket is
+returned and not renewed.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ Counter = tuple[str, str, float]  # key, series, window
 
 
 class Lease:
-    __slots__ = ("lease_id", "shape", "units", "left", "counts", "expires", "started", "done")
+    __slots__ = ("lease_id", "shape", "units", "left", "counts", "expires", "started", "done",
+                 "renew")
 
     def __init__(self, lease_id: str, shape: Shape, units: int, expires: float,
                  counts: Sequence[int]) -> None:
@@ -63,6 +71,7 @@ class Lease:
         self.expires = expires  # wall clock, as the owner's shard keeps time
         self.started = time.time()
         self.done = False  # returned, or being returned: spend nothing more
+        self.renew = False  # ended with its bucket, spent: ask for the next bucket's
 
 
 class Tally:
@@ -298,6 +307,8 @@ class LeaseBook:
     def _expire(self, expires: float) -> None:
         ended = [h for h in self._ending.pop(expires, []) if not h.done]
         for held in ended:
+            if isinstance(held, Lease):
+                held.renew = held.units > min(held.left)
             self._forget(held)
             held.done = True
         if ended:

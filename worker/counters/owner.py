@@ -203,15 +203,8 @@ class OwnedKeys:
             rids: list[str] = [arg]
             grants: list[list[Any]] | None = None
             if extra:
-                grants = []
-                for lease_id, want, indices in extra:
-                    part = [ops[i] for i in indices]
-                    if any(op[MAX] is None for op in part):
-                        raise ValueError("a lease is for limited counters only")
-                    units, expires, counts = shard.lend(_text(lease_id), part, int(want),
-                                                        RESERVATION_TTL, LONGEST)
-                    grants.append([units, expires, list(counts)])
-                    rids.append(lease_id)
+                grants = self._lend(ops, extra)
+                rids += [ask[0] for ask in extra]
                 if not all(grant[0] for grant in grants):
                     # All or none: the borrower decides alone only when every
                     # limited counter it has here is covered, so a part would
@@ -221,6 +214,13 @@ class OwnedKeys:
                             shard.return_lease(lease_id, [int(grant[0])] * len(indices))
                             grant[0] = 0
             return outcome.to_wire(), grants, rids
+        if kind == "lend":
+            # Leases asked for ahead of the decisions that will spend them (a
+            # borrower renewing what it spent in the bucket that just ended):
+            # each shape on its own, as they belong to unrelated decisions.
+            grants = self._lend(ops, extra)
+            lent = [ask[0] for ask, grant in zip(extra, grants, strict=True) if grant[0]]
+            return None, grants, (lent or None)
         if kind == "release":
             released = shard.release(_text(arg))
             return released, None, ([arg] if released else None)
@@ -240,6 +240,25 @@ class OwnedKeys:
         if kind == "inspect":
             return {key: shard.rows(key) for key in keys}, None, None
         raise ValueError(f"unknown counter request kind {kind!r}")
+
+
+    def _lend(self, ops: list[Any], asks: Any) -> list[list[Any]]:
+        """`[units, expires, counts]` for each `[lease id, units wanted, op
+        positions]` in `asks` (`CounterShard.lend`)."""
+        if not isinstance(asks, list):
+            raise ValueError("lease asks must be a list")
+        grants = []
+        for lease_id, want, indices in asks:
+            if not isinstance(indices, list) or not indices or not all(
+                    type(i) is int and 0 <= i < len(ops) for i in indices):
+                raise ValueError(f"lease {lease_id!r}: bad op positions {indices!r}")
+            part = [ops[i] for i in indices]
+            if any(op[MAX] is None for op in part):
+                raise ValueError("a lease is for limited counters only")
+            units, expires, counts = self._shard.lend(_text(lease_id), part, int(want),
+                                                      RESERVATION_TTL, LONGEST)
+            grants.append([units, expires, list(counts)])
+        return grants
 
 
 class Replicator:

@@ -342,31 +342,41 @@ class RoutedCounters:
     async def _borrow(self, owner: str, item: list[Any], shapes: list[Shape],
                       call: Call) -> Reply:
         """Send a reserve; take the leases its answer grants."""
-        book = self._book
         try:
             try:
                 reply = await self._router.send(owner, item, call)
             except BaseException:
-                # No answer: the owner may have lent all the same. Whatever it
-                # lent comes back (it takes back at most what it lent), or the
-                # units would hold the limit's room until the window passes.
-                ring = self._links.ring
-                for n, shape in enumerate(shapes if ring is not None else ()):
-                    key, series, windows = shape
-                    ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
-                    self._router.now_or_later("return", item[wire.R_EXTRA][n][0], ops,
-                                       [_ALL] * len(windows), ring)  # type: ignore[arg-type]
+                self._unanswered(item, shapes)
                 raise
-            grants = reply[wire.A_GRANT] if reply[wire.A_STATUS] == Status.OK else None
-            for n, shape in enumerate(shapes):
-                if grants is not None and n < len(grants):
-                    book.granted(shape, item[wire.R_EXTRA][n][0], grants[n])
+            self._take(item, shapes, reply)
             return reply
         finally:
-            for shape in shapes:
-                asking = book.asking.pop(shape, None)
-                if asking is not None and not asking[0].done():
-                    asking[0].set_result(None)
+            self._asked(shapes)
+
+    def _take(self, item: list[Any], shapes: list[Shape], reply: Reply) -> None:
+        """The leases an owner's answer to `item` granted, for `shapes` in order."""
+        grants = reply[wire.A_GRANT] if reply[wire.A_STATUS] == Status.OK else None
+        for n, shape in enumerate(shapes):
+            if grants is not None and n < len(grants):
+                self._book.granted(shape, item[wire.R_EXTRA][n][0], grants[n])
+
+    def _unanswered(self, item: list[Any], shapes: list[Shape]) -> None:
+        """No answer to `item`: the owner may have lent all the same. Whatever it
+        lent comes back (it takes back at most what it lent), or the units
+        would hold the limit's room until the window passes."""
+        ring = self._links.ring
+        for n, shape in enumerate(shapes if ring is not None else ()):
+            key, series, windows = shape
+            ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
+            self._router.now_or_later("return", item[wire.R_EXTRA][n][0], ops,
+                                      [_ALL] * len(windows), ring)  # type: ignore[arg-type]
+
+    def _asked(self, shapes: list[Shape]) -> None:
+        """The lease requests for `shapes` are over: decisions waiting on them go on."""
+        for shape in shapes:
+            asking = self._book.asking.pop(shape, None)
+            if asking is not None and not asking[0].done():
+                asking[0].set_result(None)
 
     def _keep(self, rid: str, shard_rid: str, ops: tuple[Op, ...], outcome: Outcome,
               owners: tuple[str, ...], asked: list[int], uses: list[Use]) -> None:
@@ -411,9 +421,14 @@ class RoutedCounters:
         ring = self._links.ring
         if ring is None:
             return
+        renew: dict[str, list[Shape]] = {}
+        due = 0.0
         for held in ended:
             if isinstance(held, Lease):
                 key, series, windows = held.shape
+                if held.renew and self.leasing and not self._router.closing:
+                    renew.setdefault(ring.owner(key), []).append(held.shape)
+                    due = max(due, held.expires)
                 if not any(held.left):
                     continue
                 ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
@@ -422,3 +437,63 @@ class RoutedCounters:
                 key, series, window = held.counter
                 ops = (Op(key, series, window, None, held.amount, at=held.at),)
                 self._router.now_or_later("mark", "", ops, None, ring)
+        if not renew:
+            return
+        # After the returns, in their frame; never before the bucket ended
+        # (a timer may fire a hair early), or the owner would lend in it again.
+        early = due - time.time()
+        for owner, shapes in renew.items():
+            if early > 0:
+                asyncio.get_running_loop().call_later(early + 0.001, self._renew, owner, shapes)
+            else:
+                self._renew(owner, shapes)
+
+    def _renew(self, owner: str, shapes: list[Shape]) -> None:
+        """Ask `owner` for the next bucket's leases of `shapes`, in one request;
+        decisions on them wait for its answer rather than ask themselves."""
+        links, book = self._links, self._book
+        if self._router.closing or links.ring is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        ops: list[Op] = []
+        asks: list[list[Any]] = []
+        asked: list[Shape] = []
+        for shape in shapes:
+            if shape in book.asking or shape in book.leases or book.refused.get(shape, 0) > now:
+                continue
+            key, series, windows = shape
+            first = len(ops)
+            ops += [Op(key, series, w, m, 0) for w, m in windows]
+            ask = [links.rid(), book.want(shape, 0), list(range(first, len(ops)))]
+            book.asking[shape] = (loop.create_future(), ask)
+            asks.append(ask)
+            asked.append(shape)
+        if not asks:
+            return
+        item = [links.rid(), links.epoch, "lend", "", ops, asks]
+        if owner == links.name:
+            reply, wait = self._owned.apply(item)
+            if wait is None:
+                self._lent(item, asked, reply)
+            else:  # usable once the replica holds it
+                wait.add_done_callback(lambda done: self._lent(item, asked, done))
+            return
+        peer = links.peers.get(owner)
+        if peer is None:
+            self._asked(asked)
+            return
+        answer = peer.ask(item, links.deadline())
+        answer.add_done_callback(lambda done: self._lent(item, asked, done))
+
+    def _lent(self, item: list[Any], shapes: list[Shape],
+              answer: Reply | asyncio.Future[Reply]) -> None:
+        try:
+            if isinstance(answer, asyncio.Future):
+                if answer.cancelled() or answer.exception() is not None:
+                    self._unanswered(item, shapes)
+                    return
+                answer = answer.result()
+            self._take(item, shapes, answer)
+        finally:
+            self._asked(shapes)
