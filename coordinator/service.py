@@ -83,6 +83,7 @@ class Coordinator:
         self.desk = SupportDesk(store, sources, self.snapshots.publish)
         # Workers' evidence of stolen passwords, and the suspensions it makes (SPEC §3.10).
         self.compromise = CompromiseWatch(self.desk, sources, self.metrics)
+        self.desk.on_lifted = self.compromise.forget
         self.workers = WorkerRpc(outbox)
         self.shared = SharedCounters(sources.settings)
         self.adoption = AdoptionSweep(self.workers.ask)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from clusterproc import Cluster, wait_for
 from redisserver import RedisServer
+from test_compromise import evidence, send_spam
 from test_support import JAN, as_json, cli, close, history, mail_code, moment, refused_sid
 
 pytestmark = pytest.mark.integration
@@ -35,9 +36,10 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def two_hosts(make_cluster: Callable[..., Cluster], redis: RedisServer) -> tuple[Cluster, Cluster]:
-    made = [make_cluster(workers=1, counters={"backend": "redis", "redis_url": redis.url})
-            for _ in range(2)]
+def two_hosts(make_cluster: Callable[..., Cluster], redis: RedisServer,
+              **overrides: Any) -> tuple[Cluster, Cluster]:
+    made = [make_cluster(workers=1, counters={"backend": "redis", "redis_url": redis.url},
+                         **overrides) for _ in range(2)]
     for host in made:
         host.start(wait=False)
     for host in made:
@@ -161,3 +163,27 @@ def test_a_country_granted_on_one_host_holds_on_the_other_and_lapses_once(
     assert [(e["action"], e["by"], e["details"]["country"]) for e in entries] == [
         ("allow-country", "anna", "US"), ("exception-lapsed", "sendguard", "US")]
     assert history(a, "kowalski.pl") == entries
+
+
+def test_a_suspension_lifted_on_another_host_forgets_this_hosts_evidence(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    # Each coordinator adds up what its own workers saw; support lifting the
+    # suspension on any host has dealt with it, so the host that made it must not
+    # suspend again on the evidence it still holds.
+    a, b = two_hosts(make_cluster, redis, compromise={
+        "countries": 0, "spam_messages": 2, "suspend_for": "1h"})
+    for source in ("127.0.1.1", "127.0.1.2"):
+        send_spam(a, source)
+    wait_for(lambda: [e["by"] for e in history(b, "nowak.pl")] == ["auto"], 20,
+             "anna suspended by host A")
+    assert evidence(a, ANNA)["spam_messages"] == 2
+
+    cli(b, "account", "unsuspend", ANNA, "--by", "bob", "--reason", "password reset")
+    wait_for(lambda: evidence(a, ANNA)["spam_messages"] == 0, 15,
+             "host A forgetting the evidence of the lifted suspension")
+    assert mail_code(a, user=ANNA) == 250
+    send_spam(a, "127.0.1.3")
+    wait_for(lambda: evidence(a, ANNA)["spam_messages"] == 1, 15, "the new spam noted on A")
+    assert [(e["action"], e["by"]) for e in history(a, "nowak.pl")] == [
+        ("suspend", "auto"), ("unsuspend", "bob")]
+    assert as_json(a, "inspect", "account", ANNA)["suspension"] is None
