@@ -56,7 +56,7 @@ class CounterCommands:
             try:
                 found, worker = await self.shared.inspect(keys), "redis"
             except CounterUnavailable as exc:
-                raise Unavailable(str(exc)) from None
+                raise Unavailable(f"the state store cannot be reached: {exc}") from None
         else:
             found, worker = await self._inspect_on_workers(keys)
         settings = self.sources.settings
@@ -82,7 +82,7 @@ class CounterCommands:
             try:
                 cleared = await self.shared.reset(keys)
             except CounterUnavailable as exc:
-                raise Unavailable(str(exc)) from None
+                raise Unavailable(f"the state store cannot be reached: {exc}") from None
             result = ResetCountersReply(keys, cleared, ["redis"], "redis")
         else:
             result = await self._reset_on_workers(keys)

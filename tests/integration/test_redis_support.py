@@ -109,7 +109,8 @@ def test_a_suspension_made_on_one_host_holds_on_the_other_and_outlives_a_redis_o
         assert code == 451 and text.decode().endswith("temporary policy failure, try later")
         for args in (("account", "unsuspend", JAN), ("tenant", "history", "kowalski.pl"),
                      ("account", "suspend", ANNA, "--reason", "x"),
-                     ("tenant", "allow-country", "kowalski.pl", "US", "--for", "1d")):
+                     ("tenant", "allow-country", "kowalski.pl", "US", "--for", "1d"),
+                     ("inspect", "account", ANNA), ("counters", "reset", "ip", "127.0.0.5")):
             # The coordinator's own answer (not the CLI giving up after 10 s), in one line.
             failed = b.admin(*args)
             assert failed.returncode == 1, (args, failed.stdout, failed.stderr)
