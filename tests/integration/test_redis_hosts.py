@@ -7,13 +7,14 @@ share is a real redis-server (or a three-node Redis Cluster) started here.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from clusterproc import Cluster
+from clusterproc import Cluster, wait_for
 from gateway import TENANTS, message_from
 from redisserver import RedisCluster, RedisServer
 
@@ -168,3 +169,27 @@ def test_counts_survive_a_redis_crash_through_its_aof(
     assert [r["count"] for r in rows] == [7]
     replies = [host.send_one(f"127.0.6.{i}", ACCOUNT)[0] for i, host in enumerate((a, b) * 2)]
     assert replies == [250, 250, 250, 550]
+
+
+def test_a_reload_that_changes_the_counter_store_is_refused(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    host = make_cluster(workers=1, tenants=TENANTS_WITH_LIMITS, limits=IP_LIMIT,
+                        counters={"backend": "redis", "redis_url": redis.url}).start()
+    assert host.send_one("127.0.7.1", ACCOUNT)[0] == 250
+    before = host.status()["config_version"]
+    text = host.config_path.read_text()
+    switched = text.replace('backend = "redis"', 'backend = "ring"').replace(
+        f'redis_url = "{redis.url}"\n', "")
+    assert switched.count('backend = "ring"') == 1 and redis.url not in switched
+    host.config_path.write_text(switched)
+    host.signal(signal.SIGHUP)
+    [refusal] = wait_for(lambda: [line for line in host.log_lines()
+                                  if line.get("event") == "reload_refused"], 15,
+                         "the reload refused")
+    assert refusal["error"] == (f"{host.config_path}: counters: changes only with a restart "
+                                "of the gateway")
+    assert host.status()["config_version"] == before
+    # Still counted in Redis, where the first message is.
+    assert host.send_one("127.0.7.2", ACCOUNT)[0] == 250
+    shown = host.request("inspect", kind="account", subject=ACCOUNT)
+    assert shown["worker"] == "redis" and [r["count"] for r in shown["rows"]] == [2]
