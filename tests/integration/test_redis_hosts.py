@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from clusterproc import Cluster, wait_for
-from gateway import TENANTS, message_from
+from gateway import GTUBE, PASSWORD, TENANTS, message_from, plain_auth
 from redisserver import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -193,3 +193,40 @@ def test_a_reload_that_changes_the_counter_store_is_refused(
     assert host.send_one("127.0.7.2", ACCOUNT)[0] == 250
     shown = host.request("inspect", kind="account", subject=ACCOUNT)
     assert shown["worker"] == "redis" and [r["count"] for r in shown["rows"]] == [2]
+
+
+def test_two_hosts_share_auth_failures_and_spam_grace(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    a, b = two_hosts(make_cluster, {"backend": "redis", "redis_url": redis.url},
+                     auth={"max_failures": 3, "failure_window": "10m"}, spam={"grace": 2})
+
+    def auth(host: Cluster, password: str) -> tuple[int, str]:
+        client = host.connect("127.0.8.1")
+        try:
+            code, text = client.docmd("AUTH", "PLAIN " + plain_auth(BULK, password))
+            return code, text.decode()
+        finally:
+            client.close()
+
+    # Three failures between the two hosts use up the address's allowance on both.
+    assert [auth(host, "wrong")[0] for host in (a, b, a)] == [535, 535, 535]
+    for host in (b, a):
+        code, text = auth(host, PASSWORD)
+        assert code == 454 and text.endswith(" too many authentication failures, try later")
+
+    # Spam: the address's grace of two is spent across the hosts, then refused on both.
+    def spam(host: Cluster) -> tuple[int, str]:
+        client = host.login("127.0.8.2", BULK)
+        try:
+            assert client.mail(BULK)[0] == 250
+            assert client.rcpt("someone@example.org")[0] == 250
+            code, text = client.data(message_from(BULK).replace(
+                b"An ordinary message", GTUBE))
+            return code, text.decode()
+        finally:
+            client.close()
+
+    assert [spam(host)[0] for host in (a, b)] == [250, 250]
+    for host in (a, b):
+        code, text = spam(host)
+        assert code == 550 and text.endswith(" spam detected"), (code, text)
