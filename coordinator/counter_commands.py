@@ -67,7 +67,7 @@ class CounterCommands:
             account = keys[0].partition(":")[2]
             await self.desk.fresh()
             suspension = self.desk.suspension_of(account)
-            compromise = self.compromise.evidence_of(account)
+            compromise = await self.compromise.evidence_of(account)
         return InspectSubjectReply(request.kind, keys, worker, rows,
                                    auth_failures=facts.get("auth_failures"),
                                    bounce=facts.get("bounce"), suspension=suspension,
