@@ -142,16 +142,18 @@ class CompromiseWatch:
                 "hostname": self.sources.settings.server.hostname,
             })
 
-    def forget(self, account: str, everywhere: bool = True) -> None:
-        """Support dealt with the account: its evidence goes (``everywhere``: in Redis
-        too, for every host; not when another host's change told us, it did that)."""
+    def forget(self, account: str) -> None:
+        """This host's evidence of ``account`` goes (another host lifted its suspension
+        and cleared what Redis holds itself)."""
         if self.book.forget(account):
             log_event("compromise_evidence_forgotten", account=account)
-        if everywhere and self.shared is not None:
-            self._start(self._forget_shared(account))
 
-    async def _forget_shared(self, account: str) -> None:
-        assert self.shared is not None
+    async def forget_everywhere(self, account: str) -> None:
+        """Support dealt with the account: its evidence goes here and, with the Redis
+        backend, for every host, before the command answers."""
+        self.forget(account)
+        if self.shared is None:
+            return
         try:
             if await self.shared.forget(account):
                 log_event("compromise_evidence_forgotten", account=account, shared=True)

@@ -90,7 +90,7 @@ class CounterCommands:
         subject = keys[0].partition(":")[2]
         domain = subject.rpartition("@")[2] if request.kind == "account" else ""
         if request.kind == "account":
-            self.compromise.forget(subject)
+            await self.compromise.forget_everywhere(subject)
         await self.desk.audit(by, "counters-reset", subject, domain, reason,
                               details={"keys": keys, "counters": result.cleared})
         return result

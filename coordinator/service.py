@@ -87,7 +87,7 @@ class Coordinator:
                            if sources.settings.counters.backend == "redis" else None)
         self.compromise = CompromiseWatch(self.desk, sources, self.metrics,
                                           shared=shared_evidence)
-        self.desk.on_lifted = lambda account: self.compromise.forget(account, everywhere=False)
+        self.desk.on_lifted = self.compromise.forget
         self.workers = WorkerRpc(outbox)
         self.shared = SharedCounters(sources.settings)
         self.adoption = AdoptionSweep(self.workers.ask)

@@ -212,3 +212,6 @@ def test_logins_from_countries_seen_by_different_hosts_add_up(
     log_in(a, "127.0.0.42")    # (a worker tells a country once a minute: A has told PL, US)
     wait_for(lambda: evidence(b, JAN)["countries"].keys() == {"DE"}, 15, "the new login noted")
     assert [e["action"] for e in history(a, "kowalski.pl")] == ["suspend", "unsuspend"]
+    # A reset of the account's counters on B clears it for A too, before it answers.
+    cli(b, "counters", "reset", "account", JAN, "--by", "bob")
+    assert evidence(a, JAN)["countries"] == {}
