@@ -14,9 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from clusterproc import Cluster, wait_for
+from aiosmtpd.controller import Controller
+from clusterproc import Cluster, free_port, wait_for
+from dnsserver import TestDNSServer
 from gateway import GTUBE, PASSWORD, TENANTS, message_from, plain_auth
 from redisserver import RedisCluster, RedisServer
+from test_queue import Sink
 
 pytestmark = pytest.mark.integration
 
@@ -230,3 +233,44 @@ def test_two_hosts_share_auth_failures_and_spam_grace(
     for host in (a, b):
         code, text = spam(host)
         assert code == 550 and text.endswith(" spam detected"), (code, text)
+
+
+@pytest.fixture
+def bouncing_sink(dns: TestDNSServer) -> Iterator[tuple[Sink, int]]:
+    """Every MX on loopback; the sink answers 550 to recipients at bounce.test."""
+    for domain in ("bounce.test", "nowak.pl"):
+        dns.add_mx(domain, f"mx.{domain}", 10)
+        dns.add_a(f"mx.{domain}", "127.0.0.1")
+    handler = Sink()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
+    controller.start()
+    yield handler, port
+    controller.stop()
+
+
+def test_two_hosts_share_an_addresss_bounce_ratio(
+        bouncing_sink: tuple[Sink, int], redis: RedisServer,
+        make_cluster: Callable[..., Cluster]) -> None:
+    # The sink first: it stops after the hosts, whose delivery sessions it holds.
+    handler, port = bouncing_sink
+    a, b = two_hosts(make_cluster, {"backend": "redis", "redis_url": redis.url},
+                     bounce={"window": "1h", "min_messages": 4, "max_ratio": 0.5},
+                     delivery={"port": port, "retry": ["1h"]})
+    bouncer = "127.0.9.1"
+    # Two messages through each host, all bounced by the next hop.
+    for host in (a, b, a, b):
+        assert host.send_one(bouncer, BULK, recipient="nobody@bounce.test")[0] == 250
+    wait_for(lambda: len(handler.mail(dsn=True)) == 4, 30, "four DSNs, two from each host")
+
+    def refused(host: Cluster) -> str | None:
+        code, text = host.send_one(bouncer, BULK)
+        return text if code == 550 else None
+
+    for host in (a, b):  # 4 of 4 bounced, counted in Redis: refused on both hosts
+        text = wait_for(lambda h=host: refused(h), 20, "MAIL from the bouncing address refused")
+        assert text is not None and text.endswith(" policy violation"), text
+        [line] = [entry for entry in host.log_lines() if entry.get("policy") == "bounce_ratio"
+                  and entry.get("verdict") == "reject"][-1:]
+        assert line["client_ip"] == bouncer
+    assert a.send_one("127.0.9.2", BULK)[0] == 250  # another address is not affected
