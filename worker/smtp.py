@@ -260,6 +260,14 @@ class GatewaySMTP(SMTP):
         """Every command line the client sends, recognised or not."""
         # The stage of its decision lines: a verb, not whatever bytes came first.
         self._command = command if command.isalnum() and len(command) <= 16 else "UNKNOWN"
+        try:
+            await self._answer(command, arg)
+        finally:
+            # What aiosmtpd refuses before the next command runs (an empty or
+            # overlong line) and a timeout between commands answer no command.
+            self._command = ""
+
+    async def _answer(self, command: str, arg: str | None) -> None:
         limits = self._server_settings()
         if limits.command_timeout != self._timeout_duration:
             # A reload changed it: aiosmtpd re-arms its idle timer with this from now on.
@@ -419,18 +427,19 @@ class GatewaySMTP(SMTP):
         return True
 
     async def push(self, status: Any) -> None:
-        if status == _COMMAND_TOO_LONG:
-            status = self.event_handler.refused(
-                self, "SESSION", "line_length", replies.LINE_TOO_LONG.format(sid=self.sid),
-                "a command line longer than the command may be")
         final = not _continues(status)
         if final and _is_refusal(status):
             if self._out_of_errors() and not self._closing:
                 # A refusal aiosmtpd makes before any command runs (an empty
-                # or overlong line) is the next command too.
+                # or overlong line) is the next command too: it is answered
+                # (and logged) as the one too many, not as itself.
                 await self._end(replies.TOO_MANY_ERRORS, "max_errors",
                                 f"{self._errors} refused commands")
                 return
+            if status == _COMMAND_TOO_LONG:
+                status = self.event_handler.refused(
+                    self, "SESSION", "line_length", replies.LINE_TOO_LONG.format(sid=self.sid),
+                    "a command line longer than the command may be")
             self._errors += 1
             if isinstance(status, str) and not isinstance(status, replies.Decided):
                 self.event_handler.refused(self, self._command, _policy_of(status), status)
