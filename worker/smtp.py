@@ -260,12 +260,11 @@ class GatewaySMTP(SMTP):
         """Every command line the client sends, recognised or not."""
         # The stage of its decision lines: a verb, not whatever bytes came first.
         self._command = command if command.isalnum() and len(command) <= 16 else "UNKNOWN"
-        try:
-            await self._answer(command, arg)
-        finally:
-            # What aiosmtpd refuses before the next command runs (an empty or
-            # overlong line) and a timeout between commands answer no command.
-            self._command = ""
+        await self._answer(command, arg)
+        # What aiosmtpd refuses before the next command runs (an empty or
+        # overlong line) and a timeout between commands answer no command.
+        # (A command that raised keeps its name for handle_exception.)
+        self._command = ""
 
     async def _answer(self, command: str, arg: str | None) -> None:
         limits = self._server_settings()
@@ -338,7 +337,8 @@ class GatewaySMTP(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would answer "500 Error: (TypeError) ..." and log a traceback.
-        return self.event_handler.internal_error(self, self._command, error)
+        stage, self._command = self._command, ""
+        return self.event_handler.internal_error(self, stage, error)
 
     # -- replies SPEC words differently -------------------------------------
 
