@@ -91,10 +91,6 @@ class PolicyEngine:
     def verifier(self) -> PasswordVerifier:
         return self.authenticator.verifier
 
-    @verifier.setter
-    def verifier(self, verifier: PasswordVerifier) -> None:
-        self.authenticator.verifier = verifier
-
     # -- the connection and the protocol's own refusals ------------------------------
 
     def connect(self, client: Client) -> Verdict:
