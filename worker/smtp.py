@@ -36,7 +36,7 @@ aiosmtpd is held to the releases these overrides were tested on
   without the email package (worker/smtp_speedups.py, installed by the
   worker's builder, not by importing this module);
 - graceful shutdown: 421 at once outside a transaction, after the reply to
-  the end of DATA inside one;
+  the end of DATA inside one, a decision (policy ``shutdown``) as any refusal;
 - DATA read as SPEC §3 wants it (worker/smtp_data.py): lines of any length,
   a bare LF as a line end, the end only at CRLF.CRLF; a message over the
   size limit and a command line too long are logged, the latter answered
@@ -470,7 +470,7 @@ class GatewaySMTP(SMTP):
 
     async def end_now(self) -> None:
         """The drain timeout ran out: goodbye even mid-transaction (nothing is acknowledged)."""
-        await self._say_goodbye()
+        await self._say_goodbye("server.drain_timeout ran out")
 
     def abort(self) -> None:
         for transport in (self.transport, self._original_transport):
@@ -478,12 +478,14 @@ class GatewaySMTP(SMTP):
                 transport.abort()  # type: ignore[attr-defined]
         self.sessions.discard(self)
 
-    async def _say_goodbye(self) -> None:
+    async def _say_goodbye(self, detail: str = "the worker is stopping") -> None:
         if self._closing or self.transport is None:
             return
         self._closing = True
+        reply = self.event_handler.refused(self, "SESSION", "shutdown",
+                                           replies.SHUTTING_DOWN.format(sid=self.sid), detail)
         try:
-            await super().push(replies.SHUTTING_DOWN.format(sid=self.sid))
+            await super().push(reply)
         except (ConnectionError, RuntimeError, AttributeError):
             pass
         if self.transport is not None:
