@@ -71,7 +71,9 @@ def check_geoip(settings: Settings) -> None:
 
 
 def check_tenants(settings: Settings) -> None:
-    # Its own errors name the tenant file and the entry.
+    # A file that is not there is the configuration's mistake (tenants.file); what is
+    # wrong inside it is the tenant file's, and its own errors name that file and entry.
+    _readable(settings, "tenants.file", settings.tenants_file)
     load_tenants(settings.tenants_file)
 
 
@@ -134,7 +136,7 @@ def load_or_exit(path: str, *, open_files: bool = False, strict: bool = False) -
         if open_files:
             check_files(settings, skip=() if strict else OPTIONAL_AT_START)
         else:
-            load_tenants(settings.tenants_file)
+            check_tenants(settings)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -195,6 +195,8 @@ def test_check_config_reads_the_tenant_directory(config: Path) -> None:
     tenants = config.parent / "tenants.toml"
     tenants.write_text(TENANTS + '\n[accounts."x@nowhere.pl"]\npassword = "{PLAIN}x"\n')
     assert one_line_error(config).startswith(f"{tenants}: ")
+    tenants.unlink()  # not there at all: the configuration's key is what is wrong
+    assert one_line_error(config) == f'{config}: tenants.file: no such file (got "{tenants}")'
 
 
 def test_check_config_checks_where_logs_and_the_spool_go(config: Path) -> None:
