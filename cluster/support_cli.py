@@ -120,6 +120,8 @@ def _request_of(args: argparse.Namespace) -> tuple[AdminRequestMessage, Formatte
     if args.command == "account":
         _account(args.user)
         if args.action == "suspend":
+            if not args.reason.strip():
+                raise _Usage("account suspend: --reason must say why")
             return SuspendRequest(args.user, args.by, reason=args.reason,
                                   lasting=_duration(getattr(args, "lasting", None))), \
                 format_suspension
@@ -156,9 +158,11 @@ def _duration(text: str | None) -> str | None:
     if text is None:
         return None
     try:
-        parse_duration(text)
+        seconds = parse_duration(text)
     except ValueError:
-        raise _Usage(f'--for: "{text}" is not a duration like "30m", "12h" or "7d"') from None
+        seconds = 0
+    if seconds <= 0:
+        raise _Usage(f'--for: "{text}" is not a duration like "30m", "12h" or "7d"')
     return text
 
 

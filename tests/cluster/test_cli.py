@@ -72,6 +72,28 @@ def test_a_command_without_a_configuration_refuses_c(config: Path) -> None:
     assert done.returncode == 2 and "demo takes no -c" in done.stderr
 
 
+# -- support commands: bad usage is status 2, before any cluster is asked ----------------
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (("why", "not-a-sid"), 'why: "not-a-sid" is not a session id'),
+    (("account", "suspend", "jan@kowalski.pl", "--reason", " "), "--reason must say why"),
+    (("account", "suspend", "jan@kowalski.pl", "--reason", "x", "--for", "0s"),
+     '--for: "0s" is not a duration'),
+    (("account", "suspend", "jan", "--reason", "x"), "is not an account"),
+    (("counters", "reset", "ip", "1.2.3"), "is not an IP address"),
+    (("tenant", "allow-country", "kowalski.pl", "DE", "--for", "soon"),
+     '--for: "soon" is not a duration'),
+    (("tenant", "allow-country", "kowalski.pl", "POL"), "not a two-letter country code"),
+])
+def test_support_commands_refuse_bad_usage_with_status_2(
+        config: Path, args: tuple[str, ...], error: str) -> None:
+    # No cluster runs for this configuration: status 1 would mean the request was sent.
+    done = sendguard(*args, "-c", str(config))
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.count("\n") == 1 and error in done.stderr, done.stderr
+
+
 # -- hash-password ---------------------------------------------------------------------
 
 
