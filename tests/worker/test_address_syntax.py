@@ -26,6 +26,10 @@ BAD = [
     b"<@kowalski.pl>",                  # no local part
     b"<jan@kowalski..pl>",              # not a domain name
     b"<jan@[not-an-ip]>",               # not an address literal
+    b"<jan@kowal ski.pl>",              # a space inside: the parser would stop at it
+    b"<jan@[127.0.0.1] x>",
+    b"<jan@kowalski.pl",                # never closed
+    b"<jan@kowalski.pl SIZE=10",
 ]
 
 
