@@ -193,3 +193,20 @@ def test_ipv6_clients_are_capped_per_64(short_tmp: Path, dns: Any) -> None:
         assert other_64.banner.startswith("220 ")
         for client in (*same_64, third, other_64):
             client.close()
+
+
+def test_commands_that_move_no_mail_have_a_budget_per_session(short_tmp: Path,
+                                                               dns: Any) -> None:
+    with running_gateway(short_tmp, dns) as gw:
+        client = Raw(gw)
+        # RSET moves mail along (one per message): a busy session sends many.
+        client.send(b"RSET\r\n" * 300)
+        assert [client.reply() for _ in range(300)] == ["250 OK"] * 300
+        client.send(b"NOOP\r\n" * 101)
+        replies = [client.reply() for _ in range(101)]
+        assert replies[:100] == ["250 OK"] * 100
+        assert replies[100] == "421 4.7.0 NOOP sent too many times"
+        assert client.closed()
+        [line] = [line for line in decisions(gw, client.sid) if line["stage"] == "NOOP"]
+        assert (line["policy"], line["verdict"]) == ("call_limit", "tempfail")
+        client.close()
