@@ -29,6 +29,7 @@ from cluster.admin_wire import (
     WhyRequest,
 )
 from cluster.settings import is_country_code
+from cluster.support_state import text_problem
 from cluster.validate import parse_duration
 
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9]{22}")  # SPEC §1
@@ -102,6 +103,7 @@ def default_by() -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_texts(args)
         message, show = _request_of(args)
     except _Usage as exc:
         return usage(str(exc))
@@ -110,6 +112,25 @@ def run(args: argparse.Namespace) -> int:
 
 class _Usage(Exception):
     pass
+
+
+def texts_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a change's ``--reason`` or ``--by`` (the coordinator would refuse
+    them too, but as a failure, status 1, not as bad usage), or None."""
+    if getattr(args, "by", None) is not None and not args.by.strip():
+        return "--by must name who makes the change"
+    for name in ("reason", "by"):
+        value = getattr(args, name, None)
+        problem = text_problem(value, f"--{name}") if value is not None else None
+        if problem is not None:
+            return problem
+    return None
+
+
+def check_texts(args: argparse.Namespace) -> None:
+    problem = texts_problem(args)
+    if problem is not None:
+        raise _Usage(problem)
 
 
 def _request_of(args: argparse.Namespace) -> tuple[AdminRequestMessage, Formatter]:

@@ -19,6 +19,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+# A reason or a name longer than this is a paste gone wrong.
+MAX_TEXT = 500
+
+
+def text_problem(value: str, name: str) -> str | None:
+    """Why ``value`` cannot be the ``name`` (reason, by) of a change, or None."""
+    if not value.isprintable() or len(value) > MAX_TEXT:
+        return f"{name} must be one line of at most {MAX_TEXT} characters"
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class Suspension:

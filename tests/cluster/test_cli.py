@@ -85,6 +85,13 @@ def test_a_command_without_a_configuration_refuses_c(config: Path) -> None:
     (("tenant", "allow-country", "kowalski.pl", "DE", "--for", "soon"),
      '--for: "soon" is not a duration'),
     (("tenant", "allow-country", "kowalski.pl", "POL"), "not a two-letter country code"),
+    (("tenant", "allow-country", "kowalski.pl", "DE", "--reason", "two\nlines"),
+     "--reason must be one line of at most 500 characters"),
+    (("account", "unsuspend", "jan@kowalski.pl", "--by", " "), "--by must name who"),
+    (("counters", "reset", "account", "jan@kowalski.pl", "--reason", "x" * 501),
+     "--reason must be one line"),
+    (("queue", "hold", "--account", "jan@kowalski.pl", "--by", "a\tb"),
+     "queue hold: --by must be one line"),
 ])
 def test_support_commands_refuse_bad_usage_with_status_2(
         config: Path, args: tuple[str, ...], error: str) -> None:
