@@ -101,6 +101,13 @@ def test_http_api_answers_as_the_cli_and_records_who_changed_what(
     status, _ = http("POST", f"/api/accounts/{ANNA}/suspend", body={"reason": "x"}, user=None)
     assert status == 401
     assert mail_code(cluster, "127.0.0.9", ANNA) == 250  # nothing was suspended by that
+    # A request aiohttp cannot parse: a 400, and one warning line without a traceback.
+    assert http("GET", "/?error=" + "x" * 10000)[0] == 400
+    [refused] = wait_for(lambda: [line for line in cluster.log_lines()
+                                  if line.get("logger") == "aiohttp.server.admin"], 10,
+                         "the bad request logged")
+    assert refused["level"] == "warning" and "error" not in refused, refused
+    assert refused["message"].endswith(": 400 LineTooLong")
 
     status, why = http("GET", f"/api/sessions/{sid}")
     assert status == 200
@@ -162,6 +169,7 @@ def test_http_api_answers_as_the_cli_and_records_who_changed_what(
                                                    "conference")]
     assert [(e["action"], e["by"], e["reason"]) for e in history(cluster, "kowalski.pl")] == [
         ("allow-country", "anna", "holiday"), ("disallow-country", "anna", "back home")]
+    assert "Traceback" not in cluster.log_path.read_text()
 
 
 def refusing_policy(cluster: Cluster, source: str, user: str) -> str | None:
