@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,40 @@ def check_state_dir(settings: Settings) -> None:
     _writable_folder(settings, "cluster.state_dir", settings.cluster.state_dir)
 
 
+def check_runtime_dir(settings: Settings) -> None:
+    # What `run` would refuse (cluster/supervisor.py make_private_dir), without making it.
+    folder = settings.cluster.runtime_dir
+    if not os.path.lexists(folder):
+        _writable_folder(settings, "cluster.runtime_dir", folder)
+        return
+    problem = private_dir_problem(folder)
+    if problem is not None:
+        raise ConfigError(settings.path, "cluster.runtime_dir", problem, str(folder))
+
+
+def private_dir_problem(path: Path) -> str | None:
+    """Why the existing ``path`` is not a folder of this user's alone, or None.
+
+    Checked with ``lstat``: a symlink, a file, a folder of another user or one
+    that group or others can enter would let someone else reach the control
+    sockets (or swap them for theirs), so it is refused rather than repaired.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link, not a folder"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder"
+    if info.st_uid != os.geteuid():
+        return f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+    if info.st_mode & 0o077:
+        return (f"is open to group or others (mode {info.st_mode & 0o777:04o}); "
+                "it must be 0700")
+    return None
+
+
 def check_admin_users(settings: Settings) -> None:
     # Its lines are read by the coordinator at start, with the same one-line errors.
     if settings.admin.users_file is not None:
@@ -110,6 +145,7 @@ FILE_CHECKS: dict[str, Callable[[Settings], None]] = {
     "log.file": check_log_file,
     "delivery.spool": check_spool,
     "cluster.state_dir": check_state_dir,
+    "cluster.runtime_dir": check_runtime_dir,
     "admin.users_file": check_admin_users,
 }
 
