@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cluster.admin_users import read_users
 from cluster.dkimkeys import check_dkim_keys
 from cluster.exits import EXIT_USAGE
 from cluster.geoip import CountryDatabase, GeoDatabaseError
@@ -131,9 +132,9 @@ def private_dir_problem(path: Path) -> str | None:
 
 
 def check_admin_users(settings: Settings) -> None:
-    # Its lines are read by the coordinator at start, with the same one-line errors.
     if settings.admin.users_file is not None:
         _readable(settings, "admin.users_file", settings.admin.users_file)
+        read_users(settings.path, settings.admin.users_file)
 
 
 # In order: the DKIM keys after the tenant directory that names them.

@@ -235,3 +235,18 @@ def test_check_config_checks_where_logs_and_the_spool_go(config: Path) -> None:
     (config.parent / "spool").write_text("a file where the spool folder should be")
     assert one_line_error(config) == (
         f'{config}: delivery.spool: is not a folder (got "{config.parent / "spool"}")')
+
+
+def test_check_config_reads_the_admin_users_file(config: Path) -> None:
+    users = config.parent / "admins"
+    users.write_text("# support\nanna:{PLAIN}a long passphrase\n")
+    config.write_text(config.read_text()
+                      + '\n[admin]\nlisten = "127.0.0.1:8026"\nusers_file = "admins"\n')
+    assert sendguard("check-config", "-c", str(config)).returncode == 0
+    users.write_text("anna:{PLAIN}a long passphrase\nbob:{MD5}x\n")
+    assert one_line_error(config) == (
+        f"{config}: admin.users_file: {users} line 2: unknown password scheme {{MD5}}; "
+        f'supported schemes: ARGON2ID, ARGON2I, BLF-CRYPT, SHA512-CRYPT, PLAIN (got "{users}")')
+    users.write_text("no colon here\n")
+    assert one_line_error(config).startswith(
+        f'{config}: admin.users_file: {users} line 1: must be "name:{{SCHEME}}hash"')
