@@ -27,6 +27,14 @@ from cluster.dkimkeys import check_dkim_keys
 from cluster.exits import EXIT_USAGE
 from cluster.geoip import CountryDatabase, GeoDatabaseError
 from cluster.settings import Settings, load_settings
+from cluster.support_state import (
+    EXCEPTIONS_FILE,
+    SUSPENSIONS_FILE,
+    CountryException,
+    Suspension,
+    TableError,
+    read_table,
+)
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
 
@@ -94,7 +102,17 @@ def check_spool(settings: Settings) -> None:
 
 
 def check_state_dir(settings: Settings) -> None:
-    _writable_folder(settings, "cluster.state_dir", settings.cluster.state_dir)
+    folder = settings.cluster.state_dir
+    _writable_folder(settings, "cluster.state_dir", folder)
+    if settings.counters.backend == "redis":
+        return  # the state is in Redis; what is here was moved there already
+    # The coordinator reads these tables at start and refuses a bad one: so does this.
+    try:
+        read_table(folder / SUSPENSIONS_FILE, Suspension.from_wire)
+        read_table(folder / EXCEPTIONS_FILE, CountryException.from_wire)
+    except TableError as exc:
+        raise ConfigError(settings.path, "cluster.state_dir", str(exc), show_value=False) \
+            from None
 
 
 def check_runtime_dir(settings: Settings) -> None:

@@ -250,3 +250,17 @@ def test_check_config_reads_the_admin_users_file(config: Path) -> None:
     users.write_text("no colon here\n")
     assert one_line_error(config).startswith(
         f'{config}: admin.users_file: {users} line 1: must be "name:{{SCHEME}}hash"')
+
+
+def test_check_config_reads_the_support_state_the_coordinator_would_refuse(
+        config: Path) -> None:
+    edit(config, "[cluster]\n", '[cluster]\nstate_dir = "state"\n')
+    state = config.parent / "state"
+    state.mkdir(mode=0o700)
+    table = state / "suspensions.json"
+    table.write_text('{"version": 1, "items": [{"account": "jan@kowalski.pl", "reason": "x", '
+                     '"by": "anna", "at": 1796000000.0, "until": null}]}')
+    assert sendguard("check-config", "-c", str(config)).returncode == 0
+    table.write_text('{"version": 1, "items": [{"bogus": 1}]}')
+    assert one_line_error(config) == (
+        f"{config}: cluster.state_dir: {table}: suspension: account must be a string, got None")
