@@ -203,7 +203,9 @@ def format_why(data: dict[str, Any]) -> str:
     lines = [head, "", table(["TIME", "STAGE", "POLICY", "VERDICT", "REPLY", "DETAIL"], rows)]
     for d in decisions:
         if d.get("key"):
-            lines.append(f"{d['stage']} refusal: {d['key']} has {d['count']} of {d['max']} "
+            # A shadow limit logs where it would have refused; the message went on.
+            what = "shadow limit (not refused)" if d.get("verdict") == "shadow" else "refusal"
+            lines.append(f"{d['stage']} {what}: {d['key']} has {d['count']} of {d['max']} "
                          f"in {d['window']}; room again at "
                          f"{clears_text(d.get('clears_at')) or 'unknown'}")
     for name, why in sorted(data.get("unanswered", {}).items()):

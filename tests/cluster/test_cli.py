@@ -264,3 +264,18 @@ def test_check_config_reads_the_support_state_the_coordinator_would_refuse(
     table.write_text('{"version": 1, "items": [{"bogus": 1}]}')
     assert one_line_error(config) == (
         f"{config}: cluster.state_dir: {table}: suspension: account must be a string, got None")
+
+
+def test_why_tells_a_shadow_limit_from_a_refusal() -> None:
+    from cluster.support_cli import format_why
+
+    sid = "A" * 22
+    common = {"ts": "2026-12-05T10:00:00Z", "policy": "rate_limit", "client_ip": "192.0.2.1",
+              "account": "jan@kowalski.pl", "reply": f"550 5.1.0 {sid} policy violation",
+              "window": "1h", "max": 2, "clears_at": "2026-12-05T10:59:00Z"}
+    text = format_why({"sid": sid, "decisions": [
+        {**common, "stage": "MAIL", "verdict": "shadow", "key": "acct:jan@kowalski.pl",
+         "count": 2},
+        {**common, "stage": "MAIL", "verdict": "reject", "key": "ip:192.0.2.1", "count": 2}]})
+    assert "MAIL shadow limit (not refused): acct:jan@kowalski.pl has 2 of 2 in 1h" in text
+    assert "MAIL refusal: ip:192.0.2.1 has 2 of 2 in 1h" in text
