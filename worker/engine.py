@@ -91,6 +91,11 @@ class PolicyEngine:
     def verifier(self) -> PasswordVerifier:
         return self.authenticator.verifier
 
+    @verifier.setter
+    def verifier(self, verifier: PasswordVerifier) -> None:
+        # Tests put a verifier of their own in (tests/worker/test_auth_abuse.py).
+        self.authenticator.verifier = verifier
+
     # -- the connection and the protocol's own refusals ------------------------------
 
     def connect(self, client: Client) -> Verdict:

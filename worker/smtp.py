@@ -455,7 +455,10 @@ class GatewaySMTP(SMTP):
                     "a command line longer than the command may be")
             self._errors += 1
             if isinstance(status, str) and not isinstance(status, replies.Decided):
-                self.event_handler.refused(self, self._command, _policy_of(status), status)
+                policy = _policy_of(status)
+                # A command over its budget is refused before it runs: its name is in the reply.
+                stage = status.split()[2] if policy == "call_limit" else self._command
+                self.event_handler.refused(self, stage, policy, status)
         elif final and self._in_data and status[:3] in ("250", b"250"):
             self._errors = 0  # a message was accepted
         if final:
