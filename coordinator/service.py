@@ -81,13 +81,15 @@ class Coordinator:
         self.ring = RingKeeper(membership, outbox, self.snapshots.persist, SILENCE)
         self.supervisor = SupervisorLink(outbox)
         self.connections = ConnectionPublisher(membership, outbox)
-        self.desk = SupportDesk(store, sources, self.snapshots.publish)
+        # Compromise detection is made with the desk it suspends through; the desk
+        # reaches it only when a suspension is lifted elsewhere, by then it exists.
+        self.desk = SupportDesk(store, sources, self.snapshots.publish,
+                                on_lifted=lambda account: self.compromise.forget(account))
         # Workers' evidence of stolen passwords, and the suspensions it makes (SPEC §3.10).
         shared_evidence = (SharedEvidence(sources.settings)
                            if sources.settings.counters.backend == "redis" else None)
         self.compromise = CompromiseWatch(self.desk, sources, self.metrics,
                                           shared=shared_evidence)
-        self.desk.on_lifted = self.compromise.forget
         self.workers = WorkerRpc(outbox)
         self.shared = SharedCounters(sources.settings)
         self.adoption = AdoptionSweep(self.workers.ask)

@@ -62,7 +62,8 @@ LAPSE_SKEW = 5.0      # seconds: how far apart the hosts' clocks may be (they ru
 class SupportDesk:
     def __init__(self, store: SupportStore, sources: SnapshotSources,
                  publish: Callable[[], Awaitable[None]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_lifted: Callable[[str], None] = lambda account: None) -> None:
         self.store = store
         self.sources = sources
         self._publish = publish
@@ -70,7 +71,7 @@ class SupportDesk:
         self._lock = asyncio.Lock()
         # Told each account whose suspension another host lifted (compromise
         # detection forgets its evidence, as it does when support lifts one here).
-        self.on_lifted: Callable[[str], None] = lambda account: None
+        self.on_lifted = on_lifted
 
     # -- suspensions -------------------------------------------------------------
 

@@ -93,6 +93,7 @@ class PolicyEngine:
 
     @verifier.setter
     def verifier(self, verifier: PasswordVerifier) -> None:
+        # Tests put a verifier of their own in (tests/worker/test_auth_abuse.py).
         self.authenticator.verifier = verifier
 
     # -- the connection and the protocol's own refusals ------------------------------

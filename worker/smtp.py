@@ -36,7 +36,7 @@ aiosmtpd is held to the releases these overrides were tested on
   without the email package (worker/smtp_speedups.py, installed by the
   worker's builder, not by importing this module);
 - graceful shutdown: 421 at once outside a transaction, after the reply to
-  the end of DATA inside one;
+  the end of DATA inside one, a decision (policy ``shutdown``) as any refusal;
 - DATA read as SPEC §3 wants it (worker/smtp_data.py): lines of any length,
   a bare LF as a line end, the end only at CRLF.CRLF; a message over the
   size limit and a command line too long are logged, the latter answered
@@ -273,6 +273,13 @@ class GatewaySMTP(SMTP):
         """Every command line the client sends, recognised or not."""
         # The stage of its decision lines: a verb, not whatever bytes came first.
         self._command = command if command.isalnum() and len(command) <= 16 else "UNKNOWN"
+        await self._answer(command, arg)
+        # What aiosmtpd refuses before the next command runs (an empty or
+        # overlong line) and a timeout between commands answer no command.
+        # (A command that raised keeps its name for handle_exception.)
+        self._command = ""
+
+    async def _answer(self, command: str, arg: str | None) -> None:
         limits = self._server_settings()
         if limits.command_timeout != self._timeout_duration:
             # A reload changed it: aiosmtpd re-arms its idle timer with this from now on.
@@ -343,7 +350,8 @@ class GatewaySMTP(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would answer "500 Error: (TypeError) ..." and log a traceback.
-        return self.event_handler.internal_error(self, self._command, error)
+        stage, self._command = self._command, ""
+        return self.event_handler.internal_error(self, stage, error)
 
     # -- replies SPEC words differently -------------------------------------
 
@@ -432,21 +440,25 @@ class GatewaySMTP(SMTP):
         return True
 
     async def push(self, status: Any) -> None:
-        if status == _COMMAND_TOO_LONG:
-            status = self.event_handler.refused(
-                self, "SESSION", "line_length", replies.LINE_TOO_LONG.format(sid=self.sid),
-                "a command line longer than the command may be")
         final = not _continues(status)
         if final and _is_refusal(status):
             if self._out_of_errors() and not self._closing:
                 # A refusal aiosmtpd makes before any command runs (an empty
-                # or overlong line) is the next command too.
+                # or overlong line) is the next command too: it is answered
+                # (and logged) as the one too many, not as itself.
                 await self._end(replies.TOO_MANY_ERRORS, "max_errors",
                                 f"{self._errors} refused commands")
                 return
+            if status == _COMMAND_TOO_LONG:
+                status = self.event_handler.refused(
+                    self, "SESSION", "line_length", replies.LINE_TOO_LONG.format(sid=self.sid),
+                    "a command line longer than the command may be")
             self._errors += 1
             if isinstance(status, str) and not isinstance(status, replies.Decided):
-                self.event_handler.refused(self, self._command, _policy_of(status), status)
+                policy = _policy_of(status)
+                # A command over its budget is refused before it runs: its name is in the reply.
+                stage = status.split()[2] if policy == "call_limit" else self._command
+                self.event_handler.refused(self, stage, policy, status)
         elif final and self._in_data and status[:3] in ("250", b"250"):
             self._errors = 0  # a message was accepted
         if final:
@@ -474,7 +486,7 @@ class GatewaySMTP(SMTP):
 
     async def end_now(self) -> None:
         """The drain timeout ran out: goodbye even mid-transaction (nothing is acknowledged)."""
-        await self._say_goodbye()
+        await self._say_goodbye("server.drain_timeout ran out")
 
     def abort(self) -> None:
         for transport in (self.transport, self._original_transport):
@@ -482,12 +494,14 @@ class GatewaySMTP(SMTP):
                 transport.abort()  # type: ignore[attr-defined]
         self.sessions.discard(self)
 
-    async def _say_goodbye(self) -> None:
+    async def _say_goodbye(self, detail: str = "the worker is stopping") -> None:
         if self._closing or self.transport is None:
             return
         self._closing = True
+        reply = self.event_handler.refused(self, "SESSION", "shutdown",
+                                           replies.SHUTTING_DOWN.format(sid=self.sid), detail)
         try:
-            await super().push(replies.SHUTTING_DOWN.format(sid=self.sid))
+            await super().push(reply)
         except (ConnectionError, RuntimeError, AttributeError):
             pass
         if self.transport is not None:

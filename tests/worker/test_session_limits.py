@@ -146,6 +146,23 @@ def test_every_refusal_is_one_decision_line(gateway: Gateway) -> None:
     client.close()
 
 
+def test_a_line_between_commands_is_one_decision_of_no_command(gateway: Gateway) -> None:
+    client = Raw(gateway)
+    assert client.command("EHLO client.test").startswith("250 ")
+    assert client.command("") == "500 Error: bad syntax"  # answers no command, not EHLO
+    assert client.command("BOGUS")[:3] == "500"
+    assert client.command("NOOP " + "x" * 3000) == f"500 5.5.2 {client.sid} line too long"
+    # The error limit is reached: the next overlong line gets only the 421.
+    assert client.command("NOOP " + "x" * 3000) == (
+        f"421 4.7.0 {client.sid} too many errors, closing connection")
+    assert client.closed()
+    lines = decisions(gateway, client.sid)
+    assert [(line["stage"], line["policy"]) for line in lines] == [
+        ("SESSION", "syntax"), ("BOGUS", "syntax"), ("SESSION", "line_length"),
+        ("SESSION", "max_errors")]
+    client.close()
+
+
 def test_new_limits_apply_to_open_sessions_after_a_reload(short_tmp: Path, dns: Any) -> None:
     import dataclasses
 

@@ -40,6 +40,13 @@ def test_drain_answers_idle_at_once_and_busy_after_their_data(short_tmp: Path, d
     assert len(sessions) == 0
     for client in (idle, busy):
         client.close()
+    # Each 421 is the session's decision, as the other replies are.
+    goodbyes = [(line["sid"], line["stage"], line["verdict"], line["reply"])
+                for line in gateway.log_lines()
+                if line.get("event") == "decision" and line.get("policy") == "shutdown"]
+    assert sorted(goodbyes) == sorted(
+        (s, "SESSION", "tempfail", f"421 4.3.2 {s} service shutting down")
+        for s in (sid, busy_sid))
 
 
 def test_drain_timeout_cuts_an_unfinished_data(short_tmp: Path, dns) -> None:

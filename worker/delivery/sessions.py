@@ -254,10 +254,6 @@ class SessionPool:
             self._waiting.pop(dest.key, None)
         self.pump()
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        return [{"destination": d.key, "queued": len(d.jobs), "sessions": d.sessions,
-                 "limit": d.limit} for d in self._destinations.values()]
-
 
 async def _close(conn: Connection) -> None:
     try:
