@@ -234,10 +234,6 @@ class Status(enum.StrEnum):
     ERROR = "error"    # the request cannot be applied (e.g. a negative amount); `detail` says why
 
 
-# What a counter request asks of a key's owner (the `kind` of an item).
-COUNTER_KINDS = ("check", "reserve", "release", "add", "mark", "lend", "return", "reset",
-                 "inspect")
-
 # Positions in a request item: [rid, epoch, kind, arg, ops, extra].
 #   check, add, mark: arg "", extra None
 #   reserve:  arg = reservation id; extra = None or [lease id, units wanted] to

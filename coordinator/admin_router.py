@@ -122,7 +122,7 @@ class AdminRouter:
     async def unsuspend(self, request: aw.UnsuspendRequest) -> aw.SuspensionReply:
         reply = await self.desk.unsuspend(request)
         # Support has dealt with it: the same evidence must not suspend the account again.
-        self.compromise.forget(reply.account)
+        await self.compromise.forget_everywhere(reply.account)
         return reply
 
     async def why(self, request: aw.WhyRequest) -> aw.WhyReply:

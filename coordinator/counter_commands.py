@@ -56,7 +56,7 @@ class CounterCommands:
             try:
                 found, worker = await self.shared.inspect(keys), "redis"
             except CounterUnavailable as exc:
-                raise Unavailable(str(exc)) from None
+                raise Unavailable(f"the state store cannot be reached: {exc}") from None
         else:
             found, worker = await self._inspect_on_workers(keys)
         settings = self.sources.settings
@@ -67,7 +67,7 @@ class CounterCommands:
             account = keys[0].partition(":")[2]
             await self.desk.fresh()
             suspension = self.desk.suspension_of(account)
-            compromise = self.compromise.evidence_of(account)
+            compromise = await self.compromise.evidence_of(account)
         return InspectSubjectReply(request.kind, keys, worker, rows,
                                    auth_failures=facts.get("auth_failures"),
                                    bounce=facts.get("bounce"), suspension=suspension,
@@ -82,7 +82,7 @@ class CounterCommands:
             try:
                 cleared = await self.shared.reset(keys)
             except CounterUnavailable as exc:
-                raise Unavailable(str(exc)) from None
+                raise Unavailable(f"the state store cannot be reached: {exc}") from None
             result = ResetCountersReply(keys, cleared, ["redis"], "redis")
         else:
             result = await self._reset_on_workers(keys)
@@ -90,7 +90,7 @@ class CounterCommands:
         subject = keys[0].partition(":")[2]
         domain = subject.rpartition("@")[2] if request.kind == "account" else ""
         if request.kind == "account":
-            self.compromise.forget(subject)
+            await self.compromise.forget_everywhere(subject)
         await self.desk.audit(by, "counters-reset", subject, domain, reason,
                               details={"keys": keys, "counters": result.cleared})
         return result

@@ -5,9 +5,10 @@ from a country, a message classified as spam. The coordinator is one
 process and applies the notes one at a time, so what it counts is exact
 across the host's workers, as counters are; and it is where the suspension
 is made, so a signal reaches its threshold and the suspension follows
-without another hop. Suspensions are kept per host (``cluster.state_dir``),
-and so is this evidence: hosts sharing counters in Redis do not add up each
-other's logins.
+without another hop. With the Redis backend the same evidence is kept in
+Redis, added up across hosts (:mod:`coordinator.redis_evidence`, which
+judges it with :func:`incident`); this book is then only what a host
+notes while Redis cannot be reached.
 
 Why not counters: "distinct countries in a window" is a set, not a count.
 Kept in counters it would need a series per country and, at every login,
@@ -48,7 +49,7 @@ class Incident:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
-class _Evidence:
+class Evidence:
     __slots__ = ("countries", "spam", "touched")
 
     def __init__(self) -> None:
@@ -65,7 +66,7 @@ class EvidenceBook:
     def __init__(self, max_accounts: int = MAX_ACCOUNTS) -> None:
         self.max_accounts = max_accounts
         # Insertion order is the order of the last note: the front is swept first.
-        self._accounts: dict[str, _Evidence] = {}
+        self._accounts: dict[str, Evidence] = {}
 
     def __len__(self) -> int:
         return len(self._accounts)
@@ -74,7 +75,7 @@ class EvidenceBook:
         """Apply one ``[kind, account, detail, sid, at]`` note; the incident it completes.
 
         Raises BadNote for a note that is not of that form."""
-        kind, account, detail, sid, at = _parsed(note)
+        kind, account, detail, sid, at = parsed(note)
         at = min(at, now)
         if at <= now - settings.window:
             return None  # arrived too late to count
@@ -91,7 +92,7 @@ class EvidenceBook:
             return self._spam(settings, account, evidence, now)
         return None
 
-    def _countries(self, settings: CompromiseSettings, account: str, evidence: _Evidence,
+    def _countries(self, settings: CompromiseSettings, account: str, evidence: Evidence,
                    now: float) -> Incident | None:
         recent = {country: seen for country, seen in evidence.countries.items()
                   if seen[0] > now - settings.window}
@@ -106,7 +107,7 @@ class EvidenceBook:
                          "logins": {c: {"at": iso_utc(recent[c][0]), "sid": recent[c][1]}
                                     for c in names}})
 
-    def _spam(self, settings: CompromiseSettings, account: str, evidence: _Evidence,
+    def _spam(self, settings: CompromiseSettings, account: str, evidence: Evidence,
               now: float) -> Incident | None:
         recent = [item for item in evidence.spam if item[0] > now - settings.window]
         if len(recent) < settings.spam_messages:
@@ -121,15 +122,7 @@ class EvidenceBook:
     def evidence(self, settings: CompromiseSettings, account: str,
                  now: float) -> dict[str, Any]:
         """What counts now, for ``inspect account``."""
-        evidence = self._accounts.get(account)
-        since = now - settings.window
-        countries = {} if evidence is None else {
-            country: iso_utc(seen[0]) for country, seen in sorted(evidence.countries.items())
-            if seen[0] > since}
-        spam = 0 if evidence is None else sum(1 for item in evidence.spam if item[0] > since)
-        return {"window": settings.window, "countries": countries,
-                "countries_max": settings.countries, "spam_messages": spam,
-                "spam_max": settings.spam_messages}
+        return view(settings, self._accounts.get(account), now)
 
     def forget(self, account: str) -> bool:
         """Support lifted a suspension or reset the account: start again from nothing."""
@@ -150,10 +143,10 @@ class EvidenceBook:
             del self._accounts[account]
         return len(stale)
 
-    def _touch(self, account: str, now: float) -> _Evidence:
+    def _touch(self, account: str, now: float) -> Evidence:
         evidence = self._accounts.pop(account, None)
         if evidence is None:
-            evidence = _Evidence()
+            evidence = Evidence()
             while len(self._accounts) >= self.max_accounts:
                 del self._accounts[next(iter(self._accounts))]
         evidence.touched = now
@@ -161,7 +154,8 @@ class EvidenceBook:
         return evidence
 
 
-def _parsed(note: Any) -> tuple[str, str, str, str, float]:
+def parsed(note: Any) -> tuple[str, str, str, str, float]:
+    """``[kind, account, detail, sid, at]``; BadNote when it is not of that form."""
     if not isinstance(note, (list, tuple)) or len(note) != 5:
         raise BadNote(f"a note is [kind, account, detail, sid, at], got {note!r}")
     kind, account, detail, sid, at = note
@@ -172,3 +166,30 @@ def _parsed(note: Any) -> tuple[str, str, str, str, float]:
     if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
         raise BadNote(f"at must be a time in seconds, got {at!r}")
     return kind, account, detail, sid, float(at)
+
+
+def view(settings: CompromiseSettings, evidence: Evidence | None,
+         now: float) -> dict[str, Any]:
+    """What counts now of one account's evidence, for ``inspect account``."""
+    since = now - settings.window
+    countries = {} if evidence is None else {
+        country: iso_utc(seen[0]) for country, seen in sorted(evidence.countries.items())
+        if seen[0] > since}
+    spam = 0 if evidence is None else sum(1 for item in evidence.spam if item[0] > since)
+    return {"window": settings.window, "countries": countries,
+            "countries_max": settings.countries, "spam_messages": spam,
+            "spam_max": settings.spam_messages}
+
+
+def incident(settings: CompromiseSettings, account: str, evidence: Evidence, now: float,
+             kind: str = LOGIN) -> Incident | None:
+    """The incident ``evidence`` makes now, if any: the signal of ``kind`` first."""
+    book = EvidenceBook(1)
+    judges = [(settings.countries, book._countries), (settings.spam_messages, book._spam)]
+    if kind != LOGIN:
+        judges.reverse()
+    for threshold, judge in judges:
+        found = judge(settings, account, evidence, now) if threshold else None
+        if found is not None:
+            return found
+    return None

@@ -49,6 +49,7 @@ from coordinator.http_users import AdminUsers
 from coordinator.membership import Membership
 from coordinator.metrics import MetricsBook, serve_metrics
 from coordinator.outbox import Outbox
+from coordinator.redis_evidence import SharedEvidence
 from coordinator.ring_keeper import RingKeeper
 from coordinator.shared_counters import SharedCounters
 from coordinator.snapshots import SnapshotPublisher, StateFile, read_state
@@ -82,7 +83,11 @@ class Coordinator:
         self.connections = ConnectionPublisher(membership, outbox)
         self.desk = SupportDesk(store, sources, self.snapshots.publish)
         # Workers' evidence of stolen passwords, and the suspensions it makes (SPEC §3.10).
-        self.compromise = CompromiseWatch(self.desk, sources, self.metrics)
+        shared_evidence = (SharedEvidence(sources.settings)
+                           if sources.settings.counters.backend == "redis" else None)
+        self.compromise = CompromiseWatch(self.desk, sources, self.metrics,
+                                          shared=shared_evidence)
+        self.desk.on_lifted = self.compromise.forget
         self.workers = WorkerRpc(outbox)
         self.shared = SharedCounters(sources.settings)
         self.adoption = AdoptionSweep(self.workers.ask)

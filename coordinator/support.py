@@ -54,6 +54,7 @@ from coordinator.tenant_edit import EditError, edit_countries
 
 SYSTEM = "sendguard"  # the ``by`` of what sendguard does by itself (a lapse)
 AUTO = "auto"        # the ``by`` of a suspension made by compromise detection
+LAPSE_SKEW = 5.0      # seconds: how far apart the hosts' clocks may be (they run NTP)
 MAX_TEXT = 500        # a reason or a name longer than this is a paste gone wrong
 
 
@@ -66,6 +67,9 @@ class SupportDesk:
         self._publish = publish
         self._clock = clock
         self._lock = asyncio.Lock()
+        # Told each account whose suspension another host lifted (compromise
+        # detection forgets its evidence, as it does when support lifts one here).
+        self.on_lifted: Callable[[str], None] = lambda account: None
 
     # -- suspensions -------------------------------------------------------------
 
@@ -285,10 +289,21 @@ class SupportDesk:
         fresh = await self._guard(self.store.refresh())
         if fresh is None or fresh == self.sources.support:
             return False
+        lifted = self._lifted(self.sources.support, fresh)
         await self._put_in_force(fresh)
+        for account in lifted:
+            self.on_lifted(account)
         log_event("support_state_synced", suspensions=len(fresh.suspensions),
                   exceptions=sum(len(per) for per in fresh.exceptions.values()))
         return True
+
+    def _lifted(self, before: SupportState, after: SupportState) -> list[str]:
+        """Accounts suspended in ``before`` and not in ``after`` while their suspension
+        still ran: lifted by support on another host, not lapsed (a lapse removed
+        by a host whose clock runs a little ahead counts as a lapse too)."""
+        now = self._clock() + LAPSE_SKEW
+        return [account for account, item in before.suspensions.items()
+                if account not in after.suspensions and item.active(now)]
 
     # -- plumbing ----------------------------------------------------------------------
 

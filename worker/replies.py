@@ -30,7 +30,6 @@ BANNER_IDENT = "ESMTP sendguard {sid}"
 SENDER_OK = "250 2.1.0 Ok"
 RECIPIENT_OK = "250 2.1.5 Ok"
 UNKNOWN_COMMAND = "500 5.5.2 {sid} command not recognized"
-BAD_RECIPIENT_ADDRESS = "501 5.1.3 Bad recipient address syntax"
 LINE_TOO_LONG = "500 5.5.2 {sid} line too long"
 
 

@@ -4,6 +4,7 @@ the workers, delivered to a sink and verified with dkimpy against the printed re
 from __future__ import annotations
 
 import re
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -132,3 +133,33 @@ def test_mail_is_signed_as_delivered_and_verifies_against_the_printed_records(
     assert {line["domain"] for line in missing} == {"kowalski.com.pl"}
     assert len(missing) == len({line["process"] for line in missing})  # once per worker
     assert missing[0]["path"] == str(cluster.folder / "dkim" / "kowalski.com.pl" / "sg1.pem")
+
+
+def test_a_key_file_replaced_in_place_is_read_again_on_hup(
+        make_cluster: Callable[..., Cluster], sink: tuple[Sink, int]) -> None:
+    handler, port = sink
+    cluster = make_cluster(workers=1, tenants=DKIM_TENANTS,
+                           delivery={"port": port, "retry": ["1h"]})
+    key = cluster.folder / "dkim" / "kowalski.pl" / "sg1.pem"
+    made = cluster.admin("dkim", "keygen", "kowalski.pl", "--selector", "sg1")
+    assert made.returncode == 0, made.stderr
+    old_record = txt_of(made.stdout.strip())[1]
+    cluster.start()
+    send(cluster, "jan@kowalski.pl", "jan@kowalski.pl", "old key")
+
+    # A new key written over the old file (another folder's keygen, then a rename).
+    made = cluster.admin("dkim", "keygen", "kowalski.pl", "--selector", "sg2")
+    assert made.returncode == 0, made.stderr
+    new_record = txt_of(made.stdout.strip())[1]
+    (key.parent / "sg2.pem").replace(key)
+    before = cluster.status()["config_version"]
+    cluster.signal(signal.SIGHUP)
+    wait_for(lambda: all((w["snapshot_version"] or 0) > before
+                         for w in cluster.status()["workers"]), 15, "the workers reloaded")
+    send(cluster, "jan@kowalski.pl", "jan@kowalski.pl", "new key")
+
+    for subject, record in (("old key", old_record), ("new key", new_record)):
+        got = wait_for(lambda s=subject: handler.by_subject(s), 30, f"{subject!r} at the sink")
+        assert dkim.verify(got, dnsfunc=lambda name, timeout=5, r=record: r.encode()), subject
+        other = new_record if record == old_record else old_record
+        assert not dkim.verify(got, dnsfunc=lambda name, timeout=5, r=other: r.encode())

@@ -7,15 +7,19 @@ share is a real redis-server (or a three-node Redis Cluster) started here.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from clusterproc import Cluster
-from gateway import TENANTS, message_from
+from aiosmtpd.controller import Controller
+from clusterproc import Cluster, free_port, wait_for
+from dnsserver import TestDNSServer
+from gateway import GTUBE, PASSWORD, TENANTS, message_from, plain_auth
 from redisserver import RedisCluster, RedisServer
+from test_queue import Sink
 
 pytestmark = pytest.mark.integration
 
@@ -168,3 +172,105 @@ def test_counts_survive_a_redis_crash_through_its_aof(
     assert [r["count"] for r in rows] == [7]
     replies = [host.send_one(f"127.0.6.{i}", ACCOUNT)[0] for i, host in enumerate((a, b) * 2)]
     assert replies == [250, 250, 250, 550]
+
+
+def test_a_reload_that_changes_the_counter_store_is_refused(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    host = make_cluster(workers=1, tenants=TENANTS_WITH_LIMITS, limits=IP_LIMIT,
+                        counters={"backend": "redis", "redis_url": redis.url}).start()
+    assert host.send_one("127.0.7.1", ACCOUNT)[0] == 250
+    before = host.status()["config_version"]
+    text = host.config_path.read_text()
+    switched = text.replace('backend = "redis"', 'backend = "ring"').replace(
+        f'redis_url = "{redis.url}"\n', "")
+    assert switched.count('backend = "ring"') == 1 and redis.url not in switched
+    host.config_path.write_text(switched)
+    host.signal(signal.SIGHUP)
+    [refusal] = wait_for(lambda: [line for line in host.log_lines()
+                                  if line.get("event") == "reload_refused"], 15,
+                         "the reload refused")
+    assert refusal["error"] == (f"{host.config_path}: counters: changes only with a restart "
+                                "of the gateway")
+    assert host.status()["config_version"] == before
+    # Still counted in Redis, where the first message is.
+    assert host.send_one("127.0.7.2", ACCOUNT)[0] == 250
+    shown = host.request("inspect", kind="account", subject=ACCOUNT)
+    assert shown["worker"] == "redis" and [r["count"] for r in shown["rows"]] == [2]
+
+
+def test_two_hosts_share_auth_failures_and_spam_grace(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    a, b = two_hosts(make_cluster, {"backend": "redis", "redis_url": redis.url},
+                     auth={"max_failures": 3, "failure_window": "10m"}, spam={"grace": 2})
+
+    def auth(host: Cluster, password: str) -> tuple[int, str]:
+        client = host.connect("127.0.8.1")
+        try:
+            code, text = client.docmd("AUTH", "PLAIN " + plain_auth(BULK, password))
+            return code, text.decode()
+        finally:
+            client.close()
+
+    # Three failures between the two hosts use up the address's allowance on both.
+    assert [auth(host, "wrong")[0] for host in (a, b, a)] == [535, 535, 535]
+    for host in (b, a):
+        code, text = auth(host, PASSWORD)
+        assert code == 454 and text.endswith(" too many authentication failures, try later")
+
+    # Spam: the address's grace of two is spent across the hosts, then refused on both.
+    def spam(host: Cluster) -> tuple[int, str]:
+        client = host.login("127.0.8.2", BULK)
+        try:
+            assert client.mail(BULK)[0] == 250
+            assert client.rcpt("someone@example.org")[0] == 250
+            code, text = client.data(message_from(BULK).replace(
+                b"An ordinary message", GTUBE))
+            return code, text.decode()
+        finally:
+            client.close()
+
+    assert [spam(host)[0] for host in (a, b)] == [250, 250]
+    for host in (a, b):
+        code, text = spam(host)
+        assert code == 550 and text.endswith(" spam detected"), (code, text)
+
+
+@pytest.fixture
+def bouncing_sink(dns: TestDNSServer) -> Iterator[tuple[Sink, int]]:
+    """Every MX on loopback; the sink answers 550 to recipients at bounce.test."""
+    for domain in ("bounce.test", "nowak.pl"):
+        dns.add_mx(domain, f"mx.{domain}", 10)
+        dns.add_a(f"mx.{domain}", "127.0.0.1")
+    handler = Sink()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
+    controller.start()
+    yield handler, port
+    controller.stop()
+
+
+def test_two_hosts_share_an_addresss_bounce_ratio(
+        bouncing_sink: tuple[Sink, int], redis: RedisServer,
+        make_cluster: Callable[..., Cluster]) -> None:
+    # The sink first: it stops after the hosts, whose delivery sessions it holds.
+    handler, port = bouncing_sink
+    a, b = two_hosts(make_cluster, {"backend": "redis", "redis_url": redis.url},
+                     bounce={"window": "1h", "min_messages": 4, "max_ratio": 0.5},
+                     delivery={"port": port, "retry": ["1h"]})
+    bouncer = "127.0.9.1"
+    # Two messages through each host, all bounced by the next hop.
+    for host in (a, b, a, b):
+        assert host.send_one(bouncer, BULK, recipient="nobody@bounce.test")[0] == 250
+    wait_for(lambda: len(handler.mail(dsn=True)) == 4, 30, "four DSNs, two from each host")
+
+    def refused(host: Cluster) -> str | None:
+        code, text = host.send_one(bouncer, BULK)
+        return text if code == 550 else None
+
+    for host in (a, b):  # 4 of 4 bounced, counted in Redis: refused on both hosts
+        text = wait_for(lambda h=host: refused(h), 20, "MAIL from the bouncing address refused")
+        assert text is not None and text.endswith(" policy violation"), text
+        [line] = [entry for entry in host.log_lines() if entry.get("policy") == "bounce_ratio"
+                  and entry.get("verdict") == "reject"][-1:]
+        assert line["client_ip"] == bouncer
+    assert a.send_one("127.0.9.2", BULK)[0] == 250  # another address is not affected

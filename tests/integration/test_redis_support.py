@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from clusterproc import Cluster, wait_for
 from redisserver import RedisServer
+from test_compromise import evidence, log_in, send_spam
 from test_support import JAN, as_json, cli, close, history, mail_code, moment, refused_sid
 
 pytestmark = pytest.mark.integration
@@ -35,9 +36,10 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def two_hosts(make_cluster: Callable[..., Cluster], redis: RedisServer) -> tuple[Cluster, Cluster]:
-    made = [make_cluster(workers=1, counters={"backend": "redis", "redis_url": redis.url})
-            for _ in range(2)]
+def two_hosts(make_cluster: Callable[..., Cluster], redis: RedisServer,
+              **overrides: Any) -> tuple[Cluster, Cluster]:
+    made = [make_cluster(workers=1, counters={"backend": "redis", "redis_url": redis.url},
+                         **overrides) for _ in range(2)]
     for host in made:
         host.start(wait=False)
     for host in made:
@@ -107,7 +109,8 @@ def test_a_suspension_made_on_one_host_holds_on_the_other_and_outlives_a_redis_o
         assert code == 451 and text.decode().endswith("temporary policy failure, try later")
         for args in (("account", "unsuspend", JAN), ("tenant", "history", "kowalski.pl"),
                      ("account", "suspend", ANNA, "--reason", "x"),
-                     ("tenant", "allow-country", "kowalski.pl", "US", "--for", "1d")):
+                     ("tenant", "allow-country", "kowalski.pl", "US", "--for", "1d"),
+                     ("inspect", "account", ANNA), ("counters", "reset", "ip", "127.0.0.5")):
             # The coordinator's own answer (not the CLI giving up after 10 s), in one line.
             failed = b.admin(*args)
             assert failed.returncode == 1, (args, failed.stdout, failed.stderr)
@@ -161,3 +164,54 @@ def test_a_country_granted_on_one_host_holds_on_the_other_and_lapses_once(
     assert [(e["action"], e["by"], e["details"]["country"]) for e in entries] == [
         ("allow-country", "anna", "US"), ("exception-lapsed", "sendguard", "US")]
     assert history(a, "kowalski.pl") == entries
+
+
+def test_a_suspension_lifted_on_another_host_forgets_this_hosts_evidence(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    # Support lifting the suspension on any host has dealt with it: the host that
+    # made it must not suspend again on the evidence it saw.
+    a, b = two_hosts(make_cluster, redis, compromise={
+        "countries": 0, "spam_messages": 2, "suspend_for": "1h"})
+    for source in ("127.0.1.1", "127.0.1.2"):
+        send_spam(a, source)
+    wait_for(lambda: [e["by"] for e in history(b, "nowak.pl")] == ["auto"], 20,
+             "anna suspended by host A")
+    assert evidence(a, ANNA)["spam_messages"] == 2
+
+    cli(b, "account", "unsuspend", ANNA, "--by", "bob", "--reason", "password reset")
+    wait_for(lambda: evidence(a, ANNA)["spam_messages"] == 0, 15,
+             "host A forgetting the evidence of the lifted suspension")
+    assert mail_code(a, user=ANNA) == 250
+    send_spam(a, "127.0.1.3")
+    wait_for(lambda: evidence(a, ANNA)["spam_messages"] == 1, 15, "the new spam noted on A")
+    assert [(e["action"], e["by"]) for e in history(a, "nowak.pl")] == [
+        ("suspend", "auto"), ("unsuspend", "bob")]
+    assert as_json(a, "inspect", "account", ANNA)["suspension"] is None
+
+
+def test_logins_from_countries_seen_by_different_hosts_add_up(
+        make_cluster: Callable[..., Cluster], redis: RedisServer) -> None:
+    a, b = two_hosts(make_cluster, redis, compromise={
+        "countries": 3, "spam_messages": 0, "suspend_for": "1h"})
+    log_in(a, "127.0.0.5")     # PL
+    log_in(b, "127.0.0.42")    # DE
+    for host in (a, b):        # either host shows both, whichever saw them
+        wait_for(lambda h=host: evidence(h, JAN)["countries"].keys() == {"DE", "PL"}, 15,
+                 "both logins in the shared evidence")
+    assert mail_code(a) == 250
+    log_in(a, AMERICAN)        # US, the third country: on A, which saw only PL itself
+    wait_for(lambda: mail_code(b) == 550, 15, "jan suspended on both hosts")
+    [made] = [e for e in history(b, "kowalski.pl") if e["action"] == "suspend"]
+    assert (made["by"], made["details"]["countries"]) == ("auto", ["DE", "PL", "US"])
+    assert made["reason"] == "compromise: logins from 3 countries within 1h: DE, PL, US"
+
+    # Lifted on B: the shared evidence goes, so a fourth country starts from one.
+    cli(b, "account", "unsuspend", JAN, "--by", "bob")
+    wait_for(lambda: mail_code(a) == 250, 15, "jan accepted again on A")
+    assert evidence(a, JAN)["countries"] == {}
+    log_in(a, "127.0.0.42")    # (a worker tells a country once a minute: A has told PL, US)
+    wait_for(lambda: evidence(b, JAN)["countries"].keys() == {"DE"}, 15, "the new login noted")
+    assert [e["action"] for e in history(a, "kowalski.pl")] == ["suspend", "unsuspend"]
+    # A reset of the account's counters on B clears it for A too, before it answers.
+    cli(b, "counters", "reset", "account", JAN, "--by", "bob")
+    assert evidence(a, JAN)["countries"] == {}
