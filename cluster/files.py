@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,19 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cluster.admin_users import read_users
 from cluster.dkimkeys import check_dkim_keys
 from cluster.exits import EXIT_USAGE
 from cluster.geoip import CountryDatabase, GeoDatabaseError
 from cluster.settings import Settings, load_settings
+from cluster.support_state import (
+    EXCEPTIONS_FILE,
+    SUSPENSIONS_FILE,
+    CountryException,
+    Suspension,
+    TableError,
+    read_table,
+)
 from cluster.tenants import load_tenants
 from cluster.validate import ConfigError
 
@@ -71,7 +81,9 @@ def check_geoip(settings: Settings) -> None:
 
 
 def check_tenants(settings: Settings) -> None:
-    # Its own errors name the tenant file and the entry.
+    # A file that is not there is the configuration's mistake (tenants.file); what is
+    # wrong inside it is the tenant file's, and its own errors name that file and entry.
+    _readable(settings, "tenants.file", settings.tenants_file)
     load_tenants(settings.tenants_file)
 
 
@@ -90,13 +102,57 @@ def check_spool(settings: Settings) -> None:
 
 
 def check_state_dir(settings: Settings) -> None:
-    _writable_folder(settings, "cluster.state_dir", settings.cluster.state_dir)
+    folder = settings.cluster.state_dir
+    _writable_folder(settings, "cluster.state_dir", folder)
+    if settings.counters.backend == "redis":
+        return  # the state is in Redis; what is here was moved there already
+    # The coordinator reads these tables at start and refuses a bad one: so does this.
+    try:
+        read_table(folder / SUSPENSIONS_FILE, Suspension.from_wire)
+        read_table(folder / EXCEPTIONS_FILE, CountryException.from_wire)
+    except TableError as exc:
+        raise ConfigError(settings.path, "cluster.state_dir", str(exc), show_value=False) \
+            from None
+
+
+def check_runtime_dir(settings: Settings) -> None:
+    # What `run` would refuse (cluster/supervisor.py make_private_dir), without making it.
+    folder = settings.cluster.runtime_dir
+    if not os.path.lexists(folder):
+        _writable_folder(settings, "cluster.runtime_dir", folder)
+        return
+    problem = private_dir_problem(folder)
+    if problem is not None:
+        raise ConfigError(settings.path, "cluster.runtime_dir", problem, str(folder))
+
+
+def private_dir_problem(path: Path) -> str | None:
+    """Why the existing ``path`` is not a folder of this user's alone, or None.
+
+    Checked with ``lstat``: a symlink, a file, a folder of another user or one
+    that group or others can enter would let someone else reach the control
+    sockets (or swap them for theirs), so it is refused rather than repaired.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link, not a folder"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder"
+    if info.st_uid != os.geteuid():
+        return f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+    if info.st_mode & 0o077:
+        return (f"is open to group or others (mode {info.st_mode & 0o777:04o}); "
+                "it must be 0700")
+    return None
 
 
 def check_admin_users(settings: Settings) -> None:
-    # Its lines are read by the coordinator at start, with the same one-line errors.
     if settings.admin.users_file is not None:
         _readable(settings, "admin.users_file", settings.admin.users_file)
+        read_users(settings.path, settings.admin.users_file)
 
 
 # In order: the DKIM keys after the tenant directory that names them.
@@ -108,6 +164,7 @@ FILE_CHECKS: dict[str, Callable[[Settings], None]] = {
     "log.file": check_log_file,
     "delivery.spool": check_spool,
     "cluster.state_dir": check_state_dir,
+    "cluster.runtime_dir": check_runtime_dir,
     "admin.users_file": check_admin_users,
 }
 
@@ -134,7 +191,7 @@ def load_or_exit(path: str, *, open_files: bool = False, strict: bool = False) -
         if open_files:
             check_files(settings, skip=() if strict else OPTIONAL_AT_START)
         else:
-            load_tenants(settings.tenants_file)
+            check_tenants(settings)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -56,6 +56,13 @@ def has_unusable_characters(text: str) -> bool:
     return _UNUSABLE.search(text) is not None
 
 
+def usable_text(text: str) -> str:
+    """``text`` with each control character and byte that was not UTF-8 replaced by "?":
+    what a client named itself (HELO) goes into the spool, a scanner's request and a
+    header, and none of them can carry such characters."""
+    return _UNUSABLE.sub("?", text)
+
+
 def address_problem(address: str) -> str | None:
     """Why an envelope address (as parsed, without angle brackets) is unusable, or None.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cluster.admin import count_text, duration_text, execute, table, usage
 from cluster.admin_wire import QueueRequest
-from cluster.support_cli import default_by
+from cluster.support_cli import default_by, texts_problem
 
 QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")  # SPEC §1
 LISTED = 10  # a purge of more messages is summed up, not listed (--json lists them)
@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         return execute(args, QueueRequest(action, queue_id=args.queue_id), format_queue)
     if action not in ("purge", "hold", "release"):
         return execute(args, QueueRequest(action), format_queue)
+    problem = texts_problem(args)
+    if problem is not None:
+        return usage(f"queue {action}: {problem}")
     if action == "purge":
         if args.ip:
             try:

@@ -41,7 +41,6 @@ import fcntl
 import logging
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -53,6 +52,7 @@ import zmq
 from cluster import wire
 from cluster.admin_wire import AdminFailed, StatusReply, StatusRequest
 from cluster.exits import EXIT_BOOT_FAILED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from cluster.files import private_dir_problem
 from cluster.logjson import log_event, setup_logging
 from cluster.quietstart import spawn_quietly
 from cluster.reload import load_for_reload
@@ -97,20 +97,9 @@ def make_private_dir(path: Path) -> None:
         pass  # a file or a dangling symlink: lstat below says which
     except OSError as exc:
         raise UnsafeRuntimeDir(f"cannot be created: {exc.strerror}") from None
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        raise UnsafeRuntimeDir(f"cannot be read: {exc.strerror}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise UnsafeRuntimeDir("is a symbolic link, not a folder")
-    if not stat.S_ISDIR(info.st_mode):
-        raise UnsafeRuntimeDir("is not a folder")
-    if info.st_uid != os.geteuid():
-        raise UnsafeRuntimeDir(f"belongs to uid {info.st_uid}, not to this user "
-                               f"(uid {os.geteuid()})")
-    if info.st_mode & 0o077:
-        raise UnsafeRuntimeDir(f"is open to group or others (mode {info.st_mode & 0o777:04o}); "
-                               "it must be 0700")
+    problem = private_dir_problem(path)
+    if problem is not None:
+        raise UnsafeRuntimeDir(problem)
 
 
 def lock_runtime_dir(runtime_dir: Path) -> int:

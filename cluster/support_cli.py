@@ -29,6 +29,7 @@ from cluster.admin_wire import (
     WhyRequest,
 )
 from cluster.settings import is_country_code
+from cluster.support_state import text_problem
 from cluster.validate import parse_duration
 
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9]{22}")  # SPEC §1
@@ -102,6 +103,7 @@ def default_by() -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_texts(args)
         message, show = _request_of(args)
     except _Usage as exc:
         return usage(str(exc))
@@ -112,6 +114,25 @@ class _Usage(Exception):
     pass
 
 
+def texts_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a change's ``--reason`` or ``--by`` (the coordinator would refuse
+    them too, but as a failure, status 1, not as bad usage), or None."""
+    if getattr(args, "by", None) is not None and not args.by.strip():
+        return "--by must name who makes the change"
+    for name in ("reason", "by"):
+        value = getattr(args, name, None)
+        problem = text_problem(value, f"--{name}") if value is not None else None
+        if problem is not None:
+            return problem
+    return None
+
+
+def check_texts(args: argparse.Namespace) -> None:
+    problem = texts_problem(args)
+    if problem is not None:
+        raise _Usage(problem)
+
+
 def _request_of(args: argparse.Namespace) -> tuple[AdminRequestMessage, Formatter]:
     if args.command == "why":
         if not SESSION_ID_RE.fullmatch(args.sid):
@@ -120,6 +141,8 @@ def _request_of(args: argparse.Namespace) -> tuple[AdminRequestMessage, Formatte
     if args.command == "account":
         _account(args.user)
         if args.action == "suspend":
+            if not args.reason.strip():
+                raise _Usage("account suspend: --reason must say why")
             return SuspendRequest(args.user, args.by, reason=args.reason,
                                   lasting=_duration(getattr(args, "lasting", None))), \
                 format_suspension
@@ -156,9 +179,11 @@ def _duration(text: str | None) -> str | None:
     if text is None:
         return None
     try:
-        parse_duration(text)
+        seconds = parse_duration(text)
     except ValueError:
-        raise _Usage(f'--for: "{text}" is not a duration like "30m", "12h" or "7d"') from None
+        seconds = 0
+    if seconds <= 0:
+        raise _Usage(f'--for: "{text}" is not a duration like "30m", "12h" or "7d"')
     return text
 
 
@@ -178,7 +203,9 @@ def format_why(data: dict[str, Any]) -> str:
     lines = [head, "", table(["TIME", "STAGE", "POLICY", "VERDICT", "REPLY", "DETAIL"], rows)]
     for d in decisions:
         if d.get("key"):
-            lines.append(f"{d['stage']} refusal: {d['key']} has {d['count']} of {d['max']} "
+            # A shadow limit logs where it would have refused; the message went on.
+            what = "shadow limit (not refused)" if d.get("verdict") == "shadow" else "refusal"
+            lines.append(f"{d['stage']} {what}: {d['key']} has {d['count']} of {d['max']} "
                          f"in {d['window']}; room again at "
                          f"{clears_text(d.get('clears_at')) or 'unknown'}")
     for name, why in sorted(data.get("unanswered", {}).items()):

@@ -13,11 +13,23 @@ Wire and file form: plain dicts of str, float and None (``to_wire`` /
 from __future__ import annotations
 
 import datetime
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
+
+# A reason or a name longer than this is a paste gone wrong.
+MAX_TEXT = 500
+
+
+def text_problem(value: str, name: str) -> str | None:
+    """Why ``value`` cannot be the ``name`` (reason, by) of a change, or None."""
+    if not value.isprintable() or len(value) > MAX_TEXT:
+        return f"{name} must be one line of at most {MAX_TEXT} characters"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,3 +210,36 @@ def iso_utc(ts: float | None) -> str | None:
     if moment.microsecond // 1000:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# The coordinator's file store (coordinator/state_store.py) keeps each table as
+# {"version": 1, "items": [...]} under cluster.state_dir; check-config reads them too.
+TABLE_VERSION = 1
+SUSPENSIONS_FILE = "suspensions.json"
+EXCEPTIONS_FILE = "country-exceptions.json"
+T = TypeVar("T")
+
+
+class TableError(ValueError):
+    """A state table that cannot be used; str() names the file and what is wrong."""
+
+
+def read_table(path: Path, parse: Callable[[Any], T]) -> list[T]:
+    """The items of one table ([] when there is no file yet); raises TableError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise TableError(f"{path}: cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise TableError(f"{path}: is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
+        raise TableError(f"{path}: is not a sendguard state file of version {TABLE_VERSION}")
+    items = data.get("items")
+    if not isinstance(items, list):
+        raise TableError(f"{path}: items must be a list")
+    try:
+        return [parse(item) for item in items]
+    except ValueError as exc:
+        raise TableError(f"{path}: {exc}") from None

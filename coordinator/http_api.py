@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cluster import admin_wire as aw
 from cluster.logjson import log_event
@@ -47,6 +48,24 @@ from coordinator.support import duration, text
 AdminCall = Callable[[aw.AdminRequestMessage], Awaitable[aw.AdminReplyMessage]]
 MAX_BODY = 64 * 1024
 REALM = 'Basic realm="sendguard admin", charset="UTF-8"'
+
+
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line too long, a bad header) as an error
+    with a traceback; it is the client's mistake, answered with a 400: one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            said = record.getMessage()
+            record.msg, record.args = "%s: %s %s", (said, error.code, type(error).__name__)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_SERVER_LOG = logging.getLogger("aiohttp.server.admin")
+_SERVER_LOG.addFilter(_ClientMistakes())
 
 
 def build_app(call: AdminCall, users: AdminUsers) -> web.Application:
@@ -67,7 +86,8 @@ def build_app(call: AdminCall, users: AdminUsers) -> web.Application:
 
 async def serve(call: AdminCall, users: AdminUsers, host: str, port: int) -> web.AppRunner:
     """Listening once this returns (raises OSError when the address is taken)."""
-    runner = web.AppRunner(build_app(call, users), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(call, users), access_log=None, handle_signals=False,
+                           logger=_SERVER_LOG)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
     log_event("admin_http_listening", address=f"{host}:{port}")

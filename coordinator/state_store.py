@@ -31,11 +31,21 @@ from typing import Any, Protocol, TypeVar
 
 from cluster.durable import fsync_folder, write_atomically
 from cluster.logjson import log_event
-from cluster.support_state import AuditEntry, CountryException, SupportState, Suspension
+from cluster.support_state import (
+    EXCEPTIONS_FILE,
+    SUSPENSIONS_FILE,
+    TABLE_VERSION,
+    AuditEntry,
+    CountryException,
+    SupportState,
+    Suspension,
+    TableError,
+    read_table,
+)
 
-FORMAT_VERSION = 1
-SUSPENSIONS = "suspensions.json"
-EXCEPTIONS = "country-exceptions.json"
+FORMAT_VERSION = TABLE_VERSION
+SUSPENSIONS = SUSPENSIONS_FILE
+EXCEPTIONS = EXCEPTIONS_FILE
 AUDIT = "audit.jsonl"
 
 T = TypeVar("T")
@@ -147,25 +157,10 @@ class FileStore:
             raise StoreError(f"{self.folder}: cannot be created: {exc.strerror}") from None
 
     def _read_table(self, name: str, parse: Callable[[Any], T]) -> list[T]:
-        path = self.folder / name
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot be read: {exc.strerror}") from None
-        except ValueError as exc:
-            raise StoreError(f"{path}: is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: is not a sendguard state file of version "
-                             f"{FORMAT_VERSION}")
-        items = data.get("items")
-        if not isinstance(items, list):
-            raise StoreError(f"{path}: items must be a list")
-        try:
-            return [parse(item) for item in items]
-        except ValueError as exc:
-            raise StoreError(f"{path}: {exc}") from None
+            return read_table(self.folder / name, parse)
+        except TableError as exc:
+            raise StoreError(str(exc)) from None
 
     def _write_table(self, state: SupportState, name: str) -> None:
         wire = state.to_wire()

@@ -40,11 +40,13 @@ from cluster.logjson import log_event
 from cluster.names import BadDomain, normalise_address, to_alabel
 from cluster.settings import is_country_code
 from cluster.support_state import (
+    MAX_TEXT,
     AuditEntry,
     CountryException,
     SupportState,
     Suspension,
     iso_utc,
+    text_problem,
 )
 from cluster.validate import parse_duration
 from coordinator.errors import AdminError, NotFound, Unavailable
@@ -55,7 +57,6 @@ from coordinator.tenant_edit import EditError, edit_countries
 SYSTEM = "sendguard"  # the ``by`` of what sendguard does by itself (a lapse)
 AUTO = "auto"        # the ``by`` of a suspension made by compromise detection
 LAPSE_SKEW = 5.0      # seconds: how far apart the hosts' clocks may be (they run NTP)
-MAX_TEXT = 500        # a reason or a name longer than this is a paste gone wrong
 
 
 class SupportDesk:
@@ -355,8 +356,11 @@ def text(value: object, name: str, required: bool = False) -> str:
         if required:
             raise AdminError(f"{name} is required")
         return ""
-    if not isinstance(value, str) or not value.isprintable() or len(value) > MAX_TEXT:
+    if not isinstance(value, str):
         raise AdminError(f"{name} must be one line of at most {MAX_TEXT} characters")
+    problem = text_problem(value, name)
+    if problem is not None:
+        raise AdminError(problem)
     return value.strip()
 
 

@@ -146,3 +146,5 @@ def test_documents_name_no_file_the_repository_lacks(document: str) -> None:
         named = named or ("/" not in name and any(f.endswith(f"/{name}") for f in files))
         assert named, (
             f"{document} names {name}, which the repository does not have")
+    # The product contract is not shipped: the reference is docs/REFERENCE.md.
+    assert not re.search(r"\bSPEC\b", text), f"{document} cites SPEC, which is not here"

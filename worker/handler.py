@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
+from cluster.names import usable_text
 from worker import sasl
 from worker.client import Client
 from worker.engine import PolicyEngine, Transaction
@@ -34,7 +35,7 @@ class GatewayHandler:
     async def handle_EHLO(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        _client(server).helo = hostname
+        _client(server).helo = usable_text(hostname)
         # Commands are read and answered one after another, in order, so
         # pipelined commands need nothing more than saying so.
         responses.insert(1, "250-PIPELINING")
@@ -43,7 +44,7 @@ class GatewayHandler:
     async def handle_HELO(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           hostname: str) -> str:
         session.host_name = hostname
-        _client(server).helo = hostname
+        _client(server).helo = usable_text(hostname)
         return f"250 {server.hostname}"
 
     async def auth_PLAIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:

@@ -85,6 +85,19 @@ COMMAND_CALL_LIMIT = {
 }
 
 
+def _path_broken(path: str, rest: str | None) -> bool:
+    """A ``<...>`` path aiosmtpd's parser reads only part of: one that never closes, or
+    one with a space inside, which it cuts there and takes the remainder (``ski.pl>``)
+    for parameters. A parameter's value may hold ``>`` (``AUTH=<>``), a parameter's
+    name never does."""
+    if not path.lstrip().startswith("<"):
+        return False
+    if ">" not in path:
+        return True
+    first = rest.split(None, 1)[0] if rest else ""
+    return ">" in first and "=" not in first
+
+
 def _continues(status: str | bytes) -> bool:
     """A line of a multi-line reply (``250-...``) other than the last."""
     marker = status[3:4]
@@ -406,10 +419,10 @@ class GatewaySMTP(SMTP):
             problem: str | None = "control character or bytes that are not UTF-8"
         else:
             try:
-                address, _ = self._getaddr(path)
+                address, rest = self._getaddr(path)
             except Exception:  # the email package's parser on hostile input
-                address = None
-            if address is None:
+                address, rest = None, None
+            if address is None or _path_broken(path, rest):
                 problem = "does not parse"
             elif stage == "MAIL" and address == "<>":
                 problem = None

@@ -72,6 +72,35 @@ def test_a_command_without_a_configuration_refuses_c(config: Path) -> None:
     assert done.returncode == 2 and "demo takes no -c" in done.stderr
 
 
+# -- support commands: bad usage is status 2, before any cluster is asked ----------------
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (("why", "not-a-sid"), 'why: "not-a-sid" is not a session id'),
+    (("account", "suspend", "jan@kowalski.pl", "--reason", " "), "--reason must say why"),
+    (("account", "suspend", "jan@kowalski.pl", "--reason", "x", "--for", "0s"),
+     '--for: "0s" is not a duration'),
+    (("account", "suspend", "jan", "--reason", "x"), "is not an account"),
+    (("counters", "reset", "ip", "1.2.3"), "is not an IP address"),
+    (("tenant", "allow-country", "kowalski.pl", "DE", "--for", "soon"),
+     '--for: "soon" is not a duration'),
+    (("tenant", "allow-country", "kowalski.pl", "POL"), "not a two-letter country code"),
+    (("tenant", "allow-country", "kowalski.pl", "DE", "--reason", "two\nlines"),
+     "--reason must be one line of at most 500 characters"),
+    (("account", "unsuspend", "jan@kowalski.pl", "--by", " "), "--by must name who"),
+    (("counters", "reset", "account", "jan@kowalski.pl", "--reason", "x" * 501),
+     "--reason must be one line"),
+    (("queue", "hold", "--account", "jan@kowalski.pl", "--by", "a\tb"),
+     "queue hold: --by must be one line"),
+])
+def test_support_commands_refuse_bad_usage_with_status_2(
+        config: Path, args: tuple[str, ...], error: str) -> None:
+    # No cluster runs for this configuration: status 1 would mean the request was sent.
+    done = sendguard(*args, "-c", str(config))
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.count("\n") == 1 and error in done.stderr, done.stderr
+
+
 # -- hash-password ---------------------------------------------------------------------
 
 
@@ -195,6 +224,8 @@ def test_check_config_reads_the_tenant_directory(config: Path) -> None:
     tenants = config.parent / "tenants.toml"
     tenants.write_text(TENANTS + '\n[accounts."x@nowhere.pl"]\npassword = "{PLAIN}x"\n')
     assert one_line_error(config).startswith(f"{tenants}: ")
+    tenants.unlink()  # not there at all: the configuration's key is what is wrong
+    assert one_line_error(config) == f'{config}: tenants.file: no such file (got "{tenants}")'
 
 
 def test_check_config_checks_where_logs_and_the_spool_go(config: Path) -> None:
@@ -204,3 +235,47 @@ def test_check_config_checks_where_logs_and_the_spool_go(config: Path) -> None:
     (config.parent / "spool").write_text("a file where the spool folder should be")
     assert one_line_error(config) == (
         f'{config}: delivery.spool: is not a folder (got "{config.parent / "spool"}")')
+
+
+def test_check_config_reads_the_admin_users_file(config: Path) -> None:
+    users = config.parent / "admins"
+    users.write_text("# support\nanna:{PLAIN}a long passphrase\n")
+    config.write_text(config.read_text()
+                      + '\n[admin]\nlisten = "127.0.0.1:8026"\nusers_file = "admins"\n')
+    assert sendguard("check-config", "-c", str(config)).returncode == 0
+    users.write_text("anna:{PLAIN}a long passphrase\nbob:{MD5}x\n")
+    assert one_line_error(config) == (
+        f"{config}: admin.users_file: {users} line 2: unknown password scheme {{MD5}}; "
+        f'supported schemes: ARGON2ID, ARGON2I, BLF-CRYPT, SHA512-CRYPT, PLAIN (got "{users}")')
+    users.write_text("no colon here\n")
+    assert one_line_error(config).startswith(
+        f'{config}: admin.users_file: {users} line 1: must be "name:{{SCHEME}}hash"')
+
+
+def test_check_config_reads_the_support_state_the_coordinator_would_refuse(
+        config: Path) -> None:
+    edit(config, "[cluster]\n", '[cluster]\nstate_dir = "state"\n')
+    state = config.parent / "state"
+    state.mkdir(mode=0o700)
+    table = state / "suspensions.json"
+    table.write_text('{"version": 1, "items": [{"account": "jan@kowalski.pl", "reason": "x", '
+                     '"by": "anna", "at": 1796000000.0, "until": null}]}')
+    assert sendguard("check-config", "-c", str(config)).returncode == 0
+    table.write_text('{"version": 1, "items": [{"bogus": 1}]}')
+    assert one_line_error(config) == (
+        f"{config}: cluster.state_dir: {table}: suspension: account must be a string, got None")
+
+
+def test_why_tells_a_shadow_limit_from_a_refusal() -> None:
+    from cluster.support_cli import format_why
+
+    sid = "A" * 22
+    common = {"ts": "2026-12-05T10:00:00Z", "policy": "rate_limit", "client_ip": "192.0.2.1",
+              "account": "jan@kowalski.pl", "reply": f"550 5.1.0 {sid} policy violation",
+              "window": "1h", "max": 2, "clears_at": "2026-12-05T10:59:00Z"}
+    text = format_why({"sid": sid, "decisions": [
+        {**common, "stage": "MAIL", "verdict": "shadow", "key": "acct:jan@kowalski.pl",
+         "count": 2},
+        {**common, "stage": "MAIL", "verdict": "reject", "key": "ip:192.0.2.1", "count": 2}]})
+    assert "MAIL shadow limit (not refused): acct:jan@kowalski.pl has 2 of 2 in 1h" in text
+    assert "MAIL refusal: ip:192.0.2.1 has 2 of 2 in 1h" in text

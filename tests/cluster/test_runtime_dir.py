@@ -2,7 +2,8 @@
 
 ``sendguard run`` is started for real on a configuration whose
 ``cluster.runtime_dir`` was made beforehand in a hostile way; it must exit 2
-with one line naming the key, before any process or socket exists.
+with one line naming the key, before any process or socket exists. So must
+``sendguard check-config``, which the service runs before the start.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def config(folder: Path, runtime: Path) -> Path:
     return path
 
 
-def run(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "run", "-c", str(path)],
+def run(path: Path, command: str = "run") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", command, "-c", str(path)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -66,15 +67,17 @@ CASES: dict[str, tuple[Callable[[Path, Path], None], str]] = {
 }
 
 
+@pytest.mark.parametrize("command", ["check-config", "run"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_hostile_runtime_folder_stops_the_start(short_tmp: Path, case: str) -> None:
+def test_a_hostile_runtime_folder_stops_the_start(short_tmp: Path, case: str,
+                                                  command: str) -> None:
     prepare, problem = CASES[case]
     if case == "another user's" and os.geteuid() != 0:
         pytest.skip("needs root to give a folder away")
     runtime, elsewhere = short_tmp / "run", short_tmp / "elsewhere"
     prepare(runtime, elsewhere)
     path = config(short_tmp, runtime)
-    result = run(path)
+    result = run(path, command)
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith(f"{path}: cluster.runtime_dir: {problem}"), line

@@ -101,6 +101,13 @@ def test_http_api_answers_as_the_cli_and_records_who_changed_what(
     status, _ = http("POST", f"/api/accounts/{ANNA}/suspend", body={"reason": "x"}, user=None)
     assert status == 401
     assert mail_code(cluster, "127.0.0.9", ANNA) == 250  # nothing was suspended by that
+    # A request aiohttp cannot parse: a 400, and one warning line without a traceback.
+    assert http("GET", "/?error=" + "x" * 10000)[0] == 400
+    [refused] = wait_for(lambda: [line for line in cluster.log_lines()
+                                  if line.get("logger") == "aiohttp.server.admin"], 10,
+                         "the bad request logged")
+    assert refused["level"] == "warning" and "error" not in refused, refused
+    assert refused["message"].endswith(": 400 LineTooLong")
 
     status, why = http("GET", f"/api/sessions/{sid}")
     assert status == 200
@@ -162,6 +169,7 @@ def test_http_api_answers_as_the_cli_and_records_who_changed_what(
                                                    "conference")]
     assert [(e["action"], e["by"], e["reason"]) for e in history(cluster, "kowalski.pl")] == [
         ("allow-country", "anna", "holiday"), ("disallow-country", "anna", "back home")]
+    assert "Traceback" not in cluster.log_path.read_text()
 
 
 def refusing_policy(cluster: Cluster, source: str, user: str) -> str | None:
@@ -301,3 +309,56 @@ def _found(driver: Any, by: str, what: str) -> Any:
         return driver.find_element(by, what)
     except NoSuchElementException:
         return None
+
+
+def test_the_console_gives_a_domain_a_country_for_a_week_and_ends_it(
+        make_cluster: Callable[..., Cluster], browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    cluster, http = start(make_cluster)
+    assert mail_code(cluster, AMERICAN, ANNA) == 550  # nowak.pl: PL only
+
+    sign_in(browser, "bob")
+    browser.get(http.base + "/")
+    browser.find_element(By.ID, "domain-input").send_keys("nowak.pl")
+    browser.find_element(By.CSS_SELECTOR, "#domain-form button").click()
+    countries = wait_for(lambda: _found(browser, By.ID, "countries"), 20, "the domain")
+    assert countries.text == "countries: PL"
+
+    browser.find_element(By.ID, "allow-country").send_keys("us")
+    assert browser.find_element(By.ID, "allow-for").get_attribute("value") == "7d"
+    browser.find_element(By.ID, "allow-reason").send_keys("trade fair in Chicago")
+    browser.find_element(By.ID, "allow-submit").click()
+    _wait_for_notice(browser, "US allowed for nowak.pl for 7d")
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert "and US until " in page and "(by bob: trade fair in Chicago)" in page
+    [exception] = http("GET", "/api/domains/nowak.pl")[1]["exceptions"]
+    assert (exception["country"], exception["by"]) == ("US", "bob")
+    assert 6.9 * 86400 < moment(exception["until"]) - time.time() <= 7 * 86400
+    wait_for(lambda: mail_code(cluster, AMERICAN, ANNA) == 250, 10, "US allowed")
+    history_rows = browser.find_element(By.ID, "history").text
+    assert "allow-country" in history_rows and "trade fair in Chicago" in history_rows
+
+    # The exception's own button ends it at once.
+    browser.find_element(By.CSS_SELECTOR, "form[action='/console/disallow-country'] button"
+                         ).click()
+    _wait_for_notice(browser, "US no longer allowed for nowak.pl")
+    assert http("GET", "/api/domains/nowak.pl")[1]["exceptions"] == []
+    wait_for(lambda: mail_code(cluster, AMERICAN, ANNA) == 550, 10, "US refused again")
+    assert [(e["action"], e["by"]) for e in history(cluster, "nowak.pl")] == [
+        ("allow-country", "bob"), ("disallow-country", "bob")]
+
+
+def _wait_for_notice(driver: Any, text: str) -> None:
+    """The page after a change says ``text`` (the page before it may still be showing)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def shown() -> bool:
+        try:
+            notice = _found(driver, By.ID, "notice")
+            return notice is not None and notice.text == text
+        except StaleElementReferenceException:
+            return False
+
+    wait_for(shown, 20, f"the notice {text!r}")

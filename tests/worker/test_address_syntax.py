@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from gateway import PASSWORD, Gateway, Raw, plain_auth, running_gateway
+from test_policies_e2e import find_record
 
 BAD = [
     b"<jan\x01@kowalski.pl>",           # a control character
@@ -26,6 +27,10 @@ BAD = [
     b"<@kowalski.pl>",                  # no local part
     b"<jan@kowalski..pl>",              # not a domain name
     b"<jan@[not-an-ip]>",               # not an address literal
+    b"<jan@kowal ski.pl>",              # a space inside: the parser would stop at it
+    b"<jan@[127.0.0.1] x>",
+    b"<jan@kowalski.pl",                # never closed
+    b"<jan@kowalski.pl SIZE=10",
 ]
 
 
@@ -85,3 +90,21 @@ def test_log_lines_stay_one_line_of_json_whatever_the_bytes(gateway: Gateway) ->
                and line.get("verdict") not in (None, "accept")]
     assert len(refused) == 3, refused  # MAIL, BOGUS, MAIL
     assert all(line["reply"].count("\n") == 0 for line in refused)
+
+
+def test_a_hello_name_that_is_not_text_still_lets_mail_through(gateway: Gateway) -> None:
+    # The name goes into the spool record, the scanner's request and our Received: line.
+    client = Raw(gateway)
+    client.command(b"EHLO evil\x01\xff\xc3(host)\x1b[31m")
+    assert client.command("AUTH PLAIN " + plain_auth("jan@kowalski.pl", PASSWORD))[:3] == "235"
+    assert client.command("MAIL FROM:<jan@kowalski.pl>")[:3] == "250"
+    assert client.command("RCPT TO:<someone@example.org>")[:3] == "250"
+    assert client.command("DATA")[:3] == "354"
+    client.send(b"From: jan@kowalski.pl\r\n\r\nhello\r\n.\r\n")
+    done = client.reply()
+    assert done.startswith("250 2.0.0 Ok: queued as "), done
+    record = find_record(gateway, done.rsplit(" ", 1)[1])
+    assert record.helo == "evil???(host)?[31m"
+    assert record.message.startswith(b"Received: from evil???(host)?[31m ")
+    client.command("QUIT")
+    client.close()

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from cluster.passwords import PasswordSchemeError, hash_password
-from worker.auth import PasswordVerifier
+from worker.auth import PasswordVerifier, threads_per_worker
 
 FAST_ARGON2 = {"time_cost": 1, "memory_cost": 8, "parallelism": 1}
 GATE_TIMEOUT = 10.0
@@ -312,3 +312,11 @@ def test_bad_arguments(options: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError) as caught:
         PasswordVerifier(**options)  # type: ignore[arg-type]
     assert str(caught.value) == message
+
+
+def test_hashing_threads_are_shared_out_per_host() -> None:
+    # Every worker of a host has a pool: together about one thread per CPU, never none.
+    assert threads_per_worker(1, cpus=8) == 8
+    assert threads_per_worker(4, cpus=8) == 2
+    assert threads_per_worker(8, cpus=2) == 1
+    assert threads_per_worker(0, cpus=2) == 2

@@ -7,6 +7,7 @@ a few seconds at most.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,4 +166,47 @@ def test_new_limits_apply_to_open_sessions_after_a_reload(short_tmp: Path, dns: 
         started = time.monotonic()
         assert client.reply() == f"421 4.4.2 {client.sid} timeout, closing connection"
         assert time.monotonic() - started < 10
+        client.close()
+
+
+def test_ipv6_clients_are_capped_per_64(short_tmp: Path, dns: Any) -> None:
+    # Loopback has one IPv6 address: a PROXY header names the clients instead.
+    with running_gateway(short_tmp, dns, server={"max_connections_per_ip": 2,
+                                                 "proxy_protocol": True,
+                                                 "proxy_networks": ["127.0.0.1/32"]}) as gw:
+        def proxied(source: str) -> Raw:
+            sock = socket.create_connection(("127.0.0.1", gw.port), 30)
+            sock.sendall(f"PROXY TCP6 {source} 2001:db8::25 40000 587\r\n".encode())
+            client = Raw.__new__(Raw)
+            client.sock, client.lines = sock, sock.makefile("rb")
+            client.banner = client.line()
+            return client
+
+        same_64 = [proxied(f"2001:db8:1:2::{n}") for n in ("1", "beef")]
+        assert all(c.banner.startswith("220 ") for c in same_64), (
+            [c.banner for c in same_64], gw.settings.log_file.read_text())
+        third = proxied("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        assert re.fullmatch(rf"421 4\.7\.0 {SID} too many connections from your address, "
+                            r"try later", third.banner), third.banner
+        assert third.closed()
+        other_64 = proxied("2001:db8:1:3::1")
+        assert other_64.banner.startswith("220 ")
+        for client in (*same_64, third, other_64):
+            client.close()
+
+
+def test_commands_that_move_no_mail_have_a_budget_per_session(short_tmp: Path,
+                                                               dns: Any) -> None:
+    with running_gateway(short_tmp, dns) as gw:
+        client = Raw(gw)
+        # RSET moves mail along (one per message): a busy session sends many.
+        client.send(b"RSET\r\n" * 300)
+        assert [client.reply() for _ in range(300)] == ["250 OK"] * 300
+        client.send(b"NOOP\r\n" * 101)
+        replies = [client.reply() for _ in range(101)]
+        assert replies[:100] == ["250 OK"] * 100
+        assert replies[100] == "421 4.7.0 NOOP sent too many times"
+        assert client.closed()
+        [line] = [line for line in decisions(gw, client.sid) if line["stage"] == "NOOP"]
+        assert (line["policy"], line["verdict"]) == ("call_limit", "tempfail")
         client.close()
