@@ -187,6 +187,8 @@ class GatewaySMTP(SMTP):
         self._session_timer: asyncio.TimerHandle | None = None
         self._draining = False
         self._closing = False
+        # The lines of a multi-line reply before its last (see push).
+        self._continued: list[bytes] = []
 
     # -- connection and session id -----------------------------------------
 
@@ -468,6 +470,16 @@ class GatewaySMTP(SMTP):
         if isinstance(status, str) and not status.isascii():
             # Never fail on a client's bytes echoed back (VRFY does).
             status = status.encode("utf-8", "replace").decode("utf-8")
+        if not final or self._continued:
+            # A multi-line reply (EHLO's) goes out in one write with its last
+            # line: one TLS record and one TCP segment instead of one per line,
+            # and no drain between its lines.
+            if isinstance(status, str):
+                status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            self._continued.append(status)
+            if not final:
+                return
+            status, self._continued = b"\r\n".join(self._continued), []
         await super().push(status)
         if (self._draining and not self._closing and not self._in_transaction()
                 and final):

@@ -76,6 +76,30 @@ def test_session_runs_on_the_loops_tls_and_keeps_its_id(gateway: Gateway) -> Non
             assert _reply(tls).decode() == f"550 5.1.0 {sid} authentication failed\r\n"
 
 
+def test_a_multi_line_reply_is_one_tls_record(gateway: Gateway) -> None:
+    # OpenSSL returns one record per read: a reply written line by line would
+    # come back as its first line alone.
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as raw:
+        _reply(raw)
+        raw.sendall(b"EHLO client.test\r\n")
+        assert _reply(raw).startswith(b"250-")
+        raw.sendall(b"STARTTLS\r\n")
+        assert _reply(raw).startswith(b"220 ")
+        with _client_context().wrap_socket(raw, server_hostname="mx.test") as tls:
+            tls.sendall(b"EHLO client.test\r\n")
+            _wait_until(lambda: tls.pending() or _readable(tls), "the EHLO reply")
+            time.sleep(0.2)  # every record of the reply is in by now
+            lines = tls.recv(65536).split(b"\r\n")
+            assert len(lines) > 3 and lines[0].startswith(b"250-"), lines
+            assert lines[-2].startswith(b"250 ") and lines[-1] == b""
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 def test_a_message_goes_through_after_starttls(gateway: Gateway) -> None:
     client = gateway.login()  # STARTTLS, then AUTH PLAIN
     assert gateway.send(client, body=MESSAGE)[0] == 250

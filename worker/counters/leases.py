@@ -50,7 +50,7 @@ from worker.counters.window import SLOTS
 # A lease or a tally ends at the next multiple of this many seconds at the
 # latest (the owner lends on the same grid).
 LONGEST = 1.0
-_WANT_MIN, _WANT_MAX = 2, 5000
+_WANT_MIN, _WANT_MAX = 4, 5000
 _SEEN_MAX = 65536  # shapes whose recent decisions are remembered
 
 Shape = tuple[str, str, tuple[tuple[float, int], ...]]  # key, series, ((window, max), ...)
@@ -215,11 +215,15 @@ class LeaseBook:
     # -- asking ----------------------------------------------------------------------
 
     def want(self, shape: Shape, needed: int) -> int:
-        """Units to ask for: what this shape was spent at over the next lease's
-        life, and at least what the decision asking needs."""
+        """Units to ask for: three times what this shape was spent at over the next
+        lease's life, and at least what the decision asking needs. Arrivals
+        are bursty: a lease sized to the mean runs out before its bucket ends
+        about as often as not, and the next decision then pays a round trip.
+        What is lent and not spent only holds room until the bucket ends, and
+        the owner lends at most a quarter of the room (`CounterShard.lend`)."""
         life = self.life(shape[2], time.time())
         rate = self._rate.get(shape, 0.0)
-        return max(_WANT_MIN, min(_WANT_MAX, math.ceil(rate * life * 1.5) + needed))
+        return max(_WANT_MIN, min(_WANT_MAX, math.ceil(rate * life * 3) + needed))
 
     def wait(self, shape: Shape, needed: int) -> asyncio.Future[None]:
         """The lease request in flight for `shape`, asked for `needed` more units."""
