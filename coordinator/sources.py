@@ -1,7 +1,9 @@
 """The coordinator's view of the files it owns: configuration, tenant directory, GeoIP.
 
 Each file is validated before it can reach a worker; the result is one
-versioned :class:`~cluster.wire.SnapshotMessage`. ``poll()`` watches the
+versioned :class:`~cluster.wire.SnapshotMessage` (and, when only the support
+state changed since version ``base``, the small
+:class:`~cluster.wire.SupportSnapshot`). ``poll()`` watches the
 tenant file and the GeoIP database by (mtime, size, inode), ``reload_config()``
 rereads the main file on SIGHUP. A bad new version is refused and logged and
 the old one stays in force (SPEC §5); a refused file is not read again until
