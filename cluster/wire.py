@@ -33,9 +33,11 @@ no process talks to another host):
   snapshot version and ring epoch it holds, so a missed publication is
   sent again to it directly.
 - ``events.sock`` — the coordinator's PUB. Two frames: a topic (``b"snap"``,
-  ``b"ring"`` or ``b"conn"``) and a ``SnapshotMessage``, ``RingMessage`` or
+  ``b"ring"`` or ``b"conn"``) and a ``SnapshotMessage`` or ``SupportSnapshot``
+  (only suspensions or country exceptions changed), ``RingMessage`` or
   ``ConnectionCounts``. Versions and epochs only grow: a subscriber that
-  sees a gap asks for the snapshot again (the zguide "Clone" pattern).
+  sees a gap asks for the snapshot again (the zguide "Clone" pattern); what
+  is sent to one worker alone is always the full ``SnapshotMessage``.
   ``ConnectionCounts`` carries the open-connection tables the live workers
   put in their ``MetricsReport`` (``values["connections"]``), for the
   connection cap per client address (worker/connections.py).
@@ -344,6 +346,22 @@ class SnapshotMessage(Message):
     geoip_version: str
     # Suspensions and country exceptions (``cluster.support_state.SupportState.to_wire``).
     support: dict[str, Any] = field(default_factory=dict)
+    # The version whose configuration, tenants and GeoIP this one carries: ``version``
+    # itself, or an earlier one when only ``support`` changed since (see SupportSnapshot).
+    base: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SupportSnapshot(Message):
+    """Version ``version`` when only suspensions and country exceptions changed since
+    version ``base``: the whole support state, without the configuration, tenant
+    directory and GeoIP database (megabytes) it applies to. A worker whose snapshot
+    was not built from ``base`` ignores it and is sent the full snapshot again."""
+
+    TYPE: ClassVar[str] = "support-snapshot"
+    version: int
+    base: int
+    support: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,11 @@
 """Snapshots to the workers: published on every new version, sent again to one that lags.
 
+A version that changed only suspensions or country exceptions is published
+as a small :class:`~cluster.wire.SupportSnapshot` on top of the last full
+snapshot published; a worker that does not hold that one reports an older
+version and is sent the full snapshot (which carries the current support
+state too). Everything sent to one worker alone is the full snapshot.
+
 The coordinator's last published snapshot version and ring epoch are kept
 in ``coordinator.state`` under the runtime folder, so a coordinator
 restarted within a running cluster continues its numbering (:func:`read_state`).
@@ -59,6 +65,7 @@ class SnapshotPublisher:
         self._state = state
         self._epoch = epoch
         self._frame = (0, b"")
+        self._published_base = 0   # the base of the last full snapshot published
         self._resent: dict[str, float] = {}
 
     def frame(self) -> bytes:
@@ -68,7 +75,16 @@ class SnapshotPublisher:
         return self._frame[1]
 
     async def publish(self) -> None:
-        await self._outbox.publish(wire.TOPIC_SNAPSHOT, self.frame())
+        sources = self.sources
+        if sources.base == self._published_base and sources.version != sources.base:
+            # Only support changed since the full snapshot workers were sent: re-encoding
+            # and rebuilding a large tenant directory and GeoIP database would cost
+            # every worker tens of milliseconds of its event loop per change.
+            frame = wire.encode(sources.support_message())
+        else:
+            frame = self.frame()
+            self._published_base = sources.base
+        await self._outbox.publish(wire.TOPIC_SNAPSHOT, frame)
         self.persist()
 
     def persist(self) -> None:

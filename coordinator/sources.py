@@ -1,7 +1,9 @@
 """The coordinator's view of the files it owns: configuration, tenant directory, GeoIP.
 
 Each file is validated before it can reach a worker; the result is one
-versioned :class:`~cluster.wire.SnapshotMessage`. ``poll()`` watches the
+versioned :class:`~cluster.wire.SnapshotMessage` (and, when only the support
+state changed since version ``base``, the small
+:class:`~cluster.wire.SupportSnapshot`). ``poll()`` watches the
 tenant file and the GeoIP database by (mtime, size, inode), ``reload_config()``
 rereads the main file on SIGHUP. A bad new version is refused and logged and
 the old one stays in force (SPEC §5); a refused file is not read again until
@@ -22,7 +24,7 @@ from cluster.settings import Settings, load_settings
 from cluster.support_state import SupportState
 from cluster.tenants import TenantDirectory, read_tenant_file
 from cluster.validate import ConfigError
-from cluster.wire import SnapshotMessage
+from cluster.wire import SnapshotMessage, SupportSnapshot
 
 Stamp = tuple[int, int, int] | None
 
@@ -83,12 +85,15 @@ class SnapshotSources:
         self._stamps = self._current_stamps()
         self.support = SupportState()
         self.version = first_version
+        # The version of the last change to configuration, tenants or GeoIP: a change
+        # of support alone is published as a SupportSnapshot on top of it.
+        self.base = first_version
         self.message = self._build()
 
     def start_at(self, version: int, support: SupportState | None = None) -> None:
         """Number from ``version`` on: a restarted coordinator continues its predecessor's
         count; ``support`` is the state kept from before the restart."""
-        self.version = version
+        self.version = self.base = version
         if support is not None:
             self.support = support
         self.message = self._build()
@@ -107,10 +112,17 @@ class SnapshotSources:
             geoip=geoip.blob if geoip is not None else None,
             geoip_version=geoip.version if geoip is not None else "",
             support=self.support.to_wire(),
+            base=self.base,
         )
+
+    def support_message(self) -> SupportSnapshot:
+        """The current version as a support change on top of ``base``."""
+        return SupportSnapshot(self.version, self.base, self.message.support)
 
     def _publish(self, reason: str) -> None:
         self.version += 1
+        if reason != "support":
+            self.base = self.version
         self.message = self._build()
         log_event("snapshot", version=self.version, reason=reason,
                   tenants=self.tenants.directory.version,

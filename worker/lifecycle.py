@@ -175,7 +175,7 @@ class ClusterWorker:
             self._route(await self.line.receive())
 
     def _route(self, message: wire.Message) -> None:
-        if isinstance(message, wire.SnapshotMessage):
+        if isinstance(message, (wire.SnapshotMessage, wire.SupportSnapshot)):
             self.snapshots.offer(message)
         elif isinstance(message, wire.RingMessage):
             self.rings.offer(message)

@@ -4,11 +4,18 @@ Every snapshot is complete, so a newer one simply replaces what is held (a
 skipped version needs nothing else), and the worker's report names the
 version it holds: the coordinator sends one that was missed (a
 subscription not yet joined, a full queue) directly.
+
+A version that changed only suspensions and country exceptions arrives as a
+``SupportSnapshot``: the whole support state, on top of the full snapshot
+``base``. It is applied only to a snapshot built from that very ``base``, so
+support state never meets tenants of another version; otherwise it is
+ignored, the report names the older version, and the full snapshot comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -72,6 +79,7 @@ class SnapshotFeed:
     def __init__(self, line: CoordinatorLine) -> None:
         self._line = line
         self._snapshot: Snapshot | None = None
+        self._base = 0  # the full snapshot's version its settings, tenants and GeoIP are from
 
     @property
     def version(self) -> int:
@@ -94,22 +102,44 @@ class SnapshotFeed:
                         message = await self._line.receive()
                         if isinstance(message, wire.SnapshotMessage):
                             self._snapshot = build_snapshot(message, None)
+                            self._base = message.base or message.version
                         else:
                             held.append(message)
             except TimeoutError:
                 log_event("waiting_for_coordinator", logging.WARNING, worker=self._line.name)
         return self._snapshot, held
 
-    def offer(self, message: wire.SnapshotMessage) -> None:
+    def offer(self, message: wire.SnapshotMessage | wire.SupportSnapshot) -> None:
         """A newer snapshot replaces the one in force; a bad one is refused and logged."""
         old = self.current()
         if message.version <= old.version:
+            return
+        if isinstance(message, wire.SupportSnapshot):
+            self._offer_support(message, old)
             return
         try:
             snapshot = build_snapshot(message, old)
         except ConfigError as exc:
             log_event("snapshot_refused", logging.ERROR, version=message.version, error=str(exc))
             return
-        self._snapshot = snapshot
-        log_event("snapshot", version=snapshot.version, tenants=snapshot.tenants.version,
+        self._snapshot, self._base = snapshot, message.base or message.version
+        log_event("snapshot", version=snapshot.version, base=self._base,
+                  tenants=snapshot.tenants.version,
                   geoip=snapshot.geoip.version if snapshot.geoip else None)
+
+    def _offer_support(self, message: wire.SupportSnapshot, old: Snapshot) -> None:
+        if message.base != self._base:
+            # Built on a full snapshot this worker missed: the next report names the
+            # older version and the coordinator sends the full current one.
+            log_event("snapshot_skipped", version=message.version, base=message.base,
+                      held=old.version, held_base=self._base)
+            return
+        try:
+            support = SupportState.from_wire(message.support)
+        except ValueError as exc:
+            log_event("snapshot_refused", logging.ERROR, version=message.version,
+                      error=f"bad support state: {exc}")
+            return
+        # Settings, tenants, GeoIP and DKIM keys are those of ``base``, held as they are.
+        self._snapshot = dataclasses.replace(old, version=message.version, support=support)
+        log_event("snapshot", version=message.version, base=self._base, support_only=True)
