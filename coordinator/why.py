@@ -9,6 +9,7 @@ the answers are merged in time order. Workers keep what
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,7 @@ async def why(workers: Sequence[Worker], ask: Ask, request: WhyRequest) -> WhyRe
     for name, answer in answers.items():
         decisions += [{**d, "worker": name} for d in answer.decisions]
         kept = answer.kept or kept
-    decisions.sort(key=lambda d: d.get("ts", ""))
+    decisions.sort(key=_moment)
     if not decisions:
         message = (f"no decision of session {sid} is remembered by the workers"
                    + _kept(kept))
@@ -46,6 +47,15 @@ async def why(workers: Sequence[Worker], ask: Ask, request: WhyRequest) -> WhyRe
                 f"{name}: {why}" for name, why in sorted(unanswered.items()))
         raise NotFound(message)
     return WhyReply(sid, decisions, unanswered)
+
+
+def _moment(decision: dict[str, Any]) -> float:
+    """When a decision was made. Its ``ts`` has no milliseconds on a whole second, so
+    as text ``...:13Z`` would sort after ``...:13.004Z``."""
+    try:
+        return datetime.datetime.fromisoformat(decision.get("ts", "")).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _kept(kept: dict[str, Any]) -> str:
