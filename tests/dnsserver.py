@@ -56,7 +56,7 @@ class TestDNSServer:
         self.queries: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._records: dict[str, list[RR]] = {}
-        self._servfail: set[str] = set()
+        self._servfail: set[tuple[str, str | None]] = set()  # (name, type or None: every type)
         self._refused: set[str] = set()
         self._silent: set[str] = set()
         self._servers: list[DNSServer] = []
@@ -82,9 +82,10 @@ class TestDNSServer:
         """Makes ``domain`` exist without MX, A or AAAA (no data for those)."""
         self._add(domain, RR(domain, QTYPE.TXT, ttl=ttl, rdata=TXT(text)))
 
-    def set_servfail(self, domain: str) -> None:
+    def set_servfail(self, domain: str, qtype: str | None = None) -> None:
+        """SERVFAIL every query for ``domain``, or only those of ``qtype`` (e.g. "AAAA")."""
         with self._lock:
-            self._servfail.add(_norm(domain))
+            self._servfail.add((_norm(domain), qtype))
 
     def set_refused(self, domain: str) -> None:
         with self._lock:
@@ -100,7 +101,7 @@ class TestDNSServer:
         name = _norm(domain)
         with self._lock:
             self._records.pop(name, None)
-            self._servfail.discard(name)
+            self._servfail -= {entry for entry in self._servfail if entry[0] == name}
             self._refused.discard(name)
             self._silent.discard(name)
 
@@ -123,7 +124,7 @@ class TestDNSServer:
             if qname in self._silent:
                 raise _NoAnswer(f"dropping {qname} {qtype}")
             reply = request.reply()
-            if qname in self._servfail:
+            if (qname, None) in self._servfail or (qname, qtype) in self._servfail:
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
             if qname in self._refused:

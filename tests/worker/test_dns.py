@@ -146,18 +146,12 @@ async def test_no_answer_is_tempfail_within_timeout(
 
 
 async def test_address_found_despite_the_other_family_failing(
-    dns: TestDNSServer, resolver: DomainResolver, monkeypatch: pytest.MonkeyPatch
+    dns: TestDNSServer, resolver: DomainResolver
 ) -> None:
     dns.add_a("half.example", "192.0.2.30")
-    real_query = resolver._query
-
-    async def aaaa_fails(name: str, rrtype: str) -> _RRset:
-        if rrtype == "AAAA":
-            raise DnsTempError("AAAA: server failure")
-        return await real_query(name, rrtype)
-
-    monkeypatch.setattr(resolver, "_query", aaaa_fails)
+    dns.set_servfail("half.example", "AAAA")
     assert await resolver.destination_status("half.example") is OK
+    assert ("half.example", "AAAA") in queries_for(dns, "half.example")
 
 
 async def test_concurrent_lookups_share_one_query(
