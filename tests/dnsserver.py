@@ -18,6 +18,7 @@ that a cached answer sent nothing.
 from __future__ import annotations
 
 import threading
+import time
 from types import TracebackType
 from typing import Any
 
@@ -59,6 +60,7 @@ class TestDNSServer:
         self._servfail: set[tuple[str, str | None]] = set()  # (name, type or None: every type)
         self._refused: set[str] = set()
         self._silent: set[str] = set()
+        self._delays: dict[tuple[str, str], float] = {}  # (name, type) -> seconds
         self._servers: list[DNSServer] = []
         self._threads: list[threading.Thread] = []
         self.port = 0
@@ -86,6 +88,15 @@ class TestDNSServer:
         """SERVFAIL every query for ``domain``, or only those of ``qtype`` (e.g. "AAAA")."""
         with self._lock:
             self._servfail.add((_norm(domain), qtype))
+
+    def set_delay(self, domain: str, qtype: str, seconds: float) -> None:
+        """Answer ``qtype`` queries for ``domain`` only after ``seconds``.
+
+        The server handles each query on its own thread, so other queries
+        (the other address family, say) are answered meanwhile.
+        """
+        with self._lock:
+            self._delays[(_norm(domain), qtype)] = seconds
 
     def set_refused(self, domain: str) -> None:
         with self._lock:
@@ -121,6 +132,10 @@ class TestDNSServer:
     def _answer(self, request: DNSRecord, qname: str, qtype: str) -> DNSRecord:
         with self._lock:
             self.queries.append((qname, qtype))
+            delay = self._delays.get((qname, qtype), 0.0)
+        if delay:
+            time.sleep(delay)
+        with self._lock:
             if qname in self._silent:
                 raise _NoAnswer(f"dropping {qname} {qtype}")
             reply = request.reply()

@@ -146,10 +146,15 @@ async def test_no_answer_is_tempfail_within_timeout(
 
 
 async def test_address_found_despite_the_other_family_failing(
-    dns: TestDNSServer, resolver: DomainResolver
+    dns: TestDNSServer, make_resolver: Callable[..., DomainResolver]
 ) -> None:
     dns.add_a("half.example", "192.0.2.30")
     dns.set_servfail("half.example", "AAAA")
+    # The A answer comes well after the AAAA failure, so the resolver has
+    # seen the failure first and must still wait for the other family. The
+    # delay stays inside c-ares's first try (5 s / 7) so A is asked once.
+    dns.set_delay("half.example", "A", 0.3)
+    resolver = make_resolver(timeout=5.0)
     assert await resolver.destination_status("half.example") is OK
     assert ("half.example", "AAAA") in queries_for(dns, "half.example")
 
