@@ -79,15 +79,18 @@ class OwnedKeys:
             keys, rids = change
             waits = []
             pushes: dict[str, list[str]] = {}
+            to_requester = False
             for key in keys:
                 replica = links.locate(key)[1]
                 if replica is None or replica == links.name:
                     continue
                 if replica == requester:
                     carried_keys[key] = None
-                    carried_rids.update(dict.fromkeys(rids))
+                    to_requester = True
                 else:
                     pushes.setdefault(replica, []).append(key)
+            if to_requester:  # once per item: a renewal names many keys and rids
+                carried_rids.update(dict.fromkeys(rids))
             for replica, names in pushes.items():
                 waits.append(self.replicator.push(replica, names, rids))
             if not waits:

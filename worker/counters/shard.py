@@ -1,4 +1,4 @@
-"""The counters a worker owns: check, reserve/release, add, mark, lend/return, reset.
+"""The counters a worker owns: check, reserve/release, add, mark, lend/return/renew, reset.
 
 Every method is synchronous and runs to completion, so on one event loop a
 check-and-add is atomic without locks (the owner is the only writer).
@@ -13,8 +13,9 @@ keeping the count can only under-admit). Release is what undoes one.
 A lease (`lend`) is a reservation of a few units of a limited counter that
 its borrower spends by itself until the lease expires (see
 ``worker.counters.leases``): the units are counted at once, in the bucket
-the whole lease lies in, and `return_lease` takes back what was not used.
-An unreturned lease simply stays counted.
+the whole lease lies in, and `return_lease` takes back what was not used
+(`renew`: that, and the next lease lent, in one step). An unreturned lease
+simply stays counted.
 
 Keys whose every bucket has left its window are evicted a few at a time on
 every call, so memory stays bounded without a housekeeping task; `expire()`
