@@ -24,8 +24,9 @@ Signals:
 
 ``sendguard scale N`` reaches the supervisor as a ``ScaleCommand``. A
 worker is retired by reporting it ``leaving`` first, so the coordinator
-publishes a ring without it and its counters are handed off, and then
-TERM: it drains and exits 0, and is not restarted.
+publishes a ring without it and its counters are handed off; on that ring
+the worker drains and exits 0 by itself, and is not restarted. It gets a
+TERM only if the coordinator never answers, or if it outstays its drain.
 
 Exit status:
     0   stopped by TERM or INT
@@ -133,6 +134,7 @@ class Child:
     has_run: bool = False        # stayed up past its boot at least once
     retiring: bool = False
     term_at: float | None = None  # retiring: when to TERM it at the latest
+    left_ring: bool = False       # retiring: a ring without it was published
 
     @property
     def alive(self) -> bool:
@@ -308,8 +310,12 @@ class Supervisor:
         elif isinstance(message, wire.RingMessage):
             names = {name for name, _ in message.members}
             for child in self.workers():
-                if child.retiring and child.term_at is not None and child.name not in names:
-                    self.retire_now(child)
+                if child.retiring and not child.left_ring and child.name not in names:
+                    # The worker leaves on this same ring; a TERM now would race
+                    # its own exit. It is TERMed only if it outstays its drain.
+                    child.left_ring = True
+                    child.term_at = (time.monotonic() + self.settings.server.drain_timeout
+                                     + _STOP_MARGIN)
         elif isinstance(message, wire.ProcessEvent) and message.event == "silent":
             hung = self.children.get(message.name)
             if hung is not None and hung.alive and hung.process is not None \

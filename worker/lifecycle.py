@@ -196,3 +196,4 @@ async def serve_cluster(runtime_dir: Path, name: str) -> int:
         return EXIT_OK
     finally:
         await line.close()
+        stop.ignore_from_now()

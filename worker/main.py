@@ -46,6 +46,7 @@ async def serve(settings: Settings, name: str = "w0") -> int:
     with suppress(asyncio.CancelledError):
         await housekeeping
     await parts.close(0.0 if fast else drain_timeout)
+    stop.ignore_from_now()
     return EXIT_OK
 
 

@@ -21,6 +21,17 @@ class StopSignals:
         loop.add_signal_handler(signal.SIGTERM, self.any.set)
         loop.add_signal_handler(signal.SIGINT, self._fast)
 
+    def ignore_from_now(self) -> None:
+        """The worker is done: a SIGTERM from here on changes nothing.
+
+        Closing the loop would give SIGTERM back its default, which kills,
+        and a late one is expected (the supervisor may TERM a worker that
+        the ring has just retired): it must not turn exit 0 into death by
+        signal. SIGINT keeps its meaning (stop at once).
+        """
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the default was back for an instant
+
     def _fast(self) -> None:
         self.fast.set()
         self.any.set()

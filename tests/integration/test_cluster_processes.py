@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,6 +155,32 @@ def test_sigterm_lets_an_open_transaction_finish(make_cluster: Callable[..., Clu
     assert listeners(cluster.port) == {}
     for client in (idle, busy):
         client.close()
+
+
+def test_a_worker_termed_again_while_it_stops_still_exits_0(
+        make_cluster: Callable[..., Cluster]) -> None:
+    # A retiring worker leaves on the ring and may get the supervisor's TERM
+    # as well, as late as the last moments of its exit.
+    cluster = make_cluster(workers=1).start()
+    pid = cluster.worker_pids()["w0"]
+    deadline = time.monotonic() + 30
+    with contextlib.suppress(ProcessLookupError):
+        while running(pid):
+            assert time.monotonic() < deadline, "w0 never stopped"
+            os.kill(pid, signal.SIGTERM)
+            time.sleep(0.002)
+    [died] = wait_for(lambda: [line for line in cluster.log_lines()
+                               if line["event"] == "process_died"], 30, "w0 exited")
+    assert (died["process_name"], died["exit_code"]) == ("w0", 0)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (its parent may not have reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_killed_coordinator_comes_back_and_the_workers_stay(

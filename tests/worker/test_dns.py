@@ -140,7 +140,7 @@ async def test_no_answer_is_tempfail_within_timeout(
     started = time.monotonic()
     assert await resolver.destination_status("silent.example") is TEMPFAIL
     elapsed = time.monotonic() - started
-    assert elapsed < 1.5
+    assert elapsed < 2.5  # 3 tries of 1 s each would take 3 s and more
     # c-ares retried inside the budget rather than spending it on one try.
     assert len(queries_for(dns, "silent.example")) >= 2
 
@@ -353,7 +353,7 @@ async def test_addresses_time_out(
     started = time.monotonic()
     with pytest.raises(DnsTempError):
         await resolver.addresses("silent.example")
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0  # 3 tries of 0.5 s would take 1.5 s and more
 
 
 # -- construction and lifecycle -----------------------------------------------

@@ -230,7 +230,7 @@ async def test_a_stopped_redis_is_unavailable_and_then_back(tmp_path: Path) -> N
         started = time.monotonic()
         with pytest.raises(CounterUnavailable):
             await store.reserve("b", [op])
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.5
         redis.start()
         assert (await store.check([op])).counts == (0,)  # no AOF here: the count is gone
     finally:
@@ -248,7 +248,7 @@ async def test_a_redis_slower_than_the_timeout_is_unavailable(server: RedisServe
             started = time.monotonic()
             with pytest.raises(CounterUnavailable):
                 await store.reserve("slow", [op])
-            assert time.monotonic() - started < 0.9
+            assert time.monotonic() - started < 2.5
         finally:
             os.kill(server.pid(), signal.SIGCONT)
         # The reserve may have run once Redis woke up: it stands (an under-admission)
@@ -295,6 +295,6 @@ async def test_an_unreachable_redis_cluster_is_unavailable() -> None:
         started = time.monotonic()
         with pytest.raises(CounterUnavailable):
             await store.check([Op(ACCT, "msg", 60.0, 5)])
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3.0
     finally:
         await store.aclose()

@@ -225,7 +225,9 @@ async def test_hanging_scanner_times_out_without_stalling_other_scans() -> None:
         assert answered.spam and not stuck.done()
         with pytest.raises(ScannerUnavailable, match=r"^spamd: timeout after 0\.3s$"):
             await stuck
-        assert 0.25 < time.monotonic() - started < 2.0
+        # Generous above: a loaded machine runs timers late; a scan without
+        # its timeout would never end.
+        assert 0.25 < time.monotonic() - started < 10.0
 
 
 # --- builtin: GTUBE ---------------------------------------------------------------
