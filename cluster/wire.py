@@ -238,18 +238,21 @@ class Status(enum.StrEnum):
 
 # Positions in a request item: [rid, epoch, kind, arg, ops, extra].
 #   check, add, mark: arg "", extra None
-#   reserve:  arg = reservation id; extra = None or [lease id, units wanted] to
-#             borrow (see worker.counters.leases)
+#   reserve:  arg = reservation id; extra = None or a list of [lease id, units
+#             wanted, op positions] to borrow (see worker.counters.leases)
 #   release:  arg = reservation id; ops name the keys (for ownership), extra None
-#   lend:     arg ""; ops = the ops of the shapes asked for (amount 0); extra = a list
-#             of [lease id, units wanted, op positions], each lent or not on its own
 #   return:   arg = lease id; ops = the lease's ops; extra = [unused units per op]
+#   renew:    arg ""; ops = the ops of the shapes renewed (amount 0); extra = a list of
+#             [lease id, units wanted, op positions, old lease id, unused units per
+#             position]: the old lease returned (none for an old lease id "") and the
+#             next one lent, in one step at the owner; each shape lent or not on its own
 #   reset, inspect: ops [], extra = [key, ...]
 R_RID, R_EPOCH, R_KIND, R_ARG, R_OPS, R_EXTRA = range(6)
 # Positions in a reply item: [rid, status, epoch, value, detail, grant].
 #   value: an Outcome's wire form (check, reserve, add), a bool (release,
 #   return), the number of keys that had state (reset), {key: rows} (inspect)
-#   grant: None, or [units, expires, [count per op]] when a reserve borrowed
+#   grant: None, or one [units, expires, [count per op]] per lease asked for
+#   (reserve, renew), in the order asked
 A_RID, A_STATUS, A_EPOCH, A_VALUE, A_DETAIL, A_GRANT = range(6)
 
 

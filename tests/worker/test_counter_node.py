@@ -219,8 +219,12 @@ async def test_a_lease_spent_from_is_renewed_with_its_bucket_and_an_idle_one_is_
         while True:
             assert time.monotonic() < deadline
             held = list(b.client._book.leases.values())
-            if held and held[0].units > min(held[0].left) and \
-                    held[0].expires - time.time() > 0.3:
+            if held and held[0].expires - time.time() <= 0.3:
+                # Too close to its end: wait for the next one rather than spend
+                # (decisions on a lease take microseconds; the limit would go first).
+                await asyncio.sleep(0.01)
+                continue
+            if held and held[0].units > min(held[0].left):
                 return held[0]
             await decide()
 
@@ -246,6 +250,99 @@ async def test_a_lease_spent_from_is_renewed_with_its_bucket_and_an_idle_one_is_
     await asyncio.sleep(1.2)
     assert not b.client._book.leases
     assert count_in(a.shard.snapshot(key)) == admitted == count_in(b.shard.snapshot(key))
+
+
+async def hold_spent_lease(b: CounterNode, key: str, limit: int, tag: str) -> tuple[Any, int]:
+    """Decide on `key` from `b` until it holds a lease spent from with 0.3 s or
+    more to go; (the lease, decisions admitted)."""
+    admitted = 0
+    deadline = time.monotonic() + SETTLE
+    while True:
+        assert time.monotonic() < deadline, "no lease was lent"
+        held = list(b.client._book.leases.values())
+        if held and held[0].expires - time.time() <= 0.3:
+            # Too close to its end: wait for the next one rather than spend
+            # (decisions on a lease take microseconds; the limit would go first).
+            await asyncio.sleep(0.01)
+            continue
+        if held and held[0].units > min(held[0].left):
+            return held[0], admitted
+        assert (await b.client.reserve(f"{tag}{admitted}", [msg(key, limit)])).ok
+        admitted += 1
+
+
+async def test_a_spent_lease_is_renewed_in_one_op_at_its_owner(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"])
+    await form([a, b], 1)
+    key = key_where(Ring(["a", "b"]), "a")
+    to_a = b.links.peers["a"]
+    deadline = time.monotonic() + SETTLE
+    while True:
+        assert time.monotonic() < deadline, "no lease was renewed whole"
+        old, admitted = await hold_spent_lease(b, key, 1000, f"t{time.monotonic()}-")
+        asked, book = to_a.requests, b.client._book
+        renewing = False
+        while True:  # until the renewal is answered
+            assert time.monotonic() < deadline, "the spent lease was not renewed"
+            new = book.leases.get(old.shape)
+            if (new is not None and new is not old) or old.shape in book.refused or \
+                    (renewing and old.shape not in book.asking):
+                break
+            renewing = renewing or old.shape in book.asking
+            await asyncio.sleep(0.001)
+        if new is not None and new is not old:
+            break  # (else the owner lent nothing at that moment: try again)
+    # Still within this turn of the loop, the new lease is unspent and not yet
+    # returned: what went to the owner since the old one ended is the renewal.
+    assert to_a.requests == asked + 1, "the return and the next lease in one op"
+    unused = min(old.left)
+    assert unused > 0 and new.units > 0
+    for node in (a, b):  # the owner, and its replica through the answer
+        assert records(node.shard, key)[old.lease_id] == "returned", node.name
+        assert records(node.shard, key)[new.lease_id] == "open", node.name
+    # What the owner counts: every decision once, the old lease's unused units
+    # no more, the new lease's units all.
+    spent = count_in(a.shard.snapshot(key)) - new.units
+    assert spent == count_in(b.shard.snapshot(key)) - new.units
+    assert (await b.client.reserve("after", [msg(key, 1000)])).ok
+    assert to_a.requests == asked + 1  # decided on the renewed lease
+    await settled([a, b], a, key, spent + 1)
+    assert count_in(b.shard.snapshot(key)) == spent + 1
+
+
+async def test_a_renewal_whose_answer_was_lost_gives_both_leases_back(
+        sock_dir: str, made: list[CounterNode]) -> None:
+    a, b = await start(made, sock_dir, ["a", "b"], request_timeout=0.4)
+    await form([a, b], 1)
+    key = key_where(Ring(["a", "b"]), "a")
+    book = b.client._book
+    old, admitted = await hold_spent_lease(b, key, 1000, "d")
+    assert min(old.left) > 0, "units left to give back"
+    sent = a.links.send_router
+    a.links.send_router = lambda ident, frame: True  # every answer of a's lost
+    try:
+        deadline = time.monotonic() + SETTLE
+        while old.shape not in book.asking:  # the renewal went out...
+            assert time.monotonic() < deadline, "the spent lease was not renewed"
+            await asyncio.sleep(0.001)
+        new_id = book.asking[old.shape][1][0]
+        while old.shape in book.asking:  # ...and got no answer
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert not book.leases
+        # The owner took the old lease back and lent the next one all the same.
+        assert records(a.shard, key)[old.lease_id] == "returned"
+        assert new_id in records(a.shard, key), "the next lease was lent"
+    finally:
+        a.links.send_router = sent
+    # The next lease comes back whole, and the owner (and then its replica)
+    # counts each decision once.
+    await settled([a, b], a, key, admitted)
+    assert records(a.shard, key)[new_id] == "returned"
+    assert (await b.client.reserve("after", [msg(key, 1000)])).ok
+    await settled([a, b], a, key, admitted + 1)
+    assert count_in(b.shard.snapshot(key)) == admitted + 1
 
 
 async def test_a_borrower_sees_its_own_spending_and_gives_back_what_it_releases(
@@ -633,7 +730,12 @@ async def test_a_replica_gets_only_the_reservation_a_request_changed(
         listener.cancel()
 
 
-async def test_a_lend_request_lends_each_shape_on_its_own(
+def records(shard: CounterShard, key: str) -> dict[str, str]:
+    """The state of each reservation and lease touching `key`, by id."""
+    return {rid: state for rid, state, *_ in shard.export([key])[2]}
+
+
+async def test_a_renew_request_returns_each_lease_and_lends_the_next_in_one_step(
         sock_dir: str, made: list[CounterNode], zctx: zmq.asyncio.Context) -> None:
     a, b = await start(made, sock_dir, ["a", "b"], leasing=False)
     await form([a, b], 1)
@@ -643,20 +745,43 @@ async def test_a_lend_request_lends_each_shape_on_its_own(
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(a.endpoint)
+
+    async def ask(rid: str, item_ops: list[Op], asks: list[Any]) -> list[Any]:
+        await dealer.send(request(rid, "renew", "", item_ops, asks))
+        [reply] = await replies_to(dealer, 1)
+        return reply
+
     try:
-        await dealer.send(request("l1", "lend", "", ops, [["L-wide", 8, [0]],
-                                                          ["L-narrow", 8, [1]]]))
-        await dealer.send(request("l2", "lend", "", ops, [["L-bad", 8, [5]]]))
-        replies = {r[0]: r for r in await replies_to(dealer, 2)}
+        # No lease to return yet (""): a plain lend, each shape on its own.
+        first = await ask("n1", ops, [["L-wide", 8, [0], "", [0]], ["L-narrow", 8, [1], "", [0]]])
+        # Too little room under the narrow limit: no lease there, the wide one all the same.
+        assert first[1] == wire.Status.OK and [g[0] for g in first[5]] == [8, 0]
+        assert a.shard.snapshot(narrow) == []
+        assert (await ask("n2", ops, [["L-bad", 8, [5], "", [0]]]))[1] == wire.Status.ERROR
+        # 3 units of L-wide were spent: the 5 others come back and 8 more are lent.
+        renewed = await ask("n3", ops[:1], [["L-wide2", 8, [0], "L-wide", [5]]])
+        assert renewed[1] == wire.Status.OK and renewed[5][0][0] == 8
+        assert renewed[5][0][2] == [3]  # the next lease sees the count the return left
+        for node in (a, b):  # replicated before the answer: the replica agrees
+            assert count_in(node.shard.snapshot(wide)) == 11, node.name
+            assert records(node.shard, wide) == {"L-wide": "returned", "L-wide2": "open"}
+        # One bad renewal in an item: nothing of the item changes anything.
+        broken = await ask("n4", ops[:1], [["L-wide3", 8, [0], "L-wide2", [2]],
+                                           ["L-wide4", 8, [0], "", [1, 1]]])
+        assert broken[1] == wire.Status.ERROR
+        assert count_in(a.shard.snapshot(wide)) == 11
+        assert records(a.shard, wide) == {"L-wide": "returned", "L-wide2": "open"}
+        # Near the limit the old lease comes back and nothing more is lent.
+        await dealer.send(request("fill", "add", "", [msg(wide, None, amount=940)]))
+        await replies_to(dealer, 1)
+        tight = await ask("n5", ops[:1], [["L-wide5", 8, [0], "L-wide2", [8]]])
+        assert tight[1] == wire.Status.OK and tight[5][0][0] == 0
+        for node in (a, b):
+            assert count_in(node.shard.snapshot(wide)) == 943, node.name
+            assert records(node.shard, wide) == {"L-wide": "returned",
+                                                 "L-wide2": "returned"}
     finally:
         dealer.close()
-    granted = replies["l1"]
-    assert granted[1] == wire.Status.OK
-    # Too little room under the narrow limit: no lease there, the wide one all the same.
-    assert [grant[0] for grant in granted[5]] == [8, 0]
-    assert replies["l2"][1] == wire.Status.ERROR
-    assert count_in(a.shard.snapshot(wide)) == 8 == count_in(b.shard.snapshot(wide))
-    assert a.shard.snapshot(narrow) == []
 
 
 async def test_a_moved_request_is_answered_moved_and_counts_nothing(

@@ -28,12 +28,13 @@ their time, when the tally's bucket ends (within a second).
 Lease sizes follow the rate each shape was spent at, so what is lent and
 unused stays small.
 
-A lease that ends with its bucket having been spent from is *renewed*: the
-frame that returns what it did not spend also asks for the next bucket's
-(`renew` set by the ending; the caller sends both). So a shape spent from
-every second costs one frame per owner per second, not a round trip on
-the first decision of each second; one not spent from in a bucket is
-returned and not renewed.
+A lease that ends with its bucket having been spent from is *renewed*:
+one op at the owner returns what it did not spend and lends the next
+bucket's (`renew` set by the ending; the caller sends it, and the owner
+replicates both changes once). So a shape spent from every second costs
+one op per owner per second, not a return, a lend and a round trip on the
+first decision of each second; one not spent from in a bucket is returned
+and not renewed.
 """
 
 from __future__ import annotations
@@ -309,6 +310,13 @@ class LeaseBook:
         group.append(held)
 
     def _expire(self, expires: float) -> None:
+        early = expires - time.time()
+        if early > 0:
+            # The loop's timers may fire a little early (whole milliseconds, a
+            # loop time cached at the start of its turn); ended here, a lease
+            # is returned and renewed in this same turn, in one op.
+            self._loop.call_later(max(early, 0.001), self._expire, expires)
+            return
         ended = [h for h in self._ending.pop(expires, []) if not h.done]
         for held in ended:
             if isinstance(held, Lease):

@@ -79,15 +79,18 @@ class OwnedKeys:
             keys, rids = change
             waits = []
             pushes: dict[str, list[str]] = {}
+            to_requester = False
             for key in keys:
                 replica = links.locate(key)[1]
                 if replica is None or replica == links.name:
                     continue
                 if replica == requester:
                     carried_keys[key] = None
-                    carried_rids.update(dict.fromkeys(rids))
+                    to_requester = True
                 else:
                     pushes.setdefault(replica, []).append(key)
+            if to_requester:  # once per item: a renewal names many keys and rids
+                carried_rids.update(dict.fromkeys(rids))
             for replica, names in pushes.items():
                 waits.append(self.replicator.push(replica, names, rids))
             if not waits:
@@ -214,13 +217,16 @@ class OwnedKeys:
                             shard.return_lease(lease_id, [int(grant[0])] * len(indices))
                             grant[0] = 0
             return outcome.to_wire(), grants, rids
-        if kind == "lend":
-            # Leases asked for ahead of the decisions that will spend them (a
-            # borrower renewing what it spent in the bucket that just ended):
-            # each shape on its own, as they belong to unrelated decisions.
-            grants = self._lend(ops, extra)
-            lent = [ask[0] for ask, grant in zip(extra, grants, strict=True) if grant[0]]
-            return None, grants, (lent or None)
+        if kind == "renew":
+            # Leases that ended with their bucket, spent from: each returned
+            # and the next bucket's lent in one step (`CounterShard.renew`),
+            # replicated once; each shape on its own, as they belong to
+            # unrelated decisions.
+            taken, renewed = shard.renew(self._renewals(ops, extra), RESERVATION_TTL, LONGEST)
+            changed = taken + [ask[0] for ask, (units, _, _) in zip(extra, renewed, strict=True)
+                               if units]
+            return None, [[units, expires, list(counts)] for units, expires, counts in renewed], \
+                (changed or None)
         if kind == "release":
             released = shard.release(_text(arg))
             return released, None, ([arg] if released else None)
@@ -259,6 +265,29 @@ class OwnedKeys:
                                                       RESERVATION_TTL, LONGEST)
             grants.append([units, expires, list(counts)])
         return grants
+
+
+    @staticmethod
+    def _renewals(ops: list[Any], asks: Any) -> list[tuple[str, list[int], str, list[Any], int]]:
+        """`(old lease id, unused, new lease id, ops, units wanted)` for each `[lease
+        id, units wanted, op positions, old lease id, unused per position]` in
+        `asks`, all checked before the shard changes anything."""
+        if not isinstance(asks, list):
+            raise ValueError("lease renewals must be a list")
+        renewals = []
+        for ask in asks:
+            if not isinstance(ask, list) or len(ask) != 5:
+                raise ValueError(f"malformed lease renewal {ask!r}")
+            lease_id, want, indices, old_id, unused = ask
+            if not isinstance(indices, list) or not indices or not all(
+                    type(i) is int and 0 <= i < len(ops) for i in indices):
+                raise ValueError(f"lease {lease_id!r}: bad op positions {indices!r}")
+            if type(want) is not int or not isinstance(unused, list) or \
+                    len(unused) != len(indices) or not all(type(n) is int for n in unused):
+                raise ValueError(f"lease {lease_id!r}: bad units {want!r}, {unused!r}")
+            renewals.append((_text(old_id), unused, _text(lease_id), [ops[i] for i in indices],
+                             want))
+        return renewals
 
 
 class Replicator:

@@ -416,84 +416,111 @@ class RoutedCounters:
     # -- leases and tallies that ended ---------------------------------------------------
 
     def _ended(self, ended: list[Lease | Tally]) -> None:
-        """Return what ended leases did not spend, send what tallies counted: at
-        once, so that a request this iteration sends next goes after them."""
+        """Renew the ended leases that were spent from, return what the others
+        did not spend, send what tallies counted: at once, so that a request
+        this iteration sends next goes after them."""
         ring = self._links.ring
         if ring is None:
             return
-        renew: dict[str, list[Shape]] = {}
+        renew: dict[str, list[tuple[Shape, str, list[int]]]] = {}
         due = 0.0
         for held in ended:
             if isinstance(held, Lease):
                 key, series, windows = held.shape
+                unused = list(held.left)  # the lease is done: its units no longer move
                 if held.renew and self.leasing and not self._router.closing:
-                    renew.setdefault(ring.owner(key), []).append(held.shape)
+                    # The return goes in the renewal: one op at the owner.
+                    renew.setdefault(ring.owner(key), []).append((held.shape, held.lease_id,
+                                                                  unused))
                     due = max(due, held.expires)
-                if not any(held.left):
-                    continue
-                ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
-                self._router.now_or_later("return", held.lease_id, ops, list(held.left), ring)
+                elif any(unused):
+                    self._return(held.shape, held.lease_id, unused)
             elif held.amount > 0:
                 key, series, window = held.counter
                 ops = (Op(key, series, window, None, held.amount, at=held.at),)
                 self._router.now_or_later("mark", "", ops, None, ring)
         if not renew:
             return
-        # After the returns, in their frame; never before the bucket ended
-        # (a timer may fire a hair early), or the owner would lend in it again.
+        # Never before the bucket ended (the book's timer does not fire early,
+        # this is a guard), or the owner would lend in it again.
         early = due - time.time()
-        for owner, shapes in renew.items():
+        for owner, ending in renew.items():
             if early > 0:
-                asyncio.get_running_loop().call_later(early + 0.001, self._renew, owner, shapes)
+                asyncio.get_running_loop().call_later(early + 0.001, self._renew, owner, ending)
             else:
-                self._renew(owner, shapes)
+                self._renew(owner, ending)
 
-    def _renew(self, owner: str, shapes: list[Shape]) -> None:
-        """Ask `owner` for the next bucket's leases of `shapes`, in one request;
-        decisions on them wait for its answer rather than ask themselves."""
-        links, book = self._links, self._book
-        if self._router.closing or links.ring is None:
+    def _return(self, shape: Shape, lease_id: str, unused: list[int]) -> None:
+        """Give back what a lease did not spend; tried again while its owner keeps it."""
+        ring = self._links.ring
+        if ring is None or not any(unused):
             return
+        key, series, windows = shape
+        ops = tuple(Op(key, series, w, m, 0) for w, m in windows)
+        self._router.now_or_later("return", lease_id, ops, unused, ring)
+
+    def _renew(self, owner: str, ending: list[tuple[Shape, str, list[int]]]) -> None:
+        """Renew at `owner` the leases of `ending` (shape, lease id, unused units):
+        one `renew` item returns each and asks for the next bucket's lease of
+        its shape. Decisions on these shapes wait for its answer rather than
+        ask themselves."""
+        links, book = self._links, self._book
         loop = asyncio.get_running_loop()
         now = time.time()
         ops: list[Op] = []
         asks: list[list[Any]] = []
         asked: list[Shape] = []
-        for shape in shapes:
-            if shape in book.asking or shape in book.leases or book.refused.get(shape, 0) > now:
+        for shape, old_id, unused in ending:
+            if self._router.closing or links.ring is None or shape in book.asking or \
+                    shape in book.leases or book.refused.get(shape, 0) > now:
+                self._return(shape, old_id, unused)  # no renewal: just the return
                 continue
             key, series, windows = shape
             first = len(ops)
             ops += [Op(key, series, w, m, 0) for w, m in windows]
-            ask = [links.rid(), book.want(shape, 0), list(range(first, len(ops)))]
+            # A lease spent to the last unit needs no return.
+            ask = [links.rid(), book.want(shape, 0), list(range(first, len(ops))),
+                   old_id if any(unused) else "", unused]
             book.asking[shape] = (loop.create_future(), ask)
             asks.append(ask)
             asked.append(shape)
         if not asks:
             return
-        item = [links.rid(), links.epoch, "lend", "", ops, asks]
+        item = [links.rid(), links.epoch, "renew", "", ops, asks]
         if owner == links.name:
             reply, wait = self._owned.apply(item)
             if wait is None:
-                self._lent(item, asked, reply)
+                self._renewed(item, asked, reply)
             else:  # usable once the replica holds it
-                wait.add_done_callback(lambda done: self._lent(item, asked, done))
+                wait.add_done_callback(lambda done: self._renewed(item, asked, done))
             return
         peer = links.peers.get(owner)
         if peer is None:
-            self._asked(asked)
+            self._renewed(item, asked, CounterUnavailable(f"no link to {owner}"))
             return
         answer = peer.ask(item, links.deadline())
-        answer.add_done_callback(lambda done: self._lent(item, asked, done))
+        answer.add_done_callback(lambda done: self._renewed(item, asked, done))
 
-    def _lent(self, item: list[Any], shapes: list[Shape],
-              answer: Reply | asyncio.Future[Reply]) -> None:
+    def _renewed(self, item: list[Any], shapes: list[Shape],
+                 answer: Reply | asyncio.Future[Reply] | BaseException) -> None:
+        """Take the leases a `renew` granted. Without an "ok" the old leases go
+        back the ordinary way (a return is taken once, however often it is
+        sent); without any answer the new ones may have been lent all the
+        same, and come back too."""
         try:
             if isinstance(answer, asyncio.Future):
-                if answer.cancelled() or answer.exception() is not None:
-                    self._unanswered(item, shapes)
-                    return
-                answer = answer.result()
-            self._take(item, shapes, answer)
+                if answer.cancelled():
+                    answer = CounterUnavailable("the renewal was cancelled")
+                else:
+                    failed = answer.exception()
+                    answer = answer.result() if failed is None else failed
+            if isinstance(answer, list) and answer[wire.A_STATUS] == Status.OK:
+                self._take(item, shapes, answer)
+                return
+            for shape, ask in zip(shapes, item[wire.R_EXTRA], strict=True):
+                if ask[3]:
+                    self._return(shape, ask[3], ask[4])
+            if not isinstance(answer, list):
+                self._unanswered(item, shapes)
         finally:
             self._asked(shapes)

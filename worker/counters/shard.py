@@ -1,4 +1,4 @@
-"""The counters a worker owns: check, reserve/release, add, mark, lend/return, reset.
+"""The counters a worker owns: check, reserve/release, add, mark, lend/return/renew, reset.
 
 Every method is synchronous and runs to completion, so on one event loop a
 check-and-add is atomic without locks (the owner is the only writer).
@@ -13,8 +13,9 @@ keeping the count can only under-admit). Release is what undoes one.
 A lease (`lend`) is a reservation of a few units of a limited counter that
 its borrower spends by itself until the lease expires (see
 ``worker.counters.leases``): the units are counted at once, in the bucket
-the whole lease lies in, and `return_lease` takes back what was not used.
-An unreturned lease simply stays counted.
+the whole lease lies in, and `return_lease` takes back what was not used
+(`renew`: that, and the next lease lent, in one step). An unreturned lease
+simply stays counted.
 
 Keys whose every bucket has left its window are evicted a few at a time on
 every call, so memory stays bounded without a housekeeping task; `expire()`
@@ -237,6 +238,28 @@ class CounterShard:
         rec.entries = tuple(kept)
         rec.state = RETURNED
         return True
+
+    def renew(self, renewals: Sequence[tuple[str, Sequence[int], str, Ops, int]], ttl: float,
+              longest: float = 1.0) -> tuple[list[str], list[tuple[int, float, tuple[int, ...]]]]:
+        """For each `(old rid, unused, new rid, ops, want)`: `return_lease(old rid,
+        unused)` (skipped for an old rid of ""), then `lend(new rid, ops, want)`,
+        the next lease sized on the counts the return left. Exactly a return
+        followed by a lend, in one step: the new lease is counted as of its
+        own expiry as any lease is, and near a limit the old one still comes
+        back while nothing more is lent. Every renewal is checked before any
+        changes anything. Returns (old rids taken back, grants as `lend`)."""
+        now = self._now()
+        for old, unused, _, ops, _ in renewals:
+            rec = self._live_reservation(old, now) if old else None
+            if rec is not None and rec.lease_end and rec.state == OPEN and \
+                    len(unused) != len(rec.entries):
+                raise ValueError(f"lease {old}: {len(unused)} unused counts for "
+                                 f"{len(rec.entries)} counters")
+            if not ops or any(op[MAX] is None for op in ops):
+                raise ValueError("a lease is for limited counters only")
+        returned = [old for old, unused, *_ in renewals if old and self.return_lease(old, unused)]
+        grants = [self.lend(new, ops, want, ttl, longest) for _, _, new, ops, want in renewals]
+        return returned, grants
 
     # -- support ---------------------------------------------------------
 
