@@ -30,43 +30,15 @@ import asyncio
 import gc
 import multiprocessing
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-WINDOWS = ((60.0, 250_000_000), (3600.0, 1_000_000_000), (43200.0, 10_000_000_000))
+from loadtest.counter_peer import WINDOWS, asker_and_peer, process_cpu
+
 BOUNCE_WINDOW = 3600.0
-
-
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _owner(folder: str, conn: Connection) -> None:
-    import uvloop
-
-    uvloop.run(_serve(folder, conn))
-
-
-async def _serve(folder: str, conn: Connection) -> None:
-    from worker.counters.node import CounterNode
-    from worker.counters.shard import CounterShard
-
-    node = CounterNode("owner", f"ipc://{folder}/owner.sock", CounterShard(), 5.0)
-    await node.start()
-    conn.send(node.endpoint)
-    members = await asyncio.to_thread(conn.recv)
-    await node.apply_ring(1, members)
-    conn.send(await node.wait_active(10.0))
-    await asyncio.to_thread(conn.recv)  # told to stop
-    await node.close()
-    conn.send("closed")
 
 
 def _keys_owned_by(owner: str, members: list[str], n: int) -> list[str]:
@@ -93,22 +65,8 @@ def _decision(subject: str, account: str) -> list[Any]:
 
 async def _run(args: argparse.Namespace) -> None:
     from cluster.ring import Ring
-    from worker.counters.node import CounterNode
-    from worker.counters.shard import CounterShard
 
-    folder = tempfile.mkdtemp(prefix="sgbc", dir="/tmp")
-    spawn = multiprocessing.get_context("spawn")
-    parent, child = spawn.Pipe()
-    owner = spawn.Process(target=_owner, args=(folder, child), daemon=True)
-    owner.start()
-    asker = CounterNode("asker", f"ipc://{folder}/asker.sock", CounterShard(), 5.0)
-    try:
-        await asker.start()
-        members = [("owner", await asyncio.to_thread(parent.recv)), ("asker", asker.endpoint)]
-        parent.send(members)
-        await asker.apply_ring(1, members)
-        assert await asyncio.to_thread(parent.recv) and await asker.wait_active(10.0)
-        names = [name for name, _ in members]
+    async with asker_and_peer("owner", "sgbc") as (asker, names, peer_pid):
         subjects = _keys_owned_by("owner", names, 20)
         accounts = [f"user{i}@bench.test" for i in range(200)
                     if Ring(names).owner(f"acct:user{i}@bench.test") == "owner"][:5]
@@ -131,11 +89,11 @@ async def _run(args: argparse.Namespace) -> None:
             label = "leases" if leasing else "per message"
             # Warm up, then closed loop with a fixed number in flight.
             await _closed(decide, args.in_flight, 1.0)
-            pids = (os.getpid(), owner.pid or 0)
-            cpu0 = sum(_cpu(p) for p in pids)
+            pids = (os.getpid(), peer_pid)
+            cpu0 = sum(process_cpu(p) for p in pids)
             frames0, _ = asker.links.frames_sent()
             done, seconds = await _closed(decide, args.in_flight, args.seconds)
-            cpu = sum(_cpu(p) for p in pids) - cpu0
+            cpu = sum(process_cpu(p) for p in pids) - cpu0
             frames = asker.links.frames_sent()[0] - frames0
             print(f"{label:12s} {done / seconds:8.0f} decisions/s with {args.in_flight} in "
                   f"flight, {cpu / max(done, 1) * 1e6:6.1f} us CPU per decision (both), "
@@ -145,15 +103,6 @@ async def _run(args: argparse.Namespace) -> None:
             print(f"{label:12s} at {args.rate}/s offered: p50 {cuts[49] * 1000:.3f} ms, "
                   f"p99 {cuts[98] * 1000:.3f} ms ({len(samples)} decisions, "
                   f"{late} started late for want of a free slot)")
-    finally:
-        await asker.close()
-        parent.send("stop")
-        if parent.poll(10):
-            parent.recv()
-        owner.join(5)
-        if owner.is_alive():
-            owner.kill()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _closed(decide: Any, in_flight: int, seconds: float) -> tuple[int, float]:

@@ -22,65 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
-from multiprocessing.connection import Connection
 
-WINDOWS = ((60.0, 250_000_000), (3600.0, 1_000_000_000), (43200.0, 10_000_000_000))
-
-
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _other(folder: str, conn: Connection) -> None:
-    import uvloop
-
-    uvloop.run(_serve(folder, conn))
-
-
-async def _serve(folder: str, conn: Connection) -> None:
-    from worker.counters.node import CounterNode
-    from worker.counters.shard import CounterShard
-
-    node = CounterNode("other", f"ipc://{folder}/other.sock", CounterShard(), 5.0)
-    await node.start()
-    conn.send(node.endpoint)
-    members = await asyncio.to_thread(conn.recv)
-    await node.apply_ring(1, members)
-    conn.send(await node.wait_active(10.0))
-    await asyncio.to_thread(conn.recv)  # told to stop
-    await node.close()
-    conn.send("closed")
+from loadtest.counter_peer import WINDOWS, asker_and_peer, process_cpu
 
 
 async def _run(args: argparse.Namespace) -> None:
     from cluster.counting import Op
     from cluster.ring import Ring
-    from worker.counters.node import CounterNode
-    from worker.counters.shard import CounterShard
 
-    folder = tempfile.mkdtemp(dir="/tmp", prefix="sgu")
-    os.chmod(folder, 0o700)
-    spawn = multiprocessing.get_context("spawn")
-    parent, child = spawn.Pipe()
-    other = spawn.Process(target=_other, args=(folder, child), daemon=True)
-    other.start()
-    asker = CounterNode("asker", f"ipc://{folder}/asker.sock", CounterShard(), 5.0)
-    try:
-        await asker.start()
-        members = [("other", await asyncio.to_thread(parent.recv)), ("asker", asker.endpoint)]
-        parent.send(members)
-        await asker.apply_ring(1, members)
-        assert await asyncio.to_thread(parent.recv) and await asker.wait_active(10.0)
-        ring = Ring([name for name, _ in members])
-        pids = (os.getpid(), other.pid or 0)
+    async with asker_and_peer("other", "sgu") as (asker, names, peer_pid):
+        ring = Ring(names)
+        pids = (os.getpid(), peer_pid)
         print(f"lease upkeep, 2 processes, {args.keys} keys decided on twice a second, "
               f"{args.seconds:g} s per case")
         for case, owner in (("owned by the other process", "other"),
@@ -111,13 +66,13 @@ async def _run(args: argparse.Namespace) -> None:
                     await tick()
 
             await paced(3.0)  # every key borrows and its leases start renewing
-            cpu0 = [_cpu(p) for p in pids]
+            cpu0 = [process_cpu(p) for p in pids]
             frames0, items0 = asker.links.frames_sent()
             held0 = len(asker.client._book.leases)
             began = time.monotonic()
             await paced(args.seconds)
             elapsed = time.monotonic() - began
-            cpu = [_cpu(p) - c for p, c in zip(pids, cpu0, strict=True)]
+            cpu = [process_cpu(p) - c for p, c in zip(pids, cpu0, strict=True)]
             frames, items = (a - b for a, b in zip(asker.links.frames_sent(),
                                                    (frames0, items0), strict=True))
             per = args.keys * elapsed
@@ -126,15 +81,6 @@ async def _run(args: argparse.Namespace) -> None:
                   f"{items / per:.2f} items and {frames / per:.3f} frames sent per key and "
                   f"second by the asker ({held0} of {args.keys} keys on leases)")
             await asyncio.sleep(1.2)  # the last leases come back
-    finally:
-        await asker.close()
-        parent.send("stop")
-        if parent.poll(10):
-            parent.recv()
-        other.join(5)
-        if other.is_alive():
-            other.kill()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
