@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from dnsserver import TestDNSServer  # noqa: E402
+from redisserver import RedisServer  # noqa: E402
 
 
 @pytest.fixture
@@ -15,6 +16,14 @@ def short_tmp() -> Iterator[pathlib.Path]:
     """A temporary folder with a short path: ipc:// socket paths must stay under ~107 bytes."""
     with tempfile.TemporaryDirectory(prefix="sg-", dir="/tmp") as folder:
         yield pathlib.Path(folder)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on loopback, shared by the tests of one module."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

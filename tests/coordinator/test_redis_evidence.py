@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +18,6 @@ from coordinator.state_store import StoreUnavailable
 JAN = "jan@kowalski.pl"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield redis
-    redis.stop()
-
-
 def settings(url: str) -> Settings:
     return parse_settings(Path("/etc/sendguard/sendguard.toml"), {
         "tenants": {"file": "t.toml"}, "geoip": {"database": "country.mmdb"},
@@ -33,9 +26,9 @@ def settings(url: str) -> Settings:
 
 
 @pytest.fixture
-async def hosts(server: RedisServer) -> AsyncIterator[tuple[SharedEvidence, SharedEvidence]]:
-    server.cli("FLUSHALL")
-    made = SharedEvidence(settings(server.url)), SharedEvidence(settings(server.url))
+async def hosts(redis_server: RedisServer) -> AsyncIterator[tuple[SharedEvidence, SharedEvidence]]:
+    redis_server.cli("FLUSHALL")
+    made = SharedEvidence(settings(redis_server.url)), SharedEvidence(settings(redis_server.url))
     yield made
     for one in made:
         await one.close()
@@ -50,9 +43,9 @@ def spam(queue_id: str, at: float) -> list[object]:
 
 
 async def test_countries_seen_by_two_hosts_add_up_and_one_claims_the_incident(
-        server: RedisServer, hosts: tuple[SharedEvidence, SharedEvidence]) -> None:
+        redis_server: RedisServer, hosts: tuple[SharedEvidence, SharedEvidence]) -> None:
     a, b = hosts
-    watch = settings(server.url).compromise
+    watch = settings(redis_server.url).compromise
     assert watch is not None
     now = time.time()
     assert await a.note(watch, login("PL", now - 4000), now) is None  # out of the window
@@ -74,15 +67,15 @@ async def test_countries_seen_by_two_hosts_add_up_and_one_claims_the_incident(
     assert again is not None and len(again.evidence["countries"]) == 5
 
     # Each key lives one window after its last note, and support's forget clears all.
-    assert 3500_000 < int(server.cli("PTTL", evidence_keys(JAN)[0])) <= 3601_000
+    assert 3500_000 < int(redis_server.cli("PTTL", evidence_keys(JAN)[0])) <= 3601_000
     assert await b.forget(JAN)
     assert (await a.evidence(watch, JAN, now))["countries"] == {}
 
 
 async def test_spam_keeps_the_last_messages_and_reaches_its_threshold(
-        server: RedisServer, hosts: tuple[SharedEvidence, SharedEvidence]) -> None:
+        redis_server: RedisServer, hosts: tuple[SharedEvidence, SharedEvidence]) -> None:
     a, b = hosts
-    watch = settings(server.url).compromise
+    watch = settings(redis_server.url).compromise
     assert watch is not None
     now = time.time()
     assert await a.note(watch, spam("Q1", now - 3700), now) is None  # too late to count
@@ -91,7 +84,7 @@ async def test_spam_keeps_the_last_messages_and_reaches_its_threshold(
     assert incident is not None and incident.signal == "spam"
     assert [s["queue_id"] for s in incident.evidence["spam"]] == ["Q2", "Q3"]
     assert incident.reason == "compromise: 2 spam messages within 1h"
-    assert int(server.cli("ZCARD", evidence_keys(JAN)[1])) == 2
+    assert int(redis_server.cli("ZCARD", evidence_keys(JAN)[1])) == 2
     with pytest.raises(BadNote):
         await a.note(watch, ["spam", JAN, "Q4"], now)
 

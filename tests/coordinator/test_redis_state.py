@@ -26,21 +26,14 @@ NOW = 1_700_000_000.0
 JAN = "jan@kowalski.pl"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield redis
-    redis.stop()
-
-
 def host(folder: Path, url: str = "", seeds: tuple[tuple[str, int], ...] = ()) -> RedisStore:
     return RedisStore(lambda: redis_client(url, seeds, 2.0), 2.0, folder)
 
 
 @pytest.fixture
-def hosts(server: RedisServer, tmp_path: Path) -> Iterator[tuple[RedisStore, RedisStore]]:
-    server.cli("FLUSHALL")
-    yield host(tmp_path / "a", server.url), host(tmp_path / "b", server.url)
+def hosts(redis_server: RedisServer, tmp_path: Path) -> Iterator[tuple[RedisStore, RedisStore]]:
+    redis_server.cli("FLUSHALL")
+    yield host(tmp_path / "a", redis_server.url), host(tmp_path / "b", redis_server.url)
 
 
 async def test_what_one_host_changes_the_other_reads(
@@ -124,9 +117,9 @@ async def file_host(folder: Path, *suspensions: Suspension,
         await store.record(entry)
 
 
-def test_each_hosts_files_move_into_redis_once(server: RedisServer, tmp_path: Path) -> None:
+def test_each_hosts_files_move_into_redis_once(redis_server: RedisServer, tmp_path: Path) -> None:
     # Synchronous: each start runs its own event loop, as the coordinator's start-up does.
-    server.cli("FLUSHALL")
+    redis_server.cli("FLUSHALL")
     jan_on_a = Suspension(JAN, "leaked", "anna", NOW)
     jan_on_b = Suspension(JAN, "leaked too", "bob", NOW + 1)
     eve = Suspension("eve@nowak.pl", "spam", "bob", NOW)
@@ -139,9 +132,9 @@ def test_each_hosts_files_move_into_redis_once(server: RedisServer, tmp_path: Pa
                                  AuditEntry(NOW + 2, "bob", "suspend", "eve@nowak.pl",
                                             "nowak.pl"))))
 
-    first = asyncio.run(host(tmp_path / "a", server.url).start())
+    first = asyncio.run(host(tmp_path / "a", redis_server.url).start())
     assert dict(first.suspensions) == {JAN: jan_on_a}
-    both = asyncio.run(host(tmp_path / "b", server.url).start())
+    both = asyncio.run(host(tmp_path / "b", redis_server.url).start())
     # What was in Redis first stays; the second host adds what was only its own.
     assert dict(both.suspensions) == {JAN: jan_on_a, "eve@nowak.pl": eve}
     assert both.exceptions["nowak.pl"]["DE"] == trip
@@ -153,7 +146,7 @@ def test_each_hosts_files_move_into_redis_once(server: RedisServer, tmp_path: Pa
     # A crash between the move and the renaming: the files are back, nothing is moved twice.
     for name in (SUSPENSIONS, EXCEPTIONS, AUDIT):
         (tmp_path / "b" / f"{name}{IMPORTED}").rename(tmp_path / "b" / name)
-    store = host(tmp_path / "b", server.url)
+    store = host(tmp_path / "b", redis_server.url)
     assert asyncio.run(store.start()) == both
     assert [(e.ts, e.by) for e in asyncio.run(history(store, "kowalski.pl"))] == [
         (NOW, "anna"), (NOW + 1, "bob")]
@@ -168,9 +161,9 @@ async def history(store: RedisStore, domain: str) -> list[AuditEntry]:
 
 
 async def test_redis_down_fails_fast_and_a_start_uses_the_last_copy(
-        server: RedisServer, tmp_path: Path) -> None:
-    server.cli("FLUSHALL")
-    up = host(tmp_path, server.url)
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    redis_server.cli("FLUSHALL")
+    up = host(tmp_path, redis_server.url)
     await up.start()
     jan = Suspension(JAN, "leaked", "anna", NOW)
     await up.put_suspension(jan)
@@ -191,10 +184,10 @@ async def test_redis_down_fails_fast_and_a_start_uses_the_last_copy(
 
 
 async def test_a_bad_entry_in_redis_keeps_the_state_in_force(
-        hosts: tuple[RedisStore, RedisStore], server: RedisServer) -> None:
+        hosts: tuple[RedisStore, RedisStore], redis_server: RedisServer) -> None:
     a, _ = hosts
     await a.put_suspension(Suspension(JAN, "leaked", "anna", NOW))
-    server.cli("HSET", SUSPENSIONS_KEY, "eve@x.pl", '{"account": "eve@x.pl"}')
+    redis_server.cli("HSET", SUSPENSIONS_KEY, "eve@x.pl", '{"account": "eve@x.pl"}')
     with pytest.raises(StoreUnavailable) as caught:
         await a.load()
     assert "eve@x.pl" in str(caught.value) and "reason must be a string" in str(caught.value)

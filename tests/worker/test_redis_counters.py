@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,22 +32,15 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield redis
-    redis.stop()
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
 @pytest.fixture
-async def store(server: RedisServer, clock: Clock) -> AsyncIterator[RedisCounters]:
-    server.cli("FLUSHALL")
-    counters = connect(server.url, (), timeout=2.0)
+async def store(redis_server: RedisServer, clock: Clock) -> AsyncIterator[RedisCounters]:
+    redis_server.cli("FLUSHALL")
+    counters = connect(redis_server.url, (), timeout=2.0)
     counters._clock = clock
     yield counters
     await counters.aclose()
@@ -149,7 +142,7 @@ async def test_release_takes_back_exactly_once(store: RedisCounters) -> None:
 
 
 async def test_a_release_that_overtakes_its_reserve_voids_it(store: RedisCounters,
-                                                             server: RedisServer) -> None:
+                                                             redis_server: RedisServer) -> None:
     ops = [Op(ip(), "msg", 60.0, 3)]
     # What a release sent on a fresh connection after a lost reserve does.
     store._remember("late", [(subject_tag(ip()), [])])
@@ -212,9 +205,9 @@ async def test_reset_clears_counters_and_open_reservations(store: RedisCounters)
 
 
 async def test_scripts_are_loaded_again_after_a_flush(store: RedisCounters,
-                                                      server: RedisServer) -> None:
+                                                      redis_server: RedisServer) -> None:
     await store.add([Op(ACCT, "msg", 60.0, None)])
-    server.cli("SCRIPT", "FLUSH")
+    redis_server.cli("SCRIPT", "FLUSH")
     assert (await store.check([Op(ACCT, "msg", 60.0, 5)])).counts == (1,)
 
 
@@ -238,19 +231,19 @@ async def test_a_stopped_redis_is_unavailable_and_then_back(tmp_path: Path) -> N
         redis.stop()
 
 
-async def test_a_redis_slower_than_the_timeout_is_unavailable(server: RedisServer) -> None:
-    store = connect(server.url, (), timeout=0.3)
+async def test_a_redis_slower_than_the_timeout_is_unavailable(redis_server: RedisServer) -> None:
+    store = connect(redis_server.url, (), timeout=0.3)
     op = Op(ACCT, "msg", 60.0, 5)
     try:
         await store.check([op])
-        os.kill(server.pid(), signal.SIGSTOP)
+        os.kill(redis_server.pid(), signal.SIGSTOP)
         try:
             started = time.monotonic()
             with pytest.raises(CounterUnavailable):
                 await store.reserve("slow", [op])
             assert time.monotonic() - started < 2.5
         finally:
-            os.kill(server.pid(), signal.SIGCONT)
+            os.kill(redis_server.pid(), signal.SIGCONT)
         # The reserve may have run once Redis woke up: it stands (an under-admission)
         # and a retry with its id does not count it again.
         outcome = await store.reserve("slow", [op])
