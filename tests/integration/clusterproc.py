@@ -8,6 +8,7 @@ with the ``sendguard`` admin commands, also as subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,10 +18,11 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiosmtpd.controller import Controller
 from gateway import COUNTRIES, PASSWORD, TENANTS, message_from, toml_document
 from geoipdb import write_country_db
 
@@ -37,6 +39,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(handler: Any) -> Iterator[int]:
+    """An aiosmtpd ``handler`` listening on loopback (a next hop); yields its port."""
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
+    controller.start()
+    try:
+        yield port
+    finally:
+        controller.stop()
+
+
+def close_session(client: smtplib.SMTP) -> None:
+    """QUIT, or just close when the gateway has already closed the connection."""
+    try:
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        client.close()
 
 
 def wait_for(condition: Callable[[], T], timeout: float, what: str, every: float = 0.05) -> T:

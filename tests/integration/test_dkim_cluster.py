@@ -11,8 +11,7 @@ from typing import Any
 
 import dkim
 import pytest
-from aiosmtpd.controller import Controller
-from clusterproc import Cluster, free_port, wait_for
+from clusterproc import Cluster, serving, wait_for
 from gateway import TENANTS
 
 pytestmark = pytest.mark.integration
@@ -47,11 +46,8 @@ class Sink:
 @pytest.fixture
 def sink() -> Iterator[tuple[Sink, int]]:
     handler = Sink()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    with serving(handler) as port:
+        yield handler, port
 
 
 def txt_of(line: str) -> tuple[str, str]:

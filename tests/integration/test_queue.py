@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from clusterproc import Cluster, free_port, wait_for
+from clusterproc import Cluster, serving, wait_for
 from dnsserver import TestDNSServer
 
 from cluster.admin import AdminFailure
@@ -98,11 +97,8 @@ def sink(dns: TestDNSServer) -> Iterator[tuple[Sink, int]]:
         dns.add_mx(domain, f"mx.{domain}", 10)
         dns.add_a(f"mx.{domain}", "127.0.0.1")
     handler = Sink()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    with serving(handler) as port:
+        yield handler, port
 
 
 def start(make_cluster: Callable[..., Cluster], port: int, **overrides: Any) -> Cluster:

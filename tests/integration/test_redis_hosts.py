@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
-from clusterproc import Cluster, free_port, wait_for
+from clusterproc import Cluster, serving, wait_for
 from dnsserver import TestDNSServer
 from gateway import GTUBE, PASSWORD, TENANTS, message_from, plain_auth
 from redisserver import RedisCluster, RedisServer
@@ -242,11 +241,8 @@ def bouncing_sink(dns: TestDNSServer) -> Iterator[tuple[Sink, int]]:
         dns.add_mx(domain, f"mx.{domain}", 10)
         dns.add_a(f"mx.{domain}", "127.0.0.1")
     handler = Sink()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    with serving(handler) as port:
+        yield handler, port
 
 
 def test_two_hosts_share_an_addresss_bounce_ratio(

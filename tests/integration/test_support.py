@@ -12,14 +12,13 @@ import json
 import os
 import re
 import signal
-import smtplib
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import pytest
-from clusterproc import Cluster, wait_for
+from clusterproc import Cluster, close_session, wait_for
 from test_queue import Sink, queue_list, sink, submit  # noqa: F401
 
 from cluster.ring import Ring
@@ -45,14 +44,7 @@ def mail_code(cluster: Cluster, source: str = "127.0.0.5", user: str = JAN) -> i
     try:
         return client.mail(user)[0]
     finally:
-        close(client)
-
-
-def close(client: smtplib.SMTP) -> None:
-    try:
-        client.quit()
-    except (smtplib.SMTPException, OSError):
-        client.close()
+        close_session(client)
 
 
 def cli(cluster: Cluster, *args: str, code: int = 0) -> str:
@@ -151,7 +143,7 @@ def test_a_suspension_reaches_open_sessions_survives_a_restart_and_lapses(
         return refused_sid((code, text.decode()))
 
     sid = wait_for(refused_in_open_session, 10, "the open session refused at MAIL", every=0.1)
-    close(open_session)
+    close_session(open_session)
     refusal = as_json(cluster, "why", sid)["decisions"][-1]
     assert (refusal["policy"], refusal["verdict"]) == ("suspension", "reject")
     assert refusal["detail"] == "suspended by anna: password leaked"
@@ -260,4 +252,4 @@ def submit_as(cluster: Cluster, user: str, source: str) -> str:
         assert code == 250, text
         return text.decode().rsplit(" ", 1)[1]
     finally:
-        close(client)
+        close_session(client)

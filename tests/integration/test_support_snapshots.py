@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from clusterproc import Cluster, wait_for
+from clusterproc import Cluster, close_session, wait_for
 from gateway import TENANTS
 
 pytestmark = pytest.mark.integration
@@ -66,7 +66,7 @@ def sessions_on_every_worker(cluster: Cluster, user: str,
         if len(sessions) == len(pids):
             break
     for client in extra:
-        close(client)
+        close_session(client)
     assert set(sessions) == pids, f"sessions on {sorted(sessions)}, workers {sorted(pids)}"
     return sessions
 
@@ -78,14 +78,7 @@ def mail_on_every_worker(cluster: Cluster, user: str, source: str = POLISH) -> s
         return {client.mail(user)[0] for client in sessions.values()}
     finally:
         for client in sessions.values():
-            close(client)
-
-
-def close(client: smtplib.SMTP) -> None:
-    try:
-        client.quit()
-    except (smtplib.SMTPException, OSError):
-        client.close()
+            close_session(client)
 
 
 def cli(cluster: Cluster, *args: str) -> str:
@@ -121,7 +114,7 @@ def test_a_suspension_refuses_the_next_mail_on_every_worker_as_a_small_snapshot(
 
     for pid, client in sessions.items():
         wait_for(lambda c=client: refused(c), 10, f"MAIL refused on worker {pid}", every=0.1)
-        close(client)
+        close_session(client)
     workers = {w["name"] for w in cluster.status()["workers"]}
 
     def applied_small() -> set[str]:
