@@ -423,7 +423,6 @@ class RoutedCounters:
         if ring is None:
             return
         renew: dict[str, list[tuple[Shape, str, list[int]]]] = {}
-        due = 0.0
         for held in ended:
             if isinstance(held, Lease):
                 key, series, windows = held.shape
@@ -432,23 +431,17 @@ class RoutedCounters:
                     # The return goes in the renewal: one op at the owner.
                     renew.setdefault(ring.owner(key), []).append((held.shape, held.lease_id,
                                                                   unused))
-                    due = max(due, held.expires)
                 elif any(unused):
                     self._return(held.shape, held.lease_id, unused)
             elif held.amount > 0:
                 key, series, window = held.counter
                 ops = (Op(key, series, window, None, held.amount, at=held.at),)
                 self._router.now_or_later("mark", "", ops, None, ring)
-        if not renew:
-            return
-        # Never before the bucket ended (the book's timer does not fire early,
-        # this is a guard), or the owner would lend in it again.
-        early = due - time.time()
+        # Only leases that ended with their bucket are renewed, and the book
+        # ends those no earlier than their expiry: the owner lends the next
+        # bucket's.
         for owner, ending in renew.items():
-            if early > 0:
-                asyncio.get_running_loop().call_later(early + 0.001, self._renew, owner, ending)
-            else:
-                self._renew(owner, ending)
+            self._renew(owner, ending)
 
     def _return(self, shape: Shape, lease_id: str, unused: list[int]) -> None:
         """Give back what a lease did not spend; tried again while its owner keeps it."""
