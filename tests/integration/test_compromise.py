@@ -18,11 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from clusterproc import Cluster, free_port, wait_for
+from clusterproc import Cluster, close_session, free_port, wait_for
 from gateway import COUNTRIES, GTUBE, UNKNOWN_IP
 from geoipdb import write_country_db
 from test_admin_http import start
-from test_support import ANNA, JAN, as_json, cli, close, history, mail_code, moment, refused_sid
+from test_support import ANNA, JAN, as_json, cli, history, mail_code, moment, refused_sid
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def receiver() -> Iterator[tuple[type[Receiver], str]]:
 
 
 def log_in(cluster: Cluster, source: str, user: str = JAN) -> None:
-    close(cluster.login(source, user))
+    close_session(cluster.login(source, user))
 
 
 def send_spam(cluster: Cluster, source: str, user: str = ANNA) -> tuple[int, str]:
@@ -75,7 +75,7 @@ def send_spam(cluster: Cluster, source: str, user: str = ANNA) -> tuple[int, str
                                  + GTUBE + b"\r\n")
         return code, text.decode()
     finally:
-        close(client)
+        close_session(client)
 
 
 def evidence(cluster: Cluster, user: str) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def test_countries_and_spam_suspend_once_tell_the_provider_and_show_why(
             code, text = client.mail(JAN)
             return refused_sid((code, text.decode())) if code != 250 else None
         finally:
-            close(client)
+            close_session(client)
 
     sid = str(wait_for(refused, 20, "MAIL refused once suspended", every=0.1))
     [suspended] = auto_suspensions(cluster, "kowalski.pl")

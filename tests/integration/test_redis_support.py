@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterproc import Cluster, wait_for
+from clusterproc import Cluster, close_session, wait_for
 from redisserver import RedisServer
 from test_compromise import evidence, log_in, send_spam
-from test_support import JAN, as_json, cli, close, history, mail_code, moment, refused_sid
+from test_support import JAN, as_json, cli, history, mail_code, moment, refused_sid
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +121,7 @@ def test_a_suspension_made_on_one_host_holds_on_the_other_and_outlives_a_redis_o
                      "the coordinator logging that the store failed")
     finally:
         for session in (*on_a.values(), on_b):
-            close(session)
+            close_session(session)
     redis.start()
     for host in (a, b):
         wait_for(partial(events, host, "state_store_back", stopped), 15,
